@@ -1,0 +1,3 @@
+from floatd.cli import main
+
+main()

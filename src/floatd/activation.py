@@ -1,0 +1,104 @@
+"""Activation state on disk: the installed entitlement and pending offline requests.
+
+These run in the CLI, whether or not the daemon is up.  The entitlement is a
+plain armored file in the state dir, replaced atomically; the daemon watches it
+and installs a new one within a second.  Nonces of offline requests live in the
+state database until their response is installed, which is what makes a
+response usable once: installing it consumes its nonce in the same transaction.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import sqlite3
+from pathlib import Path
+
+from floatd import __version__
+from floatd.config import Config
+from floatd.entitlement import (
+    ActivationRequest,
+    Entitlement,
+    trusted_keys,
+    verify_entitlement,
+)
+from floatd.errors import EntitlementError, StoreError
+from floatd.store import open_database
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write-then-rename with fsyncs, so a reader sees the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def create_offline_request(config: Config, server_id: str, license_key: str, now: float) -> str:
+    """Write a pending nonce and return the armored activation request."""
+    request = ActivationRequest(
+        license_key=license_key,
+        server=server_id,
+        hostname=socket.gethostname(),
+        nonce=secrets.token_urlsafe(24),
+        created_at=int(now),
+        floatd=__version__,
+    )
+    db = open_database(config.database_path)
+    try:
+        with db:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("INSERT INTO pending_nonces VALUES (?, ?)", (request.nonce, request.created_at))
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot record the request: {exc}") from None
+    finally:
+        db.close()
+    return request.to_armored()
+
+
+def verify_for_this_server(config: Config, server_id: str, text: str, now: float) -> Entitlement:
+    return verify_entitlement(
+        text, trusted_keys(config.vendor_keys), server_id, now, config.allowed_clock_offset
+    )
+
+
+def install_offline_response(config: Config, server_id: str, text: str, now: float) -> Entitlement:
+    """Verify a vendor-signed response, consume its nonce and install it."""
+    ent = verify_for_this_server(config, server_id, text, now)
+    if ent.nonce is None:
+        raise EntitlementError("this entitlement carries no nonce: it is not an offline response")
+    db = open_database(config.database_path)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        row = db.execute("SELECT 1 FROM pending_nonces WHERE nonce=?", (ent.nonce,)).fetchone()
+        if row is None:
+            db.execute("ROLLBACK")
+            raise EntitlementError(
+                "this response answers no pending request of this server (already used, or "
+                "made for another request)"
+            )
+        atomic_write(config.entitlement_path, text)
+        db.execute("DELETE FROM pending_nonces WHERE nonce=?", (ent.nonce,))
+        db.execute("COMMIT")
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot consume the request's nonce: {exc}") from None
+    finally:
+        db.close()
+    return ent
+
+
+def install_entitlement(config: Config, text: str) -> None:
+    """Install an already verified entitlement (online activation, the demo)."""
+    atomic_write(config.entitlement_path, text)

@@ -1,0 +1,104 @@
+"""A self-contained demo: a throwaway vendor key and an entitlement for this machine.
+
+Everything lives in one directory; nothing touches /etc or /var, and no vendor
+or network is involved.  The entitlement says DEMO in its customer, license and
+product names and is marked trial, so it can never pass for a real one (and its
+key is trusted only by the demo's own config).
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from floatd.activation import install_entitlement
+from floatd.config import Config, load_config, read_machine_id
+from floatd.entitlement import (
+    format_public_key,
+    load_private_key,
+    private_key_pem,
+    server_fingerprint,
+    sign_entitlement,
+)
+
+DEMO_PRODUCTS = [
+    {
+        "code": "demo",
+        "name": "floatd demo product (DEMO - not a real license)",
+        "seats": 5,
+        "lease_duration": 60,
+        "strategy": "per-machine",
+        "metadata": {"edition": "demo"},
+        "features": {"export": True, "max_threads": 4},
+    },
+    {
+        "code": "demo-instance",
+        "name": "floatd demo product, per process (DEMO)",
+        "seats": 3,
+        "lease_duration": 60,
+        "strategy": "per-instance",
+    },
+]
+
+
+def _product(spec: dict[str, object]) -> dict[str, object]:
+    base: dict[str, object] = {
+        "user_locked": False, "authorization": "key", "users": [], "max_users": 0,
+        "allowed_ips": [], "not_before": None, "not_after": None, "trial": True,
+        "borrow_max": 0, "metadata": {}, "features": {},
+    }
+    base.update(spec)
+    return base
+
+
+def prepare(directory: Path, listen: str, now: float) -> Config:
+    """Create (or refresh) the demo directory and return its config."""
+    directory = directory.resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    machine_id = Path("/etc/machine-id")
+    if not (machine_id.is_file() and machine_id.read_text().strip()):
+        machine_id = directory / "machine-id"
+        if not machine_id.exists():
+            machine_id.write_text(secrets.token_hex(16) + "\n")
+    key_path = directory / "demo-vendor-key.pem"
+    if key_path.exists():
+        key = load_private_key(key_path.read_bytes())
+    else:
+        key = Ed25519PrivateKey.generate()
+        key_path.write_bytes(private_key_pem(key))
+        key_path.chmod(0o600)
+    config_path = directory / "floatd.toml"
+    config_path.write_text(
+        "# DEMO configuration written by `floatd demo`; trusts only the demo's throwaway key.\n"
+        "[server]\n"
+        f'listen = ["{listen}"]\n'
+        f'machine_id_file = "{machine_id}"\n'
+        "[status]\n"
+        'listen = ""\n'
+        "[admin]\n"
+        f'socket = "{directory / "admin.sock"}"\n'
+        "[state]\n"
+        f'dir = "{directory / "state"}"\n'
+        "[entitlement]\n"
+        f'vendor_keys = ["{format_public_key(key.public_key())}"]\n'
+        "[log]\n"
+        'format = "console"\n'
+    )
+    config = load_config(config_path, env={})
+    payload = {
+        "v": 1,
+        "id": "demo-" + secrets.token_hex(4),
+        "license": "DEMO",
+        "customer": "DEMO - not a real license",
+        "server": server_fingerprint(read_machine_id(config)),
+        "issued_at": int(now),
+        "not_before": None,
+        "not_after": int(now) + 30 * 86400,
+        "refresh_by": None,
+        "nonce": None,
+        "products": [_product(p) for p in DEMO_PRODUCTS],
+    }
+    install_entitlement(config, sign_entitlement(key, payload))
+    return config

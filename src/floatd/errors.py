@@ -1,0 +1,150 @@
+"""The one exception hierarchy of floatd.
+
+Every refusal a client can see is a :class:`FloatdError` carrying the wire code
+from the protocol contract, so the server turns any of them into an error frame
+without a lookup table, and the CLI turns them into one clear line.  Errors that
+never reach the wire (config, entitlement files) still derive from the same base
+so callers can catch one type.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class FloatdError(Exception):
+    """Base of every error floatd raises on purpose."""
+
+    code: ClassVar[str] = "INTERNAL"
+    #: Whether the server closes the connection after sending this error.
+    closes: ClassVar[bool] = False
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def to_wire(self) -> dict[str, Any]:
+        """The ``error`` map of a failure response."""
+        body: dict[str, Any] = {"code": self.code, "message": self.message}
+        body.update(self.details)
+        return body
+
+
+# --- framing and request shape -------------------------------------------------
+
+
+class BadFrame(FloatdError):
+    code = "BAD_FRAME"
+    closes = True
+
+
+class BadRequest(FloatdError):
+    code = "BAD_REQUEST"
+
+
+class UnknownOp(FloatdError):
+    code = "UNKNOWN_OP"
+
+
+class HelloRequired(FloatdError):
+    code = "HELLO_REQUIRED"
+    closes = True
+
+
+class UnsupportedVersion(FloatdError):
+    code = "UNSUPPORTED_VERSION"
+    closes = True
+
+
+class Forbidden(FloatdError):
+    code = "FORBIDDEN"
+    closes = True
+
+
+class Busy(FloatdError):
+    code = "BUSY"
+    closes = True
+
+
+class RateLimited(FloatdError):
+    code = "RATE_LIMITED"
+
+
+class InternalError(FloatdError):
+    code = "INTERNAL"
+
+
+# --- seats and leases ----------------------------------------------------------
+
+
+class IpNotAllowed(FloatdError):
+    code = "IP_NOT_ALLOWED"
+
+
+class AuthFailed(FloatdError):
+    code = "AUTH_FAILED"
+
+
+class UnknownProduct(FloatdError):
+    code = "UNKNOWN_PRODUCT"
+
+
+class NoFreeSeats(FloatdError):
+    code = "NO_FREE_SEATS"
+
+
+class LeaseNotFound(FloatdError):
+    code = "LEASE_NOT_FOUND"
+
+
+# --- the server's own license --------------------------------------------------
+
+
+class LicenseRefusal(FloatdError):
+    """A refusal caused by the server's entitlement rather than the request."""
+
+
+class NotActivated(LicenseRefusal):
+    code = "NOT_ACTIVATED"
+
+
+class LicenseNotYetValid(LicenseRefusal):
+    code = "LICENSE_NOT_YET_VALID"
+
+
+class LicenseExpired(LicenseRefusal):
+    code = "LICENSE_EXPIRED"
+
+
+class GracePeriodOver(LicenseRefusal):
+    code = "GRACE_PERIOD_OVER"
+
+
+class ServerTimeModified(LicenseRefusal):
+    code = "SERVER_TIME_MODIFIED"
+
+
+# --- local errors (never on the lease wire) -------------------------------------
+
+
+class ConfigError(FloatdError):
+    """An invalid config value; ``key`` names it as ``section.key``."""
+
+    code = "CONFIG"
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+
+
+class EntitlementError(FloatdError):
+    """An entitlement or activation file that must not be installed."""
+
+    code = "ENTITLEMENT"
+
+
+class StoreError(FloatdError):
+    """The state directory could not be read or written."""
+
+    code = "INTERNAL"

@@ -1,0 +1,387 @@
+"""The seat pool: who holds which seat, until when, and who waits for one.
+
+Plain synchronous code with no clock reads: every call takes ``now`` (unix
+seconds) so tests drive time explicitly and the trio shell decides where time
+comes from.  Leases expire through a heap keyed on expiry time with one entry
+per live lease; a renew only moves ``expires_at`` and the stale heap entry is
+re-pushed when it surfaces, so renew is O(1) and expiry O(log n) per lease,
+never a scan.
+
+Calls that can free a seat also serve the first-come-first-served wait queue;
+the waiters they satisfy or time out are collected for the caller to drain with
+:meth:`SeatPool.take_woken`, the way h11 hands out events.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import hmac
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from floatd.errors import BadRequest, LeaseNotFound, NoFreeSeats, UnknownProduct
+
+PER_MACHINE = "per-machine"
+PER_INSTANCE = "per-instance"
+STRATEGIES = (PER_MACHINE, PER_INSTANCE)
+
+SeatKey = tuple[str, ...]
+
+
+def hash_token(token: str) -> bytes:
+    """Lease tokens are kept only as digests, so the state dir never holds one."""
+    return hashlib.sha256(token.encode()).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class PoolProduct:
+    """What the pool needs to know of a product's terms."""
+
+    code: str
+    seats: int | None  # None: unlimited
+    duration: float
+    strategy: str = PER_MACHINE
+    user_locked: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """An acquire request as the pool sees it, with the lease id and token chosen."""
+
+    product: str
+    fingerprint: str
+    lease_id: str
+    token_hash: bytes
+    instance: str | None = None
+    user: str | None = None
+    hostname: str | None = None
+    meta: Mapping[str, str] = field(default_factory=dict)
+    peer: str | None = None
+
+
+@dataclass(slots=True, eq=False)
+class Lease:
+    id: str
+    token_hash: bytes
+    product: str
+    seat: SeatKey
+    fingerprint: str
+    instance: str | None
+    user: str | None
+    hostname: str | None
+    meta: Mapping[str, str]
+    peer: str | None
+    granted_at: float
+    expires_at: float
+    duration: float
+
+
+@dataclass(slots=True, eq=False)
+class Waiter:
+    """A queued acquire.  ``done`` with ``lease`` None means it timed out."""
+
+    claim: Claim
+    deadline: float
+    lease: Lease | None = None
+    done: bool = False
+    cancelled: bool = False
+    #: Free for the I/O shell to hang its wake-up primitive on.
+    handle: object = None
+
+
+@dataclass(slots=True)
+class _ProductState:
+    terms: PoolProduct | None
+    seats: dict[SeatKey, set[str]] = field(default_factory=dict)
+    queue: deque[Waiter] = field(default_factory=deque)
+    waiting: int = 0  # live waiters in ``queue``
+
+    def has_free_seat(self) -> bool:
+        assert self.terms is not None
+        cap = self.terms.seats
+        return cap is None or len(self.seats) < cap
+
+
+def seat_key(terms: PoolProduct, fingerprint: str, instance: str | None, user: str | None) -> SeatKey:
+    """The key two leases must share to share a seat, per the product's strategy."""
+    if terms.strategy == PER_INSTANCE:
+        if instance is None:
+            raise BadRequest("this product is leased per instance: 'instance' is required",
+                             field="instance")
+        key: SeatKey = (fingerprint, instance)
+    else:
+        key = (fingerprint,)
+    if terms.user_locked:
+        if user is None:
+            raise BadRequest("this product is user-locked: 'user' is required", field="user")
+        key += (user,)
+    return key
+
+
+class SeatPool:
+    def __init__(self) -> None:
+        self._products: dict[str, _ProductState] = {}
+        self._leases: dict[str, Lease] = {}
+        self._expiry: list[tuple[float, str]] = []
+        self._waits: list[tuple[float, int, Waiter]] = []
+        self._wait_seq = 0
+        self._woken: list[Waiter] = []
+        self._expired: list[Lease] = []
+
+    # --- configuration -----------------------------------------------------
+
+    def set_products(self, products: Iterable[PoolProduct], now: float) -> None:
+        """Install new terms.  Leases are never dropped here: above a lowered
+        cap they drain as their holders release or stop renewing."""
+        new = {p.code: p for p in products}
+        for code, state in self._products.items():
+            state.terms = new.get(code)
+        for code, terms in new.items():
+            self._products.setdefault(code, _ProductState(terms)).terms = terms
+        self.advance(now)
+        for state in self._products.values():
+            if state.terms is None:
+                for waiter in state.queue:
+                    self._finish(waiter, None)
+                state.queue.clear()
+                state.waiting = 0
+            else:
+                self._serve_queue(state, now)
+
+    def restore(self, leases: Iterable[Lease], now: float) -> list[Lease]:
+        """Load persisted leases; returns those that expired while we were down."""
+        dead = []
+        for lease in leases:
+            if lease.expires_at <= now:
+                dead.append(lease)
+                continue
+            state = self._products.setdefault(lease.product, _ProductState(None))
+            state.seats.setdefault(lease.seat, set()).add(lease.id)
+            self._leases[lease.id] = lease
+            heapq.heappush(self._expiry, (lease.expires_at, lease.id))
+        return dead
+
+    # --- queries -----------------------------------------------------------
+
+    def terms(self, product: str) -> PoolProduct | None:
+        state = self._products.get(product)
+        return state.terms if state else None
+
+    def used(self, product: str) -> int:
+        state = self._products.get(product)
+        return len(state.seats) if state else 0
+
+    def waiting(self, product: str) -> int:
+        state = self._products.get(product)
+        return state.waiting if state else 0
+
+    def lease(self, lease_id: str) -> Lease | None:
+        return self._leases.get(lease_id)
+
+    def leases(self) -> Iterable[Lease]:
+        return self._leases.values()
+
+    def __len__(self) -> int:
+        return len(self._leases)
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`advance` next has work; may be early, never late."""
+        times = []
+        if self._expiry:
+            times.append(self._expiry[0][0])
+        if self._waits:
+            times.append(self._waits[0][0])
+        return min(times) if times else None
+
+    # --- requests ----------------------------------------------------------
+
+    def acquire(self, now: float, claim: Claim, wait_until: float | None = None) -> Lease | Waiter:
+        """Grant a lease, or queue the claim until ``wait_until``, or refuse."""
+        self.advance(now)
+        state = self._products.get(claim.product)
+        if state is None or state.terms is None:
+            raise UnknownProduct(f"unknown product {claim.product!r}")
+        key = seat_key(state.terms, claim.fingerprint, claim.instance, claim.user)
+        if key in state.seats or (state.has_free_seat() and not state.waiting):
+            return self._grant(state, key, claim, now)
+        if wait_until is not None and wait_until > now:
+            waiter = Waiter(claim, wait_until)
+            state.queue.append(waiter)
+            state.waiting += 1
+            self._wait_seq += 1
+            heapq.heappush(self._waits, (wait_until, self._wait_seq, waiter))
+            return waiter
+        raise NoFreeSeats(
+            f"all {state.terms.seats} seats of {claim.product!r} are in use",
+            seats=state.terms.seats,
+            used=len(state.seats),
+        )
+
+    def renew(self, now: float, lease_id: str, token_hash: bytes) -> Lease:
+        self.advance(now)
+        lease = self._check(lease_id, token_hash)
+        terms = self.terms(lease.product)
+        if terms is not None:
+            lease.duration = terms.duration
+        lease.expires_at = now + lease.duration
+        return lease
+
+    def release(self, now: float, lease_id: str, token_hash: bytes) -> Lease:
+        self.advance(now)
+        lease = self._check(lease_id, token_hash)
+        self._drop(lease, now)
+        return lease
+
+    def revoke(self, now: float, lease_id: str) -> Lease:
+        """End a lease without its token: the admin's tool for a stuck seat."""
+        self.advance(now)
+        lease = self._leases.get(lease_id)
+        if lease is None:
+            raise LeaseNotFound(f"no lease {lease_id!r}")
+        self._drop(lease, now)
+        return lease
+
+    def cancel_wait(self, waiter: Waiter) -> None:
+        """The waiting client went away; its place in the queue is given up."""
+        if not waiter.done:
+            waiter.done = True
+            waiter.cancelled = True
+            state = self._products.get(waiter.claim.product)
+            if state is not None:
+                state.waiting -= 1
+                self._compact(state)
+
+    # --- time --------------------------------------------------------------
+
+    def advance(self, now: float) -> None:
+        """Expire leases and time out waiters that are due, in time order, so a
+        seat freed before a waiter's deadline still reaches that waiter."""
+        while True:
+            # No local aliases: _drop may rebuild the expiry heap.
+            next_lease = self._expiry[0][0] if self._expiry else None
+            next_wait = self._waits[0][0] if self._waits else None
+            if next_lease is not None and next_lease <= now and (
+                next_wait is None or next_lease <= next_wait
+            ):
+                at, lease_id = heapq.heappop(self._expiry)
+                lease = self._leases.get(lease_id)
+                if lease is None:
+                    continue  # released earlier; its heap entry was left behind
+                if lease.expires_at > at:
+                    heapq.heappush(self._expiry, (lease.expires_at, lease_id))  # renewed
+                    continue
+                self._expired.append(lease)
+                # A waiter served here gets a lease timed from now, when it hears of it.
+                self._drop(lease, now)
+            elif next_wait is not None and next_wait <= now:
+                _, _, waiter = heapq.heappop(self._waits)
+                if not waiter.done:
+                    state = self._products[waiter.claim.product]
+                    state.waiting -= 1
+                    self._finish(waiter, None)
+                    self._compact(state)
+            else:
+                return
+
+    def take_woken(self) -> list[Waiter]:
+        woken, self._woken = self._woken, []
+        return woken
+
+    def take_expired(self) -> list[Lease]:
+        expired, self._expired = self._expired, []
+        return expired
+
+    # --- internals ---------------------------------------------------------
+
+    def _check(self, lease_id: str, token_hash: bytes) -> Lease:
+        lease = self._leases.get(lease_id)
+        if lease is None or not hmac.compare_digest(lease.token_hash, token_hash):
+            # One answer for unknown, expired, released and wrong token alike.
+            raise LeaseNotFound("no such lease")
+        return lease
+
+    def _grant(self, state: _ProductState, key: SeatKey, claim: Claim, now: float) -> Lease:
+        assert state.terms is not None
+        if claim.lease_id in self._leases:
+            raise ValueError(f"duplicate lease id {claim.lease_id!r}")
+        duration = state.terms.duration
+        lease = Lease(
+            id=claim.lease_id,
+            token_hash=claim.token_hash,
+            product=claim.product,
+            seat=key,
+            fingerprint=claim.fingerprint,
+            instance=claim.instance,
+            user=claim.user,
+            hostname=claim.hostname,
+            meta=claim.meta,
+            peer=claim.peer,
+            granted_at=now,
+            expires_at=now + duration,
+            duration=duration,
+        )
+        state.seats.setdefault(key, set()).add(lease.id)
+        self._leases[lease.id] = lease
+        heapq.heappush(self._expiry, (lease.expires_at, lease.id))
+        return lease
+
+    def _drop(self, lease: Lease, now: float) -> None:
+        del self._leases[lease.id]
+        state = self._products[lease.product]
+        holders = state.seats[lease.seat]
+        holders.discard(lease.id)
+        if not holders:
+            del state.seats[lease.seat]
+            if state.terms is not None:
+                self._serve_queue(state, now)
+        if len(self._expiry) > 64 and len(self._expiry) > 2 * len(self._leases):
+            # Released leases leave heap entries behind; rebuild before they dominate.
+            self._expiry = [(le.expires_at, le.id) for le in self._leases.values()]
+            heapq.heapify(self._expiry)
+
+    def _serve_queue(self, state: _ProductState, now: float) -> None:
+        assert state.terms is not None
+        queue = state.queue
+        while queue:
+            waiter = queue[0]
+            if waiter.done:
+                queue.popleft()
+                continue
+            claim = waiter.claim
+            key = seat_key(state.terms, claim.fingerprint, claim.instance, claim.user)
+            if key not in state.seats and not state.has_free_seat():
+                return
+            queue.popleft()
+            state.waiting -= 1
+            self._finish(waiter, self._grant(state, key, claim, now))
+
+    def _finish(self, waiter: Waiter, lease: Lease | None) -> None:
+        waiter.done = True
+        waiter.lease = lease
+        self._woken.append(waiter)
+
+    def _compact(self, state: _ProductState) -> None:
+        dead = len(state.queue) - state.waiting
+        if dead > 64 and dead > state.waiting:
+            state.queue = deque(w for w in state.queue if not w.done)
+
+    # --- for tests ---------------------------------------------------------
+
+    def check_invariants(self) -> None:
+        """Assert the pool's internal consistency (used by the property tests)."""
+        seen = set()
+        for code, state in self._products.items():
+            for key, holders in state.seats.items():
+                assert holders, f"empty seat {key} in {code}"
+                for lease_id in holders:
+                    lease = self._leases[lease_id]
+                    assert lease.product == code and lease.seat == key
+                    seen.add(lease_id)
+            assert state.waiting == sum(1 for w in state.queue if not w.done)
+            if state.terms is not None and state.waiting:
+                assert not state.has_free_seat(), f"{code}: a waiter waits beside a free seat"
+        assert seen == set(self._leases), "lease not on a seat"
+        live = {lease_id for _, lease_id in self._expiry}
+        assert set(self._leases) <= live, "lease missing from the expiry heap"

@@ -1,0 +1,1 @@
+"""The lease protocol, free of I/O: framing, request validation, connection state."""

@@ -1,0 +1,411 @@
+"""The trio shell around the sans-IO core.
+
+Each connection runs two tasks.  The reader turns bytes into requests through
+:class:`~floatd.protocol.connection.ServerConnection` and applies each one to the
+:class:`~floatd.service.LeaseService` at once, in arrival order, so pipelined
+requests see each other's effects.  What comes back is queued as a *slot*; the
+writer answers slots strictly in order, each only after the batch holding its
+changes is durable.  That gives in-order answers, pipelining, and durable-before-
+acknowledged without a lock.  The bounded slot channel is the back-pressure: a
+client that pipelines faster than we answer stops being read.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from floatd.committer import Batch, GroupCommitter
+from floatd.config import Config
+from floatd.entitlement import Entitlement, trusted_keys, verify_entitlement
+from floatd.errors import Busy, EntitlementError, FloatdError, InternalError
+from floatd.logs import event_logger, get_logger
+from floatd.pool import Waiter
+from floatd.protocol.codec import MAX_FRAME, FrameDecoder, encode_frame
+from floatd.protocol.connection import Refusal, ServerConnection
+from floatd.protocol.messages import Acquire, Hello, failure, request_id
+from floatd.service import LeaseService
+from floatd.store import LeaseStore
+
+HELLO_TIMEOUT = 10.0
+BUSY_WAIT = 2.0  # how long an over-limit connection may take to send its hello
+MAX_PIPELINE = 64
+SHUTDOWN_GRACE = 3.0
+ENTITLEMENT_POLL = 1.0
+TIMER_MAX_SLEEP = 1.0  # also how soon a wall-clock jump is noticed
+
+log = get_logger()
+
+
+@dataclass(eq=False)
+class _Slot:
+    """One answer owed to the client, in request order."""
+
+    response: dict[str, Any] | None = None
+    batch: Batch | None = None
+    waiter: Waiter | None = None
+    event: trio.Event | None = None
+    close: bool = False
+    granted: str | None = None  # lease id to give back if the answer cannot be sent
+
+
+def _internal(rid: int | None) -> dict[str, Any]:
+    return failure(rid, InternalError("the server could not store the change").to_wire())
+
+
+class Server:
+    def __init__(
+        self,
+        config: Config,
+        store: LeaseStore,
+        server_id: str,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.server_id = server_id
+        self.service = LeaseService(server_id, config.default_duration, log=event_logger())
+        self.store = store
+        self.committer = GroupCommitter(store)
+        self.connections = 0
+        self.ports: list[tuple[str, int]] = []
+        self._keys = trusted_keys(config.vendor_keys)
+        self._readers: set[_Connection] = set()
+        self._stop = trio.Event()
+        self._stopping = False
+        self._rearm = trio.Event()
+        self._armed_for = math.inf
+        self._ent_signature: tuple[int, int, int] | None = None
+        self._conns: trio.Nursery | None = None
+
+    # --- start-up ------------------------------------------------------------
+
+    def load_state(self) -> None:
+        """Blocking start-up work: entitlement and persisted leases."""
+        now = self.clock()
+        self._reload_entitlement(now, force=True)
+        dead = self.service.restore(self.store.load_leases(), now)
+        changes = self.service.take_changes()
+        if changes:
+            self.store.apply(changes)
+        log.info("state_restored", leases=len(self.service.pool), expired_while_down=len(dead))
+
+    def _read_entitlement(self, now: float) -> Entitlement | None:
+        path = self.config.entitlement_path
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return None
+        return verify_entitlement(text, self._keys, self.server_id, now,
+                                  self.config.allowed_clock_offset)
+
+    def _entitlement_signature(self) -> tuple[int, int, int] | None:
+        try:
+            st = self.config.entitlement_path.stat()
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def _reload_entitlement(self, now: float, *, force: bool = False) -> bool:
+        """Install the entitlement file if it changed; a bad one changes nothing."""
+        signature = self._entitlement_signature()
+        if not force and signature == self._ent_signature:
+            return False
+        self._ent_signature = signature
+        try:
+            ent = self._read_entitlement(now)
+        except (EntitlementError, OSError) as exc:
+            log.error("entitlement_rejected", path=str(self.config.entitlement_path),
+                      reason=str(exc), kept=getattr(self.service.entitlement, "id", None))
+            return False
+        self.service.install(ent, now)
+        if ent is None:
+            log.warning("not_activated", path=str(self.config.entitlement_path))
+        else:
+            log.info("entitlement_installed", entitlement=ent.id, license=ent.license,
+                     products=[p.code for p in ent.products], customer=ent.customer,
+                     not_after=ent.not_after)
+        return True
+
+    # --- running ---------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners: list[trio.SocketListener] = []
+        for host, port in self.config.listen:
+            listeners.extend(await trio.open_tcp_listeners(port, host=host))
+        self.ports = [tuple(lst.socket.getsockname()[:2]) for lst in listeners]  # type: ignore[misc]
+        async with trio.open_nursery() as core:
+            await core.start(self.committer.run)
+            self._flush()  # deletions of leases that expired while we were down
+            async with trio.open_nursery() as background:
+                background.start_soon(self._timer)
+                background.start_soon(self._watch_entitlement)
+                async with trio.open_nursery() as conns:
+                    self._conns = conns
+                    async with trio.open_nursery() as accepting:
+                        for listener in listeners:
+                            accepting.start_soon(self._accept_loop, listener)
+                        log.info("listening", addresses=[f"{h}:{p}" for h, p in self.ports],
+                                 server_id=self.server_id)
+                        task_status.started(self.ports)
+                        await self._stop.wait()
+                        accepting.cancel_scope.cancel()
+                    for listener in listeners:
+                        await listener.aclose()
+                    self._stopping = True
+                    for conn in list(self._readers):
+                        conn.stop_reading()
+                    conns.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE
+                background.cancel_scope.cancel()
+            self.committer.close()
+        log.info("stopped", leases=len(self.service.pool))
+
+    def stop(self) -> None:
+        """Begin a graceful shutdown: stop accepting, answer what is in flight, flush."""
+        self._stop.set()
+
+    def reload_entitlement_now(self) -> None:
+        self._reload_entitlement(self.clock())
+        self._flush()
+
+    def _flush(self) -> Batch | None:
+        """Submit what the last service call changed and wake the waiters it served."""
+        changes = self.service.take_changes()
+        batch = self.committer.submit(changes) if changes else None
+        for waiter in self.service.take_woken():
+            slot = waiter.handle
+            if isinstance(slot, _Slot) and slot.event is not None:
+                slot.batch = batch
+                slot.event.set()
+        deadline = self.service.next_deadline()
+        if deadline is not None and deadline < self._armed_for:
+            self._rearm.set()
+        return batch
+
+    async def _timer(self) -> None:
+        """Expire leases and time out waiters when the pool says something is due."""
+        while True:
+            deadline = self.service.next_deadline()
+            self._armed_for = math.inf if deadline is None else deadline
+            delay = TIMER_MAX_SLEEP
+            if deadline is not None:
+                delay = min(delay, max(0.0, deadline - self.clock()))
+            with trio.move_on_after(delay):
+                await self._rearm.wait()
+            self._rearm = trio.Event()
+            self.service.advance(self.clock())
+            self._flush()
+
+    async def _watch_entitlement(self) -> None:
+        """Pick up an entitlement installed by the CLI, without a restart."""
+        while True:
+            await trio.sleep(ENTITLEMENT_POLL)
+            signature = await trio.to_thread.run_sync(self._entitlement_signature)
+            if signature != self._ent_signature:
+                self._reload_entitlement(self.clock())
+                self._flush()
+
+    async def _accept_loop(self, listener: trio.SocketListener) -> None:
+        assert self._conns is not None
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS):
+                    log.error("accept_failed", reason=exc.strerror)
+                    await trio.sleep(0.1)
+                    continue
+                raise
+            self._conns.start_soon(self._serve_stream, stream)
+
+    async def _serve_stream(self, stream: trio.SocketStream) -> None:
+        try:
+            peer = str(stream.socket.getpeername()[0])
+        except OSError:
+            await trio.aclose_forcefully(stream)
+            return
+        await self.handle_stream(stream, peer)
+
+    async def handle_stream(self, stream: trio.abc.Stream, peer: str | None) -> None:
+        """Serve one client connection (also the entry point for in-memory tests)."""
+        if self.connections >= self.config.max_connections or self._stopping:
+            await self._refuse_busy(stream)
+            return
+        self.connections += 1
+        conn = _Connection(self, stream, peer)
+        self._readers.add(conn)
+        try:
+            await conn.run()
+        finally:
+            self._readers.discard(conn)
+            self.connections -= 1
+            await trio.aclose_forcefully(stream)
+
+    async def _refuse_busy(self, stream: trio.abc.Stream) -> None:
+        rid = None
+        with trio.move_on_after(BUSY_WAIT):
+            decoder = FrameDecoder()
+            try:
+                while (frame := decoder.next_frame()) is None:
+                    data = await stream.receive_some(MAX_FRAME + 4)
+                    if not data:
+                        break
+                    decoder.feed(data)
+                else:
+                    rid = request_id(frame)
+            except (FloatdError, trio.BrokenResourceError):
+                pass
+        try:
+            with trio.move_on_after(BUSY_WAIT):
+                await stream.send_all(encode_frame(failure(rid, Busy("too many connections").to_wire())))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        await trio.aclose_forcefully(stream)
+
+
+class _Connection:
+    def __init__(self, server: Server, stream: trio.abc.Stream, peer: str | None) -> None:
+        self.server = server
+        self.stream = stream
+        self.peer = peer
+        self.proto = ServerConnection(server.config.client_tokens)
+        self.outstanding = 0
+        self._read_scope: trio.CancelScope | None = None
+        self._stop_reading = False
+
+    def stop_reading(self) -> None:
+        """Shutdown: read nothing more, but answer what was already received."""
+        self._stop_reading = True
+        if self._read_scope is not None:
+            self._read_scope.cancel()
+
+    async def run(self) -> None:
+        send, recv = trio.open_memory_channel[_Slot](MAX_PIPELINE)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._writer, recv)
+            async with send:
+                hung_up = await self._reader(send)
+            if hung_up:
+                # Nobody will read the answers: stop waiting for them.  The
+                # writer gives back whatever it had granted but not delivered.
+                nursery.cancel_scope.cancel()
+
+    async def _reader(self, send: trio.MemorySendChannel[_Slot]) -> bool:
+        """Read and apply requests; True when the client hung up or timed out."""
+        proto = self.proto
+        hello_deadline = trio.current_time() + HELLO_TIMEOUT
+        idle = self.server.config.idle_timeout
+        while True:
+            while (event := proto.next_event()) is not None:
+                slot = self._dispatch(event)
+                self.outstanding += 1
+                await send.send(slot)
+                if slot.close:
+                    return False
+            if self._stop_reading:
+                return False
+            timeout = idle if proto.greeted else hello_deadline - trio.current_time()
+            data = b""
+            with trio.CancelScope() as self._read_scope, trio.move_on_after(timeout) as timer:
+                try:
+                    data = await self.stream.receive_some(MAX_FRAME + 4)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return True
+            self._read_scope = None
+            if self._stop_reading:
+                return False
+            if timer.cancelled_caught:
+                if proto.greeted and self.outstanding:
+                    continue  # a queued acquire is not idleness
+                return True
+            if not data:
+                return True
+            proto.receive_data(data)
+
+    def _dispatch(self, event: Hello | Refusal | Any) -> _Slot:
+        server = self.server
+        if isinstance(event, Refusal):
+            return _Slot(response=event.response, close=event.close)
+        now = server.clock()
+        if isinstance(event, Hello):
+            return _Slot(response=server.service.hello_response(event, now))
+        result = server.service.handle(event, now, self.peer)
+        batch = server._flush()
+        if isinstance(result, Waiter):
+            slot = _Slot(waiter=result, event=trio.Event())
+            result.handle = slot
+            return slot
+        granted = result.get("lease") if isinstance(event, Acquire) and result.get("ok") else None
+        return _Slot(response=result, batch=batch, granted=granted)
+
+    async def _resolve(self, slot: _Slot) -> dict[str, Any]:
+        """Wait until the slot's answer may be sent, and return it."""
+        server = self.server
+        if slot.waiter is not None:
+            assert slot.event is not None
+            await slot.event.wait()
+            slot.response = server.service.waiter_response(slot.waiter, server.clock())
+            if slot.waiter.lease is not None:
+                slot.granted = slot.waiter.lease.id
+        assert slot.response is not None
+        if slot.batch is not None:
+            try:
+                await slot.batch.wait()
+            except FloatdError as exc:
+                log.error("store_failed", reason=str(exc))
+                if slot.granted is not None:
+                    self._give_back(slot.granted)
+                    slot.granted = None
+                return _internal(slot.response.get("id"))
+        return slot.response
+
+    def _give_back(self, lease_id: str) -> None:
+        server = self.server
+        if server.service.pool.lease(lease_id) is not None:
+            server.service.revoke(lease_id, server.clock())
+            server._flush()
+
+    def _abandon(self, slot: _Slot) -> None:
+        """An answer that will never be delivered: leave no waiter queued and no
+        seat held on its behalf."""
+        if slot.waiter is not None:
+            self.server.service.cancel_wait(slot.waiter, self.server.clock())
+            self.server._flush()
+        elif slot.granted is not None:
+            self._give_back(slot.granted)
+
+    async def _writer(self, recv: trio.MemoryReceiveChannel[_Slot]) -> None:
+        current: _Slot | None = None
+        try:
+            async for slot in recv:
+                current = slot
+                response = await self._resolve(slot)
+                try:
+                    frame = encode_frame(response)
+                except ValueError:
+                    frame = encode_frame(failure(response.get("id"), InternalError(
+                        "response too large").to_wire()))
+                await self.stream.send_all(frame)
+                current = None
+                self.outstanding -= 1
+                if slot.close:
+                    return
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client is gone; the finally clause cleans up after it
+        finally:
+            if current is not None:
+                self._abandon(current)
+            while True:
+                try:
+                    self._abandon(recv.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                    break
+            recv.close()

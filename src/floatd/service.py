@@ -1,0 +1,288 @@
+"""The lease service: requests in, responses and durable changes out.
+
+This is where the protocol meets the pool and the entitlement, still without
+I/O: each call takes ``now`` and the peer address, returns a response (or a
+queued :class:`~floatd.pool.Waiter`), and leaves behind the store changes that
+must be committed before that response may be sent.  The trio server drains
+them with :meth:`LeaseService.take_changes` after every call; since a call's
+changes always land in one batch, a commit never holds half an outcome.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from floatd import __version__
+from floatd.entitlement import Entitlement, ProductTerms, check_license
+from floatd.errors import AuthFailed, FloatdError, IpNotAllowed, NoFreeSeats, UnknownProduct
+from floatd.pool import Claim, Lease, PoolProduct, SeatPool, Waiter, hash_token
+from floatd.protocol.connection import PROTOCOL_VERSION
+from floatd.protocol.messages import Acquire, Hello, Info, Ping, Release, Renew, Request, ok
+from floatd.store import Change, DeleteLease, PutLease, SetExpiry
+
+LogFn = Callable[..., None]
+
+
+def _no_log(event: str, **fields: Any) -> None:
+    return None
+
+
+def _peer_ip(peer: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    if not peer:
+        return None
+    try:
+        ip = ipaddress.ip_address(peer)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped  # a v4 client on a dual-stack [::] listener
+    return ip
+
+
+class LeaseService:
+    def __init__(
+        self,
+        server_id: str,
+        default_duration: int,
+        *,
+        log: LogFn = _no_log,
+        new_secret: Callable[[int], str] = secrets.token_urlsafe,
+    ) -> None:
+        self.server_id = server_id
+        self.default_duration = default_duration
+        self.pool = SeatPool()
+        self.entitlement: Entitlement | None = None
+        self._log = log
+        self._secret = new_secret
+        self._changes: list[Change] = []
+        self._woken: list[Waiter] = []
+        # A queued acquire's id and lease token, until it is answered.
+        self._queued: dict[Waiter, tuple[int, str]] = {}
+
+    # --- state --------------------------------------------------------------
+
+    def install(self, ent: Entitlement | None, now: float) -> None:
+        """Switch to a new (already verified) entitlement without touching leases."""
+        self.entitlement = ent
+        products = ent.products if ent is not None else ()
+        self.pool.set_products((self._pool_terms(p) for p in products), now)
+        self._collect()
+
+    def restore(self, leases: Iterable[Lease], now: float) -> list[Lease]:
+        dead = self.pool.restore(leases, now)
+        self._changes.extend(DeleteLease(lease.id) for lease in dead)
+        return dead
+
+    def advance(self, now: float) -> None:
+        self.pool.advance(now)
+        self._collect()
+
+    def next_deadline(self) -> float | None:
+        return self.pool.next_deadline()
+
+    def take_changes(self) -> list[Change]:
+        changes, self._changes = self._changes, []
+        return changes
+
+    def take_woken(self) -> list[Waiter]:
+        woken, self._woken = self._woken, []
+        return woken
+
+    def duration_of(self, product: ProductTerms) -> int:
+        return product.lease_duration or self.default_duration
+
+    def _pool_terms(self, p: ProductTerms) -> PoolProduct:
+        return PoolProduct(
+            code=p.code,
+            seats=None if p.unlimited else p.seats,
+            duration=float(self.duration_of(p)),
+            strategy=p.strategy,
+            user_locked=p.user_locked,
+        )
+
+    def _collect(self) -> None:
+        """Turn what the pool did on the side (expiries, served waiters) into changes."""
+        for lease in self.pool.take_expired():
+            self._changes.append(DeleteLease(lease.id))
+            self._log("lease_expired", **_lease_fields(lease))
+        for waiter in self.pool.take_woken():
+            if waiter.lease is not None:
+                self._changes.append(PutLease(waiter.lease))
+                self._log("lease_granted", waited=True, **_lease_fields(waiter.lease))
+            self._woken.append(waiter)
+
+    # --- requests -----------------------------------------------------------
+
+    def handle(self, req: Request, now: float, peer: str | None) -> dict[str, Any] | Waiter:
+        """Answer one request.  Refusals come back as error responses, not raised."""
+        try:
+            if isinstance(req, Acquire):
+                return self._acquire(req, now, peer)
+            if isinstance(req, Renew):
+                return self._renew(req, now)
+            if isinstance(req, Release):
+                return self._release(req, now)
+            if isinstance(req, Info):
+                return self._info(req, now)
+            if isinstance(req, Ping):
+                return ok(req.id, time=now)
+            return self.hello_response(req, now)
+        except FloatdError as exc:
+            if isinstance(req, Acquire):
+                self._log("lease_refused", code=exc.code, product=req.product,
+                          fingerprint=req.fingerprint, user=req.user, peer=peer)
+            return {"id": req.id, "ok": False, "error": exc.to_wire()}
+        finally:
+            self._collect()
+
+    def hello_response(self, req: Hello, now: float) -> dict[str, Any]:
+        return ok(req.id, version=PROTOCOL_VERSION, server=f"floatd/{__version__}",
+                  time=now, server_id=self.server_id)
+
+    def _acquire(self, req: Acquire, now: float, peer: str | None) -> dict[str, Any] | Waiter:
+        ent = self.entitlement
+        check_license(ent, now)
+        assert ent is not None
+        terms = ent.product(req.product)
+        if terms is None:
+            raise UnknownProduct(f"unknown product {req.product!r}")
+        check_license(ent, now, terms)
+        if terms.allowed_ips:
+            ip = _peer_ip(peer)
+            if ip is None or not any(ip in net for net in terms.allowed_ips):
+                raise IpNotAllowed(f"address {peer} may not lease {req.product!r}")
+        if terms.authorization == "user":
+            # Local passwords for license users are not stored yet, so no one can
+            # authenticate; the answer is the one the contract gives a bad password.
+            raise AuthFailed("unknown user or wrong password")
+        token = self._secret(32)
+        claim = Claim(
+            product=req.product,
+            fingerprint=req.fingerprint,
+            lease_id=self._secret(16),
+            token_hash=hash_token(token),
+            instance=req.instance,
+            user=req.user,
+            hostname=req.hostname,
+            meta=req.meta,
+            peer=peer,
+        )
+        result = self.pool.acquire(now, claim, now + req.wait if req.wait > 0 else None)
+        if isinstance(result, Waiter):
+            self._queued[result] = (req.id, token)
+            return result
+        self._changes.append(PutLease(result))
+        self._log("lease_granted", **_lease_fields(result))
+        return self.grant_response(req.id, result, token, now)
+
+    def grant_response(self, rid: int, lease: Lease, token: str, now: float) -> dict[str, Any]:
+        ent = self.entitlement
+        terms = ent.product(lease.product) if ent else None
+        expires_in = max(0.0, lease.expires_at - now)
+        product: dict[str, Any] = {"code": lease.product}
+        if ent is not None and terms is not None:
+            product.update(
+                name=terms.name,
+                metadata=dict(terms.metadata),
+                features=dict(terms.features),
+                not_after=_earliest(ent.not_after, terms.not_after),
+            )
+        return ok(rid, lease=lease.id, token=token, expires_in=expires_in,
+                  renew_in=expires_in / 2, lease_duration=int(lease.duration), product=product)
+
+    def waiter_response(self, waiter: Waiter, now: float) -> dict[str, Any]:
+        """The answer to a queued acquire once the pool has finished with it."""
+        rid, token = self._queued.pop(waiter)
+        if waiter.lease is not None:
+            return self.grant_response(rid, waiter.lease, token, now)
+        product = waiter.claim.product
+        terms = self.pool.terms(product)
+        if terms is None:
+            err: FloatdError = UnknownProduct(f"unknown product {product!r}")
+        else:
+            err = NoFreeSeats(f"no seat of {product!r} came free in time",
+                              seats=terms.seats, used=self.pool.used(product))
+        self._log("lease_refused", code=err.code, product=product,
+                  fingerprint=waiter.claim.fingerprint, user=waiter.claim.user,
+                  peer=waiter.claim.peer, waited=True)
+        return {"id": rid, "ok": False, "error": err.to_wire()}
+
+    def cancel_wait(self, waiter: Waiter, now: float) -> None:
+        """The queued client went away: give up its place, or its seat if it got one."""
+        self._queued.pop(waiter, None)
+        if waiter.lease is None:
+            self.pool.cancel_wait(waiter)
+        elif self.pool.lease(waiter.lease.id) is waiter.lease:
+            self.revoke(waiter.lease.id, now)
+
+    def _renew(self, req: Renew, now: float) -> dict[str, Any]:
+        ent = self.entitlement
+        check_license(ent, now)
+        lease = self.pool.lease(req.lease)
+        if lease is not None and ent is not None:
+            check_license(ent, now, ent.product(lease.product))
+        lease = self.pool.renew(now, req.lease, hash_token(req.token))
+        self._changes.append(SetExpiry(lease.id, lease.expires_at))
+        self._log("lease_renewed", level="debug", **_lease_fields(lease))
+        expires_in = lease.expires_at - now
+        return ok(req.id, expires_in=expires_in, renew_in=expires_in / 2)
+
+    def _release(self, req: Release, now: float) -> dict[str, Any]:
+        lease = self.pool.release(now, req.lease, hash_token(req.token))
+        self._changes.append(DeleteLease(lease.id))
+        self._log("lease_released", **_lease_fields(lease))
+        return ok(req.id)
+
+    def revoke(self, lease_id: str, now: float) -> Lease:
+        lease = self.pool.revoke(now, lease_id)
+        self._changes.append(DeleteLease(lease.id))
+        self._log("lease_revoked", **_lease_fields(lease))
+        self._collect()
+        return lease
+
+    def _info(self, req: Info, now: float) -> dict[str, Any]:
+        ent = self.entitlement
+        check_license(ent, now)
+        assert ent is not None
+        terms = ent.product(req.product)
+        if terms is None:
+            raise UnknownProduct(f"unknown product {req.product!r}")
+        return ok(req.id, **self.product_summary(terms))
+
+    def product_summary(self, terms: ProductTerms) -> dict[str, Any]:
+        ent = self.entitlement
+        used = self.pool.used(terms.code)
+        return {
+            "code": terms.code,
+            "name": terms.name,
+            "seats": terms.seats,
+            "used": used,
+            "free": None if terms.unlimited else max(0, terms.seats - used),
+            "strategy": terms.strategy,
+            "lease_duration": self.duration_of(terms),
+            "user_locked": terms.user_locked,
+            "authorization": terms.authorization,
+            "not_after": _earliest(ent.not_after if ent else None, terms.not_after),
+            "metadata": dict(terms.metadata),
+            "features": dict(terms.features),
+        }
+
+
+def _earliest(a: int | None, b: int | None) -> int | None:
+    if a is None:
+        return b
+    return a if b is None else min(a, b)
+
+
+def _lease_fields(lease: Lease) -> dict[str, Any]:
+    return {
+        "lease": lease.id,
+        "product": lease.product,
+        "fingerprint": lease.fingerprint,
+        "instance": lease.instance,
+        "user": lease.user,
+        "peer": lease.peer,
+    }
