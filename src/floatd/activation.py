@@ -60,7 +60,9 @@ def create_offline_request(config: Config, server_id: str, license_key: str, now
     try:
         with db:
             db.execute("BEGIN IMMEDIATE")
-            db.execute("INSERT INTO pending_nonces VALUES (?, ?)", (request.nonce, request.created_at))
+            db.execute(
+                "INSERT INTO pending_nonces VALUES (?, ?)", (request.nonce, request.created_at)
+            )
     except sqlite3.Error as exc:
         raise StoreError(f"cannot record the request: {exc}") from None
     finally:

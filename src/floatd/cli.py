@@ -31,7 +31,10 @@ def _fail(message: str, status: int) -> NoReturn:
 
 def config_option(fn: F) -> F:
     return click.option(
-        "--config", "config_path", type=click.Path(path_type=Path), default=None,
+        "--config",
+        "config_path",
+        type=click.Path(path_type=Path),
+        default=None,
         help="Config file (default: $FLOATD_CONFIG, else /etc/floatd/floatd.toml).",
     )(fn)
 
@@ -42,7 +45,14 @@ def guarded(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            try:
+                return fn(*args, **kwargs)
+            except BaseExceptionGroup as group:
+                # trio wraps task errors in groups; a lone known error is shown as itself.
+                leaves = _leaves(group)
+                if len(leaves) == 1 and isinstance(leaves[0], (FloatdError, OSError)):
+                    raise leaves[0] from None
+                raise
         except ConfigError as exc:
             _fail(f"config error: {exc.message}", 2)
         except FloatdError as exc:
@@ -51,6 +61,13 @@ def guarded(fn: F) -> F:
             _fail(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), 1)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
 
 
 def _load(config_path: Path | None, overrides: dict[str, Any] | None = None) -> Config:
@@ -76,8 +93,13 @@ def main() -> None:
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--log-format", type=click.Choice(["json", "console"]))
 @guarded
-def serve(config_path: Path | None, listen: tuple[str, ...], state_dir: Path | None,
-          log_level: str | None, log_format: str | None) -> None:
+def serve(
+    config_path: Path | None,
+    listen: tuple[str, ...],
+    state_dir: Path | None,
+    log_level: str | None,
+    log_format: str | None,
+) -> None:
     """Run the daemon in the foreground (what systemd runs)."""
     overrides: dict[str, Any] = {}
     if listen:
@@ -108,6 +130,7 @@ def run_server(config: Config) -> None:
 
 
 async def _serve(server: Any) -> None:
+    await server.bind()
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(server.run)
@@ -143,13 +166,25 @@ def fingerprint(config_path: Path | None) -> None:
 @main.command()
 @config_option
 @click.option("--license-key", help="The license key sold to you.")
-@click.option("--offline-request", type=click.Path(path_type=Path), metavar="FILE",
-              help="Write an activation request to carry to the vendor.")
-@click.option("--offline-response", type=click.Path(path_type=Path), metavar="FILE",
-              help="Install the entitlement the vendor signed for a request.")
+@click.option(
+    "--offline-request",
+    type=click.Path(path_type=Path),
+    metavar="FILE",
+    help="Write an activation request to carry to the vendor.",
+)
+@click.option(
+    "--offline-response",
+    type=click.Path(path_type=Path),
+    metavar="FILE",
+    help="Install the entitlement the vendor signed for a request.",
+)
 @guarded
-def activate(config_path: Path | None, license_key: str | None,
-             offline_request: Path | None, offline_response: Path | None) -> None:
+def activate(
+    config_path: Path | None,
+    license_key: str | None,
+    offline_request: Path | None,
+    offline_response: Path | None,
+) -> None:
     """Activate this server, offline (request/response files) or online."""
     from floatd import activation
 
@@ -163,26 +198,36 @@ def activate(config_path: Path | None, license_key: str | None,
         except OSError as exc:
             _fail(f"cannot read {offline_response}: {exc.strerror}", 1)
         ent = activation.install_offline_response(config, _server_id(config), text, now)
-        products = ", ".join(f"{p.code} ({p.seats if p.seats > 0 else 'unlimited'})"
-                             for p in ent.products)
+        products = ", ".join(
+            f"{p.code} ({p.seats if p.seats > 0 else 'unlimited'})" for p in ent.products
+        )
         click.echo(f"installed entitlement {ent.id} for license {ent.license}: {products}")
         return
     key = license_key or config.authority_license_key
     if offline_request:
         if not key:
-            raise click.UsageError("an offline request needs --license-key "
-                                   "(or [authority] license_key)")
+            raise click.UsageError(
+                "an offline request needs --license-key (or [authority] license_key)"
+            )
         text = activation.create_offline_request(config, _server_id(config), key, now)
         activation.atomic_write(offline_request, text)
-        click.echo(f"wrote {offline_request}: send it to your vendor, then run "
-                   f"`floatd activate --offline-response FILE` with their answer")
+        click.echo(
+            f"wrote {offline_request}: send it to your vendor, then run "
+            f"`floatd activate --offline-response FILE` with their answer"
+        )
         return
     _fail("online activation is not available in this version; use --offline-request", 1)
 
 
 @main.command()
-@click.option("--dir", "directory", type=click.Path(path_type=Path), default=Path("floatd-demo"),
-              show_default=True, help="Where the demo keeps its key, config and state.")
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(path_type=Path),
+    default=Path("floatd-demo"),
+    show_default=True,
+    help="Where the demo keeps its key, config and state.",
+)
 @click.option("--listen", default="127.0.0.1:7411", show_default=True)
 @guarded
 def demo(directory: Path, listen: str) -> None:

@@ -11,7 +11,8 @@ prefix of the in-memory history, and that prefix never has more seats than the c
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import trio
 
@@ -35,9 +36,14 @@ class Batch:
             raise self.error
 
 
+RunSync = Callable[..., Awaitable[Any]]
+
+
 class GroupCommitter:
-    def __init__(self, store: LeaseStore) -> None:
+    def __init__(self, store: LeaseStore, run_sync: RunSync = trio.to_thread.run_sync) -> None:
         self._store = store
+        # Injectable so MockClock tests can apply inline instead of in a thread.
+        self._run_sync = run_sync
         self._limiter = trio.CapacityLimiter(1)
         self._pending = Batch()
         self._wakeup = trio.Event()
@@ -70,9 +76,7 @@ class GroupCommitter:
     async def _commit(self, batch: Batch) -> None:
         try:
             with trio.CancelScope(shield=True):  # a half-applied batch helps nobody
-                await trio.to_thread.run_sync(
-                    self._store.apply, batch.changes, limiter=self._limiter
-                )
+                await self._run_sync(self._store.apply, batch.changes, limiter=self._limiter)
         except StoreError as exc:
             batch.error = exc
         except Exception as exc:  # an unexpected backend failure must not kill the writer

@@ -19,38 +19,30 @@ from floatd.entitlement import (
     format_public_key,
     load_private_key,
     private_key_pem,
+    product_payload,
     server_fingerprint,
     sign_entitlement,
 )
 
 DEMO_PRODUCTS = [
-    {
-        "code": "demo",
-        "name": "floatd demo product (DEMO - not a real license)",
-        "seats": 5,
-        "lease_duration": 60,
-        "strategy": "per-machine",
-        "metadata": {"edition": "demo"},
-        "features": {"export": True, "max_threads": 4},
-    },
-    {
-        "code": "demo-instance",
-        "name": "floatd demo product, per process (DEMO)",
-        "seats": 3,
-        "lease_duration": 60,
-        "strategy": "per-instance",
-    },
+    product_payload(
+        "demo",
+        "floatd demo product (DEMO - not a real license)",
+        5,
+        lease_duration=60,
+        trial=True,
+        metadata={"edition": "demo"},
+        features={"export": True, "max_threads": 4},
+    ),
+    product_payload(
+        "demo-instance",
+        "floatd demo product, per process (DEMO)",
+        3,
+        lease_duration=60,
+        strategy="per-instance",
+        trial=True,
+    ),
 ]
-
-
-def _product(spec: dict[str, object]) -> dict[str, object]:
-    base: dict[str, object] = {
-        "user_locked": False, "authorization": "key", "users": [], "max_users": 0,
-        "allowed_ips": [], "not_before": None, "not_after": None, "trial": True,
-        "borrow_max": 0, "metadata": {}, "features": {},
-    }
-    base.update(spec)
-    return base
 
 
 def prepare(directory: Path, listen: str, now: float) -> Config:
@@ -98,7 +90,7 @@ def prepare(directory: Path, listen: str, now: float) -> Config:
         "not_after": int(now) + 30 * 86400,
         "refresh_by": None,
         "nonce": None,
-        "products": [_product(p) for p in DEMO_PRODUCTS],
+        "products": DEMO_PRODUCTS,
     }
     install_entitlement(config, sign_entitlement(key, payload))
     return config

@@ -109,7 +109,9 @@ def server_fingerprint(machine_id: str) -> str:
 def armor(kind: str, body: bytes) -> str:
     b64 = base64.b64encode(body).decode()
     lines = [b64[i : i + 64] for i in range(0, len(b64), 64)]
-    return "\n".join([f"-----BEGIN FLOATD {kind}-----", *lines, f"-----END FLOATD {kind}-----"]) + "\n"
+    return (
+        "\n".join([f"-----BEGIN FLOATD {kind}-----", *lines, f"-----END FLOATD {kind}-----"]) + "\n"
+    )
 
 
 def dearmor(text: str, kind: str) -> bytes:
@@ -149,7 +151,9 @@ class _Fields:
     def _fail(self, key: str, problem: str) -> EntitlementError:
         return EntitlementError(f"{self.where}: '{key}' {problem}")
 
-    def get(self, key: str, types: tuple[type, ...], default: Any = ..., *, nullable: bool = False) -> Any:
+    def get(
+        self, key: str, types: tuple[type, ...], default: Any = ..., *, nullable: bool = False
+    ) -> Any:
         if key not in self.obj:
             if default is ...:
                 raise self._fail(key, "is missing")
@@ -165,7 +169,9 @@ class _Fields:
     def text(self, key: str, default: Any = ..., *, nullable: bool = False) -> Any:
         return self.get(key, (str,), default, nullable=nullable)
 
-    def integer(self, key: str, default: Any = ..., *, nullable: bool = False, minimum: int | None = None) -> Any:
+    def integer(
+        self, key: str, default: Any = ..., *, nullable: bool = False, minimum: int | None = None
+    ) -> Any:
         value = self.get(key, (int,), default, nullable=nullable)
         if value is not None and minimum is not None and value < minimum:
             raise self._fail(key, f"must be >= {minimum}")
@@ -255,11 +261,15 @@ def _product(obj: Any, index: int) -> ProductTerms:
         try:
             ips.append(ipaddress.ip_network(cidr, strict=False))
         except ValueError:
-            raise EntitlementError(f"products[{index}]: bad CIDR {cidr!r} in 'allowed_ips'") from None
+            raise EntitlementError(
+                f"products[{index}]: bad CIDR {cidr!r} in 'allowed_ips'"
+            ) from None
     features = f.get("features", (dict,), {})
     for k, v in features.items():
         if not isinstance(k, str) or not isinstance(v, (bool, int, str)):
-            raise EntitlementError(f"products[{index}]: 'features' must map str to bool, int or str")
+            raise EntitlementError(
+                f"products[{index}]: 'features' must map str to bool, int or str"
+            )
     return ProductTerms(
         code=code,
         name=f.text("name"),
@@ -307,6 +317,31 @@ def parse_payload(payload: Mapping[str, Any], kid: str = "", text: str = "") -> 
     )
 
 
+def product_payload(code: str, name: str, seats: int, **fields: Any) -> dict[str, Any]:
+    """A complete product map for a payload: every key of the contract, defaults
+    filled in, so what the vendor side writes never depends on reader defaults."""
+    product: dict[str, Any] = {
+        "code": code,
+        "name": name,
+        "seats": seats,
+        "lease_duration": 0,
+        "strategy": "per-machine",
+        "user_locked": False,
+        "authorization": "key",
+        "users": [],
+        "max_users": 0,
+        "allowed_ips": [],
+        "not_before": None,
+        "not_after": None,
+        "trial": False,
+        "borrow_max": 0,
+        "metadata": {},
+        "features": {},
+    }
+    product.update(fields)
+    return product
+
+
 def sign_entitlement(key: Ed25519PrivateKey, payload: Mapping[str, Any]) -> str:
     """The vendor's side: sign a payload map and armor it."""
     body = msgpack.packb(dict(payload), use_bin_type=True)
@@ -340,7 +375,9 @@ def verify_entitlement(
     try:
         public.verify(sig, SIGNING_DOMAIN + payload)
     except InvalidSignature:
-        raise EntitlementError("signature does not verify: the file was altered or forged") from None
+        raise EntitlementError(
+            "signature does not verify: the file was altered or forged"
+        ) from None
     ent = parse_payload(_unpack_map(payload, "payload"), kid, text)
     if ent.server != server:
         raise EntitlementError(

@@ -104,12 +104,15 @@ class _ProductState:
         return cap is None or len(self.seats) < cap
 
 
-def seat_key(terms: PoolProduct, fingerprint: str, instance: str | None, user: str | None) -> SeatKey:
+def seat_key(
+    terms: PoolProduct, fingerprint: str, instance: str | None, user: str | None
+) -> SeatKey:
     """The key two leases must share to share a seat, per the product's strategy."""
     if terms.strategy == PER_INSTANCE:
         if instance is None:
-            raise BadRequest("this product is leased per instance: 'instance' is required",
-                             field="instance")
+            raise BadRequest(
+                "this product is leased per instance: 'instance' is required", field="instance"
+            )
         key: SeatKey = (fingerprint, instance)
     else:
         key = (fingerprint,)
@@ -262,8 +265,10 @@ class SeatPool:
             # No local aliases: _drop may rebuild the expiry heap.
             next_lease = self._expiry[0][0] if self._expiry else None
             next_wait = self._waits[0][0] if self._waits else None
-            if next_lease is not None and next_lease <= now and (
-                next_wait is None or next_lease <= next_wait
+            if (
+                next_lease is not None
+                and next_lease <= now
+                and (next_wait is None or next_lease <= next_wait)
             ):
                 at, lease_id = heapq.heappop(self._expiry)
                 lease = self._leases.get(lease_id)

@@ -17,12 +17,11 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import trio
 
-from floatd.committer import Batch, GroupCommitter
+from floatd.committer import Batch, GroupCommitter, RunSync
 from floatd.config import Config
 from floatd.entitlement import Entitlement, trusted_keys, verify_entitlement
 from floatd.errors import Busy, EntitlementError, FloatdError, InternalError
@@ -68,13 +67,15 @@ class Server:
         server_id: str,
         *,
         clock: Callable[[], float] = time.time,
+        run_sync: RunSync = trio.to_thread.run_sync,
     ) -> None:
         self.config = config
         self.clock = clock
         self.server_id = server_id
         self.service = LeaseService(server_id, config.default_duration, log=event_logger())
         self.store = store
-        self.committer = GroupCommitter(store)
+        self._run_sync = run_sync
+        self.committer = GroupCommitter(store, run_sync)
         self.connections = 0
         self.ports: list[tuple[str, int]] = []
         self._keys = trusted_keys(config.vendor_keys)
@@ -85,6 +86,7 @@ class Server:
         self._armed_for = math.inf
         self._ent_signature: tuple[int, int, int] | None = None
         self._conns: trio.Nursery | None = None
+        self._listeners: list[trio.SocketListener] = []
 
     # --- start-up ------------------------------------------------------------
 
@@ -104,8 +106,9 @@ class Server:
             text = path.read_text(encoding="utf-8", errors="replace")
         except FileNotFoundError:
             return None
-        return verify_entitlement(text, self._keys, self.server_id, now,
-                                  self.config.allowed_clock_offset)
+        return verify_entitlement(
+            text, self._keys, self.server_id, now, self.config.allowed_clock_offset
+        )
 
     def _entitlement_signature(self) -> tuple[int, int, int] | None:
         try:
@@ -123,25 +126,45 @@ class Server:
         try:
             ent = self._read_entitlement(now)
         except (EntitlementError, OSError) as exc:
-            log.error("entitlement_rejected", path=str(self.config.entitlement_path),
-                      reason=str(exc), kept=getattr(self.service.entitlement, "id", None))
+            log.error(
+                "entitlement_rejected",
+                path=str(self.config.entitlement_path),
+                reason=str(exc),
+                kept=getattr(self.service.entitlement, "id", None),
+            )
             return False
         self.service.install(ent, now)
         if ent is None:
             log.warning("not_activated", path=str(self.config.entitlement_path))
         else:
-            log.info("entitlement_installed", entitlement=ent.id, license=ent.license,
-                     products=[p.code for p in ent.products], customer=ent.customer,
-                     not_after=ent.not_after)
+            log.info(
+                "entitlement_installed",
+                entitlement=ent.id,
+                license=ent.license,
+                products=[p.code for p in ent.products],
+                customer=ent.customer,
+                not_after=ent.not_after,
+            )
         return True
 
     # --- running ---------------------------------------------------------------
 
-    async def run(self, *, task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners: list[trio.SocketListener] = []
+    async def bind(self) -> None:
+        """Open the listeners; separate from :meth:`run` so a port in use is a
+        plain OSError for the caller, not one buried in a nursery's group."""
         for host, port in self.config.listen:
-            listeners.extend(await trio.open_tcp_listeners(port, host=host))
-        self.ports = [tuple(lst.socket.getsockname()[:2]) for lst in listeners]  # type: ignore[misc]
+            self._listeners.extend(await trio.open_tcp_listeners(port, host=host))
+        self.ports = [
+            (str(lst.socket.getsockname()[0]), int(lst.socket.getsockname()[1]))
+            for lst in self._listeners
+        ]
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        if not self._listeners:
+            await self.bind()
+        listeners = self._listeners
         async with trio.open_nursery() as core:
             await core.start(self.committer.run)
             self._flush()  # deletions of leases that expired while we were down
@@ -153,8 +176,11 @@ class Server:
                     async with trio.open_nursery() as accepting:
                         for listener in listeners:
                             accepting.start_soon(self._accept_loop, listener)
-                        log.info("listening", addresses=[f"{h}:{p}" for h, p in self.ports],
-                                 server_id=self.server_id)
+                        log.info(
+                            "listening",
+                            addresses=[f"{h}:{p}" for h, p in self.ports],
+                            server_id=self.server_id,
+                        )
                         task_status.started(self.ports)
                         await self._stop.wait()
                         accepting.cancel_scope.cancel()
@@ -208,7 +234,7 @@ class Server:
         """Pick up an entitlement installed by the CLI, without a restart."""
         while True:
             await trio.sleep(ENTITLEMENT_POLL)
-            signature = await trio.to_thread.run_sync(self._entitlement_signature)
+            signature = await self._run_sync(self._entitlement_signature)
             if signature != self._ent_signature:
                 self._reload_entitlement(self.clock())
                 self._flush()
@@ -258,14 +284,16 @@ class Server:
                     data = await stream.receive_some(MAX_FRAME + 4)
                     if not data:
                         break
-                    decoder.feed(data)
+                    decoder.feed(bytes(data))
                 else:
                     rid = request_id(frame)
             except (FloatdError, trio.BrokenResourceError):
                 pass
         try:
             with trio.move_on_after(BUSY_WAIT):
-                await stream.send_all(encode_frame(failure(rid, Busy("too many connections").to_wire())))
+                await stream.send_all(
+                    encode_frame(failure(rid, Busy("too many connections").to_wire()))
+                )
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         await trio.aclose_forcefully(stream)
@@ -313,7 +341,7 @@ class _Connection:
             if self._stop_reading:
                 return False
             timeout = idle if proto.greeted else hello_deadline - trio.current_time()
-            data = b""
+            data: bytes | bytearray = b""
             with trio.CancelScope() as self._read_scope, trio.move_on_after(timeout) as timer:
                 try:
                     data = await self.stream.receive_some(MAX_FRAME + 4)
@@ -328,7 +356,7 @@ class _Connection:
                 return True
             if not data:
                 return True
-            proto.receive_data(data)
+            proto.receive_data(bytes(data))
 
     def _dispatch(self, event: Hello | Refusal | Any) -> _Slot:
         server = self.server
@@ -391,8 +419,9 @@ class _Connection:
                 try:
                     frame = encode_frame(response)
                 except ValueError:
-                    frame = encode_frame(failure(response.get("id"), InternalError(
-                        "response too large").to_wire()))
+                    frame = encode_frame(
+                        failure(response.get("id"), InternalError("response too large").to_wire())
+                    )
                 await self.stream.send_all(frame)
                 current = None
                 self.outstanding -= 1

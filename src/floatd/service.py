@@ -132,15 +132,26 @@ class LeaseService:
             return self.hello_response(req, now)
         except FloatdError as exc:
             if isinstance(req, Acquire):
-                self._log("lease_refused", code=exc.code, product=req.product,
-                          fingerprint=req.fingerprint, user=req.user, peer=peer)
+                self._log(
+                    "lease_refused",
+                    code=exc.code,
+                    product=req.product,
+                    fingerprint=req.fingerprint,
+                    user=req.user,
+                    peer=peer,
+                )
             return {"id": req.id, "ok": False, "error": exc.to_wire()}
         finally:
             self._collect()
 
     def hello_response(self, req: Hello, now: float) -> dict[str, Any]:
-        return ok(req.id, version=PROTOCOL_VERSION, server=f"floatd/{__version__}",
-                  time=now, server_id=self.server_id)
+        return ok(
+            req.id,
+            version=PROTOCOL_VERSION,
+            server=f"floatd/{__version__}",
+            time=now,
+            server_id=self.server_id,
+        )
 
     def _acquire(self, req: Acquire, now: float, peer: str | None) -> dict[str, Any] | Waiter:
         ent = self.entitlement
@@ -190,8 +201,15 @@ class LeaseService:
                 features=dict(terms.features),
                 not_after=_earliest(ent.not_after, terms.not_after),
             )
-        return ok(rid, lease=lease.id, token=token, expires_in=expires_in,
-                  renew_in=expires_in / 2, lease_duration=int(lease.duration), product=product)
+        return ok(
+            rid,
+            lease=lease.id,
+            token=token,
+            expires_in=expires_in,
+            renew_in=expires_in / 2,
+            lease_duration=int(lease.duration),
+            product=product,
+        )
 
     def waiter_response(self, waiter: Waiter, now: float) -> dict[str, Any]:
         """The answer to a queued acquire once the pool has finished with it."""
@@ -203,11 +221,20 @@ class LeaseService:
         if terms is None:
             err: FloatdError = UnknownProduct(f"unknown product {product!r}")
         else:
-            err = NoFreeSeats(f"no seat of {product!r} came free in time",
-                              seats=terms.seats, used=self.pool.used(product))
-        self._log("lease_refused", code=err.code, product=product,
-                  fingerprint=waiter.claim.fingerprint, user=waiter.claim.user,
-                  peer=waiter.claim.peer, waited=True)
+            err = NoFreeSeats(
+                f"no seat of {product!r} came free in time",
+                seats=terms.seats,
+                used=self.pool.used(product),
+            )
+        self._log(
+            "lease_refused",
+            code=err.code,
+            product=product,
+            fingerprint=waiter.claim.fingerprint,
+            user=waiter.claim.user,
+            peer=waiter.claim.peer,
+            waited=True,
+        )
         return {"id": rid, "ok": False, "error": err.to_wire()}
 
     def cancel_wait(self, waiter: Waiter, now: float) -> None:

@@ -88,14 +88,22 @@ def main(argv: list[str] | None = None) -> int:
     host, _, port = args[0].rpartition(":")
     with SimpleClient(host.strip("[]"), int(port)) as client:
         client.hello()
-        got = client.request("acquire", product=args[1], fingerprint=_machine_fingerprint(),
-                             instance=str(os.getpid()), hostname=socket.gethostname())
+        got = client.request(
+            "acquire",
+            product=args[1],
+            fingerprint=_machine_fingerprint(),
+            instance=str(os.getpid()),
+            hostname=socket.gethostname(),
+        )
         if not got.get("ok"):
             err = got.get("error", {})
             print(f"refused: {err.get('code')}: {err.get('message')}", file=sys.stderr)
             return 1
-        print(f"leased a seat of {args[1]!r}: lease {got['lease']}, "
-              f"expires in {got['expires_in']:.0f}s", flush=True)
+        print(
+            f"leased a seat of {args[1]!r}: lease {got['lease']}, "
+            f"expires in {got['expires_in']:.0f}s",
+            flush=True,
+        )
         try:
             while not once:
                 time.sleep(got["renew_in"])

@@ -48,7 +48,7 @@ class FrameDecoder:
     connection, so there is no resynchronisation to attempt.
     """
 
-    __slots__ = ("_buf", "_broken", "_pos")
+    __slots__ = ("_broken", "_buf", "_pos")
 
     def __init__(self) -> None:
         self._buf = bytearray()

@@ -10,6 +10,7 @@ re-check sizes.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -179,7 +180,7 @@ def _ping(rid: int, obj: dict[str, Any]) -> Ping:
     return Ping(id=rid)
 
 
-_PARSERS = {
+_PARSERS: dict[str, Callable[[int, dict[str, Any]], Request]] = {
     "hello": _hello,
     "acquire": _acquire,
     "renew": _renew,

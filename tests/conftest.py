@@ -1,0 +1,183 @@
+"""Shared builders: vendor keys, entitlements, configs, and a wire client."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from floatd.config import Config, load_config
+from floatd.entitlement import (
+    format_public_key,
+    product_payload,
+    server_fingerprint,
+    sign_entitlement,
+)
+from floatd.pool import Lease
+from floatd.protocol.codec import FrameDecoder, encode_frame
+from floatd.store import Change, DeleteLease, PutLease, SetExpiry
+
+BASE = 1_800_000_000.0  # a fixed "now" for sans-IO tests
+MACHINE_ID = "0123456789abcdef0123456789abcdef"
+SERVER_ID = server_fingerprint(MACHINE_ID)
+
+
+def product(code: str = "app", **overrides: Any) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "lease_duration": 60,
+        "metadata": {"tier": "gold"},
+        "features": {"export": True},
+        **overrides,
+    }
+    return product_payload(
+        code, fields.pop("name", f"{code} product"), fields.pop("seats", 2), **fields
+    )
+
+
+def payload(products: Sequence[dict[str, Any]] | None = None, **overrides: Any) -> dict[str, Any]:
+    p: dict[str, Any] = {
+        "v": 1,
+        "id": "ent-" + secrets.token_hex(4),
+        "license": "lic-1",
+        "customer": "ACME",
+        "server": SERVER_ID,
+        "issued_at": int(BASE) - 3600,
+        "not_before": None,
+        "not_after": None,
+        "refresh_by": None,
+        "nonce": None,
+        "products": list(products) if products is not None else [product()],
+    }
+    p.update(overrides)
+    return p
+
+
+@pytest.fixture
+def vendor_key() -> Ed25519PrivateKey:
+    return Ed25519PrivateKey.generate()
+
+
+def sign(key: Ed25519PrivateKey, **overrides: Any) -> str:
+    return sign_entitlement(key, payload(**overrides))
+
+
+def write_config(tmp_path: Path, key: Ed25519PrivateKey, **extra: Any) -> Path:
+    """A config file for a test server rooted in tmp_path."""
+    (tmp_path / "machine-id").write_text(MACHINE_ID + "\n")
+    sections: dict[str, dict[str, Any]] = {
+        "server": {"listen": ["127.0.0.1:0"], "machine_id_file": str(tmp_path / "machine-id")},
+        "status": {"listen": ""},
+        "admin": {"socket": str(tmp_path / "admin.sock")},
+        "state": {"dir": str(tmp_path / "state")},
+        "entitlement": {"vendor_keys": [format_public_key(key.public_key())]},
+        "log": {"format": "json", "level": "debug"},
+    }
+    for dotted, value in extra.items():
+        section, _, name = dotted.partition("__")
+        sections.setdefault(section, {})[name] = value
+    lines = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        for name, value in values.items():
+            lines.append(f"{name} = {_toml(value)}")
+    path = tmp_path / "floatd.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def make_config(tmp_path: Path, key: Ed25519PrivateKey, **extra: Any) -> Config:
+    return load_config(write_config(tmp_path, key, **extra), env={})
+
+
+class MemoryStore:
+    """The LeaseStore interface in memory, recording every committed batch."""
+
+    def __init__(self) -> None:
+        self.leases: dict[str, Lease] = {}
+        self.batches: list[list[Change]] = []
+        self.fail = False
+
+    def load_leases(self) -> list[Lease]:
+        return list(self.leases.values())
+
+    def apply(self, changes: Sequence[Change]) -> None:
+        from floatd.errors import StoreError
+
+        if self.fail:
+            raise StoreError("disk full (simulated)")
+        self.batches.append(list(changes))
+        for change in changes:
+            if isinstance(change, PutLease):
+                self.leases[change.lease.id] = change.lease
+            elif isinstance(change, SetExpiry):
+                self.leases[change.lease_id].expires_at = change.expires_at
+            elif isinstance(change, DeleteLease):
+                self.leases.pop(change.lease_id, None)
+
+    def close(self) -> None:
+        pass
+
+
+async def inline_run_sync(fn: Any, *args: Any, limiter: Any = None) -> Any:
+    """Stand-in for trio.to_thread.run_sync that keeps MockClock deterministic."""
+    await trio.lowlevel.checkpoint()
+    return fn(*args)
+
+
+class WireClient:
+    """Speaks frames over any trio stream (memory or TCP)."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.decoder = FrameDecoder()
+        self.next_id = 0
+
+    async def send(self, op: str, **fields: Any) -> int:
+        self.next_id += 1
+        await self.stream.send_all(encode_frame({"op": op, "id": self.next_id, **fields}))
+        return self.next_id
+
+    async def send_raw(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def recv(self) -> dict[str, Any]:
+        while (frame := self.decoder.next_frame()) is None:
+            data = await self.stream.receive_some(70000)
+            if not data:
+                raise EOFError("server closed the connection")
+            self.decoder.feed(data)
+        return frame
+
+    async def closed(self) -> bool:
+        """True once the server has closed its side (reads EOF)."""
+        try:
+            return await self.stream.receive_some(70000) == b""
+        except trio.BrokenResourceError:
+            return True
+
+    async def request(self, op: str, **fields: Any) -> dict[str, Any]:
+        await self.send(op, **fields)
+        return await self.recv()
+
+    async def hello(self, **fields: Any) -> dict[str, Any]:
+        return await self.request("hello", versions=[1], client="test/1", **fields)
+
+    async def acquire(
+        self, product: str = "app", fingerprint: str = "machine-0001", **fields: Any
+    ) -> dict[str, Any]:
+        return await self.request("acquire", product=product, fingerprint=fingerprint, **fields)

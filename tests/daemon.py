@@ -1,0 +1,84 @@
+"""Run the real ``floatd serve`` as a child process, for integration tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+START_TIMEOUT = 20.0
+
+
+class Daemon:
+    def __init__(self, config: Path, log: Path) -> None:
+        self.config = config
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+        self._log_offset = 0
+
+    def start(self, port: int = 0) -> int:
+        """Start and wait (bounded) for the ``listening`` event; returns the port."""
+        with open(self.log, "ab") as out:
+            self._log_offset = out.tell()
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "floatd",
+                    "serve",
+                    "--config",
+                    str(self.config),
+                    "--listen",
+                    f"127.0.0.1:{port}",
+                    "--log-format",
+                    "json",
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "FLOATD_CONFIG": ""},
+            )
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            for event in self.events():
+                if event.get("event") == "listening":
+                    self.port = int(event["addresses"][0].rsplit(":", 1)[1])
+                    return self.port
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"floatd exited with {self.proc.returncode}: {self.output()}")
+            time.sleep(0.05)
+        self.kill9()
+        raise RuntimeError(f"floatd did not start in {START_TIMEOUT}s: {self.output()}")
+
+    def output(self) -> str:
+        return self.log.read_bytes()[self._log_offset :].decode(errors="replace")
+
+    def events(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.output().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
+
+    def terminate(self, timeout: float = 10.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill9(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def __enter__(self) -> Daemon:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill9()

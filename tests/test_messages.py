@@ -1,0 +1,153 @@
+"""Request validation: every field's type and bound, per the contract."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from floatd.errors import BadRequest, FloatdError, UnknownOp
+from floatd.protocol.messages import (
+    Acquire,
+    Hello,
+    Info,
+    Ping,
+    Release,
+    Renew,
+    parse_request,
+    request_id,
+)
+
+GOOD_ACQUIRE = {"op": "acquire", "id": 1, "product": "app", "fingerprint": "abcdefgh"}
+
+
+def test_parses_each_op() -> None:
+    assert parse_request({"op": "hello", "id": 0, "versions": [1], "client": "x/1"}) == Hello(
+        0, (1,), "x/1", None
+    )
+    assert isinstance(parse_request(GOOD_ACQUIRE), Acquire)
+    assert parse_request({"op": "renew", "id": 2, "lease": "l", "token": "t"}) == Renew(2, "l", "t")
+    assert parse_request({"op": "release", "id": 3, "lease": "l", "token": "t"}) == Release(
+        3, "l", "t"
+    )
+    assert parse_request({"op": "info", "id": 4, "product": "p"}) == Info(4, "p")
+    assert parse_request({"op": "ping", "id": 2**63 - 1}) == Ping(2**63 - 1)
+
+
+def test_unknown_fields_are_ignored() -> None:
+    req = parse_request({**GOOD_ACQUIRE, "future_field": [1, 2], "x": None})
+    assert isinstance(req, Acquire) and req.product == "app"
+
+
+def test_unknown_op() -> None:
+    with pytest.raises(UnknownOp):
+        parse_request({"op": "borrow", "id": 1})
+
+
+@pytest.mark.parametrize("rid", [None, -1, 2**63, 1.0, True, "1"])
+def test_bad_id(rid: Any) -> None:
+    obj = {"op": "ping", "id": rid}
+    assert request_id(obj) is None
+    with pytest.raises(BadRequest):
+        parse_request(obj)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"product": None},
+        {"product": ""},
+        {"product": 5},
+        {"fingerprint": "short"},  # < 8 chars
+        {"fingerprint": "x" * 129},
+        {"instance": ""},
+        {"instance": "x" * 129},
+        {"user": "u" * 257},
+        {"hostname": "h" * 257},
+        {"meta": "not a map"},
+        {"meta": {f"k{i}": "v" for i in range(17)}},
+        {"meta": {"k" * 65: "v"}},
+        {"meta": {"k": "v" * 1025}},
+        {"meta": {"k": 1}},
+        {"wait": -1},
+        {"wait": 3600.5},
+        {"wait": float("nan")},
+        {"wait": float("inf")},
+        {"wait": "5"},
+        {"wait": True},
+        {"password": 123},
+    ],
+)
+def test_acquire_bad_fields(change: dict[str, Any]) -> None:
+    with pytest.raises(BadRequest):
+        parse_request({**GOOD_ACQUIRE, **change})
+
+
+def test_acquire_bounds_accepted() -> None:
+    req = parse_request(
+        {
+            **GOOD_ACQUIRE,
+            "fingerprint": "x" * 128,
+            "instance": "i" * 128,
+            "user": "u" * 256,
+            "meta": {f"k{i}": "v" * 1024 for i in range(16)},
+            "wait": 3600,
+        }
+    )
+    assert isinstance(req, Acquire) and req.wait == 3600.0
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        {"op": "hello", "id": 1, "client": "x"},  # versions missing
+        {"op": "hello", "id": 1, "versions": [], "client": "x"},
+        {"op": "hello", "id": 1, "versions": ["1"], "client": "x"},
+        {"op": "hello", "id": 1, "versions": [1]},  # client missing
+        {"op": "hello", "id": 1, "versions": [1], "client": "c" * 129},
+        {"op": "renew", "id": 1, "lease": "l"},
+        {"op": "release", "id": 1, "token": "t"},
+        {"op": "info", "id": 1},
+        {"id": 1},
+        {"op": 5, "id": 1},
+    ],
+)
+def test_other_bad_requests(obj: dict[str, Any]) -> None:
+    with pytest.raises(BadRequest):
+        parse_request(obj)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(
+            [
+                "op",
+                "id",
+                "product",
+                "fingerprint",
+                "wait",
+                "meta",
+                "lease",
+                "token",
+                "versions",
+                "client",
+                "instance",
+            ]
+        ),
+        st.none()
+        | st.integers()
+        | st.floats()
+        | st.text(max_size=200)
+        | st.booleans()
+        | st.lists(st.integers(), max_size=3)
+        | st.dictionaries(st.text(max_size=3), st.text(max_size=3)),
+    )
+)
+def test_arbitrary_maps_never_raise_anything_but_protocol_errors(obj: dict[str, Any]) -> None:
+    try:
+        parse_request(obj)
+    except FloatdError as exc:
+        assert exc.code in ("BAD_REQUEST", "UNKNOWN_OP")
