@@ -50,6 +50,7 @@ class GroupCommitter:
         self._closing = False
         self.commits = 0
         self.changes_committed = 0
+        self.apply_seconds = 0.0
 
     def submit(self, changes: Sequence[Change]) -> Batch:
         """Queue changes for the next commit; await ``.wait()`` for durability."""
@@ -74,6 +75,7 @@ class GroupCommitter:
                 return
 
     async def _commit(self, batch: Batch) -> None:
+        started = trio.current_time()
         try:
             with trio.CancelScope(shield=True):  # a half-applied batch helps nobody
                 await self._run_sync(self._store.apply, batch.changes, limiter=self._limiter)
@@ -83,6 +85,7 @@ class GroupCommitter:
             batch.error = StoreError(f"state write failed: {exc!r}")
         self.commits += 1
         self.changes_committed += len(batch.changes)
+        self.apply_seconds += trio.current_time() - started
         batch.done.set()
 
     def close(self) -> None:

@@ -192,7 +192,14 @@ class Server:
                     conns.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE
                 background.cancel_scope.cancel()
             self.committer.close()
-        log.info("stopped", leases=len(self.service.pool))
+        c = self.committer
+        log.info(
+            "stopped",
+            leases=len(self.service.pool),
+            commits=c.commits,
+            changes_committed=c.changes_committed,
+            commit_seconds=round(c.apply_seconds, 3),
+        )
 
     def stop(self) -> None:
         """Begin a graceful shutdown: stop accepting, answer what is in flight, flush."""
@@ -300,12 +307,21 @@ class Server:
 
 
 class _Connection:
+    """One client connection.
+
+    The common case costs one task: the reader drains every request already
+    buffered, applies them (their changes land in one batch), waits for that
+    batch, and sends all the answers with a single write.  Only while an acquire
+    is queued for a seat (``wait``) do answers go through the writer task, so a
+    slow answer never blocks reading and order is still kept.
+    """
+
     def __init__(self, server: Server, stream: trio.abc.Stream, peer: str | None) -> None:
         self.server = server
         self.stream = stream
         self.peer = peer
         self.proto = ServerConnection(server.config.client_tokens)
-        self.outstanding = 0
+        self.queued = 0  # slots handed to the writer and not yet delivered
         self._read_scope: trio.CancelScope | None = None
         self._stop_reading = False
 
@@ -327,22 +343,37 @@ class _Connection:
                 nursery.cancel_scope.cancel()
 
     async def _reader(self, send: trio.MemorySendChannel[_Slot]) -> bool:
-        """Read and apply requests; True when the client hung up or timed out."""
+        """Read, apply and answer requests; True when the client hung up or timed out."""
         proto = self.proto
         hello_deadline = trio.current_time() + HELLO_TIMEOUT
         idle = self.server.config.idle_timeout
         while True:
-            while (event := proto.next_event()) is not None:
-                slot = self._dispatch(event)
-                self.outstanding += 1
-                await send.send(slot)
-                if slot.close:
+            slots: list[_Slot] = []
+            while len(slots) < MAX_PIPELINE and (event := proto.next_event()) is not None:
+                slots.append(self._dispatch(event))
+                if slots[-1].close:
+                    break
+            if slots:
+                if self.queued or any(slot.waiter is not None for slot in slots):
+                    for i, slot in enumerate(slots):
+                        self.queued += 1
+                        try:
+                            await send.send(slot)
+                        except trio.BrokenResourceError:  # the writer found the client gone
+                            for rest in slots[i:]:
+                                self._abandon(rest)
+                            return True
+                elif not await self._deliver(slots):
+                    return True
+                if slots[-1].close:
                     return False
+                continue  # more may be buffered already
             if self._stop_reading:
                 return False
-            timeout = idle if proto.greeted else hello_deadline - trio.current_time()
+            deadline = trio.current_time() + idle if proto.greeted else hello_deadline
             data: bytes | bytearray = b""
-            with trio.CancelScope() as self._read_scope, trio.move_on_after(timeout) as timer:
+            with trio.move_on_at(deadline) as scope:
+                self._read_scope = scope
                 try:
                     data = await self.stream.receive_some(MAX_FRAME + 4)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -350,8 +381,8 @@ class _Connection:
             self._read_scope = None
             if self._stop_reading:
                 return False
-            if timer.cancelled_caught:
-                if proto.greeted and self.outstanding:
+            if scope.cancelled_caught:
+                if proto.greeted and self.queued:
                     continue  # a queued acquire is not idleness
                 return True
             if not data:
@@ -395,6 +426,31 @@ class _Connection:
                 return _internal(slot.response.get("id"))
         return slot.response
 
+    async def _deliver(self, slots: list[_Slot]) -> bool:
+        """Answer ``slots`` in order with one write; False if the client is gone.
+
+        Whatever is not delivered (client gone, or cancelled at shutdown) is
+        abandoned: no waiter stays queued and no seat stays held for it.
+        """
+        frames = []
+        pending = list(slots)
+        try:
+            for slot in slots:
+                response = await self._resolve(slot)
+                try:
+                    frames.append(encode_frame(response))
+                except ValueError:
+                    error = InternalError("response too large").to_wire()
+                    frames.append(encode_frame(failure(response.get("id"), error)))
+            await self.stream.send_all(b"".join(frames))
+            pending = []
+            return True
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+        finally:
+            for slot in pending:
+                self._abandon(slot)
+
     def _give_back(self, lease_id: str) -> None:
         server = self.server
         if server.service.pool.lease(lease_id) is not None:
@@ -411,27 +467,14 @@ class _Connection:
             self._give_back(slot.granted)
 
     async def _writer(self, recv: trio.MemoryReceiveChannel[_Slot]) -> None:
-        current: _Slot | None = None
+        """Delivers the slots the reader queued while a seat wait was pending."""
         try:
             async for slot in recv:
-                current = slot
-                response = await self._resolve(slot)
-                try:
-                    frame = encode_frame(response)
-                except ValueError:
-                    frame = encode_frame(
-                        failure(response.get("id"), InternalError("response too large").to_wire())
-                    )
-                await self.stream.send_all(frame)
-                current = None
-                self.outstanding -= 1
-                if slot.close:
+                delivered = await self._deliver([slot])
+                self.queued -= 1
+                if not delivered or slot.close:
                     return
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the client is gone; the finally clause cleans up after it
         finally:
-            if current is not None:
-                self._abandon(current)
             while True:
                 try:
                     self._abandon(recv.receive_nowait())

@@ -1,0 +1,322 @@
+"""Throughput of acquire and renew at 64 connections, next to a bare trio baseline.
+
+    python3 bench/throughput.py [--seconds 5] [--connections 64]
+
+Both servers run as separate processes on loopback and are measured in the same
+run by the same load generator: 64 connections, each with one request in flight
+(closed loop).  The baseline is a bare trio server that decodes each frame with
+floatd's codec and answers it at once; floatd is the real ``floatd serve`` with
+its durable SQLite store (every acquire and renew committed before its answer)
+and the default log level.  Figures are requests per second; the ratio is
+floatd / baseline.  Targets (issue #2): renew >= 0.6, durable acquire >= 0.4.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import selectors
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "src"))
+
+from floatd.protocol.codec import encode_frame  # noqa: E402
+
+TARGETS = {"renew": 0.6, "acquire": 0.4}
+
+
+# --- the baseline server ----------------------------------------------------------
+
+
+def baseline_server(port_file: str) -> None:
+    import trio
+
+    from floatd.protocol.codec import FrameDecoder
+
+    async def handle(stream: trio.SocketStream) -> None:
+        decoder = FrameDecoder()
+        try:
+            while data := await stream.receive_some(65540):
+                decoder.feed(data)
+                while (frame := decoder.next_frame()) is not None:
+                    await stream.send_all(
+                        encode_frame(
+                            {
+                                "id": frame.get("id"),
+                                "ok": True,
+                                "expires_in": 60.0,
+                                "renew_in": 30.0,
+                            }
+                        )
+                    )
+        except trio.BrokenResourceError:
+            pass
+
+    async def main() -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        Path(port_file).write_text(str(listeners[0].socket.getsockname()[1]))
+        await trio.serve_listeners(handle, listeners)
+
+    trio.run(main)
+
+
+# --- the load generator -------------------------------------------------------------
+
+
+class Conn:
+    __slots__ = ("buf", "n", "next_frame", "sock")
+
+    def __init__(self, port: int, index: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = b""
+        self.n = index * 10_000_000
+        self.next_frame = b""
+
+    def call(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """Blocking request/response, for set-up."""
+        self.sock.sendall(encode_frame(msg))
+        while True:
+            if len(self.buf) >= 4:
+                size = int.from_bytes(self.buf[:4], "big")
+                if len(self.buf) >= 4 + size:
+                    body, self.buf = self.buf[4 : 4 + size], self.buf[4 + size :]
+                    return dict(msgpack.unpackb(body))
+            self.buf += self.sock.recv(65536)
+
+
+def run_load(conns: list[Conn], make_frame: Any, seconds: float) -> tuple[float, int]:
+    """Closed loop: each connection sends its next request when the last is answered.
+    Returns (requests per second, failures) over ``seconds`` after a short warm-up."""
+    sel = selectors.DefaultSelector()
+    for c in conns:
+        c.sock.setblocking(False)
+        sel.register(c.sock, selectors.EVENT_READ, c)
+        c.sock.send(make_frame(c))
+    done = failures = 0
+    warm_until = time.perf_counter() + 0.5
+    start = end = 0.0
+    measuring = False
+    while True:
+        now = time.perf_counter()
+        if not measuring and now >= warm_until:
+            measuring, start, done, failures = True, now, 0, 0
+            end = start + seconds
+        if measuring and now >= end:
+            break
+        for key, _ in sel.select(0.5):
+            c = key.data
+            c.buf += c.sock.recv(65536)
+            while len(c.buf) >= 4:
+                size = int.from_bytes(c.buf[:4], "big")
+                if len(c.buf) < 4 + size:
+                    break
+                body, c.buf = c.buf[4 : 4 + size], c.buf[4 + size :]
+                if not msgpack.unpackb(body).get("ok"):
+                    failures += 1
+                done += 1
+                c.sock.send(make_frame(c))
+    elapsed = time.perf_counter() - start
+    # Drain the one request each connection still has in flight.
+    for c in conns:
+        sel.unregister(c.sock)
+        c.sock.setblocking(True)
+        c.sock.settimeout(10)
+        while True:
+            if len(c.buf) >= 4 and len(c.buf) >= 4 + int.from_bytes(c.buf[:4], "big"):
+                c.buf = c.buf[4 + int.from_bytes(c.buf[:4], "big") :]
+                break
+            c.buf += c.sock.recv(65536)
+    return done / elapsed, failures
+
+
+def acquire_frame(c: Conn) -> bytes:
+    c.n += 1
+    return encode_frame(
+        {
+            "op": "acquire",
+            "id": c.n,
+            "product": "bench",
+            "fingerprint": "bench-machine-0001",
+            "instance": f"i{c.n}",
+        }
+    )
+
+
+def connect(port: int, count: int) -> list[Conn]:
+    conns = [Conn(port, i) for i in range(count)]
+    for c in conns:
+        assert c.call({"op": "hello", "id": 0, "versions": [1], "client": "bench/1"})["ok"]
+    return conns
+
+
+def measure(port: int, count: int, seconds: float) -> dict[str, tuple[float, int]]:
+    results = {}
+    conns = connect(port, count)
+    results["acquire"] = run_load(conns, acquire_frame, seconds)
+    for c in conns:
+        c.sock.close()
+    conns = connect(port, count)
+    for c in conns:
+        got = c.call(
+            {
+                "op": "acquire",
+                "id": 1,
+                "product": "bench",
+                "fingerprint": "bench-machine-0002",
+                "instance": f"r{id(c)}",
+            }
+        )
+        c.next_frame = encode_frame(
+            {"op": "renew", "id": 2, "lease": got.get("lease", "x"), "token": got.get("token", "x")}
+        )
+    results["renew"] = run_load(conns, lambda c: c.next_frame, seconds)
+    for c in conns:
+        c.sock.close()
+    return results
+
+
+# --- orchestration ------------------------------------------------------------------
+
+
+def wait_for(predicate: Any, what: str, timeout: float = 20.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise SystemExit(f"timed out waiting for {what}")
+
+
+def start_baseline(tmp: Path) -> tuple[subprocess.Popen[bytes], int]:
+    port_file = tmp / "baseline.port"
+    proc = subprocess.Popen([sys.executable, __file__, "--baseline-server", str(port_file)])
+    port = wait_for(lambda: port_file.exists() and port_file.read_text(), "the baseline server")
+    return proc, int(port)
+
+
+def start_floatd(tmp: Path) -> tuple[subprocess.Popen[bytes], int]:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from floatd.entitlement import (
+        format_public_key,
+        product_payload,
+        server_fingerprint,
+        sign_entitlement,
+    )
+
+    key = Ed25519PrivateKey.generate()
+    (tmp / "machine-id").write_text("bench-machine-id\n")
+    (tmp / "state").mkdir()
+    (tmp / "floatd.toml").write_text(
+        f'[server]\nlisten = ["127.0.0.1:0"]\nmachine_id_file = "{tmp / "machine-id"}"\n'
+        f'[status]\nlisten = ""\n[state]\ndir = "{tmp / "state"}"\n'
+        f'[entitlement]\nvendor_keys = ["{format_public_key(key.public_key())}"]\n'
+    )
+    payload = {
+        "v": 1,
+        "id": "bench",
+        "license": "bench",
+        "customer": None,
+        "server": server_fingerprint("bench-machine-id"),
+        "issued_at": int(time.time()) - 60,
+        "not_before": None,
+        "not_after": None,
+        "refresh_by": None,
+        "nonce": None,
+        "products": [
+            product_payload("bench", "bench", 0, lease_duration=3600, strategy="per-instance")
+        ],
+    }
+    (tmp / "state" / "entitlement.txt").write_text(sign_entitlement(key, payload))
+    log = tmp / "floatd.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "floatd", "serve", "--config", str(tmp / "floatd.toml")],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+        )
+
+    def port() -> int | None:
+        for line in log.read_text().splitlines():
+            if '"listening"' in line:
+                return int(json.loads(line)["addresses"][0].rsplit(":", 1)[1])
+        return None
+
+    return proc, wait_for(port, "floatd to listen")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--baseline-server", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.baseline_server:
+        baseline_server(args.baseline_server)
+        return
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        proc, port = start_baseline(tmp)
+        try:
+            base = measure(port, args.connections, args.seconds)
+        finally:
+            proc.terminate()
+            proc.wait(10)
+        proc, port = start_floatd(tmp)
+        try:
+            ours = measure(port, args.connections, args.seconds)
+        finally:
+            proc.terminate()
+            proc.wait(10)
+        stats = [
+            line for line in (tmp / "floatd.log").read_text().splitlines() if '"stopped"' in line
+        ]
+        if stats and not args.json:
+            s = json.loads(stats[-1])
+            print(
+                f"floatd group commit: {s['commits']} commits of {s['changes_committed']} changes "
+                f"(mean batch {s['changes_committed'] / max(1, s['commits']):.1f}), "
+                f"{1000 * s['commit_seconds'] / max(1, s['commits']):.2f} ms per commit"
+            )
+    rows = []
+    for op in ("acquire", "renew"):
+        ratio = ours[op][0] / base[op][0]
+        rows.append(
+            {
+                "op": op,
+                "baseline_per_s": round(base[op][0]),
+                "floatd_per_s": round(ours[op][0]),
+                "ratio": round(ratio, 3),
+                "target": TARGETS[op],
+                "met": ratio >= TARGETS[op],
+                "failures": ours[op][1],
+            }
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    print(f"{args.connections} connections, {args.seconds:g} s per phase, {os.cpu_count()} cores")
+    print(f"{'op':<9}{'baseline/s':>12}{'floatd/s':>12}{'ratio':>8}{'target':>8}  met  failures")
+    for r in rows:
+        print(
+            f"{r['op']:<9}{r['baseline_per_s']:>12}{r['floatd_per_s']:>12}{r['ratio']:>8.3f}"
+            f"{r['target']:>8}  {'yes' if r['met'] else 'NO ':<4} {r['failures']}"
+        )
+
+
+if __name__ == "__main__":
+    main()
