@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +21,7 @@ from floatd.entitlement import (
 )
 from floatd.pool import Lease
 from floatd.protocol.codec import FrameDecoder, encode_frame
-from floatd.store import Change, DeleteLease, PutLease, SetExpiry
+from floatd.store import Change, DeleteLease, PutLease, SetExpiry, SetMeta
 
 BASE = 1_800_000_000.0  # a fixed "now" for sans-IO tests
 MACHINE_ID = "0123456789abcdef0123456789abcdef"
@@ -109,25 +110,35 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self.leases: dict[str, Lease] = {}
+        self.meta: dict[str, str] = {}
         self.batches: list[list[Change]] = []
         self.fail = False
+        # Frozen: writes are silently lost, as if the process had died just now.
+        self.frozen = False
 
     def load_leases(self) -> list[Lease]:
-        return list(self.leases.values())
+        return [dataclasses.replace(lease) for lease in self.leases.values()]
+
+    def load_meta(self) -> dict[str, str]:
+        return dict(self.meta)
 
     def apply(self, changes: Sequence[Change]) -> None:
         from floatd.errors import StoreError
 
         if self.fail:
             raise StoreError("disk full (simulated)")
+        if self.frozen:
+            return
         self.batches.append(list(changes))
         for change in changes:
             if isinstance(change, PutLease):
-                self.leases[change.lease.id] = change.lease
+                self.leases[change.lease.id] = dataclasses.replace(change.lease)
             elif isinstance(change, SetExpiry):
                 self.leases[change.lease_id].expires_at = change.expires_at
             elif isinstance(change, DeleteLease):
                 self.leases.pop(change.lease_id, None)
+            elif isinstance(change, SetMeta):
+                self.meta[change.key] = change.value
 
     def close(self) -> None:
         pass

@@ -56,6 +56,7 @@ async def serving(
     key: Ed25519PrivateKey,
     entitlement: str | None = None,
     store: MemoryStore | None = None,
+    run_sync: Any = inline_run_sync,
     **config: Any,
 ) -> AsyncIterator[Harness]:
     cfg = make_config(tmp_path, key, **config)
@@ -63,7 +64,7 @@ async def serving(
         atomic_write(cfg.entitlement_path, entitlement)
     store = store or MemoryStore()
     server = Server(
-        cfg, store, SERVER_ID, clock=lambda: BASE + trio.current_time(), run_sync=inline_run_sync
+        cfg, store, SERVER_ID, clock=lambda: BASE + trio.current_time(), run_sync=run_sync
     )
     server.load_state()
     async with trio.open_nursery() as nursery:
@@ -554,3 +555,85 @@ async def test_graceful_stop_answers_in_flight(
         got = await c.recv()
         assert got["ok"] and got["lease"] in h.store.leases
         assert await c.closed()
+
+
+class Gate:
+    """A run_sync stand-in whose commits wait until the gate is open."""
+
+    def __init__(self) -> None:
+        self.open = trio.Event()
+        self.open.set()
+
+    def close(self) -> None:
+        if self.open.is_set():
+            self.open = trio.Event()
+
+    async def __call__(self, fn: Any, *args: Any, limiter: Any = None) -> Any:
+        await self.open.wait()
+        return fn(*args)
+
+
+async def test_renew_is_answered_before_its_commit(
+    tmp_path: Path, vendor_key: Ed25519PrivateKey, ent: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    gate = Gate()
+    async with serving(tmp_path, vendor_key, ent, run_sync=gate) as h:
+        c = await h.connect()
+        got = await c.acquire("solo", "machine-1")
+        await trio.sleep(2)
+        gate.close()
+        await trio.sleep(1)  # a heartbeat commit is now stuck behind the gate
+        renewed = await c.request("renew", lease=got["lease"], token=got["token"])
+        assert renewed["ok"] and renewed["expires_in"] == 60
+        assert h.store.leases[got["lease"]].expires_at == BASE + 60  # not on disk yet
+        gate.open.set()
+        await trio.sleep(0.5)
+        assert h.store.leases[got["lease"]].expires_at == BASE + 3 + 60
+
+
+async def test_renew_waits_for_its_commit_when_the_writer_is_stalled(
+    tmp_path: Path, vendor_key: Ed25519PrivateKey, ent: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    gate = Gate()
+    async with serving(tmp_path, vendor_key, ent, run_sync=gate) as h:
+        c = await h.connect()
+        got = await c.acquire("solo", "machine-1")
+        gate.close()
+        stalled_at = trio.current_time()
+        await trio.sleep(10)  # the writer's last commit is now > 5 s old
+
+        async def reopen() -> None:
+            await trio.sleep(20)
+            gate.open.set()
+
+        h.nursery.start_soon(reopen)
+        renewed = await c.request("renew", lease=got["lease"], token=got["token"])
+        assert renewed["ok"]
+        assert trio.current_time() - stalled_at == pytest.approx(30, abs=0.01)
+
+
+async def test_crash_keeps_lazily_renewed_leases(
+    tmp_path: Path, vendor_key: Ed25519PrivateKey, ent: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    store = MemoryStore()
+    async with serving(tmp_path, vendor_key, ent, store=store) as h:
+        c = await h.connect()
+        kept = await c.acquire("app", "machine-1")
+        abandoned = await c.acquire("app", "machine-2")
+        await trio.sleep(50)
+        store.frozen = True  # the process "dies" now: nothing more reaches the disk
+        assert (await c.request("renew", lease=kept["lease"], token=kept["token"]))["ok"]
+    assert store.meta["clean"] == "0"  # the clean-stop marker never made it
+    assert store.leases[kept["lease"]].expires_at == BASE + 60  # nor did the renewal
+    store.frozen = False
+    await trio.sleep(20)  # down until t=70: past the lease's expiry on disk (60)
+    async with serving(tmp_path, vendor_key, ent, store=store) as h:
+        c = await h.connect()
+        # Acknowledged at t=50, so good until t=110: still renewable.
+        assert (await c.request("renew", lease=kept["lease"], token=kept["token"]))["ok"]
+        # The client that stopped renewing keeps its seat until the bound only:
+        # last commit (t>=49) + 5 s window + 60 s duration.
+        assert (await c.request("info", product="app"))["used"] == 2
+        await trio.sleep(49 + 5 + 60 - 70 + 1)
+        gone = await c.request("renew", lease=abandoned["lease"], token=abandoned["token"])
+        assert gone["error"]["code"] == "LEASE_NOT_FOUND"

@@ -7,17 +7,33 @@ next batch fills up.  Under load a batch holds every request that arrived during
 the previous commit, which is what lets durability cost little throughput.
 Changes are applied strictly in submission order, so the disk always holds a
 prefix of the in-memory history, and that prefix never has more seats than the cap.
+
+Every commit also records when its batch was cut (``last_cut``), and an idle
+writer commits that alone once a second.  Renewals may then be answered before
+their commit while the writer is *fresh* (its last commit was cut within
+``lazy_window`` seconds): a crash can only lose renewals made before
+``last_cut + lazy_window``, a bound recovery can rely on
+(:func:`floatd.store.extend_after_crash`).  The final flush of a clean stop
+writes ``clean = 1`` so that a clean restart extends nothing.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import trio
 
 from floatd.errors import StoreError
-from floatd.store import Change, LeaseStore
+from floatd.store import Change, LeaseStore, SetMeta
+
+RunSync = Callable[..., Awaitable[Any]]
+
+HEARTBEAT = 1.0
+LAZY_WINDOW = 5.0
+META_LAST_CUT = "last_cut"
+META_CLEAN = "clean"
 
 
 class Batch:
@@ -36,18 +52,22 @@ class Batch:
             raise self.error
 
 
-RunSync = Callable[..., Awaitable[Any]]
-
-
 class GroupCommitter:
-    def __init__(self, store: LeaseStore, run_sync: RunSync = trio.to_thread.run_sync) -> None:
+    def __init__(
+        self,
+        store: LeaseStore,
+        run_sync: RunSync = trio.to_thread.run_sync,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._store = store
         # Injectable so MockClock tests can apply inline instead of in a thread.
         self._run_sync = run_sync
+        self._clock = clock
         self._limiter = trio.CapacityLimiter(1)
         self._pending = Batch()
         self._wakeup = trio.Event()
         self._closing = False
+        self.last_cut = clock()  # the caller has just made the store consistent
         self.commits = 0
         self.changes_committed = 0
         self.apply_seconds = 0.0
@@ -59,22 +79,28 @@ class GroupCommitter:
         self._wakeup.set()
         return batch
 
+    def fresh(self) -> bool:
+        """Whether a renewal may be answered before its commit (see module doc)."""
+        return self._clock() - self.last_cut <= LAZY_WINDOW
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The writer loop.  Returns once :meth:`close` was called and all is flushed."""
         task_status.started()
         while True:
-            await self._wakeup.wait()
+            with trio.move_on_after(HEARTBEAT):
+                await self._wakeup.wait()
             self._wakeup = trio.Event()
             batch, self._pending = self._pending, Batch()
-            if batch.changes:
-                await self._commit(batch)
-            else:
-                batch.done.set()
-            if self._closing and not self._pending.changes:
-                self._pending.done.set()
+            closing = self._closing
+            cut = self._clock()
+            batch.changes.append(SetMeta(META_LAST_CUT, repr(cut)))
+            if closing:
+                batch.changes.append(SetMeta(META_CLEAN, "1"))
+            await self._commit(batch, cut)
+            if closing:
                 return
 
-    async def _commit(self, batch: Batch) -> None:
+    async def _commit(self, batch: Batch, cut: float) -> None:
         started = trio.current_time()
         try:
             with trio.CancelScope(shield=True):  # a half-applied batch helps nobody
@@ -83,12 +109,14 @@ class GroupCommitter:
             batch.error = exc
         except Exception as exc:  # an unexpected backend failure must not kill the writer
             batch.error = StoreError(f"state write failed: {exc!r}")
+        else:
+            self.last_cut = cut
         self.commits += 1
         self.changes_committed += len(batch.changes)
         self.apply_seconds += trio.current_time() - started
         batch.done.set()
 
     def close(self) -> None:
-        """Ask the writer to flush what is pending and stop."""
+        """Ask the writer to flush what is pending, mark the stop clean, and end."""
         self._closing = True
         self._wakeup.set()

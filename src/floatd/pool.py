@@ -290,6 +290,10 @@ class SeatPool:
             else:
                 return
 
+    def has_side_effects(self) -> bool:
+        """Whether expiries or served waiters wait to be taken."""
+        return bool(self._woken or self._expired)
+
     def take_woken(self) -> list[Waiter]:
         woken, self._woken = self._woken, []
         return woken

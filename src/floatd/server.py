@@ -13,6 +13,7 @@ client that pipelines faster than we answer stops being read.
 from __future__ import annotations
 
 import errno
+import heapq
 import math
 import time
 from collections.abc import Callable
@@ -21,17 +22,25 @@ from typing import Any
 
 import trio
 
-from floatd.committer import Batch, GroupCommitter, RunSync
+from floatd import logs
+from floatd.committer import (
+    LAZY_WINDOW,
+    META_CLEAN,
+    META_LAST_CUT,
+    Batch,
+    GroupCommitter,
+    RunSync,
+)
 from floatd.config import Config
 from floatd.entitlement import Entitlement, trusted_keys, verify_entitlement
 from floatd.errors import Busy, EntitlementError, FloatdError, InternalError
 from floatd.logs import event_logger, get_logger
-from floatd.pool import Waiter
+from floatd.pool import Lease, Waiter
 from floatd.protocol.codec import MAX_FRAME, FrameDecoder, encode_frame
 from floatd.protocol.connection import Refusal, ServerConnection
-from floatd.protocol.messages import Acquire, Hello, failure, request_id
+from floatd.protocol.messages import Acquire, Hello, Renew, failure, request_id
 from floatd.service import LeaseService
-from floatd.store import LeaseStore
+from floatd.store import Change, LeaseStore, SetExpiry, SetMeta, extend_after_crash
 
 HELLO_TIMEOUT = 10.0
 BUSY_WAIT = 2.0  # how long an over-limit connection may take to send its hello
@@ -75,11 +84,15 @@ class Server:
         self.service = LeaseService(server_id, config.default_duration, log=event_logger())
         self.store = store
         self._run_sync = run_sync
-        self.committer = GroupCommitter(store, run_sync)
+        self.committer = GroupCommitter(store, run_sync, clock)
         self.connections = 0
         self.ports: list[tuple[str, int]] = []
         self._keys = trusted_keys(config.vendor_keys)
         self._readers: set[_Connection] = set()
+        # Idle and hello deadlines of connections, checked lazily (see _reap).
+        self._deadlines: list[tuple[float, int, _Connection]] = []
+        self._deadline_seq = 0
+        self._reap_rearm = trio.Event()
         self._stop = trio.Event()
         self._stopping = False
         self._rearm = trio.Event()
@@ -94,10 +107,23 @@ class Server:
         """Blocking start-up work: entitlement and persisted leases."""
         now = self.clock()
         self._reload_entitlement(now, force=True)
-        dead = self.service.restore(self.store.load_leases(), now)
-        changes = self.service.take_changes()
-        if changes:
-            self.store.apply(changes)
+        meta = self.store.load_meta()
+        leases = self.store.load_leases()
+        extended: list[Lease] = []
+        if META_LAST_CUT in meta and meta.get(META_CLEAN) != "1":
+            extended = extend_after_crash(leases, float(meta[META_LAST_CUT]), LAZY_WINDOW)
+            log.warning(
+                "unclean_stop_recovered",
+                last_commit=float(meta[META_LAST_CUT]),
+                leases_extended=len(extended),
+            )
+        dead = self.service.restore(leases, now)
+        changes: list[Change] = [SetExpiry(le.id, le.expires_at) for le in extended]
+        changes += self.service.take_changes()
+        # From here until the final flush of a clean stop, a crash is unclean.
+        changes += [SetMeta(META_CLEAN, "0"), SetMeta(META_LAST_CUT, repr(now))]
+        self.store.apply(changes)
+        self.committer.last_cut = now
         log.info("state_restored", leases=len(self.service.pool), expired_while_down=len(dead))
 
     def _read_entitlement(self, now: float) -> Entitlement | None:
@@ -167,10 +193,11 @@ class Server:
         listeners = self._listeners
         async with trio.open_nursery() as core:
             await core.start(self.committer.run)
-            self._flush()  # deletions of leases that expired while we were down
             async with trio.open_nursery() as background:
                 background.start_soon(self._timer)
                 background.start_soon(self._watch_entitlement)
+                background.start_soon(self._flush_logs)
+                background.start_soon(self._reap)
                 async with trio.open_nursery() as conns:
                     self._conns = conns
                     async with trio.open_nursery() as accepting:
@@ -200,6 +227,7 @@ class Server:
             changes_committed=c.changes_committed,
             commit_seconds=round(c.apply_seconds, 3),
         )
+        logs.flush()
 
     def stop(self) -> None:
         """Begin a graceful shutdown: stop accepting, answer what is in flight, flush."""
@@ -212,16 +240,23 @@ class Server:
     def _flush(self) -> Batch | None:
         """Submit what the last service call changed and wake the waiters it served."""
         changes = self.service.take_changes()
+        woken = self.service.take_woken()
+        if not changes and not woken:
+            return None  # the common read-only case: nothing to do
         batch = self.committer.submit(changes) if changes else None
-        for waiter in self.service.take_woken():
+        for waiter in woken:
             slot = waiter.handle
             if isinstance(slot, _Slot) and slot.event is not None:
                 slot.batch = batch
                 slot.event.set()
+        self._check_deadline()
+        return batch
+
+    def _check_deadline(self) -> None:
+        """Wake the timer if the pool now has something due before it planned to look."""
         deadline = self.service.next_deadline()
         if deadline is not None and deadline < self._armed_for:
             self._rearm.set()
-        return batch
 
     async def _timer(self) -> None:
         """Expire leases and time out waiters when the pool says something is due."""
@@ -236,6 +271,37 @@ class Server:
             self._rearm = trio.Event()
             self.service.advance(self.clock())
             self._flush()
+
+    def _watch(self, conn: _Connection, deadline: float) -> None:
+        self._deadline_seq += 1
+        if not self._deadlines or deadline < self._deadlines[0][0]:
+            self._reap_rearm.set()
+        heapq.heappush(self._deadlines, (deadline, self._deadline_seq, conn))
+
+    async def _reap(self) -> None:
+        """Close connections past their hello or idle deadline.
+
+        A heap of deadlines, one entry per connection, re-armed when it comes due
+        and the connection turns out to have been active meanwhile.  Reading a
+        request then costs one timestamp, where a cancel scope around every read
+        cost more than the rest of a renew.
+        """
+        while True:
+            now = trio.current_time()
+            while self._deadlines and self._deadlines[0][0] <= now:
+                _, _, conn = heapq.heappop(self._deadlines)
+                later = conn.check_deadline(now)
+                if later is not None:
+                    self._watch(conn, later)
+            delay = self._deadlines[0][0] - now if self._deadlines else TIMER_MAX_SLEEP
+            with trio.move_on_after(min(delay, TIMER_MAX_SLEEP)):
+                await self._reap_rearm.wait()
+            self._reap_rearm = trio.Event()
+
+    async def _flush_logs(self) -> None:
+        while True:
+            await trio.sleep(logs.FLUSH_INTERVAL)
+            logs.flush()
 
     async def _watch_entitlement(self) -> None:
         """Pick up an entitlement installed by the CLI, without a restart."""
@@ -275,9 +341,11 @@ class Server:
         self.connections += 1
         conn = _Connection(self, stream, peer)
         self._readers.add(conn)
+        self._watch(conn, conn.hello_deadline)
         try:
             await conn.run()
         finally:
+            conn.done = True
             self._readers.discard(conn)
             self.connections -= 1
             await trio.aclose_forcefully(stream)
@@ -322,18 +390,45 @@ class _Connection:
         self.peer = peer
         self.proto = ServerConnection(server.config.client_tokens)
         self.queued = 0  # slots handed to the writer and not yet delivered
-        self._read_scope: trio.CancelScope | None = None
+        self.receiving = False  # blocked reading, owing nothing from the reader
+        self.done = False
+        now = trio.current_time()
+        self.hello_deadline = now + HELLO_TIMEOUT
+        self.last_active = now
+        self._scope: trio.CancelScope | None = None
         self._stop_reading = False
+
+    def check_deadline(self, now: float) -> float | None:
+        """Close the connection if its deadline passed; else when to look again."""
+        if self.done:
+            return None
+        if not self.proto.greeted:
+            if now < self.hello_deadline:
+                return self.hello_deadline
+            self._cancel()
+            return None
+        deadline = self.last_active + self.server.config.idle_timeout
+        if now < deadline:
+            return deadline
+        if self.receiving and not self.queued:
+            self._cancel()
+            return None
+        return now + self.server.config.idle_timeout  # busy, not idle: look again later
+
+    def _cancel(self) -> None:
+        if self._scope is not None:
+            self._scope.cancel()
 
     def stop_reading(self) -> None:
         """Shutdown: read nothing more, but answer what was already received."""
         self._stop_reading = True
-        if self._read_scope is not None:
-            self._read_scope.cancel()
+        if self.receiving and not self.queued:
+            self._cancel()  # nothing owed: just go
 
     async def run(self) -> None:
         send, recv = trio.open_memory_channel[_Slot](MAX_PIPELINE)
         async with trio.open_nursery() as nursery:
+            self._scope = nursery.cancel_scope
             nursery.start_soon(self._writer, recv)
             async with send:
                 hung_up = await self._reader(send)
@@ -343,10 +438,8 @@ class _Connection:
                 nursery.cancel_scope.cancel()
 
     async def _reader(self, send: trio.MemorySendChannel[_Slot]) -> bool:
-        """Read, apply and answer requests; True when the client hung up or timed out."""
+        """Read, apply and answer requests; True when the client hung up."""
         proto = self.proto
-        hello_deadline = trio.current_time() + HELLO_TIMEOUT
-        idle = self.server.config.idle_timeout
         while True:
             slots: list[_Slot] = []
             while len(slots) < MAX_PIPELINE and (event := proto.next_event()) is not None:
@@ -370,23 +463,18 @@ class _Connection:
                 continue  # more may be buffered already
             if self._stop_reading:
                 return False
-            deadline = trio.current_time() + idle if proto.greeted else hello_deadline
-            data: bytes | bytearray = b""
-            with trio.move_on_at(deadline) as scope:
-                self._read_scope = scope
-                try:
-                    data = await self.stream.receive_some(MAX_FRAME + 4)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    return True
-            self._read_scope = None
-            if self._stop_reading:
-                return False
-            if scope.cancelled_caught:
-                if proto.greeted and self.queued:
-                    continue  # a queued acquire is not idleness
+            self.receiving = True
+            try:
+                data = await self.stream.receive_some(MAX_FRAME + 4)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return True
+            finally:
+                self.receiving = False
             if not data:
                 return True
+            if self._stop_reading:
+                return False
+            self.last_active = trio.current_time()
             proto.receive_data(bytes(data))
 
     def _dispatch(self, event: Hello | Refusal | Any) -> _Slot:
@@ -398,9 +486,12 @@ class _Connection:
             return _Slot(response=server.service.hello_response(event, now))
         result = server.service.handle(event, now, self.peer)
         batch = server._flush()
+        if isinstance(event, Renew) and server.committer.fresh():
+            batch = None  # written lazily; see floatd.committer for why that is safe
         if isinstance(result, Waiter):
             slot = _Slot(waiter=result, event=trio.Event())
             result.handle = slot
+            server._check_deadline()
             return slot
         granted = result.get("lease") if isinstance(event, Acquire) and result.get("ok") else None
         return _Slot(response=result, batch=batch, granted=granted)
@@ -436,13 +527,15 @@ class _Connection:
         pending = list(slots)
         try:
             for slot in slots:
-                response = await self._resolve(slot)
+                response = slot.response
+                if response is None or slot.batch is not None:
+                    response = await self._resolve(slot)
                 try:
                     frames.append(encode_frame(response))
                 except ValueError:
                     error = InternalError("response too large").to_wire()
                     frames.append(encode_frame(failure(response.get("id"), error)))
-            await self.stream.send_all(b"".join(frames))
+            await self.stream.send_all(frames[0] if len(frames) == 1 else b"".join(frames))
             pending = []
             return True
         except (trio.BrokenResourceError, trio.ClosedResourceError):

@@ -105,6 +105,8 @@ class LeaseService:
 
     def _collect(self) -> None:
         """Turn what the pool did on the side (expiries, served waiters) into changes."""
+        if not self.pool.has_side_effects():
+            return
         for lease in self.pool.take_expired():
             self._changes.append(DeleteLease(lease.id))
             self._log("lease_expired", **_lease_fields(lease))
