@@ -18,6 +18,7 @@ import json
 import os
 import selectors
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -160,29 +161,46 @@ def connect(port: int, count: int) -> list[Conn]:
     return conns
 
 
-def measure(port: int, count: int, seconds: float) -> dict[str, tuple[float, int]]:
-    results = {}
+def renew_connections(port: int, count: int) -> list[Conn]:
+    """Connections that each hold one lease and renew it over and over."""
     conns = connect(port, count)
-    results["acquire"] = run_load(conns, acquire_frame, seconds)
-    for c in conns:
-        c.sock.close()
-    conns = connect(port, count)
-    for c in conns:
+    for i, c in enumerate(conns):
         got = c.call(
             {
                 "op": "acquire",
                 "id": 1,
                 "product": "bench",
                 "fingerprint": "bench-machine-0002",
-                "instance": f"r{id(c)}",
+                "instance": f"renewer-{i}",
             }
         )
         c.next_frame = encode_frame(
             {"op": "renew", "id": 2, "lease": got.get("lease", "x"), "token": got.get("token", "x")}
         )
-    results["renew"] = run_load(conns, lambda c: c.next_frame, seconds)
-    for c in conns:
-        c.sock.close()
+    return conns
+
+
+def measure(
+    ports: dict[str, int], count: int, seconds: float, rounds: int
+) -> dict[str, dict[str, list[tuple[float, int]]]]:
+    """Alternate short windows between the servers, so drift in the machine's
+    speed (other load, CPU frequency) hits both alike."""
+    conns = {
+        name: {"acquire": connect(port, count), "renew": renew_connections(port, count)}
+        for name, port in ports.items()
+    }
+    frames = {"acquire": acquire_frame, "renew": lambda c: c.next_frame}
+    results: dict[str, dict[str, list[tuple[float, int]]]] = {
+        name: {"acquire": [], "renew": []} for name in ports
+    }
+    for _ in range(rounds):
+        for op in ("acquire", "renew"):
+            for name in ports:
+                results[name][op].append(run_load(conns[name][op], frames[op], seconds))
+    for by_op in conns.values():
+        for group in by_op.values():
+            for c in group:
+                c.sock.close()
     return results
 
 
@@ -260,7 +278,8 @@ def start_floatd(tmp: Path) -> tuple[subprocess.Popen[bytes], int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--seconds", type=float, default=3.0, help="per measurement window")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--baseline-server", help=argparse.SUPPRESS)
@@ -270,51 +289,61 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
-        proc, port = start_baseline(tmp)
+        base_proc, base_port = start_baseline(tmp)
+        ours_proc, ours_port = start_floatd(tmp)
         try:
-            base = measure(port, args.connections, args.seconds)
+            res = measure(
+                {"baseline": base_port, "floatd": ours_port},
+                args.connections,
+                args.seconds,
+                args.rounds,
+            )
         finally:
-            proc.terminate()
-            proc.wait(10)
-        proc, port = start_floatd(tmp)
-        try:
-            ours = measure(port, args.connections, args.seconds)
-        finally:
-            proc.terminate()
-            proc.wait(10)
+            for proc in (base_proc, ours_proc):
+                proc.terminate()
+                proc.wait(10)
         stats = [
             line for line in (tmp / "floatd.log").read_text().splitlines() if '"stopped"' in line
         ]
-        if stats and not args.json:
-            s = json.loads(stats[-1])
-            print(
-                f"floatd group commit: {s['commits']} commits of {s['changes_committed']} changes "
-                f"(mean batch {s['changes_committed'] / max(1, s['commits']):.1f}), "
-                f"{1000 * s['commit_seconds'] / max(1, s['commits']):.2f} ms per commit"
-            )
     rows = []
     for op in ("acquire", "renew"):
-        ratio = ours[op][0] / base[op][0]
+        base = statistics.median(rate for rate, _ in res["baseline"][op])
+        ours = statistics.median(rate for rate, _ in res["floatd"][op])
+        ratio = ours / base
         rows.append(
             {
                 "op": op,
-                "baseline_per_s": round(base[op][0]),
-                "floatd_per_s": round(ours[op][0]),
+                "baseline_per_s": round(base),
+                "floatd_per_s": round(ours),
                 "ratio": round(ratio, 3),
                 "target": TARGETS[op],
                 "met": ratio >= TARGETS[op],
-                "failures": ours[op][1],
+                "failures": sum(f for _, f in res["floatd"][op]),
+                "baseline_runs": [round(r) for r, _ in res["baseline"][op]],
+                "floatd_runs": [round(r) for r, _ in res["floatd"][op]],
             }
         )
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    print(f"{args.connections} connections, {args.seconds:g} s per phase, {os.cpu_count()} cores")
+    print(
+        f"{args.connections} connections, {args.rounds} rounds of {args.seconds:g} s windows "
+        f"alternating between the servers, {os.cpu_count()} cores; medians"
+    )
     print(f"{'op':<9}{'baseline/s':>12}{'floatd/s':>12}{'ratio':>8}{'target':>8}  met  failures")
     for r in rows:
         print(
             f"{r['op']:<9}{r['baseline_per_s']:>12}{r['floatd_per_s']:>12}{r['ratio']:>8.3f}"
             f"{r['target']:>8}  {'yes' if r['met'] else 'NO ':<4} {r['failures']}"
+        )
+    for r in rows:
+        print(f"  {r['op']} runs: baseline {r['baseline_runs']}, floatd {r['floatd_runs']}")
+    if stats:
+        s = json.loads(stats[-1])
+        print(
+            f"floatd group commit: {s['commits']} commits of {s['changes_committed']} changes "
+            f"(mean batch {s['changes_committed'] / max(1, s['commits']):.1f}), "
+            f"{1000 * s['commit_seconds'] / max(1, s['commits']):.2f} ms per commit"
         )
 
 

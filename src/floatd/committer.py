@@ -1,12 +1,20 @@
 """Group commit: many requests, one transaction, one fsync.
 
-Requests append their changes and wait on the batch they landed in.  The single
-writer task takes everything pending, applies it in a worker thread (behind a
-``CapacityLimiter(1)``, so the store sees one writer), and while that runs the
+Requests append their changes and wait on the batch they landed in.  One writer
+takes everything pending and applies it as one transaction; while that runs the
 next batch fills up.  Under load a batch holds every request that arrived during
 the previous commit, which is what lets durability cost little throughput.
 Changes are applied strictly in submission order, so the disk always holds a
 prefix of the in-memory history, and that prefix never has more seats than the cap.
+
+The writer is a loop running in a worker thread (one ``trio.to_thread.run_sync``
+call behind a ``CapacityLimiter(1)``, for the life of the server).  Taking the
+next batch right where the last commit ended, inside the thread, matters: with
+one thread call per commit, each cycle also waited two turns of a busy event
+loop (to hear the commit had ended, then to start the next), which tripled the
+commit cycle under load.  Completion is reported back with ``run_sync_soon``.
+Tests inject an async ``run_sync`` instead and get the same batches applied by
+a trio task, so MockClock stays in charge of time.
 
 Every commit also records when its batch was cut (``last_cut``), and an idle
 writer commits that alone once a second.  Renewals may then be answered before
@@ -19,6 +27,7 @@ writes ``clean = 1`` so that a clean restart extends nothing.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -56,17 +65,18 @@ class GroupCommitter:
     def __init__(
         self,
         store: LeaseStore,
-        run_sync: RunSync = trio.to_thread.run_sync,
         clock: Callable[[], float] = time.time,
+        run_sync: RunSync | None = None,
     ) -> None:
         self._store = store
-        # Injectable so MockClock tests can apply inline instead of in a thread.
-        self._run_sync = run_sync
         self._clock = clock
+        self._run_sync = run_sync  # None: the writer loop runs in a worker thread
         self._limiter = trio.CapacityLimiter(1)
+        self._lock = threading.Condition()
         self._pending = Batch()
-        self._wakeup = trio.Event()
         self._closing = False
+        self._abandoned = False
+        self._wakeup = trio.Event()  # inline mode only
         self.last_cut = clock()  # the caller has just made the store consistent
         self.commits = 0
         self.changes_committed = 0
@@ -74,49 +84,106 @@ class GroupCommitter:
 
     def submit(self, changes: Sequence[Change]) -> Batch:
         """Queue changes for the next commit; await ``.wait()`` for durability."""
-        batch = self._pending
-        batch.changes.extend(changes)
-        self._wakeup.set()
+        with self._lock:
+            batch = self._pending
+            batch.changes.extend(changes)
+            self._lock.notify()
+        if self._run_sync is not None:
+            self._wakeup.set()
         return batch
 
     def fresh(self) -> bool:
         """Whether a renewal may be answered before its commit (see module doc)."""
         return self._clock() - self.last_cut <= LAZY_WINDOW
 
+    def close(self) -> None:
+        """Ask the writer to flush what is pending, mark the stop clean, and end."""
+        with self._lock:
+            self._closing = True
+            self._lock.notify()
+        self._wakeup.set()
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The writer loop.  Returns once :meth:`close` was called and all is flushed."""
+        """The writer.  Returns once :meth:`close` was called and all is flushed."""
         task_status.started()
-        while True:
-            with trio.move_on_after(HEARTBEAT):
-                await self._wakeup.wait()
-            self._wakeup = trio.Event()
+        if self._run_sync is not None:
+            await self._run_inline(self._run_sync)
+            return
+        token = trio.lowlevel.current_trio_token()
+        try:
+            await trio.to_thread.run_sync(
+                self._thread_loop, token, limiter=self._limiter, abandon_on_cancel=True
+            )
+        finally:
+            with self._lock:  # cancelled (not closed): let an abandoned thread end
+                self._abandoned = True
+                self._lock.notify()
+
+    # --- shared by both modes ----------------------------------------------------
+
+    def _take(self, block: bool) -> tuple[Batch, bool, float] | None:
+        """Cut the next batch (waiting up to a heartbeat when ``block``)."""
+        with self._lock:
+            if block and not self._pending.changes and not self._closing:
+                self._lock.wait(HEARTBEAT)
+            if self._abandoned:
+                return None
             batch, self._pending = self._pending, Batch()
             closing = self._closing
-            cut = self._clock()
-            batch.changes.append(SetMeta(META_LAST_CUT, repr(cut)))
-            if closing:
-                batch.changes.append(SetMeta(META_CLEAN, "1"))
-            await self._commit(batch, cut)
-            if closing:
-                return
+        cut = self._clock()
+        batch.changes.append(SetMeta(META_LAST_CUT, repr(cut)))
+        if closing:
+            batch.changes.append(SetMeta(META_CLEAN, "1"))
+        return batch, closing, cut
 
-    async def _commit(self, batch: Batch, cut: float) -> None:
-        started = trio.current_time()
+    def _apply(self, batch: Batch, cut: float) -> StoreError | None:
+        started = time.perf_counter()
+        error = None
         try:
-            with trio.CancelScope(shield=True):  # a half-applied batch helps nobody
-                await self._run_sync(self._store.apply, batch.changes, limiter=self._limiter)
+            self._store.apply(batch.changes)
         except StoreError as exc:
-            batch.error = exc
+            error = exc
         except Exception as exc:  # an unexpected backend failure must not kill the writer
-            batch.error = StoreError(f"state write failed: {exc!r}")
+            error = StoreError(f"state write failed: {exc!r}")
         else:
             self.last_cut = cut
         self.commits += 1
         self.changes_committed += len(batch.changes)
-        self.apply_seconds += trio.current_time() - started
+        self.apply_seconds += time.perf_counter() - started
+        return error
+
+    @staticmethod
+    def _finish(batch: Batch, error: StoreError | None) -> None:
+        batch.error = error
         batch.done.set()
 
-    def close(self) -> None:
-        """Ask the writer to flush what is pending, mark the stop clean, and end."""
-        self._closing = True
-        self._wakeup.set()
+    # --- the two modes -------------------------------------------------------------
+
+    def _thread_loop(self, token: trio.lowlevel.TrioToken) -> None:
+        while True:
+            taken = self._take(block=True)
+            if taken is None:
+                return
+            batch, closing, cut = taken
+            error = self._apply(batch, cut)
+            try:
+                token.run_sync_soon(self._finish, batch, error)
+            except trio.RunFinishedError:
+                return
+            if closing:
+                return
+
+    async def _run_inline(self, run_sync: RunSync) -> None:
+        while True:
+            with trio.move_on_after(HEARTBEAT):
+                await self._wakeup.wait()
+            self._wakeup = trio.Event()
+            taken = self._take(block=False)
+            if taken is None:
+                return
+            batch, closing, cut = taken
+            with trio.CancelScope(shield=True):  # a half-applied batch helps nobody
+                error = await run_sync(self._apply, batch, cut)
+            self._finish(batch, error)
+            if closing:
+                return

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import ipaddress
 import re
@@ -242,11 +243,12 @@ class Entitlement:
     #: The armored text as installed, kept so it can be written back unchanged.
     text: str = field(default="", compare=False, repr=False)
 
+    @functools.cached_property
+    def _by_code(self) -> dict[str, ProductTerms]:
+        return {p.code: p for p in self.products}
+
     def product(self, code: str) -> ProductTerms | None:
-        for p in self.products:
-            if p.code == code:
-                return p
-        return None
+        return self._by_code.get(code)
 
 
 def _product(obj: Any, index: int) -> ProductTerms:
@@ -396,7 +398,12 @@ def check_license(ent: Entitlement | None, now: float, product: ProductTerms | N
     if ent.refresh_by is not None and now >= ent.refresh_by:
         raise GracePeriodOver("the activation was not refreshed in time")
     if product is not None:
-        _check_window(product.not_before, product.not_after, now, f"product {product.code!r}")
+        check_product(product, now)
+
+
+def check_product(product: ProductTerms, now: float) -> None:
+    """The product-level window alone (after :func:`check_license` passed)."""
+    _check_window(product.not_before, product.not_after, now, f"product {product.code!r}")
 
 
 def _check_window(not_before: int | None, not_after: int | None, now: float, what: str) -> None:

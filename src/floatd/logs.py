@@ -11,6 +11,8 @@ from __future__ import annotations
 import atexit
 import logging
 import sys
+import time
+from collections.abc import MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -64,6 +66,23 @@ _writer = BufferedLineWriter(sys.stdout)
 atexit.register(lambda: _writer.flush())
 
 
+_second: tuple[int, str] = (-1, "")
+
+
+def _timestamp(
+    logger: Any, method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """ISO 8601 UTC with microseconds, formatting the date part once a second
+    (structlog's TimeStamper builds a datetime per event)."""
+    global _second
+    now = time.time()
+    whole = int(now)
+    if whole != _second[0]:
+        _second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
+    event_dict["timestamp"] = f"{_second[1]}.{int((now - whole) * 1e6):06d}Z"
+    return event_dict
+
+
 def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
     global _writer
     _writer.flush()
@@ -76,7 +95,7 @@ def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = No
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _timestamp,
             renderer,
         ],
         # The filtering logger drops below-level calls before any processing,

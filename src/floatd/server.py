@@ -76,15 +76,16 @@ class Server:
         server_id: str,
         *,
         clock: Callable[[], float] = time.time,
-        run_sync: RunSync = trio.to_thread.run_sync,
+        run_sync: RunSync | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
         self.server_id = server_id
         self.service = LeaseService(server_id, config.default_duration, log=event_logger())
         self.store = store
-        self._run_sync = run_sync
-        self.committer = GroupCommitter(store, run_sync, clock)
+        # Tests inject an async stand-in so MockClock controls every wait.
+        self._run_sync: RunSync = run_sync or trio.to_thread.run_sync
+        self.committer = GroupCommitter(store, clock, run_sync)
         self.connections = 0
         self.ports: list[tuple[str, int]] = []
         self._keys = trusted_keys(config.vendor_keys)

@@ -10,13 +10,14 @@ changes always land in one batch, a commit never holds half an outcome.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
-import secrets
+import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from floatd import __version__
-from floatd.entitlement import Entitlement, ProductTerms, check_license
+from floatd.entitlement import Entitlement, ProductTerms, check_license, check_product
 from floatd.errors import AuthFailed, FloatdError, IpNotAllowed, NoFreeSeats, UnknownProduct
 from floatd.pool import Claim, Lease, PoolProduct, SeatPool, Waiter, hash_token
 from floatd.protocol.connection import PROTOCOL_VERSION
@@ -49,14 +50,14 @@ class LeaseService:
         default_duration: int,
         *,
         log: LogFn = _no_log,
-        new_secret: Callable[[int], str] = secrets.token_urlsafe,
     ) -> None:
         self.server_id = server_id
         self.default_duration = default_duration
         self.pool = SeatPool()
         self.entitlement: Entitlement | None = None
         self._log = log
-        self._secret = new_secret
+        # The static part of each product's answer, built once per entitlement.
+        self._product_info: dict[str, dict[str, Any]] = {}
         self._changes: list[Change] = []
         self._woken: list[Waiter] = []
         # A queued acquire's id and lease token, until it is answered.
@@ -68,6 +69,16 @@ class LeaseService:
         """Switch to a new (already verified) entitlement without touching leases."""
         self.entitlement = ent
         products = ent.products if ent is not None else ()
+        self._product_info = {
+            p.code: {
+                "code": p.code,
+                "name": p.name,
+                "metadata": dict(p.metadata),
+                "features": dict(p.features),
+                "not_after": _earliest(ent.not_after if ent else None, p.not_after),
+            }
+            for p in products
+        }
         self.pool.set_products((self._pool_terms(p) for p in products), now)
         self._collect()
 
@@ -162,7 +173,7 @@ class LeaseService:
         terms = ent.product(req.product)
         if terms is None:
             raise UnknownProduct(f"unknown product {req.product!r}")
-        check_license(ent, now, terms)
+        check_product(terms, now)
         if terms.allowed_ips:
             ip = _peer_ip(peer)
             if ip is None or not any(ip in net for net in terms.allowed_ips):
@@ -171,11 +182,11 @@ class LeaseService:
             # Local passwords for license users are not stored yet, so no one can
             # authenticate; the answer is the one the contract gives a bad password.
             raise AuthFailed("unknown user or wrong password")
-        token = self._secret(32)
+        lease_id, token = _new_lease_secrets()
         claim = Claim(
             product=req.product,
             fingerprint=req.fingerprint,
-            lease_id=self._secret(16),
+            lease_id=lease_id,
             token_hash=hash_token(token),
             instance=req.instance,
             user=req.user,
@@ -192,17 +203,8 @@ class LeaseService:
         return self.grant_response(req.id, result, token, now)
 
     def grant_response(self, rid: int, lease: Lease, token: str, now: float) -> dict[str, Any]:
-        ent = self.entitlement
-        terms = ent.product(lease.product) if ent else None
         expires_in = max(0.0, lease.expires_at - now)
-        product: dict[str, Any] = {"code": lease.product}
-        if ent is not None and terms is not None:
-            product.update(
-                name=terms.name,
-                metadata=dict(terms.metadata),
-                features=dict(terms.features),
-                not_after=_earliest(ent.not_after, terms.not_after),
-            )
+        product = self._product_info.get(lease.product, {"code": lease.product})
         return ok(
             rid,
             lease=lease.id,
@@ -298,6 +300,15 @@ class LeaseService:
             "metadata": dict(terms.metadata),
             "features": dict(terms.features),
         }
+
+
+def _new_lease_secrets() -> tuple[str, str]:
+    """A lease id (128 bits) and its token (256 bits) from one call to the OS."""
+    raw = os.urandom(48)
+    return (
+        base64.urlsafe_b64encode(raw[:16]).rstrip(b"=").decode(),
+        base64.urlsafe_b64encode(raw[16:]).rstrip(b"=").decode(),
+    )
 
 
 def _earliest(a: int | None, b: int | None) -> int | None:
