@@ -41,6 +41,9 @@ RunSync = Callable[..., Awaitable[Any]]
 
 HEARTBEAT = 1.0
 LAZY_WINDOW = 5.0
+# A batch nobody waits for (lazy renewals, expiries) is held back this long to
+# gather more: fewer commits, so the writer thread competes less for the GIL.
+LAZY_FLUSH = 0.05
 META_LAST_CUT = "last_cut"
 META_CLEAN = "clean"
 
@@ -48,10 +51,11 @@ META_CLEAN = "clean"
 class Batch:
     """One future commit; every request whose changes are in it waits here."""
 
-    __slots__ = ("changes", "done", "error")
+    __slots__ = ("changes", "done", "error", "urgent")
 
     def __init__(self) -> None:
         self.changes: list[Change] = []
+        self.urgent = False  # somebody waits for this batch
         self.done = trio.Event()
         self.error: StoreError | None = None
 
@@ -82,12 +86,18 @@ class GroupCommitter:
         self.changes_committed = 0
         self.apply_seconds = 0.0
 
-    def submit(self, changes: Sequence[Change]) -> Batch:
-        """Queue changes for the next commit; await ``.wait()`` for durability."""
+    def submit(self, changes: Sequence[Change], urgent: bool = True) -> Batch:
+        """Queue changes for the next commit; await ``.wait()`` for durability.
+        ``urgent`` says someone will wait, so the writer must not hold the batch back."""
         with self._lock:
             batch = self._pending
+            first = not batch.changes
             batch.changes.extend(changes)
-            self._lock.notify()
+            if urgent and not batch.urgent:
+                batch.urgent = True
+                self._lock.notify()
+            elif first:
+                self._lock.notify()
         if self._run_sync is not None:
             self._wakeup.set()
         return batch
@@ -124,8 +134,8 @@ class GroupCommitter:
     def _take(self, block: bool) -> tuple[Batch, bool, float] | None:
         """Cut the next batch (waiting up to a heartbeat when ``block``)."""
         with self._lock:
-            if block and not self._pending.changes and not self._closing:
-                self._lock.wait(HEARTBEAT)
+            if block:
+                self._wait_for_work()
             if self._abandoned:
                 return None
             batch, self._pending = self._pending, Batch()
@@ -135,6 +145,17 @@ class GroupCommitter:
         if closing:
             batch.changes.append(SetMeta(META_CLEAN, "1"))
         return batch, closing, cut
+
+    def _wait_for_work(self) -> None:
+        """Block (lock held) until a batch is due: at once when someone waits,
+        after LAZY_FLUSH for changes nobody waits for, after HEARTBEAT if idle."""
+        started = time.monotonic()
+        while not (self._closing or self._abandoned or self._pending.urgent):
+            limit = LAZY_FLUSH if self._pending.changes else HEARTBEAT
+            left = started + limit - time.monotonic()
+            if left <= 0:
+                return
+            self._lock.wait(left)
 
     def _apply(self, batch: Batch, cut: float) -> StoreError | None:
         started = time.perf_counter()

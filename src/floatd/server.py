@@ -238,13 +238,14 @@ class Server:
         self._reload_entitlement(self.clock())
         self._flush()
 
-    def _flush(self) -> Batch | None:
-        """Submit what the last service call changed and wake the waiters it served."""
+    def _flush(self, urgent: bool = True) -> Batch | None:
+        """Submit what the last service call changed and wake the waiters it served.
+        ``urgent`` is False when nobody will wait for the commit (a lazy renewal)."""
         changes = self.service.take_changes()
         woken = self.service.take_woken()
         if not changes and not woken:
             return None  # the common read-only case: nothing to do
-        batch = self.committer.submit(changes) if changes else None
+        batch = self.committer.submit(changes, urgent or bool(woken)) if changes else None
         for waiter in woken:
             slot = waiter.handle
             if isinstance(slot, _Slot) and slot.event is not None:
@@ -486,8 +487,9 @@ class _Connection:
         if isinstance(event, Hello):
             return _Slot(response=server.service.hello_response(event, now))
         result = server.service.handle(event, now, self.peer)
-        batch = server._flush()
-        if isinstance(event, Renew) and server.committer.fresh():
+        lazy = isinstance(event, Renew) and server.committer.fresh()
+        batch = server._flush(urgent=not lazy)
+        if lazy:
             batch = None  # written lazily; see floatd.committer for why that is safe
         if isinstance(result, Waiter):
             slot = _Slot(waiter=result, event=trio.Event())
