@@ -114,11 +114,21 @@ def get_logger() -> Any:
     return structlog.get_logger("floatd")
 
 
-def event_logger() -> Any:
-    """A ``log(event, level="info", **fields)`` callable for the sans-IO core."""
-    logger = get_logger()
+class EventLog:
+    """``log(event, level="info", **fields)`` for the sans-IO core, plus
+    ``enabled(level)`` so callers can skip building fields nobody will see."""
 
-    def log(event: str, level: str = "info", **fields: Any) -> None:
-        getattr(logger, level)(event, **fields)
+    def __init__(self, level: str) -> None:
+        # Resolve structlog's lazy proxy once, not on every event.
+        self._logger = get_logger().bind()
+        self._min = _LEVELS[level]
 
-    return log
+    def enabled(self, level: str) -> bool:
+        return _LEVELS[level] >= self._min
+
+    def __call__(self, event: str, level: str = "info", **fields: Any) -> None:
+        getattr(self._logger, level)(event, **fields)
+
+
+def event_logger(level: str = "info") -> EventLog:
+    return EventLog(level)

@@ -191,12 +191,10 @@ class SeatPool:
 
     def next_deadline(self) -> float | None:
         """When :meth:`advance` next has work; may be early, never late."""
-        times = []
         if self._expiry:
-            times.append(self._expiry[0][0])
-        if self._waits:
-            times.append(self._waits[0][0])
-        return min(times) if times else None
+            first = self._expiry[0][0]
+            return min(first, self._waits[0][0]) if self._waits else first
+        return self._waits[0][0] if self._waits else None
 
     # --- requests ----------------------------------------------------------
 

@@ -81,7 +81,9 @@ class Server:
         self.config = config
         self.clock = clock
         self.server_id = server_id
-        self.service = LeaseService(server_id, config.default_duration, log=event_logger())
+        self.service = LeaseService(
+            server_id, config.default_duration, log=event_logger(config.log_level)
+        )
         self.store = store
         # Tests inject an async stand-in so MockClock controls every wait.
         self._run_sync: RunSync = run_sync or trio.to_thread.run_sync
@@ -251,7 +253,8 @@ class Server:
             if isinstance(slot, _Slot) and slot.event is not None:
                 slot.batch = batch
                 slot.event.set()
-        self._check_deadline()
+        if urgent:  # a grant may expire before the timer's next look; a renewal never does
+            self._check_deadline()
         return batch
 
     def _check_deadline(self) -> None:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import base64
 import ipaddress
 import os
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, Protocol
 
 from floatd import __version__
 from floatd.entitlement import Entitlement, ProductTerms, check_license, check_product
@@ -24,11 +24,19 @@ from floatd.protocol.connection import PROTOCOL_VERSION
 from floatd.protocol.messages import Acquire, Hello, Info, Ping, Release, Renew, Request, ok
 from floatd.store import Change, DeleteLease, PutLease, SetExpiry
 
-LogFn = Callable[..., None]
+
+class LogFn(Protocol):
+    def __call__(self, event: str, level: str = "info", **fields: Any) -> None: ...
+
+    def enabled(self, level: str) -> bool: ...
 
 
-def _no_log(event: str, **fields: Any) -> None:
-    return None
+class _NoLog:
+    def __call__(self, event: str, level: str = "info", **fields: Any) -> None:
+        return None
+
+    def enabled(self, level: str) -> bool:
+        return False
 
 
 def _peer_ip(peer: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -49,13 +57,13 @@ class LeaseService:
         server_id: str,
         default_duration: int,
         *,
-        log: LogFn = _no_log,
+        log: LogFn | None = None,
     ) -> None:
         self.server_id = server_id
         self.default_duration = default_duration
         self.pool = SeatPool()
         self.entitlement: Entitlement | None = None
-        self._log = log
+        self._log: LogFn = log or _NoLog()
         # The static part of each product's answer, built once per entitlement.
         self._product_info: dict[str, dict[str, Any]] = {}
         self._changes: list[Change] = []
@@ -252,12 +260,16 @@ class LeaseService:
     def _renew(self, req: Renew, now: float) -> dict[str, Any]:
         ent = self.entitlement
         check_license(ent, now)
+        assert ent is not None
         lease = self.pool.lease(req.lease)
-        if lease is not None and ent is not None:
-            check_license(ent, now, ent.product(lease.product))
+        if lease is not None:
+            terms = ent.product(lease.product)
+            if terms is not None:
+                check_product(terms, now)
         lease = self.pool.renew(now, req.lease, hash_token(req.token))
         self._changes.append(SetExpiry(lease.id, lease.expires_at))
-        self._log("lease_renewed", level="debug", **_lease_fields(lease))
+        if self._log.enabled("debug"):
+            self._log("lease_renewed", level="debug", **_lease_fields(lease))
         expires_in = lease.expires_at - now
         return ok(req.id, expires_in=expires_in, renew_in=expires_in / 2)
 
@@ -302,9 +314,31 @@ class LeaseService:
         }
 
 
+class _RandomBytes:
+    """OS randomness drawn in blocks: getrandom costs ~20 us a call on the VMs we
+    measured, as much as the rest of an acquire, and its cost barely grows with
+    the size asked for.  The bytes are the same; only the syscalls are fewer."""
+
+    BLOCK = 48 * 256
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._pos = 0
+
+    def take(self, n: int) -> bytes:
+        if self._pos + n > len(self._buf):
+            self._buf, self._pos = os.urandom(self.BLOCK), 0
+        out = self._buf[self._pos : self._pos + n]
+        self._pos += n
+        return out
+
+
+_random = _RandomBytes()
+
+
 def _new_lease_secrets() -> tuple[str, str]:
-    """A lease id (128 bits) and its token (256 bits) from one call to the OS."""
-    raw = os.urandom(48)
+    """A lease id (128 bits) and its token (256 bits)."""
+    raw = _random.take(48)
     return (
         base64.urlsafe_b64encode(raw[:16]).rstrip(b"=").decode(),
         base64.urlsafe_b64encode(raw[16:]).rstrip(b"=").decode(),
