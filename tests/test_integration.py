@@ -252,3 +252,44 @@ def test_port_in_use_is_one_line_and_exit_1(tmp_path: Path, vendor_key: Ed25519P
         proc = floatd_cli("serve", "--config", str(cfg), "--listen", f"127.0.0.1:{port}")
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+def test_kill9_right_after_a_renewal_keeps_the_lease(
+    tmp_path: Path, vendor_key: Ed25519PrivateKey
+) -> None:
+    """Renewals are answered before their commit; a kill -9 just after one was
+    acknowledged must still leave the lease renewable until that renewal's expiry,
+    even when the restart comes after the expiry the disk held before it.
+
+    Against a process kill the commit usually wins the race (its WAL write lands
+    well before the fsync), and where it does not, crash recovery extends the
+    lease; the deterministic test of that recovery is test_server.py::
+    test_crash_keeps_lazily_renewed_leases.  This one checks the promise end to
+    end, and fails when neither holds."""
+    cfg = write_config(tmp_path, vendor_key)
+    atomic_write(
+        tmp_path / "state" / "entitlement.txt", entitlement(vendor_key, seats=1, lease_duration=2)
+    )
+    with Daemon(cfg, tmp_path / "floatd.log") as d:
+        d.start()
+        for attempt in range(3):
+            c = client(d)
+            got = c.request("acquire", product="app", fingerprint="machine-0001")
+            assert got["ok"], got
+            for _ in range(3):
+                time.sleep(0.5)
+                assert c.request("renew", lease=got["lease"], token=got["token"])["ok"]
+            d.kill9()  # at once, before even closing the connection
+            acknowledged = time.monotonic()
+            c.close()
+            d.start(d.port)
+            # The disk may hold only the previous renewal (expiring ~1.5 s after the
+            # last one); the acknowledged one runs until `acknowledged + 2`.
+            time.sleep(max(0.0, acknowledged + 1.6 - time.monotonic()))
+            assert time.monotonic() < acknowledged + 2, "restart too slow to test anything"
+            with client(d) as c:
+                renewed = c.request("renew", lease=got["lease"], token=got["token"])
+                assert renewed["ok"], f"attempt {attempt}: acknowledged renewal lost: {renewed}"
+                assert c.request("info", product="app")["used"] == 1
+                assert c.request("release", lease=got["lease"], token=got["token"])["ok"]
+        assert any(e.get("event") == "unclean_stop_recovered" for e in d.events())
