@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog.testing
 import trio
 import trio.testing
 from conftest import (
@@ -637,3 +638,18 @@ async def test_crash_keeps_lazily_renewed_leases(
         await trio.sleep(49 + 5 + 60 - 70 + 1)
         gone = await c.request("renew", lease=abandoned["lease"], token=abandoned["token"])
         assert gone["error"]["code"] == "LEASE_NOT_FOUND"
+
+
+def test_named_user_product_without_tls_warns(
+    tmp_path: Path, vendor_key: Ed25519PrivateKey
+) -> None:
+    cfg = make_config(tmp_path, vendor_key)
+    atomic_write(
+        cfg.entitlement_path,
+        sign(vendor_key, products=[product("app"), product("named", authorization="user")]),
+    )
+    with structlog.testing.capture_logs() as logs:
+        Server(cfg, MemoryStore(), SERVER_ID, clock=lambda: BASE).load_state()
+    warnings = [e for e in logs if e["event"] == "passwords_without_tls"]
+    assert len(warnings) == 1 and warnings[0]["products"] == ["named"]
+    assert warnings[0]["log_level"] == "warning"

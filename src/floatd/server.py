@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import heapq
 import math
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from floatd.committer import (
 )
 from floatd.config import Config
 from floatd.entitlement import Entitlement, trusted_keys, verify_entitlement
-from floatd.errors import Busy, EntitlementError, FloatdError, InternalError
+from floatd.errors import Busy, ConfigError, EntitlementError, FloatdError, InternalError
 from floatd.logs import event_logger, get_logger
 from floatd.pool import Lease, Waiter
 from floatd.protocol.codec import MAX_FRAME, FrameDecoder, encode_frame
@@ -103,6 +104,7 @@ class Server:
         self._ent_signature: tuple[int, int, int] | None = None
         self._conns: trio.Nursery | None = None
         self._listeners: list[trio.SocketListener] = []
+        self._tls = tls_context(config)
 
     # --- start-up ------------------------------------------------------------
 
@@ -174,6 +176,13 @@ class Server:
                 customer=ent.customer,
                 not_after=ent.not_after,
             )
+            named = [p.code for p in ent.products if p.authorization == "user"]
+            if named and self._tls is None:
+                log.warning(
+                    "passwords_without_tls",
+                    products=named,
+                    hint="set [server] tls_cert and tls_key: passwords travel in clear",
+                )
         return True
 
     # --- running ---------------------------------------------------------------
@@ -336,7 +345,12 @@ class Server:
         except OSError:
             await trio.aclose_forcefully(stream)
             return
-        await self.handle_stream(stream, peer)
+        if self._tls is not None:
+            # The handshake runs on first use, inside the connection, so a client
+            # that never completes it is closed by the hello timeout like any other.
+            await self.handle_stream(trio.SSLStream(stream, self._tls, server_side=True), peer)
+        else:
+            await self.handle_stream(stream, peer)
 
     async def handle_stream(self, stream: trio.abc.Stream, peer: str | None) -> None:
         """Serve one client connection (also the entry point for in-memory tests)."""
@@ -377,6 +391,21 @@ class Server:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         await trio.aclose_forcefully(stream)
+
+
+def tls_context(config: Config) -> ssl.SSLContext | None:
+    """The lease port's TLS context, or None; a bad cert or key is a config error."""
+    if not config.tls_cert:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+    except FileNotFoundError as exc:
+        raise ConfigError("server.tls_cert", f"cannot read {exc.filename}") from None
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError("server.tls_cert", f"cannot load certificate and key: {exc}") from None
+    return context
 
 
 class _Connection:
