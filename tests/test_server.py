@@ -653,3 +653,15 @@ def test_named_user_product_without_tls_warns(
     warnings = [e for e in logs if e["event"] == "passwords_without_tls"]
     assert len(warnings) == 1 and warnings[0]["products"] == ["named"]
     assert warnings[0]["log_level"] == "warning"
+
+
+async def test_sighup_reload_is_immediate(
+    tmp_path: Path, vendor_key: Ed25519PrivateKey, ent: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with serving(tmp_path, vendor_key, ent) as h:
+        c = await h.connect()
+        await trio.sleep(0.5)  # mid-way between two polls of the file
+        h.install(sign(vendor_key, products=[product("app", seats=7)]))
+        h.server.reload_entitlement_now()
+        await trio.sleep(0.01)
+        assert (await c.request("info", product="app"))["seats"] == 7

@@ -102,6 +102,8 @@ class Server:
         self._rearm = trio.Event()
         self._armed_for = math.inf
         self._ent_signature: tuple[int, int, int] | None = None
+        self._reload_request = trio.Event()
+        self._force_reload = False
         self._conns: trio.Nursery | None = None
         self._listeners: list[trio.SocketListener] = []
         self._tls = tls_context(config)
@@ -111,7 +113,7 @@ class Server:
     def load_state(self) -> None:
         """Blocking start-up work: entitlement and persisted leases."""
         now = self.clock()
-        self._reload_entitlement(now, force=True)
+        self._reload_entitlement(now)
         meta = self.store.load_meta()
         leases = self.store.load_leases()
         extended: list[Lease] = []
@@ -148,22 +150,41 @@ class Server:
             return None
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
-    def _reload_entitlement(self, now: float, *, force: bool = False) -> bool:
-        """Install the entitlement file if it changed; a bad one changes nothing."""
-        signature = self._entitlement_signature()
-        if not force and signature == self._ent_signature:
-            return False
-        self._ent_signature = signature
+    def _reload_entitlement(self, now: float) -> None:
+        """Start-up (blocking) form: read, verify and install the entitlement file."""
+        self._ent_signature = self._entitlement_signature()
         try:
             ent = self._read_entitlement(now)
         except (EntitlementError, OSError) as exc:
-            log.error(
-                "entitlement_rejected",
-                path=str(self.config.entitlement_path),
-                reason=str(exc),
-                kept=getattr(self.service.entitlement, "id", None),
-            )
-            return False
+            self._reject_entitlement(exc)
+            return
+        self._install_entitlement(ent, now)
+
+    async def _reload_entitlement_async(self, force: bool) -> None:
+        """Running form: the file is stat'ed, read and verified in a worker thread."""
+        signature = await self._run_sync(self._entitlement_signature)
+        if not force and signature == self._ent_signature:
+            return
+        self._ent_signature = signature
+        now = self.clock()
+        try:
+            ent = await self._run_sync(self._read_entitlement, now)
+        except (EntitlementError, OSError) as exc:
+            self._reject_entitlement(exc)
+            return
+        self._install_entitlement(ent, now)
+        self._flush()
+
+    def _reject_entitlement(self, exc: Exception) -> None:
+        """A file that fails verification changes nothing: the old one stays."""
+        log.error(
+            "entitlement_rejected",
+            path=str(self.config.entitlement_path),
+            reason=str(exc),
+            kept=getattr(self.service.entitlement, "id", None),
+        )
+
+    def _install_entitlement(self, ent: Entitlement | None, now: float) -> None:
         self.service.install(ent, now)
         if ent is None:
             log.warning("not_activated", path=str(self.config.entitlement_path))
@@ -183,7 +204,6 @@ class Server:
                     products=named,
                     hint="set [server] tls_cert and tls_key: passwords travel in clear",
                 )
-        return True
 
     # --- running ---------------------------------------------------------------
 
@@ -246,8 +266,9 @@ class Server:
         self._stop.set()
 
     def reload_entitlement_now(self) -> None:
-        self._reload_entitlement(self.clock())
-        self._flush()
+        """SIGHUP: re-read the entitlement file now, changed or not."""
+        self._force_reload = True
+        self._reload_request.set()
 
     def _flush(self, urgent: bool = True) -> Batch | None:
         """Submit what the last service call changed and wake the waiters it served.
@@ -320,11 +341,11 @@ class Server:
     async def _watch_entitlement(self) -> None:
         """Pick up an entitlement installed by the CLI, without a restart."""
         while True:
-            await trio.sleep(ENTITLEMENT_POLL)
-            signature = await self._run_sync(self._entitlement_signature)
-            if signature != self._ent_signature:
-                self._reload_entitlement(self.clock())
-                self._flush()
+            with trio.move_on_after(ENTITLEMENT_POLL):
+                await self._reload_request.wait()
+            self._reload_request = trio.Event()
+            force, self._force_reload = self._force_reload, False
+            await self._reload_entitlement_async(force)
 
     async def _accept_loop(self, listener: trio.SocketListener) -> None:
         assert self._conns is not None
