@@ -1,13 +1,17 @@
 """The trio shell around the sans-IO core.
 
-Each connection runs two tasks.  The reader turns bytes into requests through
+A connection's reader turns bytes into requests through
 :class:`~floatd.protocol.connection.ServerConnection` and applies each one to the
 :class:`~floatd.service.LeaseService` at once, in arrival order, so pipelined
-requests see each other's effects.  What comes back is queued as a *slot*; the
-writer answers slots strictly in order, each only after the batch holding its
-changes is durable.  That gives in-order answers, pipelining, and durable-before-
-acknowledged without a lock.  The bounded slot channel is the back-pressure: a
-client that pipelines faster than we answer stops being read.
+requests see each other's effects.  What each owes the client is a *slot*,
+answered strictly in order and only once the batch holding its changes is
+durable: in-order answers, pipelining, and durable-before-acknowledged without
+a lock.  Normally the reader answers its own slots; while an acquire waits for
+a seat a writer task does, so reading goes on (see :class:`_Connection`).
+
+Around the connections run the expiry timer, the entitlement watcher, the log
+flusher and the reaper of idle connections; the group committer runs beside
+them all (:mod:`floatd.committer`).
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ TIMER_MAX_SLEEP = 1.0  # also how soon a wall-clock jump is noticed
 log = get_logger()
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Slot:
     """One answer owed to the client, in request order."""
 
