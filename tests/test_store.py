@@ -55,6 +55,16 @@ def test_round_trip_and_meta(tmp_path: Path) -> None:
     assert loaded[a.id].expires_at == 500.0 and loaded[a.id].seat == ("fp", "i")
     assert dataclasses.asdict(loaded[b.id]) == dataclasses.asdict(b)  # every field survives
     assert again.load_meta() == {"k": "v2"}
+    # After a reopen the store still finds leases by id for updates and deletes,
+    # and new leases do not collide with old rows.
+    c = lease()
+    again.apply([SetExpiry(b.id, 777.0), DeleteLease(a.id), PutLease(c)])
+    loaded = {le.id: le for le in again.load_leases()}
+    assert set(loaded) == {b.id, c.id} and loaded[b.id].expires_at == 777.0
+    b.expires_at = 888.0
+    again.apply([PutLease(b)])  # writing a known lease again replaces its row
+    assert again._db.execute("SELECT count(*) FROM leases WHERE id=?", (b.id,)).fetchone() == (1,)
+    assert {le.id: le.expires_at for le in again.load_leases()}[b.id] == 888.0
 
 
 def test_large_batches_are_chunked(tmp_path: Path) -> None:
@@ -78,6 +88,9 @@ def test_failed_batch_changes_nothing(tmp_path: Path) -> None:
     with pytest.raises(StoreError):
         store.apply([PutLease(lease()), DeleteLease(a.id)])
     assert [le.id for le in store.load_leases()] == [a.id]
+    store._db.execute("DROP TRIGGER boom")
+    store.apply([SetExpiry(a.id, 9.0), PutLease(b := lease())])  # the map was not disturbed
+    assert {le.id: le.expires_at for le in store.load_leases()} == {a.id: 9.0, b.id: b.expires_at}
 
 
 def test_unwritable_state_dir_is_a_store_error(tmp_path: Path) -> None:

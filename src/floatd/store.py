@@ -119,7 +119,8 @@ def extend_after_crash(leases: Iterable[Lease], last_cut: float, window: float) 
 _MIGRATIONS = [
     """
     CREATE TABLE leases (
-        id TEXT PRIMARY KEY,
+        row INTEGER PRIMARY KEY,
+        id TEXT NOT NULL,
         token_hash BLOB NOT NULL,
         product TEXT NOT NULL,
         seat BLOB NOT NULL,
@@ -146,6 +147,13 @@ _MIGRATIONS = [
     """,
 ]
 
+# Leases are stored by an integer row number the store assigns in order, not by
+# their random id: inserts then append to the table's last pages, and no index on
+# the id has to be kept.  With a random TEXT key every insert dirtied its own
+# index page, so a commit of N grants copied about N pages into the WAL.  The
+# id -> row map lives in the store (the writer's side); the id is only read
+# back when the leases are loaded at start.
+#
 # Rows per statement.  One multi-row statement is one sqlite3_step, so the
 # worker thread trades the GIL with the busy event loop a handful of times per
 # batch instead of once per lease; per-row statements made commits several
@@ -207,6 +215,9 @@ class SQLiteLeaseStore:
 
     def __init__(self, path: Path) -> None:
         self._db = open_database(path)
+        self._rows: dict[str, int] = dict(self._db.execute("SELECT id, row FROM leases"))
+        last = self._db.execute("SELECT max(row) FROM leases").fetchone()[0]
+        self._next_row = (last or 0) + 1
 
     def load_leases(self) -> list[Lease]:
         rows = self._db.execute(
@@ -237,23 +248,35 @@ class SQLiteLeaseStore:
 
     def apply(self, changes: Sequence[Change]) -> None:
         net = coalesce(changes)
+        rows = self._rows
         db = self._db
+        gone = [rows[i] for i in net.deletes if i in rows]
+        # Row numbers for new leases, committed to the map only if the batch is.
+        fresh: dict[str, int] = {}
+        for lease_id in net.puts:
+            if lease_id not in rows:
+                fresh[lease_id] = self._next_row + len(fresh)
+        updates = [(rows[i], e) for i, e in net.expiries.items() if i in rows]
         try:
             db.execute("BEGIN")
-            for ids in _chunks(sorted(net.deletes)):
-                db.execute(f"DELETE FROM leases WHERE id IN ({_marks(len(ids))})", ids)
-            row = "(" + _marks(13) + ")"
+            for chunk in _chunks(sorted(gone)):
+                db.execute(f"DELETE FROM leases WHERE row IN ({_marks(len(chunk))})", chunk)
+            row = "(" + _marks(14) + ")"
             for leases in _chunks(list(net.puts.values())):
                 db.execute(
                     f"INSERT OR REPLACE INTO leases VALUES {','.join([row] * len(leases))}",
-                    [value for lease in leases for value in _row(lease)],
+                    [
+                        v
+                        for lease in leases
+                        for v in (rows.get(lease.id) or fresh[lease.id], *_row(lease))
+                    ],
                 )
-            for items in _chunks(list(net.expiries.items())):
+            for items in _chunks(updates):
                 whens = " ".join(["WHEN ? THEN ?"] * len(items))
                 db.execute(
-                    f"UPDATE leases SET expires_at = CASE id {whens} END"
-                    f" WHERE id IN ({_marks(len(items))})",
-                    [v for pair in items for v in pair] + [lease_id for lease_id, _ in items],
+                    f"UPDATE leases SET expires_at = CASE row {whens} END"
+                    f" WHERE row IN ({_marks(len(items))})",
+                    [v for pair in items for v in pair] + [r for r, _ in items],
                 )
             if net.meta:
                 db.execute(
@@ -265,6 +288,10 @@ class SQLiteLeaseStore:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise StoreError(f"state database write failed: {exc}") from None
+        for lease_id in net.deletes:
+            rows.pop(lease_id, None)
+        rows.update(fresh)
+        self._next_row += len(fresh)
 
     def close(self) -> None:
         self._db.close()
