@@ -6,6 +6,7 @@ autojump only ever jumps over real idleness, never over a commit in flight.
 
 from __future__ import annotations
 
+import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -665,3 +666,119 @@ async def test_sighup_reload_is_immediate(
         h.server.reload_entitlement_now()
         await trio.sleep(0.01)
         assert (await c.request("info", product="app"))["seats"] == 7
+
+
+PROTOCOL_CODES = {
+    "BAD_FRAME",
+    "BAD_REQUEST",
+    "UNKNOWN_OP",
+    "HELLO_REQUIRED",
+    "UNSUPPORTED_VERSION",
+    "UNKNOWN_PRODUCT",
+    "NO_FREE_SEATS",
+    "LEASE_NOT_FOUND",
+}
+
+
+def _garbage(rng: random.Random) -> bytes:
+    """Random bytes, random maps in valid frames, and mutated valid requests."""
+    kind = rng.randrange(4)
+    if kind == 0:
+        return rng.randbytes(rng.randrange(1, 300))
+    values: list[Any] = [None, True, -1, 2**63, 1.5, "", "x" * 300, [1, "a"], {"k": 1}, b"\x00"]
+    if kind == 1:
+        msg = {
+            rng.choice(
+                [
+                    "op",
+                    "id",
+                    "product",
+                    "wait",
+                    "meta",
+                    "versions",
+                    "lease",
+                    "token",
+                    "fingerprint",
+                    "client",
+                ]
+            ): rng.choice(values)
+            for _ in range(6)
+        }
+        return encode_frame(msg)
+    base: dict[str, Any] = rng.choice(
+        [
+            {"op": "hello", "id": 1, "versions": [1], "client": "f/1"},
+            {"op": "acquire", "id": 2, "product": "app", "fingerprint": "machine-0001"},
+            {"op": "renew", "id": 3, "lease": "x", "token": "y"},
+            {"op": "info", "id": 4, "product": "app"},
+        ]
+    )
+    base[rng.choice(list(base))] = rng.choice(values)
+    frame = encode_frame(base)
+    if kind == 3:  # damage the framing too
+        cut = rng.randrange(len(frame))
+        frame = frame[:cut] + rng.randbytes(rng.randrange(0, 8)) + frame[cut + 1 :]
+    return frame
+
+
+async def test_garbage_gets_only_protocol_errors_and_others_keep_being_served(
+    tmp_path: Path, vendor_key: Ed25519PrivateKey, ent: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    rng = random.Random(20261122)
+    async with serving(tmp_path, vendor_key, ent, server__idle_timeout=20) as h:
+        for i in range(150):
+            c = await h.connect(hello=rng.random() < 0.5)
+            await c.send_raw(b"".join(_garbage(rng) for _ in range(rng.randrange(1, 4))))
+            with trio.fail_after(25):  # MockClock time, past the 20 s idle timeout
+                while True:
+                    try:
+                        got = await c.recv()
+                    except EOFError:
+                        break  # closed by the server: fine
+                    except trio.TooSlowError:
+                        raise
+                    assert set(got) >= {"id", "ok"}, got
+                    if not got["ok"]:
+                        assert got["error"]["code"] in PROTOCOL_CODES, (i, got)
+                    if got["id"] is None or not got["ok"]:
+                        # The connection is either closed now or still answers a ping.
+                        break
+            if not await _closed_or_answers_ping(c):
+                raise AssertionError(f"connection {i} neither closed nor usable")
+            good = await h.connect()  # the server goes on serving everyone else
+            assert (await good.request("ping"))["ok"]
+            await good.stream.aclose()
+        good = await h.connect()
+        assert (await good.acquire())["ok"]
+
+
+async def _closed_or_answers_ping(c: WireClient) -> bool:
+    """A truncated frame legitimately waits for its missing bytes (and swallows
+    the ping); then the idle timeout must end the connection."""
+    try:
+        await c.send("ping")
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return True
+    with trio.move_on_after(25):
+        while True:
+            try:
+                got = await c.recv()
+            except (EOFError, trio.BrokenResourceError):
+                return True
+            if got.get("op") is None and got.get("ok") and "time" in got:
+                return True
+            if not got.get("ok") and got["error"]["code"] in PROTOCOL_CODES:
+                continue  # an answer still owed to earlier garbage
+            return got.get("ok", False) or got["error"]["code"] in PROTOCOL_CODES
+    return False
+
+
+async def test_half_a_frame_does_not_hold_a_connection(
+    tmp_path: Path, vendor_key: Ed25519PrivateKey, ent: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with serving(tmp_path, vendor_key, ent, server__idle_timeout=20) as h:
+        c = await h.connect()
+        await c.send_raw(encode_frame({"op": "ping", "id": 9})[:5])  # and then nothing
+        start = trio.current_time()
+        assert await c.closed()
+        assert trio.current_time() - start == pytest.approx(20, abs=0.01)
