@@ -25,7 +25,6 @@ from floatd.errors import BadRequest, LeaseNotFound, NoFreeSeats, UnknownProduct
 
 PER_MACHINE = "per-machine"
 PER_INSTANCE = "per-instance"
-STRATEGIES = (PER_MACHINE, PER_INSTANCE)
 
 SeatKey = tuple[str, ...]
 
@@ -86,7 +85,6 @@ class Waiter:
     deadline: float
     lease: Lease | None = None
     done: bool = False
-    cancelled: bool = False
     #: Free for the I/O shell to hang its wake-up primitive on.
     handle: object = None
 
@@ -248,7 +246,6 @@ class SeatPool:
         """The waiting client went away; its place in the queue is given up."""
         if not waiter.done:
             waiter.done = True
-            waiter.cancelled = True
             state = self._products.get(waiter.claim.product)
             if state is not None:
                 state.waiting -= 1
