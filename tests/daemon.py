@@ -20,10 +20,13 @@ class Daemon:
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
+        self.addresses: list[str] = []
         self._log_offset = 0
 
-    def start(self, port: int = 0) -> int:
-        """Start and wait (bounded) for the ``listening`` event; returns the port."""
+    def start(self, port: int = 0, also: tuple[str, ...] = ()) -> int:
+        """Start and wait (bounded) for the ``listening`` event; returns the port.
+        ``also`` adds listeners (host:port), reported in ``self.addresses``."""
+        listen = [f"127.0.0.1:{port}", *also]
         with open(self.log, "ab") as out:
             self._log_offset = out.tell()
             self.proc = subprocess.Popen(
@@ -34,8 +37,7 @@ class Daemon:
                     "serve",
                     "--config",
                     str(self.config),
-                    "--listen",
-                    f"127.0.0.1:{port}",
+                    *(arg for addr in listen for arg in ("--listen", addr)),
                     "--log-format",
                     "json",
                 ],
@@ -47,7 +49,8 @@ class Daemon:
         while time.monotonic() < deadline:
             for event in self.events():
                 if event.get("event") == "listening":
-                    self.port = int(event["addresses"][0].rsplit(":", 1)[1])
+                    self.addresses = list(event["addresses"])
+                    self.port = int(self.addresses[0].rsplit(":", 1)[1])
                     return self.port
             if self.proc.poll() is not None:
                 raise RuntimeError(f"floatd exited with {self.proc.returncode}: {self.output()}")

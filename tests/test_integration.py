@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -293,3 +294,42 @@ def test_kill9_right_after_a_renewal_keeps_the_lease(
                 assert c.request("info", product="app")["used"] == 1
                 assert c.request("release", lease=got["lease"], token=got["token"])["ok"]
         assert any(e.get("event") == "unclean_stop_recovered" for e in d.events())
+
+
+def test_ipv6_listener_and_ip_rules(tmp_path: Path, vendor_key: Ed25519PrivateKey) -> None:
+    cfg = write_config(tmp_path, vendor_key)
+    atomic_write(
+        tmp_path / "state" / "entitlement.txt", entitlement(vendor_key, allowed_ips=["::1/128"])
+    )
+    with Daemon(cfg, tmp_path / "floatd.log") as d:
+        d.start(also=("[::1]:0",))
+        v6_port = int(d.addresses[1].rsplit(":", 1)[1])
+        with SimpleClient("::1", v6_port) as c:
+            assert c.hello()["ok"]
+            assert c.request("acquire", product="app", fingerprint="machine-0006")["ok"]
+        with client(d) as c:  # over IPv4: outside the allowed range
+            got = c.request("acquire", product="app", fingerprint="machine-0004")
+            assert got["error"]["code"] == "IP_NOT_ALLOWED"
+
+
+def test_sighup_installs_a_new_entitlement_at_once(
+    tmp_path: Path, vendor_key: Ed25519PrivateKey
+) -> None:
+    cfg = write_config(tmp_path, vendor_key)
+    path = tmp_path / "state" / "entitlement.txt"
+    atomic_write(path, entitlement(vendor_key))
+    with Daemon(cfg, tmp_path / "floatd.log") as d:
+        d.start()
+        with client(d) as c:
+            held = c.request("acquire", product="app", fingerprint="machine-0001")
+            atomic_write(path, entitlement(vendor_key, seats=CAP + 5))
+            assert d.proc is not None
+            d.proc.send_signal(signal.SIGHUP)
+            # Well inside the 1 s poll (the deterministic test is in test_server.py).
+            deadline = time.monotonic() + 0.2
+            while time.monotonic() < deadline:
+                if c.request("info", product="app")["seats"] == CAP + 5:
+                    break
+                time.sleep(0.02)
+            assert c.request("info", product="app")["seats"] == CAP + 5
+            assert c.request("renew", lease=held["lease"], token=held["token"])["ok"]
