@@ -501,12 +501,15 @@ class _Connection:
         proto = self.proto
         while True:
             slots: list[_Slot] = []
+            waiting = False
             while len(slots) < MAX_PIPELINE and (event := proto.next_event()) is not None:
-                slots.append(self._dispatch(event))
-                if slots[-1].close:
+                slot = self._dispatch(event)
+                slots.append(slot)
+                waiting = waiting or slot.waiter is not None
+                if slot.close:
                     break
             if slots:
-                if self.queued or any(slot.waiter is not None for slot in slots):
+                if self.queued or waiting:
                     for i, slot in enumerate(slots):
                         self.queued += 1
                         try:
@@ -583,6 +586,17 @@ class _Connection:
         Whatever is not delivered (client gone, or cancelled at shutdown) is
         abandoned: no waiter stays queued and no seat stays held for it.
         """
+        if len(slots) == 1 and slots[0].batch is None and slots[0].response is not None:
+            # The common case (one request, nothing to wait for): no bookkeeping.
+            try:
+                await self.stream.send_all(encode_frame(slots[0].response))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._abandon(slots[0])
+                return False
+            except ValueError:
+                pass  # too large: the general path below answers INTERNAL
+            else:
+                return True
         frames = []
         pending = list(slots)
         try:

@@ -103,11 +103,15 @@ class LeaseService:
         return self.pool.next_deadline()
 
     def take_changes(self) -> list[Change]:
-        changes, self._changes = self._changes, []
+        changes = self._changes
+        if changes:  # most calls change nothing: no new list for them
+            self._changes = []
         return changes
 
     def take_woken(self) -> list[Waiter]:
-        woken, self._woken = self._woken, []
+        woken = self._woken
+        if woken:
+            self._woken = []
         return woken
 
     def duration_of(self, product: ProductTerms) -> int:

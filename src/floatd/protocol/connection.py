@@ -60,18 +60,18 @@ class ServerConnection:
             return self._refuse(None, exc)
         if obj is None:
             return None
-        rid = request_id(obj)
         try:
             req = parse_request(obj)
         except FloatdError as exc:
+            refusal: FloatdError = exc
             if not self.greeted and obj.get("op") != "hello":
                 # Whatever else is wrong, a request before hello is refused as such.
-                return self._refuse(rid, HelloRequired("hello must be the first request"))
-            return self._refuse(rid, exc)
+                refusal = HelloRequired("hello must be the first request")
+            return self._refuse(request_id(obj), refusal)
         if isinstance(req, Hello):
             return self._hello(req)
         if not self.greeted:
-            return self._refuse(rid, HelloRequired("hello must be the first request"))
+            return self._refuse(req.id, HelloRequired("hello must be the first request"))
         return req
 
     def _hello(self, req: Hello) -> Event:
