@@ -782,3 +782,17 @@ async def test_half_a_frame_does_not_hold_a_connection(
         start = trio.current_time()
         assert await c.closed()
         assert trio.current_time() - start == pytest.approx(20, abs=0.01)
+
+
+async def test_wrong_token_never_reveals_a_lease(
+    tmp_path: Path, vendor_key: Ed25519PrivateKey, autojump_clock: trio.testing.MockClock
+) -> None:
+    text = sign(vendor_key, products=[product("sub", not_after=int(BASE) + 20)])
+    async with serving(tmp_path, vendor_key, text) as h:
+        c = await h.connect()
+        got = await c.acquire("sub")
+        await trio.sleep(25)  # the product's own term is over; the lease (60 s) is not
+        wrong = await c.request("renew", lease=got["lease"], token="not-the-token")
+        assert wrong["error"]["code"] == "LEASE_NOT_FOUND"
+        right = await c.request("renew", lease=got["lease"], token=got["token"])
+        assert right["error"]["code"] == "LICENSE_EXPIRED"

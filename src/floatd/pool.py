@@ -218,14 +218,21 @@ class SeatPool:
             used=len(state.seats),
         )
 
-    def renew(self, now: float, lease_id: str, token_hash: bytes) -> Lease:
+    def authorize(self, now: float, lease_id: str, token_hash: bytes) -> Lease:
+        """The live lease that ``token_hash`` opens, else LeaseNotFound."""
         self.advance(now)
-        lease = self._check(lease_id, token_hash)
+        return self._check(lease_id, token_hash)
+
+    def extend(self, now: float, lease: Lease) -> Lease:
+        """Renew an authorized lease: a full (current) duration from now."""
         terms = self.terms(lease.product)
         if terms is not None:
             lease.duration = terms.duration
         lease.expires_at = now + lease.duration
         return lease
+
+    def renew(self, now: float, lease_id: str, token_hash: bytes) -> Lease:
+        return self.extend(now, self.authorize(now, lease_id, token_hash))
 
     def release(self, now: float, lease_id: str, token_hash: bytes) -> Lease:
         self.advance(now)

@@ -265,12 +265,13 @@ class LeaseService:
         ent = self.entitlement
         check_license(ent, now)
         assert ent is not None
-        lease = self.pool.lease(req.lease)
-        if lease is not None:
-            terms = ent.product(lease.product)
-            if terms is not None:
-                check_product(terms, now)
-        lease = self.pool.renew(now, req.lease, hash_token(req.token))
+        # The token first: a refusal about the product would tell a stranger
+        # that the lease exists.
+        lease = self.pool.authorize(now, req.lease, hash_token(req.token))
+        terms = ent.product(lease.product)
+        if terms is not None:
+            check_product(terms, now)
+        self.pool.extend(now, lease)
         self._changes.append(SetExpiry(lease.id, lease.expires_at))
         if self._log.enabled("debug"):
             self._log("lease_renewed", level="debug", **_lease_fields(lease))
