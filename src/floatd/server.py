@@ -586,17 +586,6 @@ class _Connection:
         Whatever is not delivered (client gone, or cancelled at shutdown) is
         abandoned: no waiter stays queued and no seat stays held for it.
         """
-        if len(slots) == 1 and slots[0].batch is None and slots[0].response is not None:
-            # The common case (one request, nothing to wait for): no bookkeeping.
-            try:
-                await self.stream.send_all(encode_frame(slots[0].response))
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self._abandon(slots[0])
-                return False
-            except ValueError:
-                pass  # too large: the general path below answers INTERNAL
-            else:
-                return True
         frames = []
         pending = list(slots)
         try:
