@@ -21,7 +21,7 @@ from floatd.entitlement import (
 )
 from floatd.pool import Lease
 from floatd.protocol.codec import FrameDecoder, encode_frame
-from floatd.store import Change, DeleteLease, PutLease, SetExpiry, SetMeta
+from floatd.store import Audit, Change, DeleteLease, PruneAudit, PutLease, SetExpiry, SetMeta
 
 BASE = 1_800_000_000.0  # a fixed "now" for sans-IO tests
 MACHINE_ID = "0123456789abcdef0123456789abcdef"
@@ -111,6 +111,7 @@ class MemoryStore:
     def __init__(self) -> None:
         self.leases: dict[str, Lease] = {}
         self.meta: dict[str, str] = {}
+        self.audit: list[Audit] = []
         self.batches: list[list[Change]] = []
         self.fail = False
         # Frozen: writes are silently lost, as if the process had died just now.
@@ -139,6 +140,10 @@ class MemoryStore:
                 self.leases.pop(change.lease_id, None)
             elif isinstance(change, SetMeta):
                 self.meta[change.key] = change.value
+            elif isinstance(change, Audit):
+                self.audit.append(change)
+            elif isinstance(change, PruneAudit):
+                self.audit = [a for a in self.audit if a.ts >= change.before]
 
     def close(self) -> None:
         pass

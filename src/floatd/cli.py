@@ -6,7 +6,10 @@ is one line on stderr, never a traceback.
 
 from __future__ import annotations
 
+import csv
 import functools
+import json
+import math
 import signal
 import sys
 import time
@@ -110,23 +113,26 @@ def serve(
         overrides["log.level"] = log_level
     if log_format:
         overrides["log.format"] = log_format
-    run_server(_load(config_path, overrides))
+    run_server(_load(config_path, overrides), lambda: _load(config_path, overrides))
 
 
-def run_server(config: Config) -> None:
+def run_server(config: Config, loader: Callable[[], Config] | None = None) -> None:
     from floatd import logs
     from floatd.server import Server
     from floatd.store import SQLiteLeaseStore
+    from floatd.systemd import Notifier
 
     logs.configure(config.log_level, config.log_format)
     server_id = _server_id(config)
     store = SQLiteLeaseStore(config.database_path)
+    notifier = Notifier()
     try:
-        server = Server(config, store, server_id)
+        server = Server(config, store, server_id, config_loader=loader, notifier=notifier)
         server.load_state()
         trio.run(_serve, server)
     finally:
         store.close()
+        notifier.close()
 
 
 async def _serve(server: Any) -> None:
@@ -229,20 +235,369 @@ def activate(
     help="Where the demo keeps its key, config and state.",
 )
 @click.option("--listen", default="127.0.0.1:7411", show_default=True)
+@click.option(
+    "--status-listen",
+    default="127.0.0.1:7412",
+    show_default=True,
+    help='The HTTP status endpoint ("" turns it off).',
+)
 @guarded
-def demo(directory: Path, listen: str) -> None:
+def demo(directory: Path, listen: str, status_listen: str) -> None:
     """Serve a DEMO product right away: throwaway vendor key, no network needed."""
     from floatd.demo import prepare
 
-    config = prepare(directory, listen, time.time())
+    config = prepare(directory, listen, time.time(), status_listen)
     host, port = config.listen[0]
+    config_file = config.state_dir.parent / "floatd.toml"
+    status = f"  curl http://{status_listen}/status\n" if config.status_listen is not None else ""
     click.echo(
         f"floatd DEMO on {host}:{port}: products 'demo' (5 seats, per machine) and "
         f"'demo-instance' (3 seats, per process).\n"
         f"The key and entitlement in {config.state_dir.parent} are throwaway; this is "
         f"not a real license.\nTake a seat from another shell:\n"
         f"  python3 -m floatd.client.simple {host}:{port} demo\n"
+        f"and look at it:\n"
+        f"  floatd leases --config {config_file}\n"
+        f"{status}"
         f"Stop with Ctrl-C.",
         err=True,
     )
-    run_server(config)
+    run_server(config, lambda: load_config(config_file, env={}))
+
+
+# --- talking to the running daemon -------------------------------------------------
+
+
+def json_option(fn: F) -> F:
+    return click.option("--json", "as_json", is_flag=True, help="Stable machine output.")(fn)
+
+
+def _admin(config: Config) -> Any:
+    from floatd.admin import AdminClient
+
+    if config.admin_socket is None:
+        raise ConfigError("admin.socket", "is empty, so the daemon has no admin socket")
+    return AdminClient(config.admin_socket)
+
+
+def _echo_json(doc: Any) -> None:
+    click.echo(json.dumps(doc, indent=2, sort_keys=True))
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    """A plain aligned table; None shows as "-"."""
+    cells = [[("-" if v is None else str(v)) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    for row in cells:
+        lines.append("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    return "\n".join(lines)
+
+
+def _age(seconds: float) -> str:
+    seconds = int(seconds)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours}h"
+    if hours:
+        return f"{hours}h{minutes}m"
+    return f"{minutes}m{secs}s"
+
+
+@main.command()
+@config_option
+@json_option
+@guarded
+def status(config_path: Path | None, as_json: bool) -> None:
+    """Activation state and per-product seats in use."""
+    from floatd.audit import iso
+
+    with _admin(_load(config_path)) as admin:
+        doc = admin.call("status")
+    doc.pop("ok", None)
+    if as_json:
+        _echo_json(doc)
+        return
+    act = doc["activation"]
+    click.echo(f"floatd {doc['version']}, up {_age(doc['uptime'])}, server {doc['server_id']}")
+    line = f"activation: {act['state']} ({act['mode']})"
+    if act["entitlement_id"]:
+        line += f", entitlement {act['entitlement_id']}, license {act['license']}"
+        line += f", ends {iso(act['not_after']) or 'never'}"
+    click.echo(line)
+    click.echo(f"connections: {doc['connections']}, leases: {doc['leases']}")
+    products = doc["products"]
+    if products:
+        click.echo()
+        click.echo(
+            _table(
+                ["PRODUCT", "SEATS", "USED", "FREE", "WAITING", "STRATEGY", "LEASE", "ENDS"],
+                [
+                    [
+                        p["code"],
+                        p["seats"] if p["seats"] > 0 else "unlimited",
+                        p["used"],
+                        p["free"],
+                        p["waiting"],
+                        p["strategy"],
+                        f"{p['lease_duration']}s",
+                        iso(p["not_after"]),
+                    ]
+                    for p in products
+                ],
+            )
+        )
+
+
+@main.command()
+@config_option
+@click.option("--product", help="Only this product's leases.")
+@json_option
+@guarded
+def leases(config_path: Path | None, product: str | None, as_json: bool) -> None:
+    """The leases held now (never their tokens)."""
+    with _admin(_load(config_path)) as admin:
+        rows = admin.leases(product)
+    if as_json:
+        _echo_json(rows)
+        return
+    if not rows:
+        click.echo("no leases" + (f" of {product}" if product else ""))
+        return
+    columns = ["id", "product", "fingerprint", "instance", "user", "hostname", "address"]
+    click.echo(
+        _table(
+            [c.upper() for c in columns] + ["GRANTED", "EXPIRES"],
+            [[row[c] for c in columns] + [row["granted"], row["expires"]] for row in rows],
+        )
+    )
+
+
+@main.command()
+@config_option
+@click.argument("lease")
+@json_option
+@guarded
+def revoke(config_path: Path | None, lease: str, as_json: bool) -> None:
+    """End one lease now; its seat is free at once, and its holder hears
+    LEASE_NOT_FOUND on its next renew."""
+    with _admin(_load(config_path)) as admin:
+        row = admin.call("revoke", lease=lease)["lease"]
+    if as_json:
+        _echo_json(row)
+        return
+    who = ", ".join(
+        f"{k} {row[k]}" for k in ("fingerprint", "user", "hostname", "address") if row[k]
+    )
+    click.echo(f"revoked lease {row['id']} of {row['product']} ({who}); its seat is free")
+
+
+@main.command()
+@config_option
+@json_option
+@guarded
+def reload(config_path: Path | None, as_json: bool) -> None:
+    """Re-read the config and the entitlement without dropping a lease (as SIGHUP)."""
+    with _admin(_load(config_path)) as admin:
+        result = admin.call("reload")
+    result.pop("ok", None)
+    if as_json:
+        _echo_json(result)
+    else:
+        applied = ", ".join(result["applied"]) or "nothing changed"
+        click.echo(f"reloaded: {applied}")
+        if result["restart_needed"]:
+            click.echo(
+                "changed but needs a restart to apply: " + ", ".join(result["restart_needed"])
+            )
+        click.echo(f"entitlement: {result['entitlement'] or 'none'} ({result['activation']})")
+    if result["entitlement_rejected"]:
+        _fail(f"the entitlement file was rejected: {result['entitlement_rejected']}", 1)
+
+
+# --- the audit trail ----------------------------------------------------------------
+
+
+def _when(text: str | None, default: float, now: float, option: str) -> float:
+    from floatd.audit import parse_when
+
+    if text is None:
+        return default
+    try:
+        return parse_when(text, now)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint=option) from None
+
+
+@main.command()
+@config_option
+@click.option("--since", help="Start: a date, a date-time (UTC) or an age like 7d. [24h]")
+@click.option("--until", help="End (exclusive); default now.")
+@click.option("--product", help="Only this product.")
+@click.option(
+    "--event",
+    "events",
+    multiple=True,
+    type=click.Choice(["granted", "renewed", "released", "expired", "revoked", "refused"]),
+    help="Only these events (repeatable).",
+)
+@click.option("--limit", type=click.IntRange(min=1), help="At most this many records.")
+@json_option
+@guarded
+def audit(
+    config_path: Path | None,
+    since: str | None,
+    until: str | None,
+    product: str | None,
+    events: tuple[str, ...],
+    limit: int | None,
+    as_json: bool,
+) -> None:
+    """Audit records: every lease granted, renewed, released, expired, revoked or refused."""
+    from floatd import audit as trail
+
+    config = _load(config_path)
+    now = time.time()
+    start = _when(since, now - 86400, now, "--since")
+    end = _when(until, now + 1, now, "--until")
+    db = trail.open_readonly(config.database_path)
+    try:
+        records = trail.read_audit(db, start, end, product, events or trail.AUDIT_EVENTS, limit)
+        if as_json:
+            click.echo("[")
+            first = True
+            for record in records:
+                text = json.dumps(record.to_json(), sort_keys=True)
+                click.echo(("  " if first else ", ") + text)
+                first = False
+            click.echo("]")
+            return
+        rows = [
+            [
+                trail.iso(r.ts),
+                r.event,
+                r.product,
+                r.lease,
+                r.fingerprint,
+                r.user,
+                r.hostname,
+                r.peer,
+                r.code,
+            ]
+            for r in records
+        ]
+    finally:
+        db.close()
+    if not rows:
+        click.echo("no audit records in that range")
+        return
+    headers = ["TIME", "EVENT", "PRODUCT", "LEASE", "FINGERPRINT", "USER", "HOST", "ADDRESS"]
+    click.echo(_table([*headers, "CODE"], rows))
+
+
+@main.command()
+@config_option
+@click.option("--since", required=True, help="Start: a date, a date-time (UTC) or an age.")
+@click.option("--until", help="End (exclusive); default now.")
+@click.option("--by", type=click.Choice(["hour", "day"]), default="day", show_default=True)
+@click.option("--csv", "as_csv", is_flag=True, help="CSV output.")
+@json_option
+@click.option(
+    "--plot",
+    type=click.Path(path_type=Path, dir_okay=False),
+    metavar="FILE.png",
+    help="Also draw seats in use over time against the cap (needs matplotlib).",
+)
+@guarded
+def report(
+    config_path: Path | None,
+    since: str,
+    until: str | None,
+    by: str,
+    as_csv: bool,
+    as_json: bool,
+    plot: Path | None,
+) -> None:
+    """Usage per product and period: peak seats, seat-hours, distinct users and
+    machines, refusals for want of a seat."""
+    from floatd import audit as trail
+    from floatd.report import CSV_COLUMNS, build_report, plot_report
+
+    if as_csv and as_json:
+        raise click.UsageError("give --csv or --json, not both")
+    config = _load(config_path)
+    now = time.time()
+    start = _when(since, now, now, "--since")
+    end = _when(until, now, now, "--until")
+    if end <= start:
+        raise click.BadParameter("must come after --since", param_hint="--until")
+    caps = _entitled_caps(config, now)
+    db = trail.open_readonly(config.database_path)
+    try:
+        intervals = trail.lease_intervals(db, start, end, now)
+        refusals = trail.seat_refusals(db, start, end)
+    finally:
+        db.close()
+    result = build_report(intervals, refusals, start, end, by, products=caps)
+    if plot is not None:
+        try:
+            plot_report(result, str(plot), caps)
+        except ImportError:
+            _fail("--plot needs matplotlib: pip install 'floatd[plot]'", 1)
+    rows = [row.to_json(trail.iso) for row in result.rows]
+    if as_json:
+        _echo_json(
+            {
+                "since": trail.iso(start),
+                "until": trail.iso(end),
+                "by": by,
+                "seats": caps,
+                "rows": rows,
+            }
+        )
+    elif as_csv:
+        out = csv.writer(sys.stdout, lineterminator="\n")
+        out.writerow(CSV_COLUMNS)
+        for row in rows:
+            out.writerow([row[c] for c in CSV_COLUMNS])
+    else:
+        click.echo(
+            _table(
+                ["PRODUCT", "PERIOD", "PEAK", "CAP", "SEAT-HOURS", "USERS", "MACHINES", "REFUSED"],
+                [
+                    [
+                        r["product"],
+                        r["period_start"],
+                        r["peak_seats"],
+                        caps.get(r["product"]),
+                        f"{r['seat_hours']:.2f}",
+                        r["distinct_users"],
+                        r["distinct_machines"],
+                        r["refusals_no_seat"],
+                    ]
+                    for r in rows
+                ],
+            )
+            if rows
+            else "no products and no activity in that range"
+        )
+    if plot is not None:
+        click.echo(f"wrote {plot}", err=True)
+
+
+def _entitled_caps(config: Config, now: float) -> dict[str, int | None]:
+    """Each entitled product's seat cap (None: unlimited), from the installed
+    entitlement; empty if there is none that verifies."""
+    from floatd.entitlement import trusted_keys, verify_entitlement
+    from floatd.errors import EntitlementError
+
+    try:
+        text = config.entitlement_path.read_text(encoding="utf-8", errors="replace")
+        ent = verify_entitlement(
+            text, trusted_keys(config.vendor_keys), _server_id(config), now, math.inf
+        )
+    except (OSError, EntitlementError, ConfigError):
+        return {}
+    return {p.code: (None if p.unlimited else p.seats) for p in ent.products}

@@ -54,7 +54,7 @@ class Config:
     tls_cert: str = ""
     tls_key: str = ""
     status_listen: tuple[str, int] | None = ("127.0.0.1", 7412)
-    admin_socket: Path = Path("/run/floatd/admin.sock")
+    admin_socket: Path | None = Path("/run/floatd/admin.sock")
     state_dir: Path = Path("/var/lib/floatd")
     vendor_keys: tuple[str, ...] = ()
     authority_url: str = ""
@@ -64,6 +64,7 @@ class Config:
     allowed_clock_offset: float = 60.0
     log_level: str = "info"
     log_format: str = "json"
+    audit_retention_days: float = 90.0
     #: Where the file came from, for messages; not a config key.
     source: str = "<defaults>"
 
@@ -145,6 +146,11 @@ def _vendor_keys(value: Any, key: str) -> tuple[str, ...]:
     return items
 
 
+def _optional_path(value: Any, key: str) -> Path | None:
+    text = _string(value, key)
+    return Path(text) if text else None
+
+
 def _url(value: Any, key: str) -> str:
     text = _string(value, key)
     if text and not text.startswith(("http://", "https://")):
@@ -164,7 +170,7 @@ SCHEMA: dict[str, dict[str, tuple[str, Check]]] = {
         "tls_key": ("tls_key", _string),
     },
     "status": {"listen": ("status_listen", _status_listen)},
-    "admin": {"socket": ("admin_socket", _path)},
+    "admin": {"socket": ("admin_socket", _optional_path)},
     "state": {"dir": ("state_dir", _path)},
     "entitlement": {"vendor_keys": ("vendor_keys", _vendor_keys)},
     "authority": {
@@ -180,6 +186,7 @@ SCHEMA: dict[str, dict[str, tuple[str, Check]]] = {
         "level": ("log_level", _choice(*LOG_LEVELS)),
         "format": ("log_format", _choice(*LOG_FORMATS)),
     },
+    "audit": {"retention_days": ("audit_retention_days", _number(0))},
 }
 
 

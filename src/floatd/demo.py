@@ -45,7 +45,7 @@ DEMO_PRODUCTS = [
 ]
 
 
-def prepare(directory: Path, listen: str, now: float) -> Config:
+def prepare(directory: Path, listen: str, now: float, status_listen: str = "") -> Config:
     """Create (or refresh) the demo directory and return its config."""
     directory = directory.resolve()
     directory.mkdir(parents=True, exist_ok=True)
@@ -68,7 +68,7 @@ def prepare(directory: Path, listen: str, now: float) -> Config:
         f'listen = ["{listen}"]\n'
         f'machine_id_file = "{machine_id}"\n'
         "[status]\n"
-        'listen = ""\n'
+        f'listen = "{status_listen}"\n'
         "[admin]\n"
         f'socket = "{directory / "admin.sock"}"\n'
         "[state]\n"

@@ -136,6 +136,7 @@ class ConfigError(FloatdError):
     def __init__(self, key: str, problem: str) -> None:
         super().__init__(f"{key}: {problem}")
         self.key = key
+        self.problem = problem
 
 
 class EntitlementError(FloatdError):
@@ -148,3 +149,9 @@ class StoreError(FloatdError):
     """The state directory could not be read or written."""
 
     code = "INTERNAL"
+
+
+class AdminError(FloatdError):
+    """The running daemon could not be reached, or refused an admin command."""
+
+    code = "ADMIN"

@@ -102,7 +102,9 @@ def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = No
         # which keeps per-renew debug events nearly free on the hot path.
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
         logger_factory=lambda *args: _writer,
-        cache_logger_on_first_use=True,
+        # Not cached: ``floatd reload`` may change the level and format, and
+        # the hot path holds its own bound logger (EventLog) anyway.
+        cache_logger_on_first_use=False,
     )
 
 

@@ -16,6 +16,7 @@ them all (:mod:`floatd.committer`).
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import heapq
 import math
@@ -27,7 +28,8 @@ from typing import Any
 
 import trio
 
-from floatd import logs
+from floatd import __version__, logs
+from floatd.admin import AdminServer, bind_admin_socket, lease_row
 from floatd.committer import (
     LAZY_WINDOW,
     META_CLEAN,
@@ -36,16 +38,28 @@ from floatd.committer import (
     GroupCommitter,
     RunSync,
 )
-from floatd.config import Config
+from floatd.config import SCHEMA, Config
 from floatd.entitlement import Entitlement, trusted_keys, verify_entitlement
 from floatd.errors import Busy, ConfigError, EntitlementError, FloatdError, InternalError
 from floatd.logs import event_logger, get_logger
+from floatd.metrics import RequestStats
 from floatd.pool import Lease, Waiter
 from floatd.protocol.codec import MAX_FRAME, FrameDecoder, encode_frame
 from floatd.protocol.connection import Refusal, ServerConnection
-from floatd.protocol.messages import Acquire, Hello, Renew, failure, request_id
+from floatd.protocol.messages import (
+    Acquire,
+    Hello,
+    Info,
+    Ping,
+    Release,
+    Renew,
+    failure,
+    request_id,
+)
 from floatd.service import LeaseService
-from floatd.store import Change, LeaseStore, SetExpiry, SetMeta, extend_after_crash
+from floatd.status_http import StatusServer
+from floatd.store import Change, LeaseStore, PruneAudit, SetExpiry, SetMeta, extend_after_crash
+from floatd.systemd import Notifier
 
 HELLO_TIMEOUT = 10.0
 BUSY_WAIT = 2.0  # how long an over-limit connection may take to send its hello
@@ -53,6 +67,15 @@ MAX_PIPELINE = 64
 SHUTDOWN_GRACE = 3.0
 ENTITLEMENT_POLL = 1.0
 TIMER_MAX_SLEEP = 1.0  # also how soon a wall-clock jump is noticed
+AUDIT_PRUNE_INTERVAL = 600.0
+#: The watchdog is fed only while the writer has committed this recently: a
+#: hung disk should get the daemon restarted, not look healthy.
+WATCHDOG_COMMIT_AGE = 10.0
+
+#: Config attributes a reload cannot change; the rest apply at once.
+RESTART_ONLY = frozenset(
+    {"listen", "machine_id_file", "status_listen", "admin_socket", "state_dir"}
+)
 
 log = get_logger()
 
@@ -67,10 +90,22 @@ class _Slot:
     event: trio.Event | None = None
     close: bool = False
     granted: str | None = None  # lease id to give back if the answer cannot be sent
+    op: str = "invalid"
+    started: float = 0.0  # perf_counter when the request was read
 
 
 def _internal(rid: int | None) -> dict[str, Any]:
     return failure(rid, InternalError("the server could not store the change").to_wire())
+
+
+_OPS: dict[type, str] = {
+    Hello: "hello",
+    Acquire: "acquire",
+    Renew: "renew",
+    Release: "release",
+    Info: "info",
+    Ping: "ping",
+}
 
 
 class Server:
@@ -82,9 +117,17 @@ class Server:
         *,
         clock: Callable[[], float] = time.time,
         run_sync: RunSync | None = None,
+        config_loader: Callable[[], Config] | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
+        self.started_at = clock()
+        self.stats = RequestStats()
+        # How ``floatd reload`` and SIGHUP re-read the config (file, env, CLI
+        # options as at start); None: only the entitlement is re-read.
+        self._config_loader = config_loader
+        self.notifier = notifier or Notifier({})
         self.server_id = server_id
         self.service = LeaseService(
             server_id, config.default_duration, log=event_logger(config.log_level)
@@ -110,6 +153,10 @@ class Server:
         self._force_reload = False
         self._conns: trio.Nursery | None = None
         self._listeners: list[trio.SocketListener] = []
+        self._status_listeners: list[trio.SocketListener] = []
+        self._admin_listener: trio.SocketListener | None = None
+        self.status_ports: list[tuple[str, int]] = []
+        self.status = StatusServer(self)
         self._tls = tls_context(config)
 
     # --- start-up ------------------------------------------------------------
@@ -164,20 +211,22 @@ class Server:
             return
         self._install_entitlement(ent, now)
 
-    async def _reload_entitlement_async(self, force: bool) -> None:
-        """Running form: the file is stat'ed, read and verified in a worker thread."""
+    async def _reload_entitlement_async(self, force: bool) -> str | None:
+        """Running form: the file is stat'ed, read and verified in a worker
+        thread.  Returns why a new file was rejected, if it was."""
         signature = await self._run_sync(self._entitlement_signature)
         if not force and signature == self._ent_signature:
-            return
+            return None
         self._ent_signature = signature
         now = self.clock()
         try:
             ent = await self._run_sync(self._read_entitlement, now)
         except (EntitlementError, OSError) as exc:
             self._reject_entitlement(exc)
-            return
+            return str(exc)
         self._install_entitlement(ent, now)
         self._flush()
+        return None
 
     def _reject_entitlement(self, exc: Exception) -> None:
         """A file that fails verification changes nothing: the old one stays."""
@@ -216,10 +265,13 @@ class Server:
         plain OSError for the caller, not one buried in a nursery's group."""
         for host, port in self.config.listen:
             self._listeners.extend(await trio.open_tcp_listeners(port, host=host))
-        self.ports = [
-            (str(lst.socket.getsockname()[0]), int(lst.socket.getsockname()[1]))
-            for lst in self._listeners
-        ]
+        self.ports = [_address(lst) for lst in self._listeners]
+        if self.config.status_listen is not None:
+            host, port = self.config.status_listen
+            self._status_listeners = await trio.open_tcp_listeners(port, host=host)
+            self.status_ports = [_address(lst) for lst in self._status_listeners]
+        if self.config.admin_socket is not None:
+            self._admin_listener = bind_admin_socket(self.config.admin_socket)
 
     async def run(
         self, *, task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED
@@ -234,18 +286,32 @@ class Server:
                 background.start_soon(self._watch_entitlement)
                 background.start_soon(self._flush_logs)
                 background.start_soon(self._reap)
+                background.start_soon(self._prune_audit)
+                for status_listener in self._status_listeners:
+                    background.start_soon(self.status.serve, status_listener)
+                if self._admin_listener is not None:
+                    assert self.config.admin_socket is not None
+                    admin = AdminServer(self, self.config.admin_socket)
+                    background.start_soon(admin.serve, self._admin_listener)
+                if self.notifier.watchdog_interval is not None:
+                    background.start_soon(self._watchdog, self.notifier.watchdog_interval)
                 async with trio.open_nursery() as conns:
                     self._conns = conns
                     async with trio.open_nursery() as accepting:
                         for listener in listeners:
                             accepting.start_soon(self._accept_loop, listener)
+                        addresses = [f"{h}:{p}" for h, p in self.ports]
                         log.info(
                             "listening",
-                            addresses=[f"{h}:{p}" for h, p in self.ports],
+                            addresses=addresses,
+                            status=[f"{h}:{p}" for h, p in self.status_ports],
+                            admin=str(self.config.admin_socket or ""),
                             server_id=self.server_id,
                         )
                         task_status.started(self.ports)
+                        self.notifier.notify("READY=1", f"STATUS=serving on {', '.join(addresses)}")
                         await self._stop.wait()
+                        self.notifier.notify("STOPPING=1", "STATUS=stopping")
                         accepting.cancel_scope.cancel()
                     for listener in listeners:
                         await listener.aclose()
@@ -270,9 +336,101 @@ class Server:
         self._stop.set()
 
     def reload_entitlement_now(self) -> None:
-        """SIGHUP: re-read the entitlement file now, changed or not."""
+        """SIGHUP: re-read the config and the entitlement file now, changed or not."""
         self._force_reload = True
         self._reload_request.set()
+
+    async def reload(self) -> dict[str, Any]:
+        """Re-read the config and the entitlement; leases are kept.
+
+        What can change live does at once; what needs a restart (listeners,
+        paths) is reported and keeps its old value, so ``floatd status`` always
+        shows what the daemon really uses.  An invalid config changes nothing
+        and raises its ConfigError.
+        """
+        applied: list[str] = []
+        restart: list[str] = []
+        if self._config_loader is not None:
+            new = await self._run_sync(self._config_loader)
+            old = self.config
+            changed = [
+                (f"{section}.{key}", attr)
+                for section, table in SCHEMA.items()
+                for key, (attr, _) in table.items()
+                if getattr(old, attr) != getattr(new, attr)
+            ]
+            restart = [dotted for dotted, attr in changed if attr in RESTART_ONLY]
+            applied = [dotted for dotted, attr in changed if attr not in RESTART_ONLY]
+            attrs = {attr for _, attr in changed}
+            tls = tls_context(new) if attrs & {"tls_cert", "tls_key"} else self._tls
+            keys = trusted_keys(new.vendor_keys)
+            # Nothing above can fail any more: apply.
+            self.config = dataclasses.replace(
+                new, **{attr: getattr(old, attr) for attr in RESTART_ONLY}
+            )
+            self._tls = tls
+            self._keys = keys
+            if attrs & {"log_level", "log_format"}:
+                logs.configure(new.log_level, new.log_format)
+                self.service.set_log(event_logger(new.log_level))
+            self.service.default_duration = new.default_duration
+            if "default_duration" in attrs:
+                self.service.install(self.service.entitlement, self.clock())
+                self._flush()
+        rejected = await self._reload_entitlement_async(force=True)
+        now = self.clock()
+        result = {
+            "applied": applied,
+            "restart_needed": restart,
+            "entitlement": getattr(self.service.entitlement, "id", None),
+            "entitlement_rejected": rejected,
+            "activation": self.service.activation_state(now),
+        }
+        log.info("reloaded", **result)
+        return result
+
+    async def revoke(self, lease_id: str) -> dict[str, Any]:
+        """The admin's ``floatd revoke``: end a lease now and free its seat.
+        Answered once the deletion is durable, like a release."""
+        lease = self.service.revoke(lease_id, self.clock())
+        batch = self._flush()
+        if batch is not None:
+            await batch.wait()
+        return lease_row(lease)
+
+    def lease_rows(self, product: str | None = None) -> list[dict[str, Any]]:
+        leases = [
+            lease
+            for lease in self.service.pool.leases()
+            if product is None or lease.product == product
+        ]
+        leases.sort(key=lambda le: (le.product, le.granted_at))
+        return [lease_row(lease) for lease in leases]
+
+    def status_document(self) -> dict[str, Any]:
+        """``GET /status`` and ``floatd status``."""
+        now = self.clock()
+        ent = self.service.entitlement
+        return {
+            "version": __version__,
+            "server_id": self.server_id,
+            "uptime": round(now - self.started_at, 3),
+            "started_at": self.started_at,
+            "activation": {
+                "state": self.service.activation_state(now),
+                "mode": "online" if self.config.authority_url else "offline",
+                "entitlement_id": ent.id if ent else None,
+                "license": ent.license if ent else None,
+                "customer": ent.customer if ent else None,
+                "not_before": ent.not_before if ent else None,
+                "not_after": ent.not_after if ent else None,
+                "refresh_by": ent.refresh_by if ent else None,
+            },
+            "products": self.service.products_overview(),
+            "connections": self.connections,
+            "leases": len(self.service.pool),
+            "listen": [f"{h}:{p}" for h, p in self.ports],
+        }
 
     def _flush(self, urgent: bool = True) -> Batch | None:
         """Submit what the last service call changed and wake the waiters it served.
@@ -343,13 +501,36 @@ class Server:
             logs.flush()
 
     async def _watch_entitlement(self) -> None:
-        """Pick up an entitlement installed by the CLI, without a restart."""
+        """Pick up an entitlement installed by the CLI, without a restart; on
+        SIGHUP, reload the config as well."""
         while True:
             with trio.move_on_after(ENTITLEMENT_POLL):
                 await self._reload_request.wait()
             self._reload_request = trio.Event()
             force, self._force_reload = self._force_reload, False
-            await self._reload_entitlement_async(force)
+            if not force:
+                await self._reload_entitlement_async(False)
+                continue
+            try:
+                await self.reload()
+            except ConfigError as exc:
+                log.error("reload_failed", key=exc.key, reason=exc.problem)
+
+    async def _prune_audit(self) -> None:
+        """Retention: drop audit records past ``[audit] retention_days``."""
+        while True:
+            days = self.config.audit_retention_days
+            if days > 0:
+                self.committer.submit([PruneAudit(self.clock() - days * 86400)], urgent=False)
+            await trio.sleep(AUDIT_PRUNE_INTERVAL)
+
+    async def _watchdog(self, interval: float) -> None:
+        while True:
+            if self.clock() - self.committer.last_cut <= WATCHDOG_COMMIT_AGE:
+                self.notifier.notify("WATCHDOG=1")
+            else:
+                log.warning("watchdog_withheld", reason="no commit completed recently")
+            await trio.sleep(interval)
 
     async def _accept_loop(self, listener: trio.SocketListener) -> None:
         assert self._conns is not None
@@ -416,6 +597,11 @@ class Server:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         await trio.aclose_forcefully(stream)
+
+
+def _address(listener: trio.SocketListener) -> tuple[str, int]:
+    name = listener.socket.getsockname()
+    return str(name[0]), int(name[1])
 
 
 def tls_context(config: Config) -> ssl.SSLContext | None:
@@ -502,8 +688,9 @@ class _Connection:
         while True:
             slots: list[_Slot] = []
             waiting = False
+            started = time.perf_counter()
             while len(slots) < MAX_PIPELINE and (event := proto.next_event()) is not None:
-                slot = self._dispatch(event)
+                slot = self._dispatch(event, started)
                 slots.append(slot)
                 waiting = waiting or slot.waiter is not None
                 if slot.close:
@@ -539,25 +726,33 @@ class _Connection:
             self.last_active = trio.current_time()
             proto.receive_data(bytes(data))
 
-    def _dispatch(self, event: Hello | Refusal | Any) -> _Slot:
+    def _dispatch(self, event: Hello | Refusal | Any, started: float) -> _Slot:
         server = self.server
         if isinstance(event, Refusal):
-            return _Slot(response=event.response, close=event.close)
+            return _Slot(response=event.response, close=event.close, started=started)
         now = server.clock()
         if isinstance(event, Hello):
-            return _Slot(response=server.service.hello_response(event, now))
+            return _Slot(
+                response=server.service.hello_response(event, now), op="hello", started=started
+            )
         result = server.service.handle(event, now, self.peer)
-        lazy = isinstance(event, Renew) and server.committer.fresh()
+        # A renewal may be written lazily (see floatd.committer for why that is
+        # safe); a refusal acknowledges nothing, so its audit record need not
+        # hold up the answer either.
+        lazy = (isinstance(event, Renew) and server.committer.fresh()) or (
+            type(result) is dict and not result["ok"]
+        )
         batch = server._flush(urgent=not lazy)
         if lazy:
-            batch = None  # written lazily; see floatd.committer for why that is safe
+            batch = None
+        op = _OPS.get(type(event), "invalid")
         if isinstance(result, Waiter):
-            slot = _Slot(waiter=result, event=trio.Event())
+            slot = _Slot(waiter=result, event=trio.Event(), op=op, started=started)
             result.handle = slot
             server._check_deadline()
             return slot
         granted = result.get("lease") if isinstance(event, Acquire) and result.get("ok") else None
-        return _Slot(response=result, batch=batch, granted=granted)
+        return _Slot(response=result, batch=batch, granted=granted, op=op, started=started)
 
     async def _resolve(self, slot: _Slot) -> dict[str, Any]:
         """Wait until the slot's answer may be sent, and return it."""
@@ -566,6 +761,7 @@ class _Connection:
             assert slot.event is not None
             await slot.event.wait()
             slot.response = server.service.waiter_response(slot.waiter, server.clock())
+            server._flush(urgent=False)  # a timed-out wait's audit record
             if slot.waiter.lease is not None:
                 slot.granted = slot.waiter.lease.id
         assert slot.response is not None
@@ -587,12 +783,14 @@ class _Connection:
         abandoned: no waiter stays queued and no seat stays held for it.
         """
         frames = []
+        results = []
         pending = list(slots)
         try:
             for slot in slots:
                 response = slot.response
                 if response is None or slot.batch is not None:
                     response = await self._resolve(slot)
+                results.append("ok" if response["ok"] else response["error"]["code"])
                 try:
                     frames.append(encode_frame(response))
                 except ValueError:
@@ -600,6 +798,10 @@ class _Connection:
                     frames.append(encode_frame(failure(response.get("id"), error)))
             await self.stream.send_all(frames[0] if len(frames) == 1 else b"".join(frames))
             pending = []
+            done = time.perf_counter()
+            observe = self.server.stats.observe
+            for slot, result in zip(slots, results, strict=True):
+                observe(slot.op, result, done - slot.started)
             return True
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return False

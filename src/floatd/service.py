@@ -13,16 +13,24 @@ from __future__ import annotations
 import base64
 import ipaddress
 import os
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any, Protocol
 
 from floatd import __version__
 from floatd.entitlement import Entitlement, ProductTerms, check_license, check_product
-from floatd.errors import AuthFailed, FloatdError, IpNotAllowed, NoFreeSeats, UnknownProduct
+from floatd.errors import (
+    AuthFailed,
+    FloatdError,
+    IpNotAllowed,
+    LicenseRefusal,
+    NoFreeSeats,
+    UnknownProduct,
+)
 from floatd.pool import Claim, Lease, PoolProduct, SeatPool, Waiter, hash_token
 from floatd.protocol.connection import PROTOCOL_VERSION
 from floatd.protocol.messages import Acquire, Hello, Info, Ping, Release, Renew, Request, ok
-from floatd.store import Change, DeleteLease, PutLease, SetExpiry
+from floatd.store import Audit, Change, DeleteLease, PutLease, SetExpiry
 
 
 class LogFn(Protocol):
@@ -70,6 +78,13 @@ class LeaseService:
         self._woken: list[Waiter] = []
         # A queued acquire's id and lease token, until it is answered.
         self._queued: dict[Waiter, tuple[int, str]] = {}
+        #: Lease events by (event, product), and acquire refusals by
+        #: (product, code): cheap counters the metrics endpoint reads.
+        self.events: Counter[tuple[str, str]] = Counter()
+        self.refusals: Counter[tuple[str, str]] = Counter()
+
+    def set_log(self, log: LogFn) -> None:
+        self._log = log
 
     # --- state --------------------------------------------------------------
 
@@ -92,7 +107,10 @@ class LeaseService:
 
     def restore(self, leases: Iterable[Lease], now: float) -> list[Lease]:
         dead = self.pool.restore(leases, now)
-        self._changes.extend(DeleteLease(lease.id) for lease in dead)
+        for lease in sorted(dead, key=lambda le: le.expires_at):
+            self._changes.append(DeleteLease(lease.id))
+            self._record("expired", lease, lease.expires_at)
+            self._log("lease_expired", while_down=True, **_lease_fields(lease))
         return dead
 
     def advance(self, now: float) -> None:
@@ -132,10 +150,12 @@ class LeaseService:
             return
         for lease in self.pool.take_expired():
             self._changes.append(DeleteLease(lease.id))
+            self._record("expired", lease, lease.expires_at)
             self._log("lease_expired", **_lease_fields(lease))
         for waiter in self.pool.take_woken():
             if waiter.lease is not None:
                 self._changes.append(PutLease(waiter.lease))
+                self._record("granted", waiter.lease, waiter.lease.granted_at)
                 self._log("lease_granted", waited=True, **_lease_fields(waiter.lease))
             self._woken.append(waiter)
 
@@ -156,18 +176,50 @@ class LeaseService:
                 return ok(req.id, time=now)
             return self.hello_response(req, now)
         except FloatdError as exc:
-            if isinstance(req, Acquire):
-                self._log(
-                    "lease_refused",
-                    code=exc.code,
-                    product=req.product,
-                    fingerprint=req.fingerprint,
-                    user=req.user,
-                    peer=peer,
-                )
+            self._refused(req, exc.code, now, peer)
             return {"id": req.id, "ok": False, "error": exc.to_wire()}
         finally:
             self._collect()
+
+    def _record(self, event: str, lease: Lease, ts: float) -> None:
+        self._changes.append(_audit(event, lease, ts))
+        self.events[event, lease.product] += 1
+
+    def _refused(self, req: Request, code: str, now: float, peer: str | None) -> None:
+        """Log and audit a refused lease operation (info and ping refusals are
+        not lease events)."""
+        if isinstance(req, Acquire):
+            record = Audit(
+                now,
+                "refused",
+                req.product,
+                fingerprint=req.fingerprint,
+                instance=req.instance,
+                user=req.user,
+                hostname=req.hostname,
+                peer=peer,
+                code=code,
+            )
+        elif isinstance(req, (Renew, Release)):
+            # Only the id is known: a refused renew or release never reveals
+            # whose lease the id names (it may not be the caller's).
+            record = Audit(now, "refused", None, lease=req.lease, peer=peer, code=code)
+        else:
+            return
+        self._changes.append(record)
+        self.events["refused", record.product or ""] += 1
+        if record.product is not None:
+            self.refusals[record.product, code] += 1
+        self._log(
+            "lease_refused",
+            op=type(req).__name__.lower(),
+            code=code,
+            lease=record.lease,
+            product=record.product,
+            fingerprint=record.fingerprint,
+            user=record.user,
+            peer=peer,
+        )
 
     def hello_response(self, req: Hello, now: float) -> dict[str, Any]:
         return ok(
@@ -211,6 +263,7 @@ class LeaseService:
             self._queued[result] = (req.id, token)
             return result
         self._changes.append(PutLease(result))
+        self._record("granted", result, now)
         self._log("lease_granted", **_lease_fields(result))
         return self.grant_response(req.id, result, token, now)
 
@@ -242,13 +295,30 @@ class LeaseService:
                 seats=terms.seats,
                 used=self.pool.used(product),
             )
+        claim = waiter.claim
+        self.events["refused", product] += 1
+        self.refusals[product, err.code] += 1
+        self._changes.append(
+            Audit(
+                now,
+                "refused",
+                product,
+                fingerprint=claim.fingerprint,
+                instance=claim.instance,
+                user=claim.user,
+                hostname=claim.hostname,
+                peer=claim.peer,
+                code=err.code,
+            )
+        )
         self._log(
             "lease_refused",
+            op="acquire",
             code=err.code,
             product=product,
-            fingerprint=waiter.claim.fingerprint,
-            user=waiter.claim.user,
-            peer=waiter.claim.peer,
+            fingerprint=claim.fingerprint,
+            user=claim.user,
+            peer=claim.peer,
             waited=True,
         )
         return {"id": rid, "ok": False, "error": err.to_wire()}
@@ -273,6 +343,7 @@ class LeaseService:
             check_product(terms, now)
         self.pool.extend(now, lease)
         self._changes.append(SetExpiry(lease.id, lease.expires_at))
+        self._record("renewed", lease, now)
         if self._log.enabled("debug"):
             self._log("lease_renewed", level="debug", **_lease_fields(lease))
         expires_in = lease.expires_at - now
@@ -281,12 +352,14 @@ class LeaseService:
     def _release(self, req: Release, now: float) -> dict[str, Any]:
         lease = self.pool.release(now, req.lease, hash_token(req.token))
         self._changes.append(DeleteLease(lease.id))
+        self._record("released", lease, now)
         self._log("lease_released", **_lease_fields(lease))
         return ok(req.id)
 
     def revoke(self, lease_id: str, now: float) -> Lease:
         lease = self.pool.revoke(now, lease_id)
         self._changes.append(DeleteLease(lease.id))
+        self._record("revoked", lease, now)
         self._log("lease_revoked", **_lease_fields(lease))
         self._collect()
         return lease
@@ -299,6 +372,35 @@ class LeaseService:
         if terms is None:
             raise UnknownProduct(f"unknown product {req.product!r}")
         return ok(req.id, **self.product_summary(terms))
+
+    def activation_state(self, now: float) -> str:
+        """The ``activation.state`` of the status endpoint."""
+        try:
+            check_license(self.entitlement, now)
+        except LicenseRefusal as exc:
+            return _STATE_OF.get(exc.code, exc.code.lower())
+        return "active"
+
+    def products_overview(self) -> list[dict[str, Any]]:
+        """Per product: seats, use and queue, for status, metrics and the CLI."""
+        ent = self.entitlement
+        out = []
+        for terms in ent.products if ent is not None else ():
+            used = self.pool.used(terms.code)
+            out.append(
+                {
+                    "code": terms.code,
+                    "name": terms.name,
+                    "seats": terms.seats,
+                    "used": used,
+                    "free": None if terms.unlimited else max(0, terms.seats - used),
+                    "waiting": self.pool.waiting(terms.code),
+                    "strategy": terms.strategy,
+                    "lease_duration": self.duration_of(terms),
+                    "not_after": _earliest(ent.not_after if ent else None, terms.not_after),
+                }
+            )
+        return out
 
     def product_summary(self, terms: ProductTerms) -> dict[str, Any]:
         ent = self.entitlement
@@ -350,10 +452,35 @@ def _new_lease_secrets() -> tuple[str, str]:
     )
 
 
+_STATE_OF = {
+    "NOT_ACTIVATED": "not_activated",
+    "LICENSE_NOT_YET_VALID": "not_yet_valid",
+    "LICENSE_EXPIRED": "expired",
+    "GRACE_PERIOD_OVER": "grace_period_over",
+    "SERVER_TIME_MODIFIED": "time_modified",
+}
+
+
 def _earliest(a: int | None, b: int | None) -> int | None:
     if a is None:
         return b
     return a if b is None else min(a, b)
+
+
+def _audit(event: str, lease: Lease, ts: float) -> Audit:
+    return Audit(
+        ts,
+        event,
+        lease.product,
+        lease=lease.id,
+        fingerprint=lease.fingerprint,
+        instance=lease.instance,
+        user=lease.user,
+        hostname=lease.hostname,
+        peer=lease.peer,
+        seat=lease.seat,
+        granted_at=lease.granted_at,
+    )
 
 
 def _lease_fields(lease: Lease) -> dict[str, Any]:

@@ -52,7 +52,40 @@ class SetMeta:
     value: str
 
 
-Change = PutLease | SetExpiry | DeleteLease | SetMeta
+@dataclass(frozen=True, slots=True)
+class Audit:
+    """One audit record, written in the same transaction as the change it
+    describes, so the audit never claims what the leases table does not hold.
+
+    ``ts`` is when the event took effect: an expiry is dated at the lease's
+    ``expires_at`` even when the server only noticed it later (say, after
+    being down), which is what a usage report needs.  ``granted_at`` rides on
+    every record of a lease, so an interval can be rebuilt from its last
+    record alone."""
+
+    ts: float
+    event: str  # granted, renewed, released, expired, revoked, refused
+    product: str | None
+    lease: str | None = None
+    fingerprint: str | None = None
+    instance: str | None = None
+    user: str | None = None
+    hostname: str | None = None
+    peer: str | None = None
+    code: str | None = None
+    seat: tuple[str, ...] | None = None
+    granted_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PruneAudit:
+    """Drop up to ``limit`` audit records older than ``before`` (retention)."""
+
+    before: float
+    limit: int = 50_000
+
+
+Change = PutLease | SetExpiry | DeleteLease | SetMeta | Audit | PruneAudit
 
 
 class LeaseStore(Protocol):
@@ -73,15 +106,19 @@ class Coalesced:
     expiries: dict[str, float]
     deletes: set[str]
     meta: dict[str, str]
+    audit: list[Audit]
+    prune: PruneAudit | None = None
 
 
 def coalesce(changes: Iterable[Change]) -> Coalesced:
     """Net effect of changes applied in order.  A put writes the lease object as
     it is *now*, which may already hold a later renewal: the disk may run ahead of
     the batch, never behind it."""
-    out = Coalesced({}, {}, set(), {})
+    out = Coalesced({}, {}, set(), {}, [])
     for change in changes:
-        if isinstance(change, SetExpiry):
+        if isinstance(change, Audit):
+            out.audit.append(change)
+        elif isinstance(change, SetExpiry):
             if change.lease_id not in out.puts:
                 out.expiries[change.lease_id] = change.expires_at
         elif isinstance(change, PutLease):
@@ -90,6 +127,8 @@ def coalesce(changes: Iterable[Change]) -> Coalesced:
             out.puts.pop(change.lease_id, None)
             out.expiries.pop(change.lease_id, None)
             out.deletes.add(change.lease_id)
+        elif isinstance(change, PruneAudit):
+            out.prune = change
         else:
             out.meta[change.key] = change.value
     return out
@@ -145,7 +184,42 @@ _MIGRATIONS = [
         value TEXT NOT NULL
     );
     """,
+    # The audit trail.  Only ts is indexed: it grows in time order, so the index
+    # appends, and reads (floatd audit, floatd report, pruning) all go by time.
+    """
+    CREATE TABLE audit (
+        seq INTEGER PRIMARY KEY,
+        ts REAL NOT NULL,
+        event TEXT NOT NULL,
+        product TEXT,
+        lease TEXT,
+        fingerprint TEXT,
+        instance TEXT,
+        user TEXT,
+        hostname TEXT,
+        peer TEXT,
+        code TEXT,
+        seat BLOB,
+        granted_at REAL
+    );
+    CREATE INDEX audit_ts ON audit (ts);
+    """,
 ]
+
+AUDIT_COLUMNS = (
+    "ts",
+    "event",
+    "product",
+    "lease",
+    "fingerprint",
+    "instance",
+    "user",
+    "hostname",
+    "peer",
+    "code",
+    "seat",
+    "granted_at",
+)
 
 # Leases are stored by an integer row number the store assigns in order, not by
 # their random id: inserts then append to the table's last pages, and no index on
@@ -190,6 +264,23 @@ def _marks(n: int) -> str:
 def _chunks(items: list[Any]) -> Iterator[list[Any]]:
     for start in range(0, len(items), _CHUNK):
         yield items[start : start + _CHUNK]
+
+
+def _audit_row(a: Audit) -> tuple[object, ...]:
+    return (
+        a.ts,
+        a.event,
+        a.product,
+        a.lease,
+        a.fingerprint,
+        a.instance,
+        a.user,
+        a.hostname,
+        a.peer,
+        a.code,
+        None if a.seat is None else msgpack.packb(a.seat),
+        a.granted_at,
+    )
 
 
 def _row(lease: Lease) -> tuple[object, ...]:
@@ -277,6 +368,19 @@ class SQLiteLeaseStore:
                     f"UPDATE leases SET expires_at = CASE row {whens} END"
                     f" WHERE row IN ({_marks(len(items))})",
                     [v for pair in items for v in pair] + [r for r, _ in items],
+                )
+            arow = "(" + _marks(len(AUDIT_COLUMNS)) + ")"
+            for records in _chunks(net.audit):
+                db.execute(
+                    f"INSERT INTO audit ({','.join(AUDIT_COLUMNS)})"
+                    f" VALUES {','.join([arow] * len(records))}",
+                    [v for record in records for v in _audit_row(record)],
+                )
+            if net.prune is not None:
+                db.execute(
+                    "DELETE FROM audit WHERE seq IN"
+                    " (SELECT seq FROM audit WHERE ts < ? ORDER BY ts LIMIT ?)",
+                    (net.prune.before, net.prune.limit),
                 )
             if net.meta:
                 db.execute(

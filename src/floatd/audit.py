@@ -1,0 +1,187 @@
+"""Reading the audit trail back: what ``floatd audit`` and ``floatd report`` see.
+
+The daemon writes audit records in the same transaction as the lease changes
+they describe (:class:`floatd.store.Audit`).  This side only reads, through a
+read-only connection, so it works whether the daemon runs or not and can never
+disturb it: SQLite's WAL lets readers and the one writer proceed side by side.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from floatd.errors import StoreError
+from floatd.report import Interval
+
+AUDIT_EVENTS = ("granted", "renewed", "released", "expired", "revoked", "refused")
+END_EVENTS = ("released", "expired", "revoked")
+NO_FREE_SEATS = "NO_FREE_SEATS"
+
+_RELATIVE = re.compile(r"^(\d+)([smhdw])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_when(text: str, now: float) -> float:
+    """A point in time from the command line: an ISO date or date-time (UTC
+    unless it names an offset), or an age such as ``90m``, ``24h``, ``7d``."""
+    text = text.strip()
+    match = _RELATIVE.match(text)
+    if match:
+        return now - int(match.group(1)) * _UNITS[match.group(2)]
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not a date (2026-11-01, 2026-11-01T08:00, ...) or an age (7d, 24h)"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def open_readonly(database: Path) -> sqlite3.Connection:
+    """A read-only connection to the state database, refusing one that is
+    missing or older than the audit trail."""
+    if not database.exists():
+        raise StoreError(f"no state database at {database} (has floatd run with this config?)")
+    try:
+        db = sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True, timeout=10)
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read state database {database}: {exc}") from None
+    if version < 3:
+        db.close()
+        raise StoreError(f"state database {database} has no audit trail yet; start floatd once")
+    return db
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    ts: float
+    event: str
+    product: str | None
+    lease: str | None
+    fingerprint: str | None
+    instance: str | None
+    user: str | None
+    hostname: str | None
+    peer: str | None
+    code: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "time": iso(self.ts),
+            "ts": self.ts,
+            "event": self.event,
+            "product": self.product,
+            "lease": self.lease,
+            "fingerprint": self.fingerprint,
+            "instance": self.instance,
+            "user": self.user,
+            "hostname": self.hostname,
+            "address": self.peer,
+            "code": self.code,
+        }
+
+
+def read_audit(
+    db: sqlite3.Connection,
+    since: float,
+    until: float | None = None,
+    product: str | None = None,
+    events: tuple[str, ...] = AUDIT_EVENTS,
+    limit: int | None = None,
+) -> Iterator[AuditEntry]:
+    """Records in time order.  A generator, so a long audit streams out."""
+    sql = (
+        "SELECT ts, event, product, lease, fingerprint, instance, user, hostname, peer, code"
+        f" FROM audit WHERE ts >= ? AND event IN ({','.join('?' * len(events))})"
+    )
+    args: list[Any] = [since, *events]
+    if until is not None:
+        sql += " AND ts < ?"
+        args.append(until)
+    if product is not None:
+        sql += " AND product = ?"
+        args.append(product)
+    sql += " ORDER BY ts, seq"
+    if limit is not None:
+        sql += " LIMIT ?"
+        args.append(limit)
+    try:
+        for row in db.execute(sql, args):
+            yield AuditEntry(*row)
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read the audit trail: {exc}") from None
+
+
+def lease_intervals(
+    db: sqlite3.Connection, since: float, until: float, now: float
+) -> list[Interval]:
+    """Every seat tenancy that overlaps ``[since, until)``.
+
+    An ended lease is rebuilt from its end record alone (which carries
+    ``granted_at``), so a lease held for months still shows up in a one-day
+    report.  Leases still held come from the leases table, ending at their
+    expiry or now, whichever is first.
+    """
+    out: dict[str, Interval] = {}
+    try:
+        rows = db.execute(
+            "SELECT lease, product, seat, user, fingerprint, granted_at, ts FROM audit"
+            f" WHERE ts >= ? AND event IN ({','.join('?' * len(END_EVENTS))})"
+            " AND granted_at < ?",
+            (since, *END_EVENTS, until),
+        ).fetchall()
+        held = db.execute(
+            "SELECT id, product, seat, user, fingerprint, granted_at, expires_at FROM leases"
+            " WHERE granted_at < ?",
+            (until,),
+        ).fetchall()
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read the audit trail: {exc}") from None
+    for lease, product, seat, user, fingerprint, granted_at, ended in rows:
+        out[lease] = Interval(product, _seat(seat, lease), granted_at, ended, user, fingerprint)
+    for lease, product, seat, user, fingerprint, granted_at, expires_at in held:
+        end = min(expires_at, now)
+        if lease not in out and end >= since:  # an end record, if written, wins
+            out[lease] = Interval(product, _seat(seat, lease), granted_at, end, user, fingerprint)
+    return list(out.values())
+
+
+def _seat(blob: bytes | None, lease: str) -> tuple[str, ...]:
+    return tuple(msgpack.unpackb(blob)) if blob is not None else (lease,)
+
+
+def seat_refusals(db: sqlite3.Connection, since: float, until: float) -> list[tuple[float, str]]:
+    """``(time, product)`` of every acquire refused for want of a seat."""
+    try:
+        return [
+            (ts, product)
+            for ts, product in db.execute(
+                "SELECT ts, product FROM audit WHERE ts >= ? AND ts < ?"
+                " AND event = 'refused' AND code = ?",
+                (since, until, NO_FREE_SEATS),
+            )
+        ]
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read the audit trail: {exc}") from None
+
+
+def first_record(db: sqlite3.Connection) -> float | None:
+    row = db.execute("SELECT min(ts) FROM audit").fetchone()
+    return None if row is None else row[0]
