@@ -21,11 +21,15 @@ class Daemon:
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
         self.addresses: list[str] = []
+        self.status: list[str] = []
         self._log_offset = 0
 
-    def start(self, port: int = 0, also: tuple[str, ...] = ()) -> int:
+    def start(
+        self, port: int = 0, also: tuple[str, ...] = (), env: dict[str, str] | None = None
+    ) -> int:
         """Start and wait (bounded) for the ``listening`` event; returns the port.
-        ``also`` adds listeners (host:port), reported in ``self.addresses``."""
+        ``also`` adds listeners (host:port), reported in ``self.addresses``;
+        the status endpoint's addresses land in ``self.status``."""
         listen = [f"127.0.0.1:{port}", *also]
         with open(self.log, "ab") as out:
             self._log_offset = out.tell()
@@ -43,13 +47,14 @@ class Daemon:
                 ],
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, "FLOATD_CONFIG": ""},
+                env={**os.environ, "FLOATD_CONFIG": "", **(env or {})},
             )
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             for event in self.events():
                 if event.get("event") == "listening":
                     self.addresses = list(event["addresses"])
+                    self.status = list(event.get("status", []))
                     self.port = int(self.addresses[0].rsplit(":", 1)[1])
                     return self.port
             if self.proc.poll() is not None:

@@ -29,6 +29,7 @@ from conftest import (
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from floatd.activation import atomic_write
+from floatd.config import load_config
 from floatd.protocol.codec import encode_frame
 from floatd.server import Server
 
@@ -65,8 +66,14 @@ async def serving(
     if entitlement is not None:
         atomic_write(cfg.entitlement_path, entitlement)
     store = store or MemoryStore()
+    config_file = tmp_path / "floatd.toml"
     server = Server(
-        cfg, store, SERVER_ID, clock=lambda: BASE + trio.current_time(), run_sync=run_sync
+        cfg,
+        store,
+        SERVER_ID,
+        clock=lambda: BASE + trio.current_time(),
+        run_sync=run_sync,
+        config_loader=lambda: load_config(config_file, env={}),
     )
     server.load_state()
     async with trio.open_nursery() as nursery:

@@ -182,6 +182,8 @@ def _sweep(
             last = upto
 
     for at, delta, seat in points:
+        if at >= until:
+            break  # tenancies cut off by the report's end, not real releases
         accrue(at)
         before = holders[seat]
         holders[seat] = before + delta
@@ -192,6 +194,8 @@ def _sweep(
             del holders[seat]
         if index < len(periods):
             periods[index].peak = max(periods[index].peak, in_use)
+        if series[-1][1] == in_use:
+            continue  # another holder of a held seat: no step
         if series[-1][0] == at:
             series[-1] = (at, in_use)
         else:

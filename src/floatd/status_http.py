@@ -138,6 +138,7 @@ class StatusServer:
     ) -> h11.Request | None:
         """The next request with its (dropped) body, or None to close."""
         request: h11.Request | None = None
+        started = False  # any byte of this request seen yet
         body = 0
         deadline = trio.current_time() + timeout
         scope = trio.CancelScope(deadline=deadline)
@@ -150,6 +151,7 @@ class StatusServer:
                     return None
                 if event is h11.NEED_DATA:
                     data = await stream.receive_some(4096)
+                    started = started or bool(data)
                     conn.receive_data(bytes(data))  # b"" is EOF
                     continue
                 if isinstance(event, h11.Request):
@@ -166,7 +168,7 @@ class StatusServer:
                 else:  # ConnectionClosed, or PAUSED mid-cycle
                     return None
         # Too slow: a request that started gets 408, an idle connection just closes.
-        if request is not None or conn.their_state is h11.SEND_BODY:
+        if started:
             await self._refuse(stream, conn, 408)
         return None
 

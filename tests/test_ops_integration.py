@@ -1,0 +1,269 @@
+"""What an admin does with the real ``floatd serve``: the CLI over the admin
+socket, the status endpoint over real HTTP, and systemd's notify protocol."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import write_config
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from daemon import Daemon
+from test_integration import client, entitlement, floatd_cli
+
+from floatd.activation import atomic_write
+
+ROOT = Path(__file__).resolve().parent.parent
+UNIT = ROOT / "systemd" / "floatd.service"
+
+
+@pytest.fixture
+def ops(tmp_path: Path, vendor_key: Ed25519PrivateKey) -> Any:
+    cfg = write_config(tmp_path, vendor_key, status__listen="127.0.0.1:0")
+    atomic_write(tmp_path / "state" / "entitlement.txt", entitlement(vendor_key, seats=2))
+    with Daemon(cfg, tmp_path / "floatd.log") as d:
+        d.start()
+        yield d
+
+
+def cli(d: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
+    return floatd_cli(*args, "--config", str(d.config))
+
+
+def get(d: Daemon, path: str, method: str = "GET") -> tuple[int, bytes]:
+    host, port = d.status[0].rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        conn.request(method, path)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def test_an_admin_sees_and_frees_a_stuck_seat(ops: Daemon, tmp_path: Path) -> None:
+    with client(ops) as c, client(ops) as other:
+        stuck = c.request("acquire", product="app", fingerprint="machine-stuck", user="bob")
+        c.request("acquire", product="app", fingerprint="machine-0002", hostname="ws2")
+        full = other.request("acquire", product="app", fingerprint="machine-0003")
+        assert full["error"]["code"] == "NO_FREE_SEATS"
+
+        socket_mode = stat.S_IMODE((tmp_path / "admin.sock").stat().st_mode)
+        assert socket_mode == 0o660
+
+        status = cli(ops, "status")
+        assert status.returncode == 0, status.stderr
+        assert "activation: active" in status.stdout
+        assert any(
+            line.split()[:4] == ["app", "2", "2", "0"] for line in status.stdout.splitlines()
+        )
+        doc = json.loads(cli(ops, "status", "--json").stdout)
+        assert doc["products"][0]["used"] == 2 and doc["activation"]["state"] == "active"
+
+        table = cli(ops, "leases")
+        assert table.returncode == 0 and "machine-stuck" in table.stdout and "ws2" in table.stdout
+        assert stuck["token"] not in table.stdout
+        rows = json.loads(cli(ops, "leases", "--json", "--product", "app").stdout)
+        assert {r["fingerprint"] for r in rows} == {"machine-stuck", "machine-0002"}
+        assert all("token" not in r for r in rows)
+
+        revoked = cli(ops, "revoke", stuck["lease"])
+        assert revoked.returncode == 0 and stuck["lease"] in revoked.stdout
+        assert other.request("acquire", product="app", fingerprint="machine-0003")["ok"]
+        renew = c.request("renew", lease=stuck["lease"], token=stuck["token"])
+        assert renew["error"]["code"] == "LEASE_NOT_FOUND"
+        again = cli(ops, "revoke", stuck["lease"])
+        assert again.returncode == 1 and again.stderr.count("\n") == 1
+
+    # Everything above is in the audit, in order, and in the usage report.
+    records = json.loads(cli(ops, "audit", "--json", "--since", "1h").stdout)
+    events = [(r["event"], r["fingerprint"], r["code"]) for r in records]
+    assert events[:3] == [
+        ("granted", "machine-stuck", None),
+        ("granted", "machine-0002", None),
+        ("refused", "machine-0003", "NO_FREE_SEATS"),
+    ]
+    assert ("revoked", "machine-stuck", None) in events
+    assert all("token" not in json.dumps(r) for r in records)
+    report = json.loads(cli(ops, "report", "--since", "1h", "--by", "hour", "--json").stdout)
+    app = [r for r in report["rows"] if r["product"] == "app"]
+    assert max(r["peak_seats"] for r in app) == 2 and report["seats"] == {"app": 2}
+    assert sum(r["refusals_no_seat"] for r in app) == 1
+    assert sum(r["distinct_machines"] for r in app) >= 3
+
+
+def test_reload_over_the_admin_socket(ops: Daemon, vendor_key: Ed25519PrivateKey) -> None:
+    text = ops.config.read_text()
+    ops.config.write_text(text.replace('level = "debug"', 'level = "info"'))
+    done = cli(ops, "reload")
+    assert done.returncode == 0 and "log.level" in done.stdout
+    ops.config.write_text(text + "\n[leases]\ndefault_duration = 0\n")
+    bad = cli(ops, "reload")
+    assert bad.returncode == 2 and "leases.default_duration" in bad.stderr
+    assert bad.stderr.count("\n") == 1
+    # SIGHUP does the same; the daemon logs what it did.
+    ops.config.write_text(text)
+    assert ops.proc is not None
+    ops.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if sum(e.get("event") == "reloaded" for e in ops.events()) >= 2:
+            break
+        time.sleep(0.05)
+    reloads = [e for e in ops.events() if e.get("event") == "reloaded"]
+    assert len(reloads) == 2 and reloads[-1]["applied"] == ["log.level"]
+
+
+def test_admin_commands_without_a_daemon_say_so(
+    tmp_path: Path, vendor_key: Ed25519PrivateKey
+) -> None:
+    cfg = write_config(tmp_path, vendor_key)
+    for args in (["status"], ["leases"], ["revoke", "x"], ["reload"]):
+        done = floatd_cli(*args, "--config", str(cfg))
+        assert done.returncode == 1 and "not running" in done.stderr, args
+        assert done.stderr.count("\n") == 1
+
+
+def test_status_endpoint_over_real_http(ops: Daemon) -> None:
+    with client(ops) as c:
+        c.request("acquire", product="app", fingerprint="machine-0001")
+        code, body = get(ops, "/healthz")
+        assert code == 200 and json.loads(body) == {"status": "ok"}
+        code, body = get(ops, "/status")
+        assert code == 200 and json.loads(body)["products"][0]["used"] == 1
+        code, body = get(ops, "/metrics")
+        assert code == 200 and b'floatd_seats_used{product="app"} 1.0' in body
+        assert get(ops, "/status", "HEAD") == (200, b"")
+        assert get(ops, "/metrics", "DELETE")[0] == 405
+        assert get(ops, "/", "GET")[0] == 404
+
+
+def _flood(address: str, stop: threading.Event, counts: dict[str, int]) -> None:
+    """Hostile HTTP clients: huge headers, slow senders, garbage, wrong methods."""
+    host, port = address.rsplit(":", 1)
+    kinds = [
+        b"GET /status HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 65536 + b"\r\n\r\n",
+        b"GET /status HTTP/1.1\r\nHo",  # and then nothing: a slow sender
+        b"\x00\xff\x13garbage\r\n\r\n",
+        b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc",
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n",
+    ]
+    i = 0
+    held: list[socket.socket] = []
+    while not stop.is_set() and i < 5000:
+        kind = kinds[i % len(kinds)]
+        i += 1
+        try:
+            s = socket.create_connection((host, int(port)), timeout=2)
+            s.sendall(kind)
+            if kind.endswith(b"Ho"):
+                held.append(s)  # keep it open, sending nothing more
+                if len(held) > 40:
+                    held.pop(0).close()
+                continue
+            s.recv(256)
+            s.close()
+            counts["done"] = counts.get("done", 0) + 1
+        except OSError:
+            counts["refused"] = counts.get("refused", 0) + 1
+    for s in held:
+        s.close()
+
+
+def test_a_flood_on_the_status_port_leaves_leasing_untouched(ops: Daemon) -> None:
+    stop = threading.Event()
+    counts: dict[str, int] = {}
+    threads = [
+        threading.Thread(target=_flood, args=(ops.status[0], stop, counts)) for _ in range(4)
+    ]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.5)
+        with client(ops) as c:
+            for i in range(100):
+                got = c.request("acquire", product="app", fingerprint=f"machine-{i:04d}")
+                assert got["ok"], got
+                assert c.request("release", lease=got["lease"], token=got["token"])["ok"]
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert counts.get("done", 0) > 0  # the flood did reach the status port
+    # and the status port still answers once it is over.
+    assert get(ops, "/healthz")[0] == 200
+
+
+def test_systemd_notify_ready_watchdog_stopping(
+    tmp_path: Path, vendor_key: Ed25519PrivateKey
+) -> None:
+    cfg = write_config(tmp_path, vendor_key)
+    atomic_write(tmp_path / "state" / "entitlement.txt", entitlement(vendor_key))
+    notify_path = tmp_path / "notify.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(notify_path))
+    listener.settimeout(10)
+    with listener, Daemon(cfg, tmp_path / "floatd.log") as d:
+        d.start(env={"NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": "200000"})
+        messages: list[str] = []
+        deadline = time.monotonic() + 10
+        while sum(m == "WATCHDOG=1" for m in messages) < 3 and time.monotonic() < deadline:
+            messages.append(listener.recv(4096).decode())
+        assert messages[0].splitlines()[0] == "READY=1"
+        assert sum(m == "WATCHDOG=1" for m in messages) >= 3
+        assert d.terminate() == 0
+        rest = []
+        listener.settimeout(0.5)
+        for _ in range(100):
+            try:
+                rest.append(listener.recv(4096).decode())
+            except TimeoutError:
+                break
+        assert any(m.splitlines()[0] == "STOPPING=1" for m in rest)
+
+
+def test_the_unit_file() -> None:
+    text = UNIT.read_text()
+    settings = {
+        line.split("=", 1)[0]: line.split("=", 1)[1]
+        for line in text.splitlines()
+        if "=" in line and not line.startswith("#")
+    }
+    for key, value in {
+        "Type": "notify",
+        "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "StateDirectory": "floatd",
+        "RuntimeDirectory": "floatd",
+        "ConfigurationDirectory": "floatd",
+        "CapabilityBoundingSet": "",
+        "User": "floatd",
+    }.items():
+        assert settings.get(key) == value, key
+    assert "WatchdogSec" in settings and "ExecReload" in settings
+    assert "AF_UNIX" in settings["RestrictAddressFamilies"]
+    assert int(settings["LimitNOFILE"]) > 10000  # above the default max_connections
+    if shutil.which("systemd-analyze"):
+        done = subprocess.run(
+            ["systemd-analyze", "verify", str(UNIT)], capture_output=True, text=True, timeout=60
+        )
+        problems = [
+            line
+            for line in done.stderr.splitlines()
+            if str(UNIT.name) in line or "floatd" in line.lower()
+        ]
+        assert done.returncode == 0 and not problems, done.stderr
+    assert os.access(UNIT, os.R_OK)
