@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -42,7 +43,19 @@ def test_check_config(tmp_path: Path, vendor_key: Ed25519PrivateKey) -> None:
 
 
 def test_every_command_has_help() -> None:
-    for cmd in ("serve", "check-config", "fingerprint", "activate", "demo"):
+    for cmd in (
+        "serve",
+        "check-config",
+        "fingerprint",
+        "activate",
+        "demo",
+        "status",
+        "leases",
+        "revoke",
+        "reload",
+        "audit",
+        "report",
+    ):
         code, out, _ = run(cmd, "--help")
         assert code == 0 and "Usage:" in out
 
@@ -138,3 +151,111 @@ def test_activate_usage_errors(tmp_path: Path, vendor_key: Ed25519PrivateKey) ->
         "activate", "--config", str(cfg), "--offline-request", str(tmp_path / "r.txt")
     )
     assert code == 2 and "license-key" in err
+
+
+# --- audit and report read the state database, daemon or not -----------------------------
+
+
+def _scripted_history(tmp_path: Path, cfg: Path) -> None:
+    """A day of leases written the way the daemon writes them."""
+    from floatd.config import load_config
+    from floatd.pool import Lease, hash_token
+    from floatd.service import _audit
+    from floatd.store import Audit, DeleteLease, PutLease, SQLiteLeaseStore
+
+    config = load_config(cfg, env={})
+    store = SQLiteLeaseStore(config.database_path)
+    day = 1_790_000_000.0 - 1_790_000_000.0 % 86400  # a UTC midnight
+
+    def lease(name: str, start: float) -> Lease:
+        return Lease(
+            id=f"L-{name}",
+            token_hash=hash_token(name),
+            product="app",
+            seat=(f"machine-{name}",),
+            fingerprint=f"machine-{name}",
+            instance=None,
+            user=name,
+            hostname=f"ws-{name}",
+            meta={},
+            peer="10.0.0.1",
+            granted_at=start,
+            expires_at=start + 3600,
+            duration=3600,
+        )
+
+    a, b = lease("alice", day + 9 * 3600), lease("bob", day + 10 * 3600)
+    store.apply([PutLease(a), _audit("granted", a, a.granted_at)])
+    store.apply([PutLease(b), _audit("granted", b, b.granted_at)])
+    store.apply([Audit(day + 10.5 * 3600, "refused", "app", code="NO_FREE_SEATS")])
+    store.apply([DeleteLease(a.id), _audit("released", a, day + 11 * 3600)])
+    store.apply([DeleteLease(b.id), _audit("expired", b, day + 12 * 3600)])
+    store.close()
+
+
+def test_audit_and_report_formats(tmp_path: Path, vendor_key: Ed25519PrivateKey) -> None:
+    cfg = write_config(tmp_path, vendor_key)
+    _scripted_history(tmp_path, cfg)
+    since, until = "2026-09-21", "2026-09-22"  # the UTC day of 1_790_000_000
+    code, out, _ = run("audit", "--config", str(cfg), "--since", since, "--until", until)
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split()[:3] == ["TIME", "EVENT", "PRODUCT"] and len(lines) == 6
+    assert [line.split()[1] for line in lines[1:]] == [
+        "granted",
+        "granted",
+        "refused",
+        "released",
+        "expired",
+    ]
+    code, out, _ = run(
+        "audit", "--config", str(cfg), "--since", since, "--json", "--event", "expired"
+    )
+    (record,) = json.loads(out)
+    assert record["user"] == "bob" and record["time"] == "2026-09-21T12:00:00Z"
+
+    args = ("report", "--config", str(cfg), "--since", since, "--until", until)
+    code, out, _ = run(*args, "--json")
+    assert code == 0
+    (row,) = json.loads(out)["rows"]
+    assert row == {
+        "product": "app",
+        "period_start": "2026-09-21T00:00:00Z",
+        "period_end": "2026-09-22T00:00:00Z",
+        "peak_seats": 2,
+        "seat_hours": 4.0,  # alice 9:00-11:00 and bob 10:00-12:00
+        "distinct_users": 2,
+        "distinct_machines": 2,
+        "refusals_no_seat": 1,
+    }
+    code, out, _ = run(*args, "--by", "hour", "--csv")
+    csv_lines = out.splitlines()
+    assert csv_lines[0].startswith("product,period_start,period_end,peak_seats")
+    assert len(csv_lines) == 1 + 24
+    assert csv_lines[1 + 10].split(",")[3:5] == ["2", "2.0"]  # 10:00-11:00: both seats held
+    code, out, _ = run(*args)
+    assert code == 0 and out.splitlines()[1].split()[:4] == [
+        "app",
+        "2026-09-21T00:00:00Z",
+        "2",
+        "-",
+    ]
+
+    png = tmp_path / "usage.png"
+    code, _, err = run(*args, "--by", "hour", "--plot", str(png))
+    assert code == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "wrote" in err
+
+
+def test_audit_and_report_refuse_bad_input(tmp_path: Path, vendor_key: Ed25519PrivateKey) -> None:
+    cfg = write_config(tmp_path, vendor_key)
+    code, _, err = run("audit", "--config", str(cfg))
+    assert code == 1 and "no state database" in err and err.count("\n") == 1
+    _scripted_history(tmp_path, cfg)
+    code, _, err = run("audit", "--config", str(cfg), "--since", "last tuesday")
+    assert code == 2 and "--since" in err
+    code, _, err = run("report", "--config", str(cfg), "--since", "2d", "--until", "3d")
+    assert code == 2 and "--until" in err
+    code, _, err = run("report", "--config", str(cfg), "--since", "2d", "--csv", "--json")
+    assert code == 2
+    code, _, _ = run("report", "--config", str(cfg))
+    assert code == 2  # --since is required

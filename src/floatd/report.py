@@ -241,7 +241,8 @@ def plot_report(report: Report, path: str, caps: dict[str, int | None]) -> None:
             ax.axhline(cap, color="red", linestyle="--", label=f"cap ({cap})")
         ax.set_title(code)
         ax.set_ylabel("seats")
-        ax.set_ylim(bottom=0)
+        top = max([*ys, cap if cap is not None and cap > 0 else 0, 1])
+        ax.set_ylim(0, top * 1.25 + 0.5)  # room above the cap for the legend
         ax.xaxis.set_major_formatter(DateFormatter("%m-%d %H:%M"))  # type: ignore[no-untyped-call]
         ax.legend(loc="upper left")
     fig.autofmt_xdate()
