@@ -468,18 +468,20 @@ def _earliest(a: int | None, b: int | None) -> int | None:
 
 
 def _audit(event: str, lease: Lease, ts: float) -> Audit:
+    # Positional: this runs for every renewal.
     return Audit(
         ts,
         event,
         lease.product,
-        lease=lease.id,
-        fingerprint=lease.fingerprint,
-        instance=lease.instance,
-        user=lease.user,
-        hostname=lease.hostname,
-        peer=lease.peer,
-        seat=lease.seat,
-        granted_at=lease.granted_at,
+        lease.id,
+        lease.fingerprint,
+        lease.instance,
+        lease.user,
+        lease.hostname,
+        lease.peer,
+        None,
+        lease.seat,
+        lease.granted_at,
     )
 
 
