@@ -17,12 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 from conftest import write_config
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from daemon import Daemon
 from test_integration import client, entitlement, floatd_cli
 
 from floatd.activation import atomic_write
+from floatd.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "floatd.service"
@@ -55,7 +57,13 @@ def get(d: Daemon, path: str, method: str = "GET") -> tuple[int, bytes]:
 def test_an_admin_sees_and_frees_a_stuck_seat(ops: Daemon, tmp_path: Path) -> None:
     with client(ops) as c, client(ops) as other:
         stuck = c.request("acquire", product="app", fingerprint="machine-stuck", user="bob")
-        c.request("acquire", product="app", fingerprint="machine-0002", hostname="ws2")
+        c.request(
+            "acquire",
+            product="app",
+            fingerprint="machine-0002",
+            hostname="ws2",
+            password="hunter2-secret",
+        )
         full = other.request("acquire", product="app", fingerprint="machine-0003")
         assert full["error"]["code"] == "NO_FREE_SEATS"
 
@@ -85,6 +93,14 @@ def test_an_admin_sees_and_frees_a_stuck_seat(ops: Daemon, tmp_path: Path) -> No
         assert renew["error"]["code"] == "LEASE_NOT_FOUND"
         again = cli(ops, "revoke", stuck["lease"])
         assert again.returncode == 1 and again.stderr.count("\n") == 1
+
+    # The same commands through click's runner, in-process, against the real daemon.
+    result = CliRunner().invoke(main, ["leases", "--json", "--config", str(ops.config)])
+    assert result.exit_code == 0 and json.loads(result.stdout) == [
+        {k: v for k, v in row.items()} for row in json.loads(cli(ops, "leases", "--json").stdout)
+    ]
+    # No token and no password ever reaches the log.
+    assert stuck["token"] not in ops.output() and "hunter2-secret" not in ops.output()
 
     # Everything above is in the audit, in order, and in the usage report.
     records = json.loads(cli(ops, "audit", "--json", "--since", "1h").stdout)

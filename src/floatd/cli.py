@@ -420,6 +420,9 @@ def reload(config_path: Path | None, as_json: bool) -> None:
 # --- the audit trail ----------------------------------------------------------------
 
 
+TABLE_LIMIT = 10_000
+
+
 def _when(text: str | None, default: float, now: float, option: str) -> float:
     from floatd.audit import parse_when
 
@@ -462,9 +465,12 @@ def audit(
     now = time.time()
     start = _when(since, now - 86400, now, "--since")
     end = _when(until, now + 1, now, "--until")
+    # A table must be held in memory to align it; JSON streams, so only the
+    # table gets a default cap.
+    cap = limit if limit is not None or as_json else TABLE_LIMIT
     db = trail.open_readonly(config.database_path)
     try:
-        records = trail.read_audit(db, start, end, product, events or trail.AUDIT_EVENTS, limit)
+        records = trail.read_audit(db, start, end, product, events or trail.AUDIT_EVENTS, cap)
         if as_json:
             click.echo("[")
             first = True
@@ -495,6 +501,12 @@ def audit(
         return
     headers = ["TIME", "EVENT", "PRODUCT", "LEASE", "FINGERPRINT", "USER", "HOST", "ADDRESS"]
     click.echo(_table([*headers, "CODE"], rows))
+    if limit is None and len(rows) == TABLE_LIMIT:
+        click.echo(
+            f"(the first {TABLE_LIMIT} records; narrow --since/--until/--event, "
+            "or use --limit or --json)",
+            err=True,
+        )
 
 
 @main.command()
