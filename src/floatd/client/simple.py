@@ -77,7 +77,6 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m floatd.client.simple HOST:PORT PRODUCT [--once]``: take a seat,
     hold it (renewing) until Ctrl-C, then give it back."""
     import sys
-    import time
 
     args = list(sys.argv[1:] if argv is None else argv)
     once = "--once" in args
@@ -86,11 +85,25 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m floatd.client.simple HOST:PORT PRODUCT [--once]", file=sys.stderr)
         return 2
     host, _, port = args[0].rpartition(":")
-    with SimpleClient(host.strip("[]"), int(port)) as client:
+    if not port.isdigit():
+        print(f"not HOST:PORT: {args[0]!r}", file=sys.stderr)
+        return 2
+    try:
+        return _hold(SimpleClient(host.strip("[]"), int(port)), args[1], once)
+    except (OSError, ProtocolError) as exc:
+        print(f"cannot lease from {args[0]}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _hold(client: SimpleClient, product: str, once: bool) -> int:
+    import sys
+    import time
+
+    with client:
         client.hello()
         got = client.request(
             "acquire",
-            product=args[1],
+            product=product,
             fingerprint=_machine_fingerprint(),
             instance=str(os.getpid()),
             hostname=socket.gethostname(),
@@ -100,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"refused: {err.get('code')}: {err.get('message')}", file=sys.stderr)
             return 1
         print(
-            f"leased a seat of {args[1]!r}: lease {got['lease']}, "
+            f"leased a seat of {product!r}: lease {got['lease']}, "
             f"expires in {got['expires_in']:.0f}s",
             flush=True,
         )
