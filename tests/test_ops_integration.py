@@ -11,6 +11,7 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from test_integration import client, entitlement, floatd_cli
 
 from floatd.activation import atomic_write
 from floatd.cli import main
+from floatd.client.simple import SimpleClient
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "floatd.service"
@@ -283,3 +285,51 @@ def test_the_unit_file() -> None:
         ]
         assert done.returncode == 0 and not problems, done.stderr
     assert os.access(UNIT, os.R_OK)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_the_demo_serves_a_seat_and_its_status_at_once(tmp_path: Path) -> None:
+    """README's first command: `floatd demo` needs no vendor and no network."""
+    port, status_port = _free_port(), _free_port()
+    log = tmp_path / "demo.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "floatd",
+                "demo",
+                "--dir",
+                str(tmp_path / "demo"),
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--status-listen",
+                f"127.0.0.1:{status_port}",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "FLOATD_CONFIG": ""},
+        )
+    try:
+        deadline = time.monotonic() + 20
+        while b"listening" not in log.read_bytes() and time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.05)
+        with SimpleClient("127.0.0.1", port, timeout=10) as c:
+            assert c.hello()["ok"]
+            got = c.request("acquire", product="demo", fingerprint="machine-demo-1")
+            assert got["ok"] and "DEMO" in got["product"]["name"]
+        conn = http.client.HTTPConnection("127.0.0.1", status_port, timeout=10)
+        conn.request("GET", "/healthz")
+        assert conn.getresponse().status == 200
+        conn.close()
+        leases = floatd_cli("leases", "--json", "--config", str(tmp_path / "demo" / "floatd.toml"))
+        assert [r["fingerprint"] for r in json.loads(leases.stdout)] == ["machine-demo-1"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
