@@ -17,7 +17,8 @@ from test_server import serving
 
 from floatd.admin import AdminServer
 from floatd.errors import ConfigError
-from floatd.status_http import MAX_CONNECTIONS, REQUEST_TIMEOUT, StatusServer
+from floatd.http11 import REQUEST_TIMEOUT
+from floatd.status_http import StatusServer
 
 
 @pytest.fixture
@@ -289,9 +290,9 @@ async def test_status_connections_beyond_the_cap_are_closed_at_once(
 ) -> None:
     async with serving(tmp_path, vendor_key, ent, status__listen="127.0.0.1:0") as h:
         host, port = h.server.status_ports[0]
-        idle = [await trio.open_tcp_stream(host, port) for _ in range(MAX_CONNECTIONS)]
+        idle = [await trio.open_tcp_stream(host, port) for _ in range(StatusServer.max_connections)]
         await trio.sleep(0.5)
-        assert h.server.status.connections == MAX_CONNECTIONS
+        assert h.server.status.connections == StatusServer.max_connections
         extra = await trio.open_tcp_stream(host, port)
         with trio.fail_after(1):
             assert await extra.receive_some(100) == b""  # closed without a word

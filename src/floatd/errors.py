@@ -155,3 +155,20 @@ class AdminError(FloatdError):
     """The running daemon could not be reached, or refused an admin command."""
 
     code = "ADMIN"
+
+
+class AuthorityError(FloatdError):
+    """An answer of the central authority's HTTP API other than success, on
+    either side: the reference authority raises it to answer with ``status`` and
+    an ``{"error": {"code", "message"}}`` body; floatd's client raises it when
+    the authority answered so."""
+
+    code = "AUTHORITY"
+
+    def __init__(self, status: int, error_code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error_code = error_code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"code": self.error_code, "message": self.message}}

@@ -1,0 +1,1 @@
+"""The reference central authority (`floatd-authority`): the vendor side."""

@@ -1,0 +1,337 @@
+"""What the reference authority does: issue licenses, activate, refresh,
+deactivate, sign offline requests.  Synchronous, with ``now`` passed in; the
+HTTP server and the vendor CLI are both thin layers over :class:`Authority`.
+
+A license maps onto an entitlement like this: its products (each with the
+product's name and authorization method), its seat count (allowedFloatingClients),
+lease duration and strategy (the license's, else the product's default),
+user-locking, IP allow-list, assigned users and their cap, trial flag,
+borrow_max, metadata and features; its effective date becomes ``not_before``;
+its expiry (explicit, from the subscription interval, or from the trial length)
+becomes ``not_after``; an online activation gets ``refresh_by`` = now + the
+license's grace period, an offline one the request's nonce and no refresh_by.
+"""
+
+from __future__ import annotations
+
+import calendar
+import hashlib
+import hmac
+import re
+import secrets
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from floatd.authority.store import Activation, AuthorityStore, License, Product, Terms
+from floatd.entitlement import parse_activation_request, product_payload, sign_entitlement
+from floatd.errors import AuthorityError, EntitlementError
+
+KEY_PREFIX = "FLT-"
+STATES = ("active", "suspended", "revoked")
+
+_DURATION = re.compile(
+    r"^P(?:(?P<y>\d+)Y)?(?:(?P<mo>\d+)M)?(?:(?P<w>\d+)W)?(?:(?P<d>\d+)D)?"
+    r"(?:T(?:(?P<h>\d+)H)?(?:(?P<mi>\d+)M)?(?:(?P<s>\d+)S)?)?$"
+)
+
+
+def new_license_key() -> str:
+    """192 random bits, URL-safe; shown once, stored only as a hash."""
+    return KEY_PREFIX + secrets.token_urlsafe(24)
+
+
+def key_hash(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+def check_duration(text: str) -> str:
+    match = _DURATION.match(text)
+    if not match or not any(match.groupdict().values()):
+        raise ValueError(f"{text!r} is not an ISO 8601 duration such as P1M, P1Y or P30D")
+    return text
+
+
+def add_duration(ts: float, text: str) -> int:
+    """``ts`` plus an ISO 8601 duration; months and years are calendar months
+    (31 January + P1M is the last day of February)."""
+    match = _DURATION.match(check_duration(text))
+    assert match is not None
+    g = {k: int(v) if v else 0 for k, v in match.groupdict().items()}
+    when = datetime.fromtimestamp(ts, UTC)
+    months = when.month - 1 + g["mo"] + 12 * g["y"]
+    year, month = when.year + months // 12, months % 12 + 1
+    day = min(when.day, calendar.monthrange(year, month)[1])
+    when = when.replace(year=year, month=month, day=day)
+    when += timedelta(weeks=g["w"], days=g["d"], hours=g["h"], minutes=g["mi"], seconds=g["s"])
+    return int(when.timestamp())
+
+
+def _new_id(prefix: str) -> str:
+    return prefix + secrets.token_hex(8)
+
+
+class Authority:
+    def __init__(self, store: AuthorityStore, key: Ed25519PrivateKey | None = None) -> None:
+        self.store = store
+        self.key = key
+
+    # --- vendor operations ------------------------------------------------------------
+
+    def add_product(self, product: Product) -> Product:
+        if product.authorization not in ("key", "user"):
+            raise AuthorityError(400, "BAD_REQUEST", "authorization must be key or user")
+        if product.strategy not in ("per-machine", "per-instance"):
+            raise AuthorityError(400, "BAD_REQUEST", "strategy must be per-machine or per-instance")
+        if product.lease_duration < 0 or product.trial_days < 0:
+            raise AuthorityError(400, "BAD_REQUEST", "durations must not be negative")
+        self.store.add_product(product)
+        return product
+
+    def issue_license(
+        self,
+        order_id: str,
+        terms: Terms,
+        now: float,
+        *,
+        order_reference: str | None = None,
+        customer: str | None = None,
+    ) -> tuple[License, str]:
+        """A new license and its key (the only time the key is seen)."""
+        for code in terms.products:
+            if self.store.product(code) is None:
+                raise AuthorityError(404, "PRODUCT_NOT_FOUND", f"no product {code!r}")
+        if not terms.products:
+            raise AuthorityError(400, "BAD_REQUEST", "a license needs at least one product")
+        if terms.interval is not None and terms.expires_at is None:
+            terms.expires_at = add_duration(terms.effective_at or now, terms.interval)
+        key = new_license_key()
+        license_id = _new_id("lic-")
+        with self.store.transaction():
+            self.store.ensure_order(order_id, order_reference, customer)
+            self.store.add_license(license_id, order_id, key_hash(key), terms, now)
+        lic = self.store.license(license_id)
+        assert lic is not None
+        return lic, key
+
+    def get_license(self, license_id: str) -> License:
+        lic = self.store.license(license_id)
+        if lic is None:
+            raise AuthorityError(404, "LICENSE_NOT_FOUND", f"no license {license_id!r}")
+        return lic
+
+    def update_license(
+        self, license_id: str, now: float, *, extend: bool = False, **changes: Any
+    ) -> License:
+        """Change terms; the next refresh of each activation carries them.
+        ``extend`` adds one subscription interval to the expiry."""
+        lic = self.get_license(license_id)
+        terms = lic.terms
+        for name, value in changes.items():
+            if value is not None:
+                setattr(terms, name, value)
+        if extend:
+            if terms.interval is None:
+                raise AuthorityError(
+                    400, "BAD_REQUEST", "this license has no subscription interval"
+                )
+            base = terms.expires_at if terms.expires_at and terms.expires_at > now else now
+            terms.expires_at = add_duration(base, terms.interval)
+        self.store.set_terms(license_id, terms)
+        return self.get_license(license_id)
+
+    def set_state(self, license_id: str, state: str) -> License:
+        if state not in STATES:
+            raise AuthorityError(400, "BAD_REQUEST", f"state must be one of {', '.join(STATES)}")
+        lic = self.get_license(license_id)
+        if lic.state == "revoked" and state != "revoked":
+            raise AuthorityError(409, "LICENSE_REVOKED", "a revoked license cannot come back")
+        self.store.set_state(license_id, state)
+        return self.get_license(license_id)
+
+    def assign_user(self, license_id: str, email: str) -> License:
+        lic = self.get_license(license_id)
+        if "@" not in email or len(email) > 254:
+            raise AuthorityError(400, "BAD_REQUEST", f"{email!r} is not an e-mail address")
+        cap = lic.terms.max_users
+        if email not in lic.users and cap > 0 and len(lic.users) >= cap:
+            raise AuthorityError(409, "MAX_USERS_REACHED", f"all {cap} user places are taken")
+        self.store.add_user(license_id, email)
+        return self.get_license(license_id)
+
+    def unassign_user(self, license_id: str, email: str) -> License:
+        if not self.store.remove_user(self.get_license(license_id).id, email):
+            raise AuthorityError(404, "USER_NOT_FOUND", f"{email} is not assigned")
+        return self.get_license(license_id)
+
+    def revoke_activation(self, activation_id: str) -> Activation:
+        activation = self.store.activation(activation_id)
+        if activation is None:
+            raise AuthorityError(404, "ACTIVATION_NOT_FOUND", "no such activation")
+        self.store.set_activation(activation_id, state="revoked")
+        return activation
+
+    # --- the API ----------------------------------------------------------------------
+
+    def _usable(self, lic: License | None, now: float) -> License:
+        if lic is None:
+            raise AuthorityError(403, "LICENSE_NOT_FOUND", "no license with that key")
+        if lic.state == "suspended":
+            raise AuthorityError(403, "LICENSE_SUSPENDED", "the license is suspended")
+        if lic.state == "revoked":
+            raise AuthorityError(403, "LICENSE_REVOKED", "the license was revoked")
+        expiry = self.expiry(lic)
+        if expiry is not None and now >= expiry:
+            raise AuthorityError(403, "LICENSE_EXPIRED", "the license has expired")
+        return lic
+
+    def _by_key(self, license_key: str) -> License | None:
+        lic = self.store.license_by_key_hash(key_hash(license_key))
+        return lic
+
+    def activate(
+        self, license_key: str, server: str, hostname: str | None, floatd: str | None, now: float
+    ) -> tuple[str, str]:
+        """``(activation_id, entitlement)``; the same server activating again
+        gets its existing activation back rather than a second place."""
+        with self.store.transaction():
+            lic = self._usable(self._by_key(license_key), now)
+            held = self.store.activations(lic.id, active_only=True)
+            mine = next((a for a in held if a.server == server), None)
+            if mine is None:
+                if len(held) >= max(1, lic.terms.allowed_activations):
+                    raise AuthorityError(
+                        409,
+                        "ACTIVATION_LIMIT_REACHED",
+                        f"all {lic.terms.allowed_activations} activations of the license are used",
+                    )
+                mine = Activation(
+                    _new_id("act-"), lic.id, server, hostname, floatd, "online", "active", now, now
+                )
+                self.store.add_activation(mine)
+            else:
+                self.store.set_activation(mine.id, refreshed_at=now)
+        return mine.id, self.entitlement(lic, server, now, online=True)
+
+    def refresh(self, activation_id: str, server: str, now: float) -> str:
+        activation = self.store.activation(activation_id)
+        if activation is None or not hmac.compare_digest(activation.server, server):
+            raise AuthorityError(404, "ACTIVATION_NOT_FOUND", "no such activation for this server")
+        lic = self.get_license(activation.license_id)
+        if activation.state != "active":
+            raise AuthorityError(410, "ACTIVATION_REVOKED", "the activation was revoked")
+        if lic.state != "active":
+            raise AuthorityError(410, "ACTIVATION_REVOKED", f"the license is {lic.state}")
+        self.store.set_activation(activation_id, refreshed_at=now)
+        return self.entitlement(lic, server, now, online=True)
+
+    def deactivate(self, activation_id: str, server: str) -> None:
+        activation = self.store.activation(activation_id)
+        if activation is None or not hmac.compare_digest(activation.server, server):
+            raise AuthorityError(404, "ACTIVATION_NOT_FOUND", "no such activation for this server")
+        self.store.set_activation(activation_id, state="released")
+
+    def sign_offline(self, request_text: str, now: float) -> tuple[str, str]:
+        """``(activation_id, entitlement)`` for an offline activation request."""
+        try:
+            request = parse_activation_request(request_text)
+        except EntitlementError as exc:
+            raise AuthorityError(400, "BAD_REQUEST", str(exc)) from None
+        with self.store.transaction():
+            lic = self._usable(self._by_key(request.license_key), now)
+            held = self.store.activations(lic.id, active_only=True)
+            renewing = any(a.server == request.server for a in held)
+            if not renewing and len(held) >= max(1, lic.terms.allowed_activations):
+                raise AuthorityError(
+                    409, "ACTIVATION_LIMIT_REACHED", "all activations of the license are used"
+                )
+            activation = Activation(
+                _new_id("act-"),
+                lic.id,
+                request.server,
+                request.hostname,
+                request.floatd,
+                "offline",
+                "active",
+                now,
+                now,
+            )
+            for old in held:
+                if old.server == request.server:
+                    self.store.set_activation(old.id, state="replaced")
+            self.store.add_activation(activation)
+        return activation.id, self.entitlement(
+            lic, request.server, now, online=False, nonce=request.nonce
+        )
+
+    # --- entitlements -------------------------------------------------------------------
+
+    def expiry(self, lic: License) -> int | None:
+        terms = lic.terms
+        if terms.expires_at is not None:
+            return terms.expires_at
+        if terms.trial:
+            days = max((p.trial_days for p in self._products(terms.products)), default=0)
+            if days:
+                return int((terms.effective_at or lic.created_at) + days * 86400)
+        return None
+
+    def _products(self, codes: Sequence[str]) -> list[Product]:
+        out = []
+        for code in codes:
+            product = self.store.product(code)
+            if product is None:
+                raise AuthorityError(500, "INTERNAL", f"product {code!r} vanished")
+            out.append(product)
+        return out
+
+    def payload(
+        self, lic: License, server: str, now: float, *, online: bool, nonce: str | None = None
+    ) -> dict[str, Any]:
+        t = lic.terms
+        products = []
+        for p in self._products(t.products):
+            products.append(
+                product_payload(
+                    p.code,
+                    p.name,
+                    t.seats,
+                    lease_duration=t.lease_duration
+                    if t.lease_duration is not None
+                    else p.lease_duration,
+                    strategy=t.strategy or p.strategy,
+                    user_locked=t.user_locked,
+                    authorization=p.authorization,
+                    users=list(lic.users) if p.authorization == "user" else [],
+                    max_users=t.max_users,
+                    allowed_ips=list(t.allowed_ips),
+                    trial=t.trial,
+                    borrow_max=t.borrow_max,
+                    metadata=dict(t.metadata),
+                    features=dict(t.features),
+                )
+            )
+        return {
+            "v": 1,
+            "id": _new_id("ent-"),
+            "license": lic.id,
+            "customer": lic.customer,
+            "server": server,
+            "issued_at": int(now),
+            "not_before": t.effective_at,
+            "not_after": self.expiry(lic),
+            "refresh_by": int(now + t.grace_seconds) if online else None,
+            "nonce": nonce,
+            "products": products,
+        }
+
+    def entitlement(
+        self, lic: License, server: str, now: float, *, online: bool, nonce: str | None = None
+    ) -> str:
+        if self.key is None:
+            raise AuthorityError(500, "INTERNAL", "the authority has no signing key loaded")
+        return sign_entitlement(
+            self.key, self.payload(lic, server, now, online=online, nonce=nonce)
+        )

@@ -1,0 +1,171 @@
+"""A small HTTP/1.1 server on h11 and trio, for the status endpoint and the
+reference authority's API.
+
+h11 keeps HTTP parsing sans-IO; this is the trio loop around it.  Anything on
+the network can reach these ports, so every resource is bounded: a request's
+head (8 KiB), its body (``max_body``), the time to send it (5 s), requests per
+connection, and connections served at once (beyond that a connection is closed
+on accept).  Subclasses only say how to answer one request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import ssl
+from typing import Any
+
+import h11
+import trio
+
+from floatd.logs import get_logger
+
+MAX_HEAD = 8 * 1024
+REQUEST_TIMEOUT = 5.0
+KEEPALIVE_TIMEOUT = 15.0
+MAX_REQUESTS_PER_CONNECTION = 100
+
+log = get_logger()
+
+JSON = "application/json"
+
+
+class Reply:
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(self, status: int, body: bytes, content_type: str = JSON, **headers: str) -> None:
+        self.status = status
+        self.body = body
+        self.headers = [("content-type", content_type), *headers.items()]
+
+
+def json_reply(status: int, doc: Any, **headers: str) -> Reply:
+    return Reply(status, json.dumps(doc, separators=(",", ":")).encode() + b"\n", **headers)
+
+
+REASONS = {
+    400: "bad request",
+    404: "not found",
+    405: "method not allowed",
+    408: "request timeout",
+    413: "request too large",
+    431: "request header fields too large",
+}
+
+
+class HttpServer:
+    max_body = 8 * 1024
+    max_connections = 32
+    name = "http"
+
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+        self.connections = 0
+        self.tls = tls
+
+    async def respond(self, method: bytes, target: bytes, body: bytes) -> Reply:
+        raise NotImplementedError
+
+    def error_reply(self, status: int, **headers: str) -> Reply:
+        """The answer to a request that could not be read (400, 408, 413, 431)."""
+        return json_reply(status, {"error": REASONS.get(status, "error")}, **headers)
+
+    async def serve(self, listener: trio.SocketListener) -> None:
+        async with trio.open_nursery() as nursery:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    log.error("http_accept_failed", server=self.name, reason=exc.strerror)
+                    await trio.sleep(0.1)
+                    continue
+                if self.connections >= self.max_connections:
+                    await trio.aclose_forcefully(stream)
+                    continue
+                nursery.start_soon(self._handle, stream)
+
+    async def _handle(self, stream: trio.abc.Stream) -> None:
+        self.connections += 1
+        try:
+            if self.tls is not None:
+                # The handshake runs on first read, inside the request timeout.
+                stream = trio.SSLStream(stream, self.tls, server_side=True)
+            await self.handle_stream(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            self.connections -= 1
+            await trio.aclose_forcefully(stream)
+
+    async def handle_stream(self, stream: trio.abc.Stream) -> None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        for number in range(MAX_REQUESTS_PER_CONNECTION):
+            # A follow-up request may be a while coming (keep-alive), but once it
+            # starts it must arrive within REQUEST_TIMEOUT, like the first.
+            timeout = REQUEST_TIMEOUT if number == 0 else KEEPALIVE_TIMEOUT
+            got = await self._read_request(stream, conn, timeout)
+            if got is None:
+                return
+            request, body = got
+            reply = await self.respond(request.method, request.target, body)
+            await self._send(stream, conn, request.method, reply)
+            if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                return
+            conn.start_next_cycle()
+
+    async def _read_request(
+        self, stream: trio.abc.Stream, conn: h11.Connection, timeout: float
+    ) -> tuple[h11.Request, bytes] | None:
+        """The next request and its body, or None to close."""
+        request: h11.Request | None = None
+        started = False  # any byte of this request seen yet
+        body = bytearray()
+        deadline = trio.current_time() + timeout
+        scope = trio.CancelScope(deadline=deadline)
+        with scope:
+            while True:
+                try:
+                    event = conn.next_event()
+                except h11.RemoteProtocolError as exc:
+                    await self._refuse(stream, conn, exc.error_status_hint)
+                    return None
+                if event is h11.NEED_DATA:
+                    data = await stream.receive_some(4096)
+                    started = started or bool(data)
+                    conn.receive_data(bytes(data))  # b"" is EOF
+                    continue
+                if isinstance(event, h11.Request):
+                    request = event
+                    # From here the rest of the request gets the request timeout.
+                    scope.deadline = min(deadline, trio.current_time() + REQUEST_TIMEOUT)
+                elif isinstance(event, h11.Data):
+                    body += event.data
+                    if len(body) > self.max_body:
+                        await self._refuse(stream, conn, 413)
+                        return None
+                elif isinstance(event, h11.EndOfMessage):
+                    assert request is not None
+                    return request, bytes(body)
+                else:  # ConnectionClosed, or PAUSED mid-cycle
+                    return None
+        # Too slow: a request that started gets 408, an idle connection just closes.
+        if started:
+            await self._refuse(stream, conn, 408)
+        return None
+
+    async def _refuse(self, stream: trio.abc.Stream, conn: h11.Connection, status: int) -> None:
+        if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        reply = self.error_reply(status, connection="close")
+        with trio.move_on_after(REQUEST_TIMEOUT), contextlib.suppress(h11.LocalProtocolError):
+            await self._send(stream, conn, b"GET", reply)
+
+    async def _send(
+        self, stream: trio.abc.Stream, conn: h11.Connection, method: bytes, reply: Reply
+    ) -> None:
+        headers = [*reply.headers, ("content-length", str(len(reply.body)))]
+        out = conn.send(h11.Response(status_code=reply.status, headers=headers)) or b""
+        if method != b"HEAD":
+            out += conn.send(h11.Data(data=reply.body)) or b""
+        out += conn.send(h11.EndOfMessage()) or b""
+        with trio.move_on_after(REQUEST_TIMEOUT):  # a client that will not read
+            await stream.send_all(out)
