@@ -22,7 +22,7 @@ import trio
 
 from floatd import __version__
 from floatd.config import Config, load_config, read_machine_id
-from floatd.errors import ConfigError, FloatdError
+from floatd.errors import AuthorityError, ConfigError, FloatdError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -58,6 +58,10 @@ def guarded(fn: F) -> F:
                 raise
         except ConfigError as exc:
             _fail(f"config error: {exc.message}", 2)
+        except AuthorityError as exc:
+            if exc.status:
+                _fail(f"the authority refused ({exc.error_code}): {exc.message}", 1)
+            _fail(exc.message, 1)
         except FloatdError as exc:
             _fail(exc.message, 1)
         except OSError as exc:
@@ -204,10 +208,9 @@ def activate(
         except OSError as exc:
             _fail(f"cannot read {offline_response}: {exc.strerror}", 1)
         ent = activation.install_offline_response(config, _server_id(config), text, now)
-        products = ", ".join(
-            f"{p.code} ({p.seats if p.seats > 0 else 'unlimited'})" for p in ent.products
+        click.echo(
+            f"installed entitlement {ent.id} for license {ent.license}: {_products_line(ent)}"
         )
-        click.echo(f"installed entitlement {ent.id} for license {ent.license}: {products}")
         return
     key = license_key or config.authority_license_key
     if offline_request:
@@ -222,7 +225,42 @@ def activate(
             f"`floatd activate --offline-response FILE` with their answer"
         )
         return
-    _fail("online activation is not available in this version; use --offline-request", 1)
+    if not key:
+        raise click.UsageError(
+            "give --license-key (or set [authority] license_key), or use the --offline-* options"
+        )
+    if not config.authority_url:
+        raise ConfigError("authority.url", "is empty: set it to activate online")
+    from floatd import online
+
+    record, ent = trio.run(online.activate, config, _server_id(config), key, now)
+    click.echo(
+        f"activated online: activation {record.activation_id}, entitlement {ent.id} "
+        f"for license {ent.license}: {_products_line(ent)}; refresh due by "
+        f"{_iso(ent.refresh_by)}"
+    )
+
+
+@main.command()
+@config_option
+@guarded
+def deactivate(config_path: Path | None) -> None:
+    """Give the online activation back to the authority; this server stops leasing."""
+    from floatd import online
+
+    config = _load(config_path)
+    record = trio.run(online.deactivate, config, _server_id(config))
+    click.echo(f"deactivated: activation {record.activation_id} is free for another server")
+
+
+def _iso(ts: float | None) -> str:
+    from floatd.audit import iso
+
+    return iso(ts) or "never"
+
+
+def _products_line(ent: Any) -> str:
+    return ", ".join(f"{p.code} ({p.seats if p.seats > 0 else 'unlimited'})" for p in ent.products)
 
 
 @main.command()

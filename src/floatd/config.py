@@ -60,6 +60,9 @@ class Config:
     authority_url: str = ""
     authority_license_key: str = ""
     authority_refresh_interval: float = 3600.0
+    authority_ca_bundle: str = ""
+    authority_proxy: str = ""
+    authority_timeout: float = 10.0
     default_duration: int = 900
     allowed_clock_offset: float = 60.0
     log_level: str = "info"
@@ -177,6 +180,9 @@ SCHEMA: dict[str, dict[str, tuple[str, Check]]] = {
         "url": ("authority_url", _url),
         "license_key": ("authority_license_key", _string),
         "refresh_interval": ("authority_refresh_interval", _number(1)),
+        "ca_bundle": ("authority_ca_bundle", _string),
+        "proxy": ("authority_proxy", _url),
+        "timeout": ("authority_timeout", _number(0.1)),
     },
     "leases": {
         "default_duration": ("default_duration", _number(1, integer=True)),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import ssl
+from http import HTTPStatus
 from typing import Any
 
 import h11
@@ -162,9 +163,16 @@ class HttpServer:
     async def _send(
         self, stream: trio.abc.Stream, conn: h11.Connection, method: bytes, reply: Reply
     ) -> None:
-        headers = [*reply.headers, ("content-length", str(len(reply.body)))]
-        out = conn.send(h11.Response(status_code=reply.status, headers=headers)) or b""
-        if method != b"HEAD":
+        headers = list(reply.headers)
+        if reply.status != 204:  # a 204 has no body, and says nothing of its length
+            headers.append(("content-length", str(len(reply.body))))
+        try:
+            reason = HTTPStatus(reply.status).phrase.encode()
+        except ValueError:
+            reason = b""
+        response = h11.Response(status_code=reply.status, headers=headers, reason=reason)
+        out = conn.send(response) or b""
+        if method != b"HEAD" and reply.body:
             out += conn.send(h11.Data(data=reply.body)) or b""
         out += conn.send(h11.EndOfMessage()) or b""
         with trio.move_on_after(REQUEST_TIMEOUT):  # a client that will not read

@@ -28,7 +28,8 @@ from typing import Any
 
 import trio
 
-from floatd import __version__, logs
+from floatd import __version__, logs, online
+from floatd.activation import atomic_write
 from floatd.admin import AdminServer, bind_admin_socket, lease_row
 from floatd.committer import (
     LAZY_WINDOW,
@@ -40,9 +41,17 @@ from floatd.committer import (
 )
 from floatd.config import SCHEMA, Config
 from floatd.entitlement import Entitlement, trusted_keys, verify_entitlement
-from floatd.errors import Busy, ConfigError, EntitlementError, FloatdError, InternalError
+from floatd.errors import (
+    AuthorityError,
+    Busy,
+    ConfigError,
+    EntitlementError,
+    FloatdError,
+    InternalError,
+)
 from floatd.logs import event_logger, get_logger
 from floatd.metrics import RequestStats
+from floatd.online import ActivationRecord, AuthorityUnavailable, RefreshSchedule
 from floatd.pool import Lease, Waiter
 from floatd.protocol.codec import MAX_FRAME, FrameDecoder, encode_frame
 from floatd.protocol.connection import Refusal, ServerConnection
@@ -157,6 +166,7 @@ class Server:
         self._admin_listener: trio.SocketListener | None = None
         self.status_ports: list[tuple[str, int]] = []
         self.status = StatusServer(self)
+        self.online = False  # an online activation is in force (see _refresh_online)
         self._tls = tls_context(config)
 
     # --- start-up ------------------------------------------------------------
@@ -165,6 +175,8 @@ class Server:
         """Blocking start-up work: entitlement and persisted leases."""
         now = self.clock()
         self._reload_entitlement(now)
+        record = ActivationRecord.read(self.config)
+        self.online = record is not None and not record.revoked
         meta = self.store.load_meta()
         leases = self.store.load_leases()
         extended: list[Lease] = []
@@ -287,6 +299,7 @@ class Server:
                 background.start_soon(self._flush_logs)
                 background.start_soon(self._reap)
                 background.start_soon(self._prune_audit)
+                background.start_soon(self._refresh_online)
                 for status_listener in self._status_listeners:
                     background.start_soon(self.status.serve, status_listener)
                 if self._admin_listener is not None:
@@ -418,7 +431,7 @@ class Server:
             "started_at": self.started_at,
             "activation": {
                 "state": self.service.activation_state(now),
-                "mode": "online" if self.config.authority_url else "offline",
+                "mode": "online" if self.online else "offline",
                 "entitlement_id": ent.id if ent else None,
                 "license": ent.license if ent else None,
                 "customer": ent.customer if ent else None,
@@ -515,6 +528,61 @@ class Server:
                 await self.reload()
             except ConfigError as exc:
                 log.error("reload_failed", key=exc.key, reason=exc.problem)
+
+    async def _refresh_online(self) -> None:
+        """Keep an online activation fresh; see :mod:`floatd.online` for the rules."""
+        schedule = RefreshSchedule(self.config.authority_refresh_interval)
+        delay = schedule.first()
+        while True:
+            await trio.sleep(delay)
+            schedule.interval = self.config.authority_refresh_interval  # reloadable
+            record = await self._run_sync(ActivationRecord.read, self.config)
+            self.online = record is not None and not record.revoked
+            if record is None or record.revoked or not self.config.authority_url:
+                delay = min(schedule.interval, 5.0)  # watch for a new activation
+                continue
+            delay = schedule.after(await self._refresh_once(record))
+
+    async def _refresh_once(self, record: ActivationRecord) -> bool:
+        ent = self.service.entitlement
+        refresh_by = ent.refresh_by if ent is not None else None
+        try:
+            text, fresh = await online.refresh(self.config, self.server_id, record, self.clock())
+        except AuthorityError as exc:
+            if exc.status == 410:
+                await self._activation_revoked(record, exc)
+                return True
+            log.warning(
+                "refresh_failed",
+                status=exc.status,
+                code=exc.error_code,
+                reason=exc.message,
+                refresh_by=refresh_by,
+            )
+            return False
+        except AuthorityUnavailable as exc:
+            log.warning("refresh_failed", reason=exc.message, refresh_by=refresh_by)
+            return False
+        await self._run_sync(atomic_write, self.config.entitlement_path, text)
+        self._ent_signature = await self._run_sync(self._entitlement_signature)
+        self._install_entitlement(fresh, self.clock())
+        self._flush()
+        log.info("refreshed", entitlement=fresh.id, refresh_by=fresh.refresh_by)
+        return True
+
+    async def _activation_revoked(self, record: ActivationRecord, exc: AuthorityError) -> None:
+        """A 410: stop leasing now, and remember it across restarts."""
+        log.error("activation_revoked", activation=record.activation_id, reason=exc.message)
+
+        def forget() -> None:
+            self.config.entitlement_path.unlink(missing_ok=True)
+            dataclasses.replace(record, revoked=True).write(self.config)
+
+        await self._run_sync(forget)
+        self.online = False
+        self._ent_signature = None
+        self._install_entitlement(None, self.clock())
+        self._flush()
 
     async def _prune_audit(self) -> None:
         """Retention: drop audit records past ``[audit] retention_days``."""

@@ -1,0 +1,3 @@
+from floatd.authority.cli import main
+
+main()

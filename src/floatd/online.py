@@ -1,0 +1,204 @@
+"""Online activation: floatd's side of the central authority's HTTP API.
+
+``activate`` and ``deactivate`` run from the CLI; ``refresh`` runs in the
+daemon every ``[authority] refresh_interval``.  The rule that matters most: a
+bad answer never replaces a good entitlement.  Timeouts, 5xx, garbage JSON and
+badly signed entitlements are all just failed refreshes; the daemon goes on
+serving with what it has until that entitlement's ``refresh_by`` passes, and
+only a 410 (activation or license revoked or suspended) stops leasing at once.
+
+The activation id lives in ``<state>/activation.json`` beside the entitlement.
+HTTP is httpx (on trio, through anyio), with TLS verification always on, an
+optional CA bundle and proxy, and a timeout on every call.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from floatd import __version__
+from floatd.activation import atomic_write, verify_for_this_server
+from floatd.config import Config
+from floatd.entitlement import Entitlement
+from floatd.errors import AuthorityError, EntitlementError, FloatdError
+
+
+class AuthorityUnavailable(FloatdError):
+    """The authority could not be reached, or answered nonsense."""
+
+    code = "AUTHORITY_UNAVAILABLE"
+
+
+RECORD = "activation.json"
+
+
+@dataclass(frozen=True)
+class ActivationRecord:
+    activation_id: str
+    url: str
+    license: str
+    activated_at: float
+    revoked: bool = False
+
+    @staticmethod
+    def path(config: Config) -> Path:
+        return config.state_dir / RECORD
+
+    @classmethod
+    def read(cls, config: Config) -> ActivationRecord | None:
+        try:
+            doc = json.loads(cls.path(config).read_text(encoding="utf-8"))
+            return cls(**doc)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError):
+            return None  # unreadable: as if none; `floatd activate` writes a new one
+
+    def write(self, config: Config) -> None:
+        atomic_write(self.path(config), json.dumps(self.__dict__, indent=2) + "\n")
+
+
+def client(config: Config) -> httpx.AsyncClient:
+    verify: Any = config.authority_ca_bundle or True
+    return httpx.AsyncClient(
+        base_url=config.authority_url,
+        timeout=config.authority_timeout,
+        verify=verify,
+        proxy=config.authority_proxy or None,
+        headers={"user-agent": f"floatd/{__version__}"},
+        follow_redirects=False,
+    )
+
+
+async def call(
+    http: httpx.AsyncClient, method: str, path: str, body: dict[str, Any]
+) -> tuple[int, dict[str, Any]]:
+    """One API call: ``(status, json body)``; AuthorityUnavailable when the
+    authority cannot be reached or its answer is not the API's."""
+    try:
+        response = await http.request(method, path, json=body)
+    except httpx.HTTPError as exc:
+        raise AuthorityUnavailable(
+            f"cannot reach the authority at {http.base_url}: {exc.__class__.__name__}: {exc}"
+        ) from None
+    if response.status_code == 204:
+        return 204, {}
+    if response.status_code >= 500:
+        raise AuthorityUnavailable(f"the authority failed (HTTP {response.status_code})")
+    try:
+        doc = response.json()
+    except ValueError:
+        doc = None
+    if len(response.content) > 1_000_000 or not isinstance(doc, dict):
+        raise AuthorityUnavailable(
+            f"the authority's answer (HTTP {response.status_code}) is not a JSON object"
+        )
+    if response.status_code >= 400:
+        found = doc.get("error")
+        error: dict[str, Any] = found if isinstance(found, dict) else {}
+        raise AuthorityError(
+            response.status_code,
+            str(error.get("code", "UNKNOWN"))[:64],
+            str(error.get("message", f"HTTP {response.status_code}"))[:500],
+        )
+    return response.status_code, doc
+
+
+def _entitlement_text(doc: dict[str, Any]) -> str:
+    text = doc.get("entitlement")
+    if not isinstance(text, str) or len(text) > 1_000_000:
+        raise AuthorityUnavailable("the authority's answer carries no entitlement")
+    return text
+
+
+async def activate(
+    config: Config, server_id: str, license_key: str, now: float
+) -> tuple[ActivationRecord, Entitlement]:
+    """Activate, verify what came back, and install it (entitlement, then record)."""
+    if not config.authority_url:
+        raise AuthorityError(0, "NO_AUTHORITY", "[authority] url is not set")
+    body = {
+        "license_key": license_key,
+        "server": server_id,
+        "hostname": socket.gethostname(),
+        "floatd": __version__,
+    }
+    async with client(config) as http:
+        status, doc = await call(http, "POST", "/v1/activations", body)
+    activation_id = doc.get("activation_id")
+    if status != 201 or not isinstance(activation_id, str) or not activation_id:
+        raise AuthorityUnavailable(f"unexpected answer to an activation (HTTP {status})")
+    text = _entitlement_text(doc)
+    ent = verify_for_this_server(config, server_id, text, now)
+    record = ActivationRecord(activation_id, config.authority_url, ent.license, now)
+    atomic_write(config.entitlement_path, text)
+    record.write(config)
+    return record, ent
+
+
+async def refresh(
+    config: Config, server_id: str, record: ActivationRecord, now: float
+) -> tuple[str, Entitlement]:
+    """A fresh entitlement, verified (never installed here: the daemon does)."""
+    async with client(config) as http:
+        _, doc = await call(
+            http, "POST", f"/v1/activations/{record.activation_id}/refresh", {"server": server_id}
+        )
+    text = _entitlement_text(doc)
+    try:
+        ent = verify_for_this_server(config, server_id, text, now)
+    except EntitlementError as exc:
+        raise AuthorityUnavailable(f"the refreshed entitlement was rejected: {exc}") from None
+    if ent.license != record.license:
+        raise AuthorityUnavailable("the refreshed entitlement is for another license")
+    return text, ent
+
+
+async def deactivate(config: Config, server_id: str) -> ActivationRecord:
+    record = ActivationRecord.read(config)
+    if record is None:
+        raise AuthorityError(0, "NOT_ACTIVATED", "this server has no online activation")
+    if not record.revoked:
+        async with client(config) as http:
+            try:
+                await call(
+                    http, "DELETE", f"/v1/activations/{record.activation_id}", {"server": server_id}
+                )
+            except AuthorityError as exc:
+                if exc.status not in (404, 410):  # already gone there: finish here
+                    raise
+    config.entitlement_path.unlink(missing_ok=True)
+    ActivationRecord.path(config).unlink(missing_ok=True)
+    return record
+
+
+class RefreshSchedule:
+    """When to refresh next (sans-IO): every interval with +-10% jitter, so a
+    site's servers do not all call at once; after a failure, exponential
+    backoff from 30 s (or the interval, if shorter) up to the interval, with
+    jitter too."""
+
+    def __init__(self, interval: float, rng: random.Random | None = None) -> None:
+        self.interval = interval
+        self.failures = 0
+        self._rng = rng or random.Random()
+
+    def first(self) -> float:
+        """Soon after start, so a suspension while we were down is seen early."""
+        return min(self.interval, 60.0) * self._rng.uniform(0.1, 0.3)
+
+    def after(self, ok: bool) -> float:
+        if ok:
+            self.failures = 0
+            return self.interval * self._rng.uniform(0.9, 1.1)
+        self.failures += 1
+        base = min(30.0, self.interval)
+        delay: float = min(self.interval, base * 2.0 ** min(self.failures - 1, 30))
+        return delay * self._rng.uniform(0.5, 1.0)

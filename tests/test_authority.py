@@ -1,0 +1,169 @@
+"""The reference authority's logic, sans-IO: license models mapped onto
+entitlement payloads, keys, limits, durations."""
+
+from __future__ import annotations
+
+import calendar
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from floatd.authority.logic import Authority, add_duration, key_hash
+from floatd.authority.store import AuthorityStore, Product, Terms
+from floatd.entitlement import (
+    ActivationRequest,
+    format_public_key,
+    trusted_keys,
+    verify_entitlement,
+)
+from floatd.errors import AuthorityError
+
+NOW = float(calendar.timegm((2026, 1, 31, 12, 0, 0)))
+SERVER = "0123456789abcdef0123456789abcdef"
+
+
+@pytest.fixture
+def authority(tmp_path: Path, vendor_key: Ed25519PrivateKey) -> Authority:
+    a = Authority(AuthorityStore(tmp_path / "a.db"), vendor_key)
+    a.add_product(Product("cad", "CAD Pro", lease_duration=120))
+    a.add_product(Product("sim", "Sim", authorization="user", strategy="per-instance"))
+    a.add_product(Product("try", "Trial thing", trial_days=14))
+    return a
+
+
+def payload_of(
+    a: Authority, key: Ed25519PrivateKey, text: str, server: str = SERVER
+) -> dict[str, Any]:
+    keys = trusted_keys([format_public_key(key.public_key())])
+    ent = verify_entitlement(text, keys, server, NOW, 60)
+    assert ent.server == server
+    return {"ent": ent, "product": ent.products[0]}
+
+
+def test_add_duration_uses_calendar_months() -> None:
+    assert add_duration(NOW, "P1M") == calendar.timegm((2026, 2, 28, 12, 0, 0))
+    assert add_duration(NOW, "P1Y") == calendar.timegm((2027, 1, 31, 12, 0, 0))
+    assert add_duration(NOW, "P1DT2H") == NOW + 86400 + 7200
+    for bad in ("1M", "P", "PT", "P1X", "month"):
+        with pytest.raises(ValueError):
+            add_duration(NOW, bad)
+
+
+def test_perpetual_multi_seat_with_ip_allow_list(
+    authority: Authority, vendor_key: Ed25519PrivateKey
+) -> None:
+    lic, key = authority.issue_license(
+        "o-1",
+        Terms(products=["cad"], seats=5, allowed_ips=["10.0.0.0/8"]),
+        NOW,
+        customer="ACME",
+    )
+    activation, text = authority.activate(key, SERVER, "h", "0.1", NOW)
+    got = payload_of(authority, vendor_key, text)
+    ent, product = got["ent"], got["product"]
+    assert ent.not_after is None and ent.customer == "ACME" and ent.license == lic.id
+    assert ent.refresh_by == NOW + 7 * 86400 and ent.nonce is None  # online: grace, no nonce
+    assert (product.seats, product.lease_duration, product.strategy) == (5, 120, "per-machine")
+    assert [str(n) for n in product.allowed_ips] == ["10.0.0.0/8"]
+
+
+def test_subscription_expiry_comes_from_its_interval_and_extends(
+    authority: Authority, vendor_key: Ed25519PrivateKey
+) -> None:
+    lic, key = authority.issue_license("o-2", Terms(products=["cad"], seats=1, interval="P1M"), NOW)
+    activation, text = authority.activate(key, SERVER, None, None, NOW)
+    assert payload_of(authority, vendor_key, text)["ent"].not_after == add_duration(NOW, "P1M")
+    authority.update_license(lic.id, NOW, extend=True, seats=3)
+    text = authority.refresh(activation, SERVER, NOW + 60)
+    ent = payload_of(authority, vendor_key, text)["ent"]
+    assert ent.not_after == add_duration(add_duration(NOW, "P1M"), "P1M")
+    assert ent.products[0].seats == 3
+
+
+def test_unlimited_user_locked_effective_and_trial(
+    authority: Authority, vendor_key: Ed25519PrivateKey
+) -> None:
+    effective = int(NOW) + 86400
+    _, key = authority.issue_license(
+        "o-3",
+        Terms(products=["try"], seats=-1, user_locked=True, trial=True, effective_at=effective),
+        NOW,
+    )
+    _, text = authority.activate(key, SERVER, None, None, NOW)
+    got = payload_of(authority, vendor_key, text)
+    ent, product = got["ent"], got["product"]
+    assert product.unlimited and product.user_locked and product.trial
+    assert ent.not_before == effective
+    assert ent.not_after == effective + 14 * 86400  # the product's trial length
+
+
+def test_named_users_within_max_users(authority: Authority, vendor_key: Ed25519PrivateKey) -> None:
+    lic, key = authority.issue_license("o-4", Terms(products=["sim"], seats=2, max_users=2), NOW)
+    authority.assign_user(lic.id, "ann@example.com")
+    authority.assign_user(lic.id, "bob@example.com")
+    with pytest.raises(AuthorityError) as err:
+        authority.assign_user(lic.id, "cy@example.com")
+    assert err.value.status == 409
+    _, text = authority.activate(key, SERVER, None, None, NOW)
+    product = payload_of(authority, vendor_key, text)["product"]
+    assert product.authorization == "user" and product.max_users == 2
+    assert product.users == ("ann@example.com", "bob@example.com")
+    assert product.strategy == "per-instance"
+
+
+def test_keys_are_stored_only_as_hashes(authority: Authority, tmp_path: Path) -> None:
+    lic, key = authority.issue_license("o-5", Terms(products=["cad"], seats=1), NOW)
+    assert len(key) >= 4 + 32 and key.startswith("FLT-")  # >= 192 bits of randomness
+    raw = b"".join(p.read_bytes() for p in tmp_path.glob("a.db*"))  # the WAL too
+    assert key.encode() not in raw and key_hash(key) in raw
+    with pytest.raises(AuthorityError) as err:
+        authority.activate(key[:-1] + ("A" if key[-1] != "A" else "B"), SERVER, None, None, NOW)
+    assert (err.value.status, err.value.error_code) == (403, "LICENSE_NOT_FOUND")
+
+
+def test_activation_limit_states_and_refresh_answers(authority: Authority) -> None:
+    lic, key = authority.issue_license("o-6", Terms(products=["cad"], seats=1), NOW)
+    first, _ = authority.activate(key, SERVER, None, None, NOW)
+    again, _ = authority.activate(key, SERVER, None, None, NOW)
+    assert again == first  # the same server does not use a second place
+    with pytest.raises(AuthorityError) as err:
+        authority.activate(key, "f" * 32, None, None, NOW)
+    assert (err.value.status, err.value.error_code) == (409, "ACTIVATION_LIMIT_REACHED")
+    with pytest.raises(AuthorityError) as err:
+        authority.refresh(first, "f" * 32, NOW)  # someone else's activation
+    assert err.value.status == 404
+    authority.deactivate(first, SERVER)
+    second, _ = authority.activate(key, "f" * 32, None, None, NOW)
+    with pytest.raises(AuthorityError) as err:
+        authority.refresh(first, SERVER, NOW)  # given back: not refreshable
+    assert err.value.status == 410
+    authority.set_state(lic.id, "suspended")
+    with pytest.raises(AuthorityError) as err:
+        authority.refresh(second, "f" * 32, NOW)
+    assert (err.value.status, err.value.error_code) == (410, "ACTIVATION_REVOKED")
+    with pytest.raises(AuthorityError) as err:
+        authority.activate(key, "e" * 32, None, None, NOW)
+    assert (err.value.status, err.value.error_code) == (403, "LICENSE_SUSPENDED")
+    authority.set_state(lic.id, "active")
+    assert authority.refresh(second, "f" * 32, NOW)
+    expired, ekey = authority.issue_license(
+        "o-7", Terms(products=["cad"], seats=1, expires_at=int(NOW) - 1), NOW
+    )
+    with pytest.raises(AuthorityError) as err:
+        authority.activate(ekey, SERVER, None, None, NOW)
+    assert (err.value.status, err.value.error_code) == (403, "LICENSE_EXPIRED")
+
+
+def test_offline_signing_binds_the_request_nonce(
+    authority: Authority, vendor_key: Ed25519PrivateKey
+) -> None:
+    _, key = authority.issue_license("o-8", Terms(products=["cad"], seats=4), NOW)
+    request = ActivationRequest(key, SERVER, "air-gapped", "n" * 32, int(NOW), "0.1.0")
+    _, text = authority.sign_offline(request.to_armored(), NOW)
+    ent = payload_of(authority, vendor_key, text)["ent"]
+    assert ent.nonce == "n" * 32 and ent.refresh_by is None
+    with pytest.raises(AuthorityError) as err:
+        authority.sign_offline("garbage", NOW)
+    assert err.value.status == 400
