@@ -90,3 +90,57 @@ class Daemon:
 
     def __exit__(self, *exc: object) -> None:
         self.kill9()
+
+
+class AuthorityProcess:
+    """``floatd-authority serve`` as a child process on a fixed loopback port,
+    so it can be stopped and started again at the same URL."""
+
+    def __init__(self, db: Path, key: Path, port: int, log: Path) -> None:
+        self.db, self.key, self.port, self.log = db, key, port, log
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = f"http://127.0.0.1:{port}"
+
+    def start(self) -> None:
+        with open(self.log, "ab") as out:
+            offset = out.tell()
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "floatd.authority",
+                    "--db",
+                    str(self.db),
+                    "serve",
+                    "--key",
+                    str(self.key),
+                    "--listen",
+                    f"127.0.0.1:{self.port}",
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if b"authority_listening" in self.log.read_bytes()[offset:]:
+                return
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"authority exited: {self.log.read_text()}")
+            time.sleep(0.05)
+        raise RuntimeError("authority did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
+
+    def __enter__(self) -> AuthorityProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

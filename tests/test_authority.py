@@ -60,7 +60,7 @@ def test_perpetual_multi_seat_with_ip_allow_list(
         NOW,
         customer="ACME",
     )
-    activation, text = authority.activate(key, SERVER, "h", "0.1", NOW)
+    _, text = authority.activate(key, SERVER, "h", "0.1", NOW)
     got = payload_of(authority, vendor_key, text)
     ent, product = got["ent"], got["product"]
     assert ent.not_after is None and ent.customer == "ACME" and ent.license == lic.id
@@ -114,7 +114,7 @@ def test_named_users_within_max_users(authority: Authority, vendor_key: Ed25519P
 
 
 def test_keys_are_stored_only_as_hashes(authority: Authority, tmp_path: Path) -> None:
-    lic, key = authority.issue_license("o-5", Terms(products=["cad"], seats=1), NOW)
+    _, key = authority.issue_license("o-5", Terms(products=["cad"], seats=1), NOW)
     assert len(key) >= 4 + 32 and key.startswith("FLT-")  # >= 192 bits of randomness
     raw = b"".join(p.read_bytes() for p in tmp_path.glob("a.db*"))  # the WAL too
     assert key.encode() not in raw and key_hash(key) in raw
@@ -148,7 +148,7 @@ def test_activation_limit_states_and_refresh_answers(authority: Authority) -> No
     assert (err.value.status, err.value.error_code) == (403, "LICENSE_SUSPENDED")
     authority.set_state(lic.id, "active")
     assert authority.refresh(second, "f" * 32, NOW)
-    expired, ekey = authority.issue_license(
+    _, ekey = authority.issue_license(
         "o-7", Terms(products=["cad"], seats=1, expires_at=int(NOW) - 1), NOW
     )
     with pytest.raises(AuthorityError) as err:

@@ -1,0 +1,352 @@
+"""Online activation end to end: the real floatd against the real
+floatd-authority over HTTP on loopback, driven through both CLIs."""
+
+from __future__ import annotations
+
+import http.client
+import http.server
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from conftest import payload, product, write_config
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from daemon import AuthorityProcess, Daemon
+from test_integration import floatd_cli
+
+from floatd.authority.cli import main as authority_main
+from floatd.client.simple import SimpleClient
+from floatd.entitlement import load_private_key, sign_entitlement
+
+WAIT = 15.0  # bound on every "until" below
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def until(check: Callable[[], Any], what: str, timeout: float = WAIT) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = check()
+        if got:
+            return got
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Vendor:
+    def __init__(self, tmp_path: Path) -> None:
+        self.db = tmp_path / "authority.sqlite3"
+        self.key_path = tmp_path / "vendor.pem"
+        self.public = self.run("keys", "generate", "--out", str(self.key_path)).splitlines()[0]
+        self.key = load_private_key(self.key_path.read_bytes())
+        self.run("product", "add", "cad", "--name", "CAD Pro", "--lease-duration", "60")
+        self.process = AuthorityProcess(
+            self.db, self.key_path, free_port(), tmp_path / "authority.log"
+        )
+
+    def run(self, *args: str, code: int = 0) -> str:
+        result = CliRunner().invoke(authority_main, ["--db", str(self.db), *args])
+        assert result.exit_code == code, (result.stdout, result.stderr)
+        return result.stdout
+
+    def issue(self, *args: str) -> tuple[str, str]:
+        """(license id, license key)"""
+        doc = json.loads(self.run("license", "issue", "--order", "o-1", "--json", *args))
+        return doc["id"], doc["license_key"]
+
+
+@pytest.fixture
+def vendor(tmp_path: Path) -> Iterator[Vendor]:
+    v = Vendor(tmp_path)
+    v.process.start()
+    try:
+        yield v
+    finally:
+        v.process.stop()
+
+
+def site(tmp_path: Path, vendor: Vendor, name: str = "site", **extra: Any) -> Path:
+    """A floatd config for one customer server, trusting the vendor's key."""
+    root = tmp_path / name
+    root.mkdir()
+    config = write_config(
+        root,
+        vendor.key,
+        authority__url=vendor.process.url,
+        authority__refresh_interval=1,
+        authority__timeout=2,
+        **extra,
+    )
+    if name != "site":  # another machine: another fingerprint
+        (root / "machine-id").write_text(f"{name:0>32}\n")
+    return config
+
+
+def acquire(d: Daemon, fingerprint: str = "machine-0001") -> dict[str, Any]:
+    with SimpleClient("127.0.0.1", d.port, timeout=10) as c:
+        assert c.hello()["ok"]
+        return c.request("acquire", product="cad", fingerprint=fingerprint)
+
+
+def info(d: Daemon) -> dict[str, Any]:
+    with SimpleClient("127.0.0.1", d.port, timeout=10) as c:
+        assert c.hello()["ok"]
+        return c.request("info", product="cad")
+
+
+def test_activate_lease_and_follow_the_license_through_refreshes(
+    tmp_path: Path, vendor: Vendor
+) -> None:
+    license_id, key = vendor.issue("--product", "cad", "--seats", "2", "--interval", "P1Y")
+    config = site(tmp_path, vendor)
+    done = floatd_cli("activate", "--license-key", key, "--config", str(config))
+    assert done.returncode == 0 and "activated online" in done.stdout, done.stderr
+    with Daemon(config, tmp_path / "floatd.log") as d:
+        d.start()
+        assert acquire(d)["ok"]
+        status = json.loads(floatd_cli("status", "--json", "--config", str(config)).stdout)
+        assert status["activation"]["mode"] == "online" and status["activation"]["refresh_by"]
+        # More seats at the authority: the next refresh brings them.
+        vendor.run("license", "update", license_id, "--seats", "5")
+        until(lambda: info(d).get("seats") == 5, "the new seat count")
+        # Suspended: the next refresh is answered 410 and leasing stops at once.
+        vendor.run("license", "suspend", license_id)
+        until(
+            lambda: acquire(d).get("error", {}).get("code") == "NOT_ACTIVATED",
+            "NOT_ACTIVATED after a suspension",
+        )
+        # Reinstated and activated again: leasing resumes without a restart.
+        vendor.run("license", "reinstate", license_id)
+        again = floatd_cli("activate", "--license-key", key, "--config", str(config))
+        assert again.returncode == 0, again.stderr
+        until(lambda: acquire(d).get("ok"), "leasing after re-activation")
+    activations = json.loads(vendor.run("activations", "list", "--json"))
+    assert len(activations) == 1 and activations[0]["refreshed_at"]
+
+
+def test_grace_period_without_the_authority_then_recovery(tmp_path: Path, vendor: Vendor) -> None:
+    _, key = vendor.issue("--product", "cad", "--seats", "2", "--grace", "4")
+    config = site(tmp_path, vendor)
+    assert floatd_cli("activate", "--license-key", key, "--config", str(config)).returncode == 0
+    with Daemon(config, tmp_path / "floatd.log") as d:
+        d.start()
+        first = acquire(d, "machine-0001")
+        assert first["ok"]
+        vendor.process.stop()
+        assert acquire(d, "machine-0002")["ok"]  # within the grace: business as usual
+        until(
+            lambda: acquire(d, "machine-0003").get("error", {}).get("code") == "GRACE_PERIOD_OVER",
+            "GRACE_PERIOD_OVER once refresh_by has passed",
+        )
+        with SimpleClient("127.0.0.1", d.port, timeout=10) as c:
+            c.hello()
+            renew = c.request("renew", lease=first["lease"], token=first["token"])
+            assert renew["error"]["code"] == "GRACE_PERIOD_OVER"
+        vendor.process.start()
+        # machine-0001 already holds a seat, so this asks for no new one.
+        until(lambda: acquire(d, "machine-0001").get("ok"), "recovery once the authority is back")
+        failures = [e for e in d.events() if e.get("event") == "refresh_failed"]
+        assert failures and all("refresh_by" in e for e in failures)
+
+
+def test_activation_limit_and_deactivate(tmp_path: Path, vendor: Vendor) -> None:
+    _, key = vendor.issue("--product", "cad", "--seats", "1")
+    one, two = site(tmp_path, vendor, "one"), site(tmp_path, vendor, "two")
+    assert floatd_cli("activate", "--license-key", key, "--config", str(one)).returncode == 0
+    refused = floatd_cli("activate", "--license-key", key, "--config", str(two))
+    assert refused.returncode == 1 and "ACTIVATION_LIMIT_REACHED" in refused.stderr
+    assert refused.stderr.count("\n") == 1
+    gone = floatd_cli("deactivate", "--config", str(one))
+    assert gone.returncode == 0, gone.stderr
+    assert not (tmp_path / "one" / "state" / "entitlement.txt").exists()
+    assert floatd_cli("activate", "--license-key", key, "--config", str(two)).returncode == 0
+    wrong = floatd_cli("activate", "--license-key", "FLT-nope", "--config", str(one))
+    assert wrong.returncode == 1 and "LICENSE_NOT_FOUND" in wrong.stderr
+
+
+def test_offline_round_trip_through_both_clis(tmp_path: Path, vendor: Vendor) -> None:
+    _, key = vendor.issue("--product", "cad", "--seats", "3")
+    config = site(tmp_path, vendor)
+    request, response = tmp_path / "request.txt", tmp_path / "entitlement.txt"
+    made = floatd_cli(
+        "activate", "--offline-request", str(request), "--license-key", key, "--config", str(config)
+    )
+    assert made.returncode == 0, made.stderr
+    vendor.run(
+        "offline", "sign", str(request), "--out", str(response), "--key", str(vendor.key_path)
+    )
+    args = ("activate", "--offline-response", str(response), "--config", str(config))
+    installed = floatd_cli(*args)
+    assert installed.returncode == 0 and "cad (3)" in installed.stdout, installed.stderr
+    assert floatd_cli(*args).returncode == 1  # a response is good once
+    with Daemon(config, tmp_path / "floatd.log") as d:
+        d.start()
+        assert acquire(d)["ok"]
+
+
+def api(vendor: Vendor, method: str, path: str, body: bytes | None = None) -> tuple[int, Any]:
+    conn = http.client.HTTPConnection("127.0.0.1", vendor.process.port, timeout=10)
+    try:
+        conn.request(method, path, body=body, headers={"content-type": "application/json"})
+        resp = conn.getresponse()
+        raw = resp.read()
+        return resp.status, json.loads(raw) if raw else None
+    finally:
+        conn.close()
+
+
+def test_the_api_answers_bad_requests_with_its_error_bodies(vendor: Vendor) -> None:
+    _, key = vendor.issue("--product", "cad", "--seats", "1")
+    assert api(vendor, "GET", "/v1/health") == (200, {"status": "ok"})
+    cases = [
+        ("POST", "/v1/activations", b"{not json", 400, "BAD_REQUEST"),
+        ("POST", "/v1/activations", b"[1, 2]", 400, "BAD_REQUEST"),
+        (
+            "POST",
+            "/v1/activations",
+            json.dumps({"license_key": 5, "server": "x"}).encode(),
+            400,
+            "BAD_REQUEST",
+        ),
+        ("POST", "/v1/activations", json.dumps({"license_key": key}).encode(), 400, "BAD_REQUEST"),
+        ("POST", "/v1/activations", b"{" + b" " * 200_000 + b"}", 413, "BODY_TOO_LARGE"),
+        ("GET", "/v1/activations", None, 405, "METHOD_NOT_ALLOWED"),
+        ("PUT", "/v1/health", b"{}", 405, "METHOD_NOT_ALLOWED"),
+        ("GET", "/v1/activations/act-1/refresh", None, 405, "METHOD_NOT_ALLOWED"),
+        ("GET", "/nowhere", None, 404, "NOT_FOUND"),
+        (
+            "POST",
+            "/v1/activations/act-nope/refresh",
+            b'{"server": "x"}',
+            404,
+            "ACTIVATION_NOT_FOUND",
+        ),
+        ("DELETE", "/v1/activations/act-nope", b'{"server": "x"}', 404, "ACTIVATION_NOT_FOUND"),
+        (
+            "POST",
+            "/v1/activations",
+            b'{"license_key": "FLT-x", "server": "s"}',
+            403,
+            "LICENSE_NOT_FOUND",
+        ),
+    ]
+    for method, path, body, status, code in cases:
+        got_status, got = api(vendor, method, path, body)
+        assert got_status == status and set(got) == {"error"}, (path, got_status, got)
+        assert got["error"]["code"] == code and isinstance(got["error"]["message"], str)
+    # Unknown fields are ignored: the request still works.
+    body = {"license_key": key, "server": "a" * 32, "hostname": "h", "floatd": "x", "extra": [1]}
+    status, got = api(vendor, "POST", "/v1/activations", json.dumps(body).encode())
+    assert (
+        status == 201 and got["activation_id"] and "BEGIN FLOATD ENTITLEMENT" in got["entitlement"]
+    )
+    status, _ = api(
+        vendor,
+        "DELETE",
+        f"/v1/activations/{got['activation_id']}",
+        b'{"server": "' + b"a" * 32 + b'"}',
+    )
+    assert status == 204
+    assert api(vendor, "GET", "/v1/health")[0] == 200  # still serving after all that
+
+
+# --- a misbehaving authority --------------------------------------------------------------
+
+
+class _Fake(http.server.BaseHTTPRequestHandler):
+    """Activation works; every refresh gets the next kind of bad answer."""
+
+    key: Ed25519PrivateKey
+    server_id: str
+    refreshes: list[str]
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def _send(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        if self.path == "/v1/activations":
+            text = sign_entitlement(self.key, self.entitlement())
+            self._send(201, json.dumps({"activation_id": "act-1", "entitlement": text}).encode())
+            return
+        kind = ["500", "garbage", "foreign", "slow"][len(self.refreshes) % 4]
+        self.refreshes.append(kind)
+        if kind == "500":
+            self._send(500, b"oops")
+        elif kind == "garbage":
+            self._send(200, b"<html>not json")
+        elif kind == "foreign":
+            text = sign_entitlement(Ed25519PrivateKey.generate(), self.entitlement())
+            self._send(200, json.dumps({"entitlement": text}).encode())
+        else:
+            time.sleep(3)  # beyond [authority] timeout
+            self._send(200, b"{}")
+
+    def entitlement(self) -> dict[str, Any]:
+        return payload(
+            id="ent-good",
+            server=self.server_id,
+            issued_at=int(time.time()) - 60,
+            refresh_by=int(time.time()) + 3600,
+            products=[product("cad", seats=2)],
+        )
+
+
+def test_a_misbehaving_authority_never_replaces_a_good_entitlement(
+    tmp_path: Path, vendor_key: Ed25519PrivateKey
+) -> None:
+    from conftest import SERVER_ID
+
+    refreshes: list[str] = []
+    handler = type(
+        "Fake", (_Fake,), {"key": vendor_key, "server_id": SERVER_ID, "refreshes": refreshes}
+    )
+    fake = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=fake.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{fake.server_address[1]}"
+        config = write_config(
+            tmp_path,
+            vendor_key,
+            authority__url=url,
+            authority__refresh_interval=1,
+            authority__timeout=1,
+        )
+        assert (
+            floatd_cli("activate", "--license-key", "FLT-k", "--config", str(config)).returncode
+            == 0
+        )
+        with Daemon(config, tmp_path / "floatd.log") as d:
+            d.start()
+            until(lambda: len(refreshes) >= 5, "five bad refreshes")
+            assert set(refreshes) == {"500", "garbage", "foreign", "slow"}
+            assert acquire(d)["ok"]
+            status = json.loads(floatd_cli("status", "--json", "--config", str(config)).stdout)
+            assert status["activation"]["entitlement_id"] == "ent-good"
+            assert status["activation"]["state"] == "active"
+            assert (tmp_path / "state" / "entitlement.txt").read_text().startswith("-----BEGIN")
+            assert not [
+                e
+                for e in d.events()
+                if e.get("event") == "entitlement_installed" and e.get("entitlement") != "ent-good"
+            ]
+    finally:
+        fake.shutdown()
+        fake.server_close()
