@@ -96,10 +96,13 @@ class AuthorityProcess:
     """``floatd-authority serve`` as a child process on a fixed loopback port,
     so it can be stopped and started again at the same URL."""
 
-    def __init__(self, db: Path, key: Path, port: int, log: Path) -> None:
+    def __init__(
+        self, db: Path, key: Path, port: int, log: Path, tls: tuple[Path, Path] | None = None
+    ) -> None:
         self.db, self.key, self.port, self.log = db, key, port, log
         self.proc: subprocess.Popen[bytes] | None = None
-        self.url = f"http://127.0.0.1:{port}"
+        self.tls = tls
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
 
     def start(self) -> None:
         with open(self.log, "ab") as out:
@@ -116,6 +119,11 @@ class AuthorityProcess:
                     str(self.key),
                     "--listen",
                     f"127.0.0.1:{self.port}",
+                    *(
+                        ("--tls-cert", str(self.tls[0]), "--tls-key", str(self.tls[1]))
+                        if self.tls
+                        else ()
+                    ),
                 ],
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -3,6 +3,7 @@ floatd-authority over HTTP on loopback, driven through both CLIs."""
 
 from __future__ import annotations
 
+import calendar
 import http.client
 import http.server
 import json
@@ -350,3 +351,109 @@ def test_a_misbehaving_authority_never_replaces_a_good_entitlement(
     finally:
         fake.shutdown()
         fake.server_close()
+
+
+def test_https_authority_with_a_private_ca(tmp_path: Path) -> None:
+    from test_tls import make_cert
+
+    vendor = Vendor(tmp_path)
+    cert, key = make_cert(tmp_path, "authority")
+    vendor.process = AuthorityProcess(
+        vendor.db, vendor.key_path, free_port(), tmp_path / "authority.log", tls=(cert, key)
+    )
+    _, license_key = vendor.issue("--product", "cad", "--seats", "1")
+    vendor.process.start()
+    try:
+        untrusted = site(tmp_path, vendor, "plain")
+        refused = floatd_cli("activate", "--license-key", license_key, "--config", str(untrusted))
+        assert refused.returncode == 1 and "cannot reach the authority" in refused.stderr
+        assert refused.stderr.count("\n") == 1
+        trusting = site(tmp_path, vendor, "trusting", authority__ca_bundle=str(cert))
+        done = floatd_cli("activate", "--license-key", license_key, "--config", str(trusting))
+        assert done.returncode == 0, done.stderr
+    finally:
+        vendor.process.stop()
+
+
+# --- every license model, through both CLIs (offline, so no daemon is needed) --------------
+
+MODELS: dict[str, tuple[list[str], dict[str, Any]]] = {
+    "perpetual": (["--seats", "1"], {"not_after": None, "seats": 1}),
+    "subscription": (["--seats", "2", "--interval", "P1M"], {"seats": 2, "not_after": "set"}),
+    "explicit expiry": (
+        ["--seats", "2", "--expires", "2030-01-01"],
+        {"not_after": calendar.timegm((2030, 1, 1, 0, 0, 0))},
+    ),
+    "multi seat with IPs": (
+        ["--seats", "25", "--allowed-ip", "10.1.0.0/16", "--allowed-ip", "fd00::/8"],
+        {"seats": 25, "allowed_ips": ["10.1.0.0/16", "fd00::/8"]},
+    ),
+    "unlimited": (["--seats", "-1"], {"seats": -1}),
+    "user-locked": (["--seats", "3", "--user-locked"], {"user_locked": True}),
+    "effective date": (
+        ["--seats", "1", "--effective", "2030-06-01"],
+        {"not_before": calendar.timegm((2030, 6, 1, 0, 0, 0))},
+    ),
+    "trial": (["--seats", "1", "--trial"], {"trial": True, "not_after": "set"}),
+    "per-instance, borrow, metadata": (
+        [
+            "--seats",
+            "4",
+            "--strategy",
+            "per-instance",
+            "--borrow-max",
+            "3600",
+            "--meta",
+            "edition=pro",
+            "--feature",
+            "export=true",
+            "--feature",
+            "threads=8",
+        ],
+        {
+            "strategy": "per-instance",
+            "borrow_max": 3600,
+            "metadata": {"edition": "pro"},
+            "features": {"export": True, "threads": 8},
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_license_models_through_both_clis(tmp_path: Path, model: str) -> None:
+    import msgpack
+
+    from floatd.cli import main as floatd_main
+    from floatd.entitlement import KIND_ENTITLEMENT, dearmor
+
+    vendor = Vendor(tmp_path)
+    vendor.run("product", "add", "trialware", "--name", "T", "--trial-days", "30")
+    args, expected = MODELS[model]
+    code = "trialware" if model == "trial" else "cad"
+    _, key = vendor.issue("--product", code, *args)
+    config = site(tmp_path, vendor)
+    request, response = tmp_path / "req.txt", tmp_path / "ent.txt"
+
+    def floatd(*a: str) -> str:
+        result = CliRunner().invoke(
+            floatd_main, [*a, "--config", str(config)], env={"FLOATD_CONFIG": ""}
+        )
+        assert result.exit_code == 0, result.stderr
+        return result.stdout
+
+    floatd("activate", "--offline-request", str(request), "--license-key", key)
+    vendor.run(
+        "offline", "sign", str(request), "--out", str(response), "--key", str(vendor.key_path)
+    )
+    floatd("activate", "--offline-response", str(response))
+    installed = (tmp_path / "site" / "state" / "entitlement.txt").read_text()
+    envelope = msgpack.unpackb(dearmor(installed, KIND_ENTITLEMENT))
+    ent = msgpack.unpackb(envelope["payload"])
+    prod = ent["products"][0]
+    for name, value in expected.items():
+        got = ent[name] if name in ("not_after", "not_before") else prod[name]
+        if value == "set":
+            assert isinstance(got, int) and got > time.time(), (name, got)
+        else:
+            assert got == value, (name, got)
