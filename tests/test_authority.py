@@ -167,3 +167,63 @@ def test_offline_signing_binds_the_request_nonce(
     with pytest.raises(AuthorityError) as err:
         authority.sign_offline("garbage", NOW)
     assert err.value.status == 400
+
+
+def test_vendor_cli_refusals_are_one_line(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from floatd.authority.cli import main
+
+    def run(*args: str) -> tuple[int, str]:
+        result = CliRunner().invoke(main, ["--db", str(tmp_path / "a.db"), *args])
+        return result.exit_code, result.stderr
+
+    key = str(tmp_path / "k.pem")
+    assert run("keys", "generate", "--out", key)[0] == 0
+    code, err = run("keys", "generate", "--out", key)
+    assert code == 1 and "not overwriting" in err
+    assert run("product", "add", "cad", "--name", "C")[0] == 0
+    code, err = run("product", "add", "cad", "--name", "C")
+    assert code == 1 and err.count("\n") == 1 and "exists" in err
+    code, err = run("license", "issue", "--order", "o", "--product", "nope", "--seats", "1")
+    assert code == 1 and "no product" in err
+    code, err = run(
+        "license",
+        "issue",
+        "--order",
+        "o",
+        "--product",
+        "cad",
+        "--seats",
+        "1",
+        "--interval",
+        "monthly",
+    )
+    assert code == 2 and "--interval" in err
+    code, err = run("license", "show", "lic-missing")
+    assert code == 1 and err.count("\n") == 1
+    code, err = run("license", "suspend", "lic-missing")
+    assert code == 1
+    for group in ("keys", "product", "license", "users", "activations", "offline", "serve"):
+        assert run(group, "--help")[0] == 0
+
+
+def test_an_encrypted_signing_key_needs_its_passphrase(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from floatd.authority.cli import PASSPHRASE_ENV, main
+
+    db = ["--db", str(tmp_path / "a.db")]
+    key = str(tmp_path / "k.pem")
+    env = {PASSPHRASE_ENV: "correct horse"}
+    made = CliRunner().invoke(
+        main, [*db, "keys", "generate", "--out", key, "--passphrase"], env=env
+    )
+    assert made.exit_code == 0 and made.stdout.startswith("ed25519:")
+    assert b"ENCRYPTED" in Path(key).read_bytes()
+    shown = CliRunner().invoke(main, [*db, "keys", "public", "--key", key], env=env)
+    assert shown.stdout == made.stdout
+    locked = CliRunner().invoke(
+        main, [*db, "keys", "public", "--key", key], env={PASSPHRASE_ENV: ""}
+    )
+    assert locked.exit_code == 1 and PASSPHRASE_ENV in locked.stderr

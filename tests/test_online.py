@@ -395,6 +395,10 @@ MODELS: dict[str, tuple[list[str], dict[str, Any]]] = {
         {"not_before": calendar.timegm((2030, 6, 1, 0, 0, 0))},
     ),
     "trial": (["--seats", "1", "--trial"], {"trial": True, "not_after": "set"}),
+    "named users": (
+        ["--seats", "2", "--max-users", "5"],
+        {"authorization": "user", "users": ["ann@example.com"], "max_users": 5},
+    ),
     "per-instance, borrow, metadata": (
         [
             "--seats",
@@ -429,9 +433,12 @@ def test_license_models_through_both_clis(tmp_path: Path, model: str) -> None:
 
     vendor = Vendor(tmp_path)
     vendor.run("product", "add", "trialware", "--name", "T", "--trial-days", "30")
+    vendor.run("product", "add", "named", "--name", "N", "--authorization", "user")
     args, expected = MODELS[model]
-    code = "trialware" if model == "trial" else "cad"
-    _, key = vendor.issue("--product", code, *args)
+    code = {"trial": "trialware", "named users": "named"}.get(model, "cad")
+    license_id, key = vendor.issue("--product", code, *args)
+    if model == "named users":
+        vendor.run("users", "assign", license_id, "ann@example.com")
     config = site(tmp_path, vendor)
     request, response = tmp_path / "req.txt", tmp_path / "ent.txt"
 
