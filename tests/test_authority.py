@@ -227,3 +227,21 @@ def test_an_encrypted_signing_key_needs_its_passphrase(tmp_path: Path) -> None:
         main, [*db, "keys", "public", "--key", key], env={PASSPHRASE_ENV: ""}
     )
     assert locked.exit_code == 1 and PASSPHRASE_ENV in locked.stderr
+
+
+def test_refresh_schedule_jitters_and_backs_off() -> None:
+    import random
+
+    from floatd.online import RefreshSchedule
+
+    s = RefreshSchedule(3600, random.Random(1))
+    assert 6 <= s.first() <= 18  # soon after start, a fraction of a minute
+    for _ in range(50):
+        assert 3240 <= s.after(True) <= 3960  # +-10%
+    delays = [s.after(False) for _ in range(10)]
+    ceilings = [30, 60, 120, 240, 480, 960, 1920, 3600, 3600, 3600]
+    for delay, ceiling in zip(delays, ceilings, strict=True):
+        assert ceiling / 2 <= delay <= ceiling
+    assert 3240 <= s.after(True) <= 3960 and s.failures == 0  # a success resets it
+    quick = RefreshSchedule(1, random.Random(2))
+    assert all(0.5 <= quick.after(False) <= 1 for _ in range(20))  # never beyond the interval

@@ -99,6 +99,17 @@ def acquire(d: Daemon, fingerprint: str = "machine-0001") -> dict[str, Any]:
         return c.request("acquire", product="cad", fingerprint=fingerprint)
 
 
+def healthz(d: Daemon) -> tuple[int, Any]:
+    host, port = d.status[0].rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        conn.request("GET", "/healthz")
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
 def info(d: Daemon) -> dict[str, Any]:
     with SimpleClient("127.0.0.1", d.port, timeout=10) as c:
         assert c.hello()["ok"]
@@ -137,7 +148,7 @@ def test_activate_lease_and_follow_the_license_through_refreshes(
 
 def test_grace_period_without_the_authority_then_recovery(tmp_path: Path, vendor: Vendor) -> None:
     _, key = vendor.issue("--product", "cad", "--seats", "2", "--grace", "4")
-    config = site(tmp_path, vendor)
+    config = site(tmp_path, vendor, status__listen="127.0.0.1:0")
     assert floatd_cli("activate", "--license-key", key, "--config", str(config)).returncode == 0
     with Daemon(config, tmp_path / "floatd.log") as d:
         d.start()
@@ -153,9 +164,11 @@ def test_grace_period_without_the_authority_then_recovery(tmp_path: Path, vendor
             c.hello()
             renew = c.request("renew", lease=first["lease"], token=first["token"])
             assert renew["error"]["code"] == "GRACE_PERIOD_OVER"
+        assert healthz(d) == (503, {"status": "grace_period_over"})
         vendor.process.start()
         # machine-0001 already holds a seat, so this asks for no new one.
         until(lambda: acquire(d, "machine-0001").get("ok"), "recovery once the authority is back")
+        assert healthz(d) == (200, {"status": "ok"})
         failures = [e for e in d.events() if e.get("event") == "refresh_failed"]
         assert failures and all("refresh_by" in e for e in failures)
 
@@ -464,3 +477,53 @@ def test_license_models_through_both_clis(tmp_path: Path, model: str) -> None:
             assert isinstance(got, int) and got > time.time(), (name, got)
         else:
             assert got == value, (name, got)
+
+
+class _Proxy(http.server.BaseHTTPRequestHandler):
+    """A forward proxy for plain HTTP that remembers what went through it."""
+
+    seen: list[str]
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def _forward(self) -> None:
+        from urllib.parse import urlsplit
+
+        self.seen.append(f"{self.command} {self.path}")
+        target = urlsplit(self.path)  # absolute-form, as a client speaks to a proxy
+        body = self.rfile.read(int(self.headers.get("content-length", 0)))
+        conn = http.client.HTTPConnection(target.hostname, target.port, timeout=10)
+        try:
+            conn.request(
+                self.command, target.path, body=body, headers={"content-type": "application/json"}
+            )
+            resp = conn.getresponse()
+            data = resp.read()
+        finally:
+            conn.close()
+        self.send_response(resp.status)
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_POST = do_DELETE = _forward
+
+
+def test_the_authority_through_an_http_proxy(tmp_path: Path, vendor: Vendor) -> None:
+    seen: list[str] = []
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), type("P", (_Proxy,), {"seen": seen}))
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        _, key = vendor.issue("--product", "cad", "--seats", "1")
+        config = site(
+            tmp_path, vendor, authority__proxy=f"http://127.0.0.1:{proxy.server_address[1]}"
+        )
+        done = floatd_cli("activate", "--license-key", key, "--config", str(config))
+        assert done.returncode == 0, done.stderr
+        assert seen == [f"POST {vendor.process.url}/v1/activations"]
+        assert floatd_cli("deactivate", "--config", str(config)).returncode == 0
+        assert len(seen) == 2 and seen[1].startswith("DELETE ")
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
