@@ -1,1 +1,40 @@
-"""Client side of the lease protocol."""
+"""floatd's client library: hold a seat of a product from an application.
+
+Async (trio)::
+
+    async with floatd.client.lease("licenses.lan:7411", "cad") as lease:
+        ...  # lease.features, lease.expires_in; lease.lost is set if the seat is lost
+
+Not async::
+
+    with floatd.client.FloatingLicense("licenses.lan:7411", "cad") as lic:
+        ...
+"""
+
+from floatd.client.connection import (
+    INSTANCE_ID,
+    Connection,
+    ConnectionLost,
+    UnknownRefusal,
+    Unreachable,
+    machine_fingerprint,
+    parse_server,
+    wire_code,
+)
+from floatd.client.lease import UNREACHABLE, Lease, lease
+from floatd.client.sync import FloatingLicense
+
+__all__ = [
+    "INSTANCE_ID",
+    "UNREACHABLE",
+    "Connection",
+    "ConnectionLost",
+    "FloatingLicense",
+    "Lease",
+    "UnknownRefusal",
+    "Unreachable",
+    "lease",
+    "machine_fingerprint",
+    "parse_server",
+    "wire_code",
+]
