@@ -118,7 +118,8 @@ def parse_server(text: str, default_port: int = 7411) -> tuple[str, int]:
         host, _, port = text.partition(":")
     else:
         host, port = text, ""
-    if not host or (port and not port.isdigit()) or (port and not 0 < int(port) < 65536):
+    bad_host = not host or not all(c.isalnum() or c in ".-_:%" for c in host)
+    if bad_host or (port and not port.isdigit()) or (port and not 0 < int(port) < 65536):
         raise ValueError(f"{text!r} is not host[:port]")
     return host, int(port) if port else default_port
 
