@@ -155,3 +155,22 @@ def test_probe_exit_codes(server: Daemon) -> None:
     usage = floatd_cli("probe", "--server", "not a server", "--product", "app")
     assert usage.returncode == 2
     assert used(server) == 0  # the probe gave its seat back
+
+
+def test_the_readme_examples_hold_a_seat(server: Daemon, tmp_path: Path) -> None:
+    import re
+    import subprocess
+    import sys
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    assert len(blocks) == 2  # the async and the sync example
+    for code in blocks:
+        script = tmp_path / "example.py"
+        script.write_text(code.replace("licenses.lan:7411", addr(server)).replace('"cad"', '"app"'))
+        done = subprocess.run(
+            [sys.executable, str(script)], capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+        assert "'export': True" in done.stdout
+    assert used(server) == 0
