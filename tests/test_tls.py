@@ -118,3 +118,44 @@ def test_unreadable_certificate_is_a_config_error(
     )
     with pytest.raises(ConfigError):
         Server(cfg, MemoryStore(), SERVER_ID)
+
+
+async def test_the_client_library_verifies_the_certificate_and_sends_the_token(
+    tmp_path: Path, vendor_key: Ed25519PrivateKey
+) -> None:
+    import floatd.client as fc
+    from floatd.errors import Forbidden
+
+    cert, key = make_cert(tmp_path, "floatd")
+    other_ca, _ = make_cert(tmp_path, "someone-else")
+    cfg = make_config(
+        tmp_path,
+        vendor_key,
+        server__tls_cert=str(cert),
+        server__tls_key=str(key),
+        server__client_tokens=["s3cret-token"],
+    )
+    atomic_write(cfg.entitlement_path, sign(vendor_key))
+    server = Server(
+        cfg,
+        MemoryStore(),
+        SERVER_ID,
+        clock=lambda: BASE + trio.current_time(),
+        run_sync=inline_run_sync,
+    )
+    server.load_state()
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            port = (await nursery.start(server.run))[0][1]
+            where = f"127.0.0.1:{port}"
+            async with fc.lease(where, "app", tls=str(cert), token="s3cret-token") as held:
+                assert held.id and held.product["code"] == "app"
+            # A certificate from a CA we were not told to trust: no connection.
+            with pytest.raises(fc.Unreachable):
+                async with fc.lease(where, "app", tls=str(other_ca), token="s3cret-token"):
+                    pass
+            # The right certificate but no token: the server's refusal, typed.
+            with pytest.raises(Forbidden):
+                async with fc.lease(where, "app", tls=str(cert)):
+                    pass
+            server.stop()

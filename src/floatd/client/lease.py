@@ -115,8 +115,10 @@ class _Holder:
         self._rng = random.Random()
 
     async def _connect_once(self) -> Connection:
-        """The first server, in order, that answers hello."""
+        """The first server, in order, that answers hello.  If none does and one
+        refused (FORBIDDEN, BUSY, ...), that refusal is what the caller hears."""
         errors = []
+        refused: FloatdError | None = None
         for host, port in self.servers:
             try:
                 return await Connection.open(host, port, **self.options)
@@ -124,6 +126,9 @@ class _Holder:
                 errors.append(exc.message)
             except FloatdError as exc:  # BUSY and the like: try the next one
                 errors.append(f"{host}:{port}: {exc.code}: {exc.message}")
+                refused = refused or exc
+        if refused is not None:
+            raise refused
         raise Unreachable("; ".join(errors))
 
     async def _connect(self, until: float) -> Connection:
@@ -132,10 +137,12 @@ class _Holder:
         while True:
             try:
                 return await self._connect_once()
-            except Unreachable:
+            except (Unreachable, FloatdError) as exc:
                 left = until - time.monotonic()
                 if left <= 0:
-                    raise
+                    if isinstance(exc, Unreachable):
+                        raise
+                    raise Unreachable(f"no server took us back: {exc.code}") from None
             await trio.sleep(min(left, delay * self._rng.uniform(0.5, 1.0)))
             delay = min(BACKOFF_MAX, delay * 2)
 
