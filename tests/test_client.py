@@ -174,3 +174,24 @@ def test_the_readme_examples_hold_a_seat(server: Daemon, tmp_path: Path) -> None
         assert done.returncode == 0, done.stderr
         assert "'export': True" in done.stdout
     assert used(server) == 0
+
+
+def test_server_addresses_and_refusal_mapping() -> None:
+    from floatd.client.connection import refusal
+    from floatd.errors import LeaseNotFound
+
+    assert fc.parse_server("lic.lan") == ("lic.lan", 7411)
+    assert fc.parse_server("10.0.0.5:7500") == ("10.0.0.5", 7500)
+    assert fc.parse_server("[fd00::5]:7500") == ("fd00::5", 7500)
+    assert fc.parse_server("fd00::5") == ("fd00::5", 7411)
+    for bad in ("", "a b", "host:port", "host:0", "host:70000", "[::1]:x"):
+        with pytest.raises(ValueError):
+            fc.parse_server(bad)
+    seats = refusal({"code": "NO_FREE_SEATS", "message": "full", "seats": 2, "used": 2})
+    assert isinstance(seats, NoFreeSeats) and seats.details == {"seats": 2, "used": 2}
+    assert isinstance(refusal({"code": "LEASE_NOT_FOUND", "message": "x"}), LeaseNotFound)
+    novel = refusal({"code": "SOMETHING_NEW", "message": "from a later server"})
+    assert isinstance(novel, fc.UnknownRefusal) and fc.wire_code(novel) == "SOMETHING_NEW"
+    for odd in (None, "text", {"code": "CONFIG", "message": "not a wire code"}):
+        assert isinstance(refusal(odd), fc.UnknownRefusal)  # never a success
+    assert len(fc.machine_fingerprint()) == 32 and fc.INSTANCE_ID
