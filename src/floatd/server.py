@@ -77,6 +77,8 @@ SHUTDOWN_GRACE = 3.0
 ENTITLEMENT_POLL = 1.0
 TIMER_MAX_SLEEP = 1.0  # also how soon a wall-clock jump is noticed
 AUDIT_PRUNE_INTERVAL = 600.0
+CLOCK_MARK_EVERY = 10.0
+META_CLOCK_MARK = "clock_mark"
 #: The watchdog is fed only while the writer has committed this recently: a
 #: hung disk should get the daemon restarted, not look healthy.
 WATCHDOG_COMMIT_AGE = 10.0
@@ -139,7 +141,10 @@ class Server:
         self.notifier = notifier or Notifier({})
         self.server_id = server_id
         self.service = LeaseService(
-            server_id, config.default_duration, log=event_logger(config.log_level)
+            server_id,
+            config.default_duration,
+            log=event_logger(config.log_level),
+            allowed_clock_offset=config.allowed_clock_offset,
         )
         self.store = store
         # Tests inject an async stand-in so MockClock controls every wait.
@@ -179,6 +184,15 @@ class Server:
         self.online = record is not None and not record.revoked
         meta = self.store.load_meta()
         leases = self.store.load_leases()
+        guard = self.service.clock_guard
+        guard.mark = max(float(meta.get(META_CLOCK_MARK, 0)), float(meta.get(META_LAST_CUT, 0)))
+        if guard.tampered(now):
+            log.warning(
+                "clock_went_back",
+                now=now,
+                latest_seen=guard.mark,
+                hint="leasing is refused (SERVER_TIME_MODIFIED) until the clock is right",
+            )
         extended: list[Lease] = []
         if META_LAST_CUT in meta and meta.get(META_CLEAN) != "1":
             extended = extend_after_crash(leases, float(meta[META_LAST_CUT]), LAZY_WINDOW)
@@ -291,6 +305,7 @@ class Server:
         if not self._listeners:
             await self.bind()
         listeners = self._listeners
+        self.service.clock_guard.start(self.clock(), trio.current_time())
         async with trio.open_nursery() as core:
             await core.start(self.committer.run)
             async with trio.open_nursery() as background:
@@ -387,6 +402,7 @@ class Server:
                 logs.configure(new.log_level, new.log_format)
                 self.service.set_log(event_logger(new.log_level))
             self.service.default_duration = new.default_duration
+            self.service.clock_guard.offset = new.allowed_clock_offset
             if "default_duration" in attrs:
                 self.service.install(self.service.entitlement, self.clock())
                 self._flush()
@@ -469,8 +485,15 @@ class Server:
             self._rearm.set()
 
     async def _timer(self) -> None:
-        """Expire leases and time out waiters when the pool says something is due."""
+        """Expire leases and time out waiters when the pool says something is due;
+        also keep the clock guard's mark (persisted every CLOCK_MARK_EVERY s)."""
+        persisted = -math.inf
         while True:
+            guard = self.service.clock_guard
+            guard.observe(self.clock(), trio.current_time())
+            if trio.current_time() - persisted >= CLOCK_MARK_EVERY:
+                persisted = trio.current_time()
+                self.committer.submit([SetMeta(META_CLOCK_MARK, repr(guard.mark))], urgent=False)
             deadline = self.service.next_deadline()
             self._armed_for = math.inf if deadline is None else deadline
             delay = TIMER_MAX_SLEEP

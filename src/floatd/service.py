@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from typing import Any, Protocol
 
 from floatd import __version__
+from floatd.clockguard import ClockGuard
 from floatd.entitlement import Entitlement, ProductTerms, check_license, check_product
 from floatd.errors import (
     AuthFailed,
@@ -25,6 +26,7 @@ from floatd.errors import (
     IpNotAllowed,
     LicenseRefusal,
     NoFreeSeats,
+    ServerTimeModified,
     UnknownProduct,
 )
 from floatd.pool import Claim, Lease, PoolProduct, SeatPool, Waiter, hash_token
@@ -66,9 +68,11 @@ class LeaseService:
         default_duration: int,
         *,
         log: LogFn | None = None,
+        allowed_clock_offset: float = 60.0,
     ) -> None:
         self.server_id = server_id
         self.default_duration = default_duration
+        self.clock_guard = ClockGuard(allowed_clock_offset)
         self.pool = SeatPool()
         self.entitlement: Entitlement | None = None
         self._log: LogFn = log or _NoLog()
@@ -230,10 +234,20 @@ class LeaseService:
             server_id=self.server_id,
         )
 
-    def _acquire(self, req: Acquire, now: float, peer: str | None) -> dict[str, Any] | Waiter:
+    def _check_server(self, now: float) -> Entitlement:
+        """The server-wide refusals of acquire and renew."""
         ent = self.entitlement
         check_license(ent, now)
+        if self.clock_guard.tampered(now):
+            raise ServerTimeModified(
+                "the server's clock is behind the time it has already seen; "
+                "leasing resumes once it is right again"
+            )
         assert ent is not None
+        return ent
+
+    def _acquire(self, req: Acquire, now: float, peer: str | None) -> dict[str, Any] | Waiter:
+        ent = self._check_server(now)
         terms = ent.product(req.product)
         if terms is None:
             raise UnknownProduct(f"unknown product {req.product!r}")
@@ -332,9 +346,7 @@ class LeaseService:
             self.revoke(waiter.lease.id, now)
 
     def _renew(self, req: Renew, now: float) -> dict[str, Any]:
-        ent = self.entitlement
-        check_license(ent, now)
-        assert ent is not None
+        ent = self._check_server(now)
         # The token first: a refusal about the product would tell a stranger
         # that the lease exists.
         lease = self.pool.authorize(now, req.lease, hash_token(req.token))
@@ -376,7 +388,7 @@ class LeaseService:
     def activation_state(self, now: float) -> str:
         """The ``activation.state`` of the status endpoint."""
         try:
-            check_license(self.entitlement, now)
+            self._check_server(now)
         except LicenseRefusal as exc:
             return _STATE_OF.get(exc.code, exc.code.lower())
         return "active"

@@ -1,0 +1,78 @@
+"""Clock tamper detection: the guard alone, then the server with an injected clock."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import trio
+import trio.testing
+from conftest import BASE, SERVER_ID, MemoryStore, inline_run_sync, make_config, product, sign
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from test_ops import get, http
+from test_server import Harness
+
+from floatd.activation import atomic_write
+from floatd.clockguard import ClockGuard
+from floatd.server import Server
+
+
+def test_the_guard_follows_the_clock_and_catches_it_going_back() -> None:
+    g = ClockGuard(60, mark=1000.0)
+    g.start(1000.0, 0.0)
+    g.observe(1100.0, 100.0)
+    assert g.mark == 1100.0 and not g.tampered(1100.0)
+    assert not g.tampered(1041.0)  # within the allowed offset
+    assert g.tampered(1039.0)
+    # Set forward a year, then corrected: the monotonic clock never vouched for
+    # the jump, so the mark stays near real time and nothing locks up.
+    g.observe(1100.0 + 365 * 86400, 101.0)
+    assert g.mark <= 1000.0 + 101.0 + 60
+    assert not g.tampered(1102.0)
+    # A mark from before a restart holds whatever the clock says now.
+    again = ClockGuard(60, mark=5000.0)
+    again.start(1000.0, 0.0)
+    assert again.tampered(1000.0) and not again.tampered(4950.0)
+
+
+async def test_the_server_refuses_while_the_clock_is_behind(
+    tmp_path: Path, vendor_key: Ed25519PrivateKey, autojump_clock: trio.testing.MockClock
+) -> None:
+    skew = [0.0]  # what the "admin" did to the wall clock
+    cfg = make_config(tmp_path, vendor_key)
+    atomic_write(cfg.entitlement_path, sign(vendor_key, products=[product("app", seats=2)]))
+    store = MemoryStore()
+    server = Server(
+        cfg,
+        store,
+        SERVER_ID,
+        clock=lambda: BASE + trio.current_time() + skew[0],
+        run_sync=inline_run_sync,
+    )
+    server.load_state()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        h = Harness(server, store, nursery)
+        c = await h.connect()
+        held = await c.acquire("app")
+        assert held["ok"]
+        await trio.sleep(20)
+        skew[0] = -2 * 3600.0  # two hours back
+        await trio.sleep(2)
+        refused = await c.acquire("app", fingerprint="machine-0002")
+        assert refused["error"]["code"] == "SERVER_TIME_MODIFIED"
+        renew = await c.request("renew", lease=held["lease"], token=held["token"])
+        assert renew["error"]["code"] == "SERVER_TIME_MODIFIED"
+        (resp,) = await http(server.status, get("/healthz"))
+        assert resp.status_code == 503 and json.loads(resp.body) == {"status": "time_modified"}
+        assert server.status_document()["activation"]["state"] == "time_modified"
+        skew[0] = 0.0  # put right
+        await trio.sleep(1)
+        assert (await c.request("renew", lease=held["lease"], token=held["token"]))["ok"]
+        await trio.sleep(11)  # the mark has been persisted meanwhile
+        assert float(store.meta["clock_mark"]) >= BASE + 30
+        server.stop()
+    # Restarted with the clock an hour behind what the state dir has seen.
+    late = Server(cfg, store, SERVER_ID, clock=lambda: BASE - 3600.0, run_sync=inline_run_sync)
+    late.load_state()
+    assert late.service.activation_state(BASE - 3600.0) == "time_modified"
