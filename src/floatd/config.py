@@ -68,6 +68,11 @@ class Config:
     log_level: str = "info"
     log_format: str = "json"
     audit_retention_days: float = 90.0
+    acquires_per_second: float = 20.0
+    acquire_burst: float = 200.0
+    auth_failures_per_minute: float = 10.0
+    connections_per_address: int = 512
+    max_waiters: int = 1000
     #: Where the file came from, for messages; not a config key.
     source: str = "<defaults>"
 
@@ -193,6 +198,13 @@ SCHEMA: dict[str, dict[str, tuple[str, Check]]] = {
         "format": ("log_format", _choice(*LOG_FORMATS)),
     },
     "audit": {"retention_days": ("audit_retention_days", _number(0))},
+    "limits": {
+        "acquires_per_second": ("acquires_per_second", _number(0)),
+        "acquire_burst": ("acquire_burst", _number(1)),
+        "auth_failures_per_minute": ("auth_failures_per_minute", _number(0)),
+        "connections_per_address": ("connections_per_address", _number(0, integer=True)),
+        "max_waiters": ("max_waiters", _number(0, integer=True)),
+    },
 }
 
 

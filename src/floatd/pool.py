@@ -130,6 +130,8 @@ class SeatPool:
         self._wait_seq = 0
         self._woken: list[Waiter] = []
         self._expired: list[Lease] = []
+        #: Waiters allowed per product; more get NO_FREE_SEATS at once.
+        self.max_waiters = 1000
 
     # --- configuration -----------------------------------------------------
 
@@ -205,7 +207,7 @@ class SeatPool:
         key = seat_key(state.terms, claim.fingerprint, claim.instance, claim.user)
         if key in state.seats or (state.has_free_seat() and not state.waiting):
             return self._grant(state, key, claim, now)
-        if wait_until is not None and wait_until > now:
+        if wait_until is not None and wait_until > now and state.waiting < self.max_waiters:
             waiter = Waiter(claim, wait_until)
             state.queue.append(waiter)
             state.waiting += 1

@@ -65,7 +65,7 @@ from floatd.protocol.messages import (
     failure,
     request_id,
 )
-from floatd.service import LeaseService
+from floatd.service import LeaseService, limit_key
 from floatd.status_http import StatusServer
 from floatd.store import Change, LeaseStore, PruneAudit, SetExpiry, SetMeta, extend_after_crash
 from floatd.systemd import Notifier
@@ -146,11 +146,13 @@ class Server:
             log=event_logger(config.log_level),
             allowed_clock_offset=config.allowed_clock_offset,
         )
+        self._apply_limits(config)
         self.store = store
         # Tests inject an async stand-in so MockClock controls every wait.
         self._run_sync: RunSync = run_sync or trio.to_thread.run_sync
         self.committer = GroupCommitter(store, clock, run_sync)
         self.connections = 0
+        self._per_address: dict[str, int] = {}
         self.ports: list[tuple[str, int]] = []
         self._keys = trusted_keys(config.vendor_keys)
         self._readers: set[_Connection] = set()
@@ -173,6 +175,14 @@ class Server:
         self.status = StatusServer(self)
         self.online = False  # an online activation is in force (see _refresh_online)
         self._tls = tls_context(config)
+
+    def _apply_limits(self, config: Config) -> None:
+        self.service.set_limits(
+            config.acquires_per_second,
+            config.acquire_burst,
+            config.auth_failures_per_minute,
+            config.max_waiters,
+        )
 
     # --- start-up ------------------------------------------------------------
 
@@ -403,6 +413,7 @@ class Server:
                 self.service.set_log(event_logger(new.log_level))
             self.service.default_duration = new.default_duration
             self.service.clock_guard.offset = new.allowed_clock_offset
+            self._apply_limits(new)
             if "default_duration" in attrs:
                 self.service.install(self.service.entitlement, self.clock())
                 self._flush()
@@ -651,10 +662,17 @@ class Server:
 
     async def handle_stream(self, stream: trio.abc.Stream, peer: str | None) -> None:
         """Serve one client connection (also the entry point for in-memory tests)."""
-        if self.connections >= self.config.max_connections or self._stopping:
+        source = limit_key(peer)
+        cap = self.config.connections_per_address
+        if (
+            self.connections >= self.config.max_connections
+            or self._stopping
+            or (cap and self._per_address.get(source, 0) >= cap)
+        ):
             await self._refuse_busy(stream)
             return
         self.connections += 1
+        self._per_address[source] = self._per_address.get(source, 0) + 1
         conn = _Connection(self, stream, peer)
         self._readers.add(conn)
         self._watch(conn, conn.hello_deadline)
@@ -664,6 +682,11 @@ class Server:
             conn.done = True
             self._readers.discard(conn)
             self.connections -= 1
+            left = self._per_address[source] - 1
+            if left:
+                self._per_address[source] = left
+            else:
+                del self._per_address[source]
             await trio.aclose_forcefully(stream)
 
     async def _refuse_busy(self, stream: trio.abc.Stream) -> None:

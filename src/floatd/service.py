@@ -26,9 +26,11 @@ from floatd.errors import (
     IpNotAllowed,
     LicenseRefusal,
     NoFreeSeats,
+    RateLimited,
     ServerTimeModified,
     UnknownProduct,
 )
+from floatd.limits import RateLimiter
 from floatd.pool import Claim, Lease, PoolProduct, SeatPool, Waiter, hash_token
 from floatd.protocol.connection import PROTOCOL_VERSION
 from floatd.protocol.messages import Acquire, Hello, Info, Ping, Release, Renew, Request, ok
@@ -47,6 +49,26 @@ class _NoLog:
 
     def enabled(self, level: str) -> bool:
         return False
+
+
+_limit_keys: dict[str | None, str] = {}
+
+
+def limit_key(peer: str | None) -> str:
+    """Whom a per-address limit counts: the IPv4 address, or the IPv6 /64 (one
+    host can hold a whole /64, so counting single IPv6 addresses invites evasion).
+    Cached: parsing an address costs more than the rest of the check."""
+    key = _limit_keys.get(peer)
+    if key is None:
+        ip = _peer_ip(peer)
+        if isinstance(ip, ipaddress.IPv6Address):
+            key = str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
+        else:
+            key = str(ip) if ip is not None else (peer or "")
+        if len(_limit_keys) >= 65536:
+            _limit_keys.clear()
+        _limit_keys[peer] = key
+    return key
 
 
 def _peer_ip(peer: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -73,6 +95,8 @@ class LeaseService:
         self.server_id = server_id
         self.default_duration = default_duration
         self.clock_guard = ClockGuard(allowed_clock_offset)
+        self.acquire_limit = RateLimiter(20.0, 200.0)
+        self.auth_limit = RateLimiter(10.0 / 60, 10.0)
         self.pool = SeatPool()
         self.entitlement: Entitlement | None = None
         self._log: LogFn = log or _NoLog()
@@ -246,8 +270,23 @@ class LeaseService:
         assert ent is not None
         return ent
 
+    def set_limits(
+        self,
+        acquires_per_second: float,
+        burst: float,
+        auth_failures_per_minute: float,
+        waiters: int,
+    ) -> None:
+        self.acquire_limit.rate, self.acquire_limit.burst = acquires_per_second, burst
+        self.auth_limit.rate = auth_failures_per_minute / 60
+        self.auth_limit.burst = max(1.0, auth_failures_per_minute)
+        self.pool.max_waiters = waiters
+
     def _acquire(self, req: Acquire, now: float, peer: str | None) -> dict[str, Any] | Waiter:
         ent = self._check_server(now)
+        source = limit_key(peer)
+        if not self.acquire_limit.allow(source, now):
+            raise RateLimited("too many acquires from this address; slow down")
         terms = ent.product(req.product)
         if terms is None:
             raise UnknownProduct(f"unknown product {req.product!r}")
@@ -257,8 +296,11 @@ class LeaseService:
             if ip is None or not any(ip in net for net in terms.allowed_ips):
                 raise IpNotAllowed(f"address {peer} may not lease {req.product!r}")
         if terms.authorization == "user":
+            if self.auth_limit.blocked(source, now):
+                raise RateLimited("too many failed logins from this address; wait a minute")
             # Local passwords for license users are not stored yet, so no one can
             # authenticate; the answer is the one the contract gives a bad password.
+            self.auth_limit.allow(source, now)
             raise AuthFailed("unknown user or wrong password")
         lease_id, token = _new_lease_secrets()
         claim = Claim(

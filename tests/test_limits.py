@@ -1,0 +1,107 @@
+"""Abuse limits: the token bucket alone, then the server with limits switched on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import trio
+import trio.testing
+from conftest import product, sign
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from test_server import serving
+
+from floatd.limits import RateLimiter
+from floatd.service import limit_key
+
+
+def test_the_bucket_allows_its_burst_then_its_rate() -> None:
+    b = RateLimiter(rate=2, burst=3)
+    assert [b.allow("a", 0.0) for _ in range(4)] == [True, True, True, False]
+    assert b.blocked("a", 0.0) and not b.blocked("b", 0.0)
+    assert b.allow("b", 0.0)  # another address has its own bucket
+    assert not b.allow("a", 0.25) and b.allow("a", 0.5)  # 2 a second
+    assert b.allow("a", 100.0) and b.allow("a", 100.0) and b.allow("a", 100.0)
+    assert not b.allow("a", 100.0)  # refills only up to the burst
+    off = RateLimiter(rate=0, burst=1)
+    assert all(off.allow("a", 0.0) for _ in range(100))
+    small = RateLimiter(rate=1, burst=1, max_keys=3)
+    for n in range(10):
+        small.allow(f"k{n}", 0.0)
+    assert len(small._buckets) == 3  # bounded, however many addresses come
+
+
+def test_limit_keys_group_ipv6_by_64() -> None:
+    assert limit_key("10.0.0.1") == "10.0.0.1"
+    assert limit_key("::ffff:10.0.0.1") == "10.0.0.1"
+    assert limit_key("2001:db8:1:2::5") == limit_key("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    assert limit_key("2001:db8:1:3::5") != limit_key("2001:db8:1:2::5")
+
+
+async def test_acquires_are_limited_per_address_and_renewals_are_not(
+    tmp_path: Path, vendor_key: Ed25519PrivateKey, autojump_clock: trio.testing.MockClock
+) -> None:
+    ent = sign(vendor_key, products=[product("app", seats=0)])
+    async with serving(
+        tmp_path, vendor_key, ent, limits__acquires_per_second=1, limits__acquire_burst=3
+    ) as h:
+        greedy = await h.connect(peer="10.0.0.66")
+        got = [await greedy.acquire(fingerprint=f"machine-{n:04d}") for n in range(4)]
+        assert [g["ok"] for g in got] == [True, True, True, False]
+        assert got[3]["error"]["code"] == "RATE_LIMITED"
+        polite = await h.connect(peer="10.0.0.7")
+        assert (await polite.acquire(fingerprint="machine-polite"))["ok"]
+        for _ in range(20):  # renewals are never limited
+            renew = await greedy.request("renew", lease=got[0]["lease"], token=got[0]["token"])
+            assert renew["ok"]
+        await trio.sleep(1)
+        assert (await greedy.acquire(fingerprint="machine-later"))["ok"]
+
+
+async def test_failed_logins_are_limited_per_address(
+    tmp_path: Path, vendor_key: Ed25519PrivateKey, autojump_clock: trio.testing.MockClock
+) -> None:
+    ent = sign(vendor_key, products=[product("named", authorization="user"), product("app")])
+    async with serving(tmp_path, vendor_key, ent, limits__auth_failures_per_minute=5) as h:
+        good = await h.connect(peer="10.0.0.7")
+        held = await good.acquire("app")
+        guesser = await h.connect(peer="10.0.0.66")
+        codes = []
+        for n in range(8):
+            got = await guesser.acquire("named", user="ann@example.com", password=f"guess{n}")
+            codes.append(got["error"]["code"])
+        assert codes == ["AUTH_FAILED"] * 5 + ["RATE_LIMITED"] * 3
+        other = await good.acquire("named", user="ann@example.com", password="x")
+        assert other["error"]["code"] == "AUTH_FAILED"  # another address is not punished
+        assert (await good.request("renew", lease=held["lease"], token=held["token"]))["ok"]
+        await trio.sleep(13)  # a token back (5 a minute)
+        got = await guesser.acquire("named", user="ann@example.com", password="again")
+        assert got["error"]["code"] == "AUTH_FAILED"
+
+
+async def test_connections_per_address_and_the_wait_queue_are_capped(
+    tmp_path: Path, vendor_key: Ed25519PrivateKey, autojump_clock: trio.testing.MockClock
+) -> None:
+    ent = sign(vendor_key, products=[product("solo", seats=1)])
+    async with serving(
+        tmp_path, vendor_key, ent, limits__connections_per_address=3, limits__max_waiters=2
+    ) as h:
+        mine = []
+        for _ in range(3):
+            with trio.fail_after(5):
+                mine.append(await h.connect(peer="10.0.0.66"))
+        extra = await h.connect(peer="10.0.0.66", hello=False)
+        with trio.fail_after(5):
+            busy = await extra.hello()
+        assert busy["error"]["code"] == "BUSY"
+        assert (await (await h.connect(peer="10.0.0.7")).acquire("solo"))["ok"]
+        for c in mine[:2]:
+            await c.send("acquire", product="solo", fingerprint="machine-waits", wait=60)
+        await trio.sleep(1)
+        with trio.fail_after(5):
+            third = await mine[2].acquire("solo", fingerprint="machine-late", wait=60)
+        assert third["error"]["code"] == "NO_FREE_SEATS"  # answered at once, not queued
+        assert h.server.service.pool.waiting("solo") == 2
+        for c in mine:  # hang up: the queued waits are given up with the connections
+            await c.stream.aclose()
+        await trio.sleep(1)
+        assert h.server.service.pool.waiting("solo") == 0
