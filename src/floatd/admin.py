@@ -149,6 +149,11 @@ class AdminServer:
                 return [{"ok": True, "lease": row}]
             if cmd == "reload":
                 return [{"ok": True, **await server.reload()}]
+            if cmd == "end_user":
+                email, product = request.get("email"), request.get("product")
+                if not isinstance(email, str) or not isinstance(product, str):
+                    raise AdminError("'email' and 'product' must be strings")
+                return [{"ok": True, "ended": await server.end_user(email, product)}]
             raise AdminError(f"unknown admin command {str(cmd)[:40]!r}")
         except FloatdError as exc:
             return [_failure(exc)]

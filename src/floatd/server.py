@@ -28,7 +28,7 @@ from typing import Any
 
 import trio
 
-from floatd import __version__, logs, online
+from floatd import __version__, logs, online, users
 from floatd.activation import atomic_write
 from floatd.admin import AdminServer, bind_admin_socket, lease_row
 from floatd.committer import (
@@ -151,6 +151,8 @@ class Server:
         # Tests inject an async stand-in so MockClock controls every wait.
         self._run_sync: RunSync = run_sync or trio.to_thread.run_sync
         self.committer = GroupCommitter(store, clock, run_sync)
+        # Password checks (scrypt) run two at a time at most, off the event loop.
+        self._auth_limiter = trio.CapacityLimiter(2)
         self.connections = 0
         self._per_address: dict[str, int] = {}
         self.ports: list[tuple[str, int]] = []
@@ -437,6 +439,36 @@ class Server:
         if batch is not None:
             await batch.wait()
         return lease_row(lease)
+
+    async def check_password(self, req: Acquire) -> bool:
+        ent = self.service.entitlement
+        terms = ent.product(req.product) if ent is not None else None
+        assert terms is not None and req.user is not None and req.password is not None
+        return bool(
+            await self._run_sync(
+                users.authenticate,
+                self.config.database_path,
+                req.user,
+                req.password,
+                req.product,
+                frozenset(terms.users),
+                limiter=self._auth_limiter,
+            )
+        )
+
+    async def end_user(self, email: str, product: str) -> list[dict[str, Any]]:
+        """``floatd users unassign``: end that user's leases of the product."""
+        ended = [
+            lease
+            for lease in list(self.service.pool.leases())
+            if lease.product == product and lease.user == email
+        ]
+        for lease in ended:
+            self.service.revoke(lease.id, self.clock())
+        batch = self._flush()
+        if batch is not None:
+            await batch.wait()
+        return [lease_row(lease) for lease in ended]
 
     def lease_rows(self, product: str | None = None) -> list[dict[str, Any]]:
         leases = [
@@ -804,7 +836,13 @@ class _Connection:
             waiting = False
             started = time.perf_counter()
             while len(slots) < MAX_PIPELINE and (event := proto.next_event()) is not None:
-                slot = self._dispatch(event, started)
+                authenticated = False
+                if isinstance(event, Acquire) and self.server.service.needs_password_check(
+                    event, self.server.clock(), self.peer
+                ):
+                    # Only this connection waits (its answers stay in order).
+                    authenticated = await self.server.check_password(event)
+                slot = self._dispatch(event, started, authenticated)
                 slots.append(slot)
                 waiting = waiting or slot.waiter is not None
                 if slot.close:
@@ -840,7 +878,9 @@ class _Connection:
             self.last_active = trio.current_time()
             proto.receive_data(bytes(data))
 
-    def _dispatch(self, event: Hello | Refusal | Any, started: float) -> _Slot:
+    def _dispatch(
+        self, event: Hello | Refusal | Any, started: float, authenticated: bool = False
+    ) -> _Slot:
         server = self.server
         if isinstance(event, Refusal):
             return _Slot(response=event.response, close=event.close, started=started)
@@ -849,7 +889,7 @@ class _Connection:
             return _Slot(
                 response=server.service.hello_response(event, now), op="hello", started=started
             )
-        result = server.service.handle(event, now, self.peer)
+        result = server.service.handle(event, now, self.peer, authenticated)
         # A renewal may be written lazily (see floatd.committer for why that is
         # safe); a refusal acknowledges nothing, so its audit record need not
         # hold up the answer either.

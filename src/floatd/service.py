@@ -189,11 +189,15 @@ class LeaseService:
 
     # --- requests -----------------------------------------------------------
 
-    def handle(self, req: Request, now: float, peer: str | None) -> dict[str, Any] | Waiter:
-        """Answer one request.  Refusals come back as error responses, not raised."""
+    def handle(
+        self, req: Request, now: float, peer: str | None, authenticated: bool = False
+    ) -> dict[str, Any] | Waiter:
+        """Answer one request.  Refusals come back as error responses, not raised.
+        ``authenticated``: the shell has checked this acquire's license user and
+        password (off the event loop; see :meth:`needs_password_check`)."""
         try:
             if isinstance(req, Acquire):
-                return self._acquire(req, now, peer)
+                return self._acquire(req, now, peer, authenticated)
             if isinstance(req, Renew):
                 return self._renew(req, now)
             if isinstance(req, Release):
@@ -282,7 +286,22 @@ class LeaseService:
         self.auth_limit.burst = max(1.0, auth_failures_per_minute)
         self.pool.max_waiters = waiters
 
-    def _acquire(self, req: Acquire, now: float, peer: str | None) -> dict[str, Any] | Waiter:
+    def needs_password_check(self, req: Acquire, now: float, peer: str | None) -> bool:
+        """Whether this acquire is for a user-authorized product and worth an
+        (expensive) password check: not when the address is rate-limited."""
+        ent = self.entitlement
+        terms = ent.product(req.product) if ent is not None else None
+        return (
+            terms is not None
+            and terms.authorization == "user"
+            and req.user is not None
+            and req.password is not None
+            and not self.auth_limit.blocked(limit_key(peer), now)
+        )
+
+    def _acquire(
+        self, req: Acquire, now: float, peer: str | None, authenticated: bool = False
+    ) -> dict[str, Any] | Waiter:
         ent = self._check_server(now)
         source = limit_key(peer)
         if not self.acquire_limit.allow(source, now):
@@ -298,10 +317,10 @@ class LeaseService:
         if terms.authorization == "user":
             if self.auth_limit.blocked(source, now):
                 raise RateLimited("too many failed logins from this address; wait a minute")
-            # Local passwords for license users are not stored yet, so no one can
-            # authenticate; the answer is the one the contract gives a bad password.
-            self.auth_limit.allow(source, now)
-            raise AuthFailed("unknown user or wrong password")
+            if not authenticated:
+                self.auth_limit.allow(source, now)
+                # One answer for an unknown user and a wrong password alike.
+                raise AuthFailed("unknown user or wrong password")
         lease_id, token = _new_lease_secrets()
         claim = Claim(
             product=req.product,

@@ -201,6 +201,20 @@ _MIGRATIONS = [
     );
     CREATE INDEX audit_ts ON audit (ts);
     """,
+    # License users of user-authorized products, assigned on this server, and
+    # the password of any license user (the authority never sends passwords).
+    """
+    CREATE TABLE license_users (
+        email TEXT PRIMARY KEY,
+        password_hash TEXT,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE user_products (
+        email TEXT NOT NULL,
+        product TEXT NOT NULL,
+        PRIMARY KEY (email, product)
+    );
+    """,
 ]
 
 AUDIT_COLUMNS = (

@@ -1,0 +1,147 @@
+"""License users of user-authorized products: who may take a seat, and their
+passwords.
+
+Users come from two places: the entitlement's ``users`` (assigned at the
+vendor's authority) and assignments made on this server by its license
+manager (``floatd users assign``).  Both count against the product's
+``max_users``.  Passwords are set on this server only, and stored as scrypt
+hashes: N=2**15, r=8, p=1 (32 MiB and roughly 50-100 ms per check on current
+hardware), 16-byte random salt, 32-byte key, encoded as
+``scrypt$N$r$p$salt$key`` in base64.  The checks run in worker threads, off
+the event loop; an unknown user is checked against a dummy hash, so the answer
+takes as long as for a wrong password.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from floatd.errors import StoreError
+from floatd.store import open_database
+
+N, R, P = 2**15, 8, 1
+_MAXMEM = 64 * 1024 * 1024
+
+
+def hash_password(password: str, *, n: int = N, salt: bytes | None = None) -> str:
+    salt = salt or os.urandom(16)
+    key = hashlib.scrypt(password.encode(), salt=salt, n=n, r=R, p=P, maxmem=_MAXMEM, dklen=32)
+    b64 = base64.b64encode
+    return f"scrypt${n}${R}${P}${b64(salt).decode()}${b64(key).decode()}"
+
+
+def verify_password(password: str, encoded: str | None) -> bool:
+    """Constant-time check; a missing or malformed hash checks a dummy and fails."""
+    ok_format = True
+    try:
+        scheme, n_s, r_s, p_s, salt_b64, key_b64 = (encoded or "").split("$")
+        n, r, p = int(n_s), int(r_s), int(p_s)
+        salt, expected = base64.b64decode(salt_b64), base64.b64decode(key_b64)
+        if scheme != "scrypt" or not (2 <= n <= 2**20 and 1 <= r <= 32 and 1 <= p <= 16):
+            raise ValueError
+    except ValueError:
+        ok_format = False
+        n, r, p, salt, expected = N, R, P, b"\0" * 16, b"\0" * 32
+    got = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, maxmem=_MAXMEM, dklen=32)
+    return hmac.compare_digest(got, expected) and ok_format
+
+
+@dataclass
+class LicenseUser:
+    email: str
+    local_products: set[str] = field(default_factory=set)
+    authority_products: set[str] = field(default_factory=set)
+    password_set: bool = False
+
+
+class UserStore:
+    """The users tables of the state database (blocking; CLI and worker threads)."""
+
+    def __init__(self, database: Path, *, readonly: bool = False) -> None:
+        try:
+            if readonly:
+                self.db = sqlite3.connect(
+                    f"{database.resolve().as_uri()}?mode=ro", uri=True, timeout=10
+                )
+            else:
+                self.db = open_database(database)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open {database}: {exc}") from None
+
+    def close(self) -> None:
+        self.db.close()
+
+    def local_users(self, product: str) -> set[str]:
+        rows = self.db.execute("SELECT email FROM user_products WHERE product = ?", (product,))
+        return {r[0] for r in rows}
+
+    def products_of(self, email: str) -> set[str]:
+        rows = self.db.execute("SELECT product FROM user_products WHERE email = ?", (email,))
+        return {r[0] for r in rows}
+
+    def password_hash(self, email: str) -> str | None:
+        row = self.db.execute(
+            "SELECT password_hash FROM license_users WHERE email = ?", (email,)
+        ).fetchone()
+        return row[0] if row else None
+
+    def assign(self, email: str, product: str) -> bool:
+        with self.db:
+            self.db.execute(
+                "INSERT OR IGNORE INTO license_users VALUES (?, NULL, ?)", (email, time.time())
+            )
+            cur = self.db.execute(
+                "INSERT OR IGNORE INTO user_products VALUES (?, ?)", (email, product)
+            )
+        return cur.rowcount == 1
+
+    def unassign(self, email: str, product: str) -> bool:
+        with self.db:
+            cur = self.db.execute(
+                "DELETE FROM user_products WHERE email = ? AND product = ?", (email, product)
+            )
+        return cur.rowcount == 1
+
+    def set_password(self, email: str, encoded: str) -> None:
+        with self.db:
+            self.db.execute(
+                "INSERT INTO license_users VALUES (?, ?, ?) ON CONFLICT(email) DO UPDATE"
+                " SET password_hash = excluded.password_hash, updated_at = excluded.updated_at",
+                (email, encoded, time.time()),
+            )
+
+    def all_users(self) -> dict[str, LicenseUser]:
+        out: dict[str, LicenseUser] = {}
+        for email, pw in self.db.execute("SELECT email, password_hash FROM license_users"):
+            out[email] = LicenseUser(email, password_set=pw is not None)
+        for email, product in self.db.execute("SELECT email, product FROM user_products"):
+            out.setdefault(email, LicenseUser(email)).local_products.add(product)
+        return out
+
+
+def authenticate(
+    database: Path, email: str, password: str, product: str, authority_users: frozenset[str]
+) -> bool:
+    """Blocking: is ``email`` a license user of ``product`` with this password?
+    Always runs one scrypt, whoever asks, so timing tells nothing."""
+    try:
+        store = UserStore(database, readonly=True)
+    except StoreError:
+        verify_password(password, None)
+        return False
+    try:
+        assigned = email in authority_users or product in store.products_of(email)
+        encoded = store.password_hash(email)
+    except sqlite3.Error:
+        assigned, encoded = False, None
+    finally:
+        store.close()
+    ok = verify_password(password, encoded)
+    return ok and assigned
