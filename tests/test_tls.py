@@ -159,3 +159,39 @@ async def test_the_client_library_verifies_the_certificate_and_sends_the_token(
                 async with fc.lease(where, "app", tls=str(cert)):
                     pass
             server.stop()
+
+
+async def test_the_status_endpoint_over_https(
+    tmp_path: Path, vendor_key: Ed25519PrivateKey
+) -> None:
+    cert, key = make_cert(tmp_path, "floatd")
+    cfg = make_config(
+        tmp_path,
+        vendor_key,
+        status__listen="127.0.0.1:0",
+        status__tls_cert=str(cert),
+        status__tls_key=str(key),
+    )
+    atomic_write(cfg.entitlement_path, sign(vendor_key))
+    server = Server(
+        cfg,
+        MemoryStore(),
+        SERVER_ID,
+        clock=lambda: BASE + trio.current_time(),
+        run_sync=inline_run_sync,
+    )
+    server.load_state()
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.run)
+            host, port = server.status_ports[0]
+            trusting = ssl.create_default_context(cafile=str(cert))
+            stream = await trio.open_ssl_over_tcp_stream(
+                host, port, ssl_context=trusting, https_compatible=True
+            )
+            await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := await stream.receive_some(4096):
+                data += chunk
+            assert data.startswith(b"HTTP/1.1 200") and data.endswith(b'{"status":"ok"}\n')
+            server.stop()

@@ -54,6 +54,8 @@ class Config:
     tls_cert: str = ""
     tls_key: str = ""
     status_listen: tuple[str, int] | None = ("127.0.0.1", 7412)
+    status_tls_cert: str = ""
+    status_tls_key: str = ""
     admin_socket: Path | None = Path("/run/floatd/admin.sock")
     state_dir: Path = Path("/var/lib/floatd")
     vendor_keys: tuple[str, ...] = ()
@@ -177,7 +179,11 @@ SCHEMA: dict[str, dict[str, tuple[str, Check]]] = {
         "tls_cert": ("tls_cert", _string),
         "tls_key": ("tls_key", _string),
     },
-    "status": {"listen": ("status_listen", _status_listen)},
+    "status": {
+        "listen": ("status_listen", _status_listen),
+        "tls_cert": ("status_tls_cert", _string),
+        "tls_key": ("status_tls_key", _string),
+    },
     "admin": {"socket": ("admin_socket", _optional_path)},
     "state": {"dir": ("state_dir", _path)},
     "entitlement": {"vendor_keys": ("vendor_keys", _vendor_keys)},
@@ -276,6 +282,8 @@ def load_config(
     config = Config(**fields)
     if bool(config.tls_cert) != bool(config.tls_key):
         raise ConfigError("server.tls_key", "tls_cert and tls_key must be set together")
+    if bool(config.status_tls_cert) != bool(config.status_tls_key):
+        raise ConfigError("status.tls_key", "tls_cert and tls_key must be set together")
     return config
 
 

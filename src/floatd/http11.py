@@ -89,7 +89,7 @@ class HttpServer:
         try:
             if self.tls is not None:
                 # The handshake runs on first read, inside the request timeout.
-                stream = trio.SSLStream(stream, self.tls, server_side=True)
+                stream = trio.SSLStream(stream, self.tls, server_side=True, https_compatible=True)
             await self.handle_stream(stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass

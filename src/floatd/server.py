@@ -177,6 +177,7 @@ class Server:
         self.status = StatusServer(self)
         self.online = False  # an online activation is in force (see _refresh_online)
         self._tls = tls_context(config)
+        self.status.tls = tls_context(config, "status")
 
     def _apply_limits(self, config: Config) -> None:
         self.service.set_limits(
@@ -403,12 +404,18 @@ class Server:
             applied = [dotted for dotted, attr in changed if attr not in RESTART_ONLY]
             attrs = {attr for _, attr in changed}
             tls = tls_context(new) if attrs & {"tls_cert", "tls_key"} else self._tls
+            status_tls = (
+                tls_context(new, "status")
+                if attrs & {"status_tls_cert", "status_tls_key"}
+                else self.status.tls
+            )
             keys = trusted_keys(new.vendor_keys)
             # Nothing above can fail any more: apply.
             self.config = dataclasses.replace(
                 new, **{attr: getattr(old, attr) for attr in RESTART_ONLY}
             )
             self._tls = tls
+            self.status.tls = status_tls
             self._keys = keys
             if attrs & {"log_level", "log_format"}:
                 logs.configure(new.log_level, new.log_format)
@@ -750,18 +757,26 @@ def _address(listener: trio.SocketListener) -> tuple[str, int]:
     return str(name[0]), int(name[1])
 
 
-def tls_context(config: Config) -> ssl.SSLContext | None:
-    """The lease port's TLS context, or None; a bad cert or key is a config error."""
-    if not config.tls_cert:
+def tls_context(config: Config, section: str = "server") -> ssl.SSLContext | None:
+    """The TLS context of the lease port (``server``) or the status endpoint
+    (``status``), or None; a bad cert or key is a config error."""
+    cert, key = (
+        (config.tls_cert, config.tls_key)
+        if section == "server"
+        else (config.status_tls_cert, config.status_tls_key)
+    )
+    if not cert:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
-        context.load_cert_chain(config.tls_cert, config.tls_key)
+        context.load_cert_chain(cert, key)
     except FileNotFoundError as exc:
-        raise ConfigError("server.tls_cert", f"cannot read {exc.filename}") from None
+        raise ConfigError(f"{section}.tls_cert", f"cannot read {exc.filename}") from None
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError("server.tls_cert", f"cannot load certificate and key: {exc}") from None
+        raise ConfigError(
+            f"{section}.tls_cert", f"cannot load certificate and key: {exc}"
+        ) from None
     return context
 
 
