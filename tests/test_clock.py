@@ -76,3 +76,53 @@ async def test_the_server_refuses_while_the_clock_is_behind(
     late = Server(cfg, store, SERVER_ID, clock=lambda: BASE - 3600.0, run_sync=inline_run_sync)
     late.load_state()
     assert late.service.activation_state(BASE - 3600.0) == "time_modified"
+
+
+async def test_a_state_dir_copied_to_another_machine_serves_nothing(
+    tmp_path: Path, vendor_key: Ed25519PrivateKey, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The copy holds the entitlement and the leases of the original; bound to
+    the original's fingerprint, the entitlement is refused on the copy."""
+    import shutil
+
+    from conftest import WireClient
+
+    cfg = make_config(tmp_path, vendor_key)
+    atomic_write(cfg.entitlement_path, sign(vendor_key, products=[product("app", seats=2)]))
+    store = MemoryStore()
+    original = Server(
+        cfg, store, SERVER_ID, clock=lambda: BASE + trio.current_time(), run_sync=inline_run_sync
+    )
+    original.load_state()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(original.run)
+        c = await Harness(original, store, nursery).connect()
+        held = await c.acquire("app")
+        assert held["ok"]
+        original.stop()
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp_path / "state", copy / "state")
+    copied = make_config(
+        copy,
+        vendor_key,
+        server__machine_id_file=str(copy / "machine-id"),
+        state__dir=str(copy / "state"),
+    )
+    (copy / "machine-id").write_text("another-machine-entirely\n")  # after make_config
+    from floatd.config import read_machine_id
+    from floatd.entitlement import server_fingerprint
+
+    other_id = server_fingerprint(read_machine_id(copied))
+    assert other_id != SERVER_ID
+    clone = Server(
+        copied, store, other_id, clock=lambda: BASE + trio.current_time(), run_sync=inline_run_sync
+    )
+    clone.load_state()
+    assert clone.service.entitlement is None
+    async with trio.open_nursery() as nursery:
+        await nursery.start(clone.run)
+        client: WireClient = await Harness(clone, store, nursery).connect()
+        assert (await client.acquire("app"))["error"]["code"] == "NOT_ACTIVATED"
+        renew = await client.request("renew", lease=held["lease"], token=held["token"])
+        assert renew["error"]["code"] == "NOT_ACTIVATED"  # the copied lease is no use either
+        clone.stop()
