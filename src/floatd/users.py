@@ -5,8 +5,8 @@ Users come from two places: the entitlement's ``users`` (assigned at the
 vendor's authority) and assignments made on this server by its license
 manager (``floatd users assign``).  Both count against the product's
 ``max_users``.  Passwords are set on this server only, and stored as scrypt
-hashes: N=2**15, r=8, p=1 (32 MiB and roughly 50-100 ms per check on current
-hardware), 16-byte random salt, 32-byte key, encoded as
+hashes: N=2**15, r=8, p=1 (32 MiB and about 130 ms per check on the CI
+machine), 16-byte random salt, 32-byte key, encoded as
 ``scrypt$N$r$p$salt$key`` in base64.  The checks run in worker threads, off
 the event loop; an unknown user is checked against a dummy hash, so the answer
 takes as long as for a wrong password.
