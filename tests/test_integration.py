@@ -99,12 +99,13 @@ def test_sigterm_is_graceful_and_leases_survive_a_restart(daemon: Daemon) -> Non
 
 
 def test_kill9_under_load_loses_no_acknowledged_lease(daemon: Daemon) -> None:
-    """Hammer acquires from several threads, kill -9 mid-flight, restart; repeat.
-    Every acquire that was answered must be renewable after each restart, and the
-    seats in use never exceed the cap."""
+    """A crash loop: acquires, renewals and releases from several threads,
+    kill -9 at a random moment, restart; six times.  Every acquire that was
+    answered must be renewable after each restart, and the seats in use never
+    exceed the cap."""
     acked: dict[str, str] = {}
     lock = threading.Lock()
-    for round_no in range(3):
+    for round_no in range(6):
         stop = threading.Event()
 
         def hammer(worker: int, round_no: int = round_no, stop: threading.Event = stop) -> None:
@@ -121,6 +122,8 @@ def test_kill9_under_load_loses_no_acknowledged_lease(daemon: Daemon) -> None:
                         if got.get("ok"):
                             with lock:
                                 acked[got["lease"]] = got["token"]
+                            if n % 4 == 1:  # a mixed load: renewals answered lazily too
+                                c.request("renew", lease=got["lease"], token=got["token"])
                             if n % 3 == 0:
                                 # Once a release is sent the lease's fate is unknown
                                 # (the kill may land after its commit), so stop

@@ -126,7 +126,7 @@ def dearmor(text: str, kind: str) -> bytes:
     b64 = re.sub(r"\s+", "", text[start + len(begin) : stop])
     try:
         return base64.b64decode(b64, validate=True)
-    except binascii.Error:
+    except (binascii.Error, ValueError):  # ValueError: non-ASCII characters
         raise EntitlementError("armored body is not valid base64") from None
 
 
