@@ -16,12 +16,12 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_ruff_lint() -> None:
-    proc = run("ruff", "check", "src", "tests", "bench")
+    proc = run("ruff", "check", "src", "tests", "bench", "fuzz")
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_ruff_format() -> None:
-    proc = run("ruff", "format", "--check", "src", "tests", "bench")
+    proc = run("ruff", "format", "--check", "src", "tests", "bench", "fuzz")
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
