@@ -272,7 +272,12 @@ def start_floatd(tmp: Path) -> tuple[subprocess.Popen[bytes], int]:
         ],
     }
     (tmp / "state" / "entitlement.txt").write_text(sign_entitlement(key, payload))
-    log = tmp / "floatd.log"
+    return launch_floatd(tmp, "floatd.log")
+
+
+def launch_floatd(tmp: Path, log_name: str) -> tuple[subprocess.Popen[bytes], int]:
+    """Start ``floatd serve`` on the config start_floatd wrote (again, for restarts)."""
+    log = tmp / log_name
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "floatd", "serve", "--config", str(tmp / "floatd.toml")],
