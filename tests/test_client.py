@@ -195,3 +195,14 @@ def test_server_addresses_and_refusal_mapping() -> None:
     for odd in (None, "text", {"code": "CONFIG", "message": "not a wire code"}):
         assert isinstance(refusal(odd), fc.UnknownRefusal)  # never a success
     assert len(fc.machine_fingerprint()) == 32 and fc.INSTANCE_ID
+
+
+def test_probe_with_an_unusable_ca_file_is_a_usage_error(tmp_path: Path) -> None:
+    bad = tmp_path / "ca.pem"
+    bad.write_text("not a certificate")
+    done = floatd_cli("probe", "--server", "127.0.0.1:1", "--product", "app", "--tls-ca", str(bad))
+    assert done.returncode == 2 and "--tls-ca" in done.stderr and "Traceback" not in done.stderr
+    missing = floatd_cli(
+        "probe", "--server", "127.0.0.1:1", "--product", "app", "--tls-ca", "/nope"
+    )
+    assert missing.returncode == 2

@@ -132,3 +132,8 @@ async def test_named_users_end_to_end(
         for f in (tmp_path / "state").rglob("*"):
             if f.is_file():
                 assert secret.encode() not in f.read_bytes(), f
+
+
+def test_a_tampered_hash_beyond_the_memory_bound_fails_cleanly() -> None:
+    huge = "scrypt$1048576$32$1$" + "AAAAAAAAAAAAAAAAAAAAAA==" + "$" + "A" * 43 + "="
+    assert not verify_password("anything", huge)  # no MemoryError, no ValueError

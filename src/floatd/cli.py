@@ -12,6 +12,7 @@ import json
 import math
 import signal
 import socket
+import ssl
 import sys
 import time
 from collections.abc import Callable
@@ -669,7 +670,9 @@ PROBE_UNREACHABLE = 3
 @click.option("--token", help="Client access token, if the server requires one.")
 @click.option("--tls", is_flag=True, help="Use TLS, verifying against the system's CAs.")
 @click.option(
-    "--tls-ca", type=click.Path(path_type=Path, dir_okay=False), help="Use TLS with this CA file."
+    "--tls-ca",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="Use TLS with this CA file.",
 )
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True)
 @json_option
@@ -693,6 +696,13 @@ def probe(
         addresses = [parse_server(s) for s in servers]
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--server") from None
+    if tls_ca is not None:
+        from floatd.client.connection import tls_context
+
+        try:
+            tls_context(tls_ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise click.BadParameter(f"cannot use {tls_ca}: {exc}", param_hint="--tls-ca") from None
     report = trio.run(_probe, addresses, product, take, token, tls or bool(tls_ca), tls_ca, timeout)
     if as_json:
         _echo_json(report)

@@ -49,7 +49,10 @@ def verify_password(password: str, encoded: str | None) -> bool:
     except ValueError:
         ok_format = False
         n, r, p, salt, expected = N, R, P, b"\0" * 16, b"\0" * 32
-    got = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, maxmem=_MAXMEM, dklen=32)
+    try:
+        got = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, maxmem=_MAXMEM, dklen=32)
+    except ValueError:  # parameters beyond the memory bound: a tampered hash
+        return False
     return hmac.compare_digest(got, expected) and ok_format
 
 
