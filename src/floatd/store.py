@@ -246,6 +246,14 @@ AUDIT_COLUMNS = (
 _CHUNK = 200
 
 
+def migrate(db: sqlite3.Connection, migrations: Sequence[str]) -> None:
+    """Bring a database up to date: ``PRAGMA user_version`` counts the scripts
+    already applied, and each further one runs in its own transaction."""
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    for number, script in enumerate(migrations[version:], start=version + 1):
+        db.executescript(f"BEGIN IMMEDIATE; {script}; PRAGMA user_version={number}; COMMIT;")
+
+
 def open_database(path: Path) -> sqlite3.Connection:
     """Open (and migrate) the state database; used by the daemon and the CLI."""
     try:
@@ -255,9 +263,7 @@ def open_database(path: Path) -> sqlite3.Connection:
         )
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        for number, script in enumerate(_MIGRATIONS[version:], start=version + 1):
-            db.executescript(f"BEGIN IMMEDIATE; {script}; PRAGMA user_version={number}; COMMIT;")
+        migrate(db, _MIGRATIONS)
     except sqlite3.Error as exc:
         raise StoreError(f"cannot open state database {path}: {exc}") from None
     except OSError as exc:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from floatd.errors import AuthorityError
+from floatd.store import migrate
 
 _MIGRATIONS = [
     """
@@ -134,11 +135,7 @@ class AuthorityStore:
             self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA foreign_keys=ON")
-            version = self.db.execute("PRAGMA user_version").fetchone()[0]
-            for number, script in enumerate(_MIGRATIONS[version:], start=version + 1):
-                self.db.executescript(
-                    f"BEGIN IMMEDIATE; {script}; PRAGMA user_version={number}; COMMIT;"
-                )
+            migrate(self.db, _MIGRATIONS)
         except (sqlite3.Error, OSError) as exc:
             raise AuthorityError(500, "INTERNAL", f"cannot open {path}: {exc}") from None
 
