@@ -5,7 +5,10 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -55,10 +58,13 @@ def make_cert(directory: Path, name: str) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-async def test_leasing_over_tls(tmp_path: Path, vendor_key: Ed25519PrivateKey) -> None:
-    cert, key = make_cert(tmp_path, "floatd")
-    other_ca, _ = make_cert(tmp_path, "someone-else")
-    cfg = make_config(tmp_path, vendor_key, server__tls_cert=str(cert), server__tls_key=str(key))
+@asynccontextmanager
+async def running(
+    tmp_path: Path, vendor_key: Ed25519PrivateKey, **config: Any
+) -> AsyncIterator[Server]:
+    """A server on real loopback sockets (its certificates made by the test),
+    stopped on exit; everything inside is bounded to 20 s."""
+    cfg = make_config(tmp_path, vendor_key, **config)
     atomic_write(cfg.entitlement_path, sign(vendor_key))
     server = Server(
         cfg,
@@ -70,33 +76,42 @@ async def test_leasing_over_tls(tmp_path: Path, vendor_key: Ed25519PrivateKey) -
     server.load_state()
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
-            ports = await nursery.start(server.run)
-            port = ports[0][1]
-            trusting = ssl.create_default_context(cafile=str(cert))
-            stream = await trio.open_ssl_over_tcp_stream("127.0.0.1", port, ssl_context=trusting)
-            c = WireClient(stream)
-            assert (await c.hello())["ok"]
-            got = await c.acquire()
-            assert got["ok"] and got["lease"]
-            await stream.aclose()
-
-            # A client that does not trust our certificate refuses the handshake.
-            distrusting = ssl.create_default_context(cafile=str(other_ca))
-            stream = await trio.open_ssl_over_tcp_stream("127.0.0.1", port, ssl_context=distrusting)
-            with pytest.raises(trio.BrokenResourceError):
-                await stream.do_handshake()
-
-            # Plaintext on the TLS port gets no protocol answer, and the server goes on.
-            plain = await trio.open_tcp_stream("127.0.0.1", port)
-            pc = WireClient(plain)
-            await pc.send("hello", versions=[1], client="plain/1")
-            with pytest.raises((EOFError, trio.BrokenResourceError)):
-                await pc.recv()
-            stream = await trio.open_ssl_over_tcp_stream("127.0.0.1", port, ssl_context=trusting)
-            c = WireClient(stream)
-            assert (await c.hello())["ok"]
-            await stream.aclose()
+            await nursery.start(server.run)
+            yield server
             server.stop()
+
+
+async def test_leasing_over_tls(tmp_path: Path, vendor_key: Ed25519PrivateKey) -> None:
+    cert, key = make_cert(tmp_path, "floatd")
+    other_ca, _ = make_cert(tmp_path, "someone-else")
+    async with running(
+        tmp_path, vendor_key, server__tls_cert=str(cert), server__tls_key=str(key)
+    ) as server:
+        port = server.ports[0][1]
+        trusting = ssl.create_default_context(cafile=str(cert))
+        stream = await trio.open_ssl_over_tcp_stream("127.0.0.1", port, ssl_context=trusting)
+        c = WireClient(stream)
+        assert (await c.hello())["ok"]
+        got = await c.acquire()
+        assert got["ok"] and got["lease"]
+        await stream.aclose()
+
+        # A client that does not trust our certificate refuses the handshake.
+        distrusting = ssl.create_default_context(cafile=str(other_ca))
+        stream = await trio.open_ssl_over_tcp_stream("127.0.0.1", port, ssl_context=distrusting)
+        with pytest.raises(trio.BrokenResourceError):
+            await stream.do_handshake()
+
+        # Plaintext on the TLS port gets no protocol answer, and the server goes on.
+        plain = await trio.open_tcp_stream("127.0.0.1", port)
+        pc = WireClient(plain)
+        await pc.send("hello", versions=[1], client="plain/1")
+        with pytest.raises((EOFError, trio.BrokenResourceError)):
+            await pc.recv()
+        stream = await trio.open_ssl_over_tcp_stream("127.0.0.1", port, ssl_context=trusting)
+        c = WireClient(stream)
+        assert (await c.hello())["ok"]
+        await stream.aclose()
 
 
 def test_unreadable_certificate_is_a_config_error(
@@ -128,70 +143,44 @@ async def test_the_client_library_verifies_the_certificate_and_sends_the_token(
 
     cert, key = make_cert(tmp_path, "floatd")
     other_ca, _ = make_cert(tmp_path, "someone-else")
-    cfg = make_config(
+    async with running(
         tmp_path,
         vendor_key,
         server__tls_cert=str(cert),
         server__tls_key=str(key),
         server__client_tokens=["s3cret-token"],
-    )
-    atomic_write(cfg.entitlement_path, sign(vendor_key))
-    server = Server(
-        cfg,
-        MemoryStore(),
-        SERVER_ID,
-        clock=lambda: BASE + trio.current_time(),
-        run_sync=inline_run_sync,
-    )
-    server.load_state()
-    with trio.fail_after(20):
-        async with trio.open_nursery() as nursery:
-            port = (await nursery.start(server.run))[0][1]
-            where = f"127.0.0.1:{port}"
-            async with fc.lease(where, "app", tls=str(cert), token="s3cret-token") as held:
-                assert held.id and held.product["code"] == "app"
-            # A certificate from a CA we were not told to trust: no connection.
-            with pytest.raises(fc.Unreachable):
-                async with fc.lease(where, "app", tls=str(other_ca), token="s3cret-token"):
-                    pass
-            # The right certificate but no token: the server's refusal, typed.
-            with pytest.raises(Forbidden):
-                async with fc.lease(where, "app", tls=str(cert)):
-                    pass
-            server.stop()
+    ) as server:
+        where = f"127.0.0.1:{server.ports[0][1]}"
+        async with fc.lease(where, "app", tls=str(cert), token="s3cret-token") as held:
+            assert held.id and held.product["code"] == "app"
+        # A certificate from a CA we were not told to trust: no connection.
+        with pytest.raises(fc.Unreachable):
+            async with fc.lease(where, "app", tls=str(other_ca), token="s3cret-token"):
+                pass
+        # The right certificate but no token: the server's refusal, typed.
+        with pytest.raises(Forbidden):
+            async with fc.lease(where, "app", tls=str(cert)):
+                pass
 
 
 async def test_the_status_endpoint_over_https(
     tmp_path: Path, vendor_key: Ed25519PrivateKey
 ) -> None:
     cert, key = make_cert(tmp_path, "floatd")
-    cfg = make_config(
+    async with running(
         tmp_path,
         vendor_key,
         status__listen="127.0.0.1:0",
         status__tls_cert=str(cert),
         status__tls_key=str(key),
-    )
-    atomic_write(cfg.entitlement_path, sign(vendor_key))
-    server = Server(
-        cfg,
-        MemoryStore(),
-        SERVER_ID,
-        clock=lambda: BASE + trio.current_time(),
-        run_sync=inline_run_sync,
-    )
-    server.load_state()
-    with trio.fail_after(20):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(server.run)
-            host, port = server.status_ports[0]
-            trusting = ssl.create_default_context(cafile=str(cert))
-            stream = await trio.open_ssl_over_tcp_stream(
-                host, port, ssl_context=trusting, https_compatible=True
-            )
-            await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            data = b""
-            while chunk := await stream.receive_some(4096):
-                data += chunk
-            assert data.startswith(b"HTTP/1.1 200") and data.endswith(b'{"status":"ok"}\n')
-            server.stop()
+    ) as server:
+        host, port = server.status_ports[0]
+        trusting = ssl.create_default_context(cafile=str(cert))
+        stream = await trio.open_ssl_over_tcp_stream(
+            host, port, ssl_context=trusting, https_compatible=True
+        )
+        await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := await stream.receive_some(4096):
+            data += chunk
+        assert data.startswith(b"HTTP/1.1 200") and data.endswith(b'{"status":"ok"}\n')
