@@ -29,9 +29,13 @@ from floatd.errors import AuthorityError, ConfigError, FloatdError
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _fail(message: str, status: int) -> NoReturn:
-    click.echo(f"floatd: {message}", err=True)
+def fail(prog: str, message: str, status: int = 1) -> NoReturn:
+    click.echo(f"{prog}: {message}", err=True)
     sys.exit(status)
+
+
+def _fail(message: str, status: int) -> NoReturn:
+    fail("floatd", message, status)
 
 
 def config_option(fn: F) -> F:
@@ -44,32 +48,41 @@ def config_option(fn: F) -> F:
     )(fn)
 
 
-def guarded(fn: F) -> F:
-    """Map floatd's errors onto one stderr line and the documented exit status."""
+def make_guard(prog: str, *, remote_authority: bool) -> Callable[[F], F]:
+    """A decorator mapping floatd's errors onto one stderr line and the
+    documented exit status (``prog`` names the command in the message).
+    ``remote_authority``: an AuthorityError is the central authority's answer
+    (floatd's side), not a refusal made by this program itself."""
 
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
+    def guarded(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
             try:
-                return fn(*args, **kwargs)
-            except BaseExceptionGroup as group:
-                # trio wraps task errors in groups; a lone known error is shown as itself.
-                leaves = _leaves(group)
-                if len(leaves) == 1 and isinstance(leaves[0], (FloatdError, OSError)):
-                    raise leaves[0] from None
-                raise
-        except ConfigError as exc:
-            _fail(f"config error: {exc.message}", 2)
-        except AuthorityError as exc:
-            if exc.status:
-                _fail(f"the authority refused ({exc.error_code}): {exc.message}", 1)
-            _fail(exc.message, 1)
-        except FloatdError as exc:
-            _fail(exc.message, 1)
-        except OSError as exc:
-            _fail(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), 1)
+                try:
+                    return fn(*args, **kwargs)
+                except BaseExceptionGroup as group:
+                    # trio wraps task errors in groups; a lone known error is shown as itself.
+                    leaves = _leaves(group)
+                    if len(leaves) == 1 and isinstance(leaves[0], (FloatdError, OSError)):
+                        raise leaves[0] from None
+                    raise
+            except ConfigError as exc:
+                fail(prog, f"config error: {exc.message}", 2)
+            except AuthorityError as exc:
+                if remote_authority and exc.status:
+                    fail(prog, f"the authority refused ({exc.error_code}): {exc.message}")
+                fail(prog, exc.message)
+            except FloatdError as exc:
+                fail(prog, exc.message)
+            except OSError as exc:
+                fail(prog, f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
 
-    return wrapper  # type: ignore[return-value]
+        return wrapper  # type: ignore[return-value]
+
+    return guarded
+
+
+guarded = make_guard("floatd", remote_authority=True)
 
 
 def _leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:

@@ -8,12 +8,10 @@ floatd's: 0 success, 1 refused or failed (one line on stderr), 2 usage error.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import signal
 import ssl
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,32 +25,19 @@ from floatd import __version__
 from floatd.audit import iso, parse_when
 from floatd.authority.logic import Authority, check_duration
 from floatd.authority.store import Activation, AuthorityStore, License, Product, Terms
+from floatd.cli import fail, make_guard
 from floatd.config import parse_hostport
 from floatd.entitlement import format_public_key, load_private_key, private_key_pem
-from floatd.errors import ConfigError, FloatdError
 
 F = TypeVar("F", bound=Callable[..., Any])
 PASSPHRASE_ENV = "FLOATD_AUTHORITY_KEY_PASSPHRASE"
 
 
 def _fail(message: str, status: int = 1) -> NoReturn:
-    click.echo(f"floatd-authority: {message}", err=True)
-    sys.exit(status)
+    fail("floatd-authority", message, status)
 
 
-def guarded(fn: F) -> F:
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except ConfigError as exc:
-            _fail(exc.message, 2)
-        except FloatdError as exc:
-            _fail(exc.message)
-        except OSError as exc:
-            _fail(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
-
-    return wrapper  # type: ignore[return-value]
+guarded = make_guard("floatd-authority", remote_authority=False)
 
 
 def json_option(fn: F) -> F:
