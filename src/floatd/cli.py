@@ -24,6 +24,7 @@ import trio
 
 from floatd import __version__
 from floatd.config import Config, load_config, read_machine_id
+from floatd.entitlement import Entitlement
 from floatd.errors import AuthorityError, ConfigError, FloatdError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -652,17 +653,26 @@ def report(
         click.echo(f"wrote {plot}", err=True)
 
 
+def _installed_entitlement(config: Config, now: float) -> Entitlement:
+    """The installed entitlement, verified for this server; its time windows are
+    not checked here (these commands also serve expired licenses).  Raises
+    FileNotFoundError when none is installed, EntitlementError when it does not
+    verify."""
+    from floatd.entitlement import trusted_keys, verify_entitlement
+
+    text = config.entitlement_path.read_text(encoding="utf-8", errors="replace")
+    return verify_entitlement(
+        text, trusted_keys(config.vendor_keys), _server_id(config), now, math.inf
+    )
+
+
 def _entitled_caps(config: Config, now: float) -> dict[str, int | None]:
     """Each entitled product's seat cap (None: unlimited), from the installed
     entitlement; empty if there is none that verifies."""
-    from floatd.entitlement import trusted_keys, verify_entitlement
     from floatd.errors import EntitlementError
 
     try:
-        text = config.entitlement_path.read_text(encoding="utf-8", errors="replace")
-        ent = verify_entitlement(
-            text, trusted_keys(config.vendor_keys), _server_id(config), now, math.inf
-        )
+        ent = _installed_entitlement(config, now)
     except (OSError, EntitlementError, ConfigError):
         return {}
     return {p.code: (None if p.unlimited else p.seats) for p in ent.products}
@@ -840,18 +850,13 @@ def users_group() -> None:
     """License users of user-authorized products (work with or without the daemon)."""
 
 
-def _entitlement_or_fail(config: Config) -> Any:
-    from floatd.entitlement import trusted_keys, verify_entitlement
+def _entitlement_or_fail(config: Config) -> Entitlement:
     from floatd.errors import EntitlementError
 
     try:
-        text = config.entitlement_path.read_text(encoding="utf-8", errors="replace")
+        return _installed_entitlement(config, time.time())
     except FileNotFoundError:
         _fail("no entitlement is installed; activate first", 1)
-    try:
-        return verify_entitlement(
-            text, trusted_keys(config.vendor_keys), _server_id(config), time.time(), math.inf
-        )
     except EntitlementError as exc:
         _fail(f"the installed entitlement does not verify: {exc.message}", 1)
 
