@@ -14,6 +14,16 @@ from typing import Any
 START_TIMEOUT = 20.0
 
 
+def free_port() -> int:
+    """A loopback port free right now (for servers that must keep their port
+    across a restart)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 class Daemon:
     def __init__(self, config: Path, log: Path) -> None:
         self.config = config
@@ -62,6 +72,19 @@ class Daemon:
             time.sleep(0.05)
         self.kill9()
         raise RuntimeError(f"floatd did not start in {START_TIMEOUT}s: {self.output()}")
+
+    def http(self, path: str, method: str = "GET") -> tuple[int, bytes]:
+        """One request to the daemon's status endpoint: (status, body)."""
+        import http.client
+
+        host, port = self.status[0].rsplit(":", 1)
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        try:
+            conn.request(method, path)
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        finally:
+            conn.close()
 
     def output(self) -> str:
         return self.log.read_bytes()[self._log_offset :].decode(errors="replace")

@@ -7,7 +7,6 @@ import calendar
 import http.client
 import http.server
 import json
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import payload, product, write_config
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from daemon import AuthorityProcess, Daemon
+from daemon import AuthorityProcess, Daemon, free_port
 from test_integration import floatd_cli
 
 from floatd.authority.cli import main as authority_main
@@ -26,12 +25,6 @@ from floatd.client.simple import SimpleClient
 from floatd.entitlement import load_private_key, sign_entitlement
 
 WAIT = 15.0  # bound on every "until" below
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def until(check: Callable[[], Any], what: str, timeout: float = WAIT) -> Any:
@@ -100,14 +93,8 @@ def acquire(d: Daemon, fingerprint: str = "machine-0001") -> dict[str, Any]:
 
 
 def healthz(d: Daemon) -> tuple[int, Any]:
-    host, port = d.status[0].rsplit(":", 1)
-    conn = http.client.HTTPConnection(host, int(port), timeout=10)
-    try:
-        conn.request("GET", "/healthz")
-        resp = conn.getresponse()
-        return resp.status, json.loads(resp.read())
-    finally:
-        conn.close()
+    status, body = d.http("/healthz")
+    return status, json.loads(body)
 
 
 def info(d: Daemon) -> dict[str, Any]:

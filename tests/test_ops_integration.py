@@ -21,7 +21,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import write_config
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from daemon import Daemon
+from daemon import Daemon, free_port
 from test_integration import client, entitlement, floatd_cli
 
 from floatd.activation import atomic_write
@@ -43,17 +43,6 @@ def ops(tmp_path: Path, vendor_key: Ed25519PrivateKey) -> Any:
 
 def cli(d: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
     return floatd_cli(*args, "--config", str(d.config))
-
-
-def get(d: Daemon, path: str, method: str = "GET") -> tuple[int, bytes]:
-    host, port = d.status[0].rsplit(":", 1)
-    conn = http.client.HTTPConnection(host, int(port), timeout=10)
-    try:
-        conn.request(method, path)
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
 
 
 def test_an_admin_sees_and_frees_a_stuck_seat(ops: Daemon, tmp_path: Path) -> None:
@@ -156,15 +145,15 @@ def test_admin_commands_without_a_daemon_say_so(
 def test_status_endpoint_over_real_http(ops: Daemon) -> None:
     with client(ops) as c:
         c.request("acquire", product="app", fingerprint="machine-0001")
-        code, body = get(ops, "/healthz")
+        code, body = ops.http("/healthz")
         assert code == 200 and json.loads(body) == {"status": "ok"}
-        code, body = get(ops, "/status")
+        code, body = ops.http("/status")
         assert code == 200 and json.loads(body)["products"][0]["used"] == 1
-        code, body = get(ops, "/metrics")
+        code, body = ops.http("/metrics")
         assert code == 200 and b'floatd_seats_used{product="app"} 1.0' in body
-        assert get(ops, "/status", "HEAD") == (200, b"")
-        assert get(ops, "/metrics", "DELETE")[0] == 405
-        assert get(ops, "/", "GET")[0] == 404
+        assert ops.http("/status", "HEAD") == (200, b"")
+        assert ops.http("/metrics", "DELETE")[0] == 405
+        assert ops.http("/", "GET")[0] == 404
 
 
 def _flood(address: str, stop: threading.Event, counts: dict[str, int]) -> None:
@@ -220,7 +209,7 @@ def test_a_flood_on_the_status_port_leaves_leasing_untouched(ops: Daemon) -> Non
             t.join(30)
     assert counts.get("done", 0) > 0  # the flood did reach the status port
     # and the status port still answers once it is over.
-    assert get(ops, "/healthz")[0] == 200
+    assert ops.http("/healthz")[0] == 200
 
 
 def test_systemd_notify_ready_watchdog_stopping(
@@ -287,15 +276,9 @@ def test_the_unit_file() -> None:
     assert os.access(UNIT, os.R_OK)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_the_demo_serves_a_seat_and_its_status_at_once(tmp_path: Path) -> None:
     """README's first command: `floatd demo` needs no vendor and no network."""
-    port, status_port = _free_port(), _free_port()
+    port, status_port = free_port(), free_port()
     log = tmp_path / "demo.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
