@@ -316,3 +316,51 @@ def test_the_demo_serves_a_seat_and_its_status_at_once(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0
+
+
+def test_every_lease_event_is_logged_at_the_default_level(
+    tmp_path: Path, vendor_key: Ed25519PrivateKey
+) -> None:
+    cfg = write_config(tmp_path, vendor_key, log__level="info")
+    atomic_write(
+        tmp_path / "state" / "entitlement.txt",
+        entitlement(vendor_key, seats=1, lease_duration=1),
+    )
+    with Daemon(cfg, tmp_path / "floatd.log") as d:
+        d.start()
+        with client(d) as c:
+            first = c.request("acquire", product="app", fingerprint="machine-1", user="ann")
+            assert first["ok"], first
+            assert c.request("renew", lease=first["lease"], token=first["token"])["ok"]
+            refused = c.request("acquire", product="app", fingerprint="machine-2", user="bob")
+            assert refused["error"]["code"] == "NO_FREE_SEATS"
+            assert c.request("release", lease=first["lease"], token=first["token"])["ok"]
+            second = c.request("acquire", product="app", fingerprint="machine-3")
+            assert cli(d, "revoke", second["lease"]).returncode == 0
+            third = c.request("acquire", product="app", fingerprint="machine-4")
+        # The 1 s lease runs out; the log is flushed within a fraction of a second.
+        wanted = {
+            "lease_granted",
+            "lease_renewed",
+            "lease_released",
+            "lease_revoked",
+            "lease_refused",
+            "lease_expired",
+        }
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            events = [e for e in d.events() if e.get("event") in wanted]
+            if {e["event"] for e in events} == wanted:
+                break
+            time.sleep(0.1)
+        assert {e["event"] for e in events} == wanted
+        for e in events:
+            assert e["level"] == "info"
+            assert {"lease", "product", "fingerprint", "user", "peer"} <= e.keys(), e
+            assert e["peer"] == "127.0.0.1"
+        by_event = {e["event"]: e for e in events}
+        assert by_event["lease_renewed"]["lease"] == first["lease"]
+        assert by_event["lease_renewed"]["user"] == "ann"
+        assert by_event["lease_refused"]["code"] == "NO_FREE_SEATS"
+        assert by_event["lease_refused"]["user"] == "bob"
+        assert by_event["lease_expired"]["lease"] == third["lease"]

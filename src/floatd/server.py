@@ -69,6 +69,7 @@ from floatd.service import LeaseService, limit_key
 from floatd.status_http import StatusServer
 from floatd.store import Change, LeaseStore, PruneAudit, SetExpiry, SetMeta, extend_after_crash
 from floatd.systemd import Notifier
+from floatd.transport import TcpStream
 
 HELLO_TIMEOUT = 10.0
 BUSY_WAIT = 2.0  # how long an over-limit connection may take to send its hello
@@ -697,7 +698,7 @@ class Server:
             # that never completes it is closed by the hello timeout like any other.
             await self.handle_stream(trio.SSLStream(stream, self._tls, server_side=True), peer)
         else:
-            await self.handle_stream(stream, peer)
+            await self.handle_stream(TcpStream(stream), peer)
 
     async def handle_stream(self, stream: trio.abc.Stream, peer: str | None) -> None:
         """Serve one client connection (also the entry point for in-memory tests)."""
@@ -876,7 +877,9 @@ class _Connection:
                     return True
                 if slots[-1].close:
                     return False
-                continue  # more may be buffered already
+                if len(slots) == MAX_PIPELINE:
+                    continue  # more may be buffered already
+                # Otherwise the decoder is drained: read on without asking it again.
             if self._stop_reading:
                 return False
             self.receiving = True

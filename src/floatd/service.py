@@ -40,15 +40,10 @@ from floatd.store import Audit, Change, DeleteLease, PutLease, SetExpiry
 class LogFn(Protocol):
     def __call__(self, event: str, level: str = "info", **fields: Any) -> None: ...
 
-    def enabled(self, level: str) -> bool: ...
-
 
 class _NoLog:
     def __call__(self, event: str, level: str = "info", **fields: Any) -> None:
         return None
-
-    def enabled(self, level: str) -> bool:
-        return False
 
 
 _limit_keys: dict[str | None, str] = {}
@@ -417,8 +412,7 @@ class LeaseService:
         self.pool.extend(now, lease)
         self._changes.append(SetExpiry(lease.id, lease.expires_at))
         self._record("renewed", lease, now)
-        if self._log.enabled("debug"):
-            self._log("lease_renewed", level="debug", **_lease_fields(lease))
+        self._log("lease_renewed", **_lease_fields(lease))
         expires_in = lease.expires_at - now
         return ok(req.id, expires_in=expires_in, renew_in=expires_in / 2)
 

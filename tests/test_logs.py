@@ -1,0 +1,73 @@
+"""The lease-event log lines: the direct JSON path must say exactly what
+structlog's processor chain says, since monitoring parses both alike."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+
+import pytest
+
+from floatd import logs
+
+
+@pytest.fixture
+def out() -> Iterator[io.StringIO]:
+    stream = io.StringIO()
+    yield stream
+    logs.configure("info", "json")  # back to stdout for the rest of the session
+
+
+class Odd:
+    def __repr__(self) -> str:
+        return "<odd>"
+
+
+def lines(stream: io.StringIO) -> list[str]:
+    logs.flush()
+    return stream.getvalue().splitlines()
+
+
+def test_direct_lines_match_structlog(out: io.StringIO) -> None:
+    logs.configure("info", "json", out)
+    fields = {
+        "lease": "L1",
+        "product": "app",
+        "fingerprint": "fp-é",
+        "instance": None,
+        "user": 'a"b',
+        "peer": "::1",
+        "seat": ("fp", "i"),
+        "odd": Odd(),
+        "waited": True,
+        "n": 3,
+    }
+    logs.event_logger("info")("lease_granted", **dict(fields))
+    logs.get_logger().info("lease_granted", **dict(fields))
+    direct, chained = (json.loads(line) for line in lines(out))
+    assert list(direct) == list(chained)  # same keys in the same order
+    assert direct.pop("timestamp").endswith("Z")
+    chained.pop("timestamp")
+    assert direct == chained
+    assert direct["odd"] == "<odd>" and direct["seat"] == ["fp", "i"]
+    assert direct["event"] == "lease_granted" and direct["level"] == "info"
+
+
+def test_levels_filter_and_warnings_flush_at_once(out: io.StringIO) -> None:
+    logs.configure("info", "json", out)
+    log = logs.event_logger("info")
+    log("quiet", level="debug", lease="L1")
+    log("loud", level="warning", lease="L2")
+    # Written without a flush: warnings and errors are not held back.
+    assert [json.loads(line)["event"] for line in out.getvalue().splitlines()] == ["loud"]
+    log("normal", lease="L3")
+    assert [json.loads(line)["event"] for line in lines(out)] == ["loud", "normal"]
+
+
+def test_console_format_goes_through_structlog(out: io.StringIO) -> None:
+    logs.configure("info", "console", out)
+    logs.event_logger("info")("lease_released", lease="L9", product="app")
+    (line,) = lines(out)
+    assert "lease_released" in line and "lease=L9" in line
+    assert not line.startswith("{")
