@@ -4,7 +4,7 @@
 the socket (which, in a request/answer exchange, has nothing yet: a wasted
 syscall and a raised ``BlockingIOError``) before it waits for readiness, and
 each successful ``send_all`` yields to the scheduler once more afterwards.
-Under a closed request/answer loop those two cost about a third of the CPU a
+Under a closed request/answer loop those two cost about a fifth of the CPU a
 request takes (measured with py-spy; see docs/performance.md).
 
 :class:`TcpStream` takes the socket over and does only what a lease
