@@ -46,10 +46,6 @@ class TcpStream(trio.abc.Stream):
         self._closed = False
         self._sending = False
 
-    @property
-    def socket(self) -> socket.socket:
-        return self._sock
-
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._closed:
             raise trio.ClosedResourceError("stream is closed")
