@@ -334,6 +334,14 @@ def _admin(config: Config) -> Any:
     return AdminClient(config.admin_socket)
 
 
+def _ask(config_path: Path | None, cmd: str, **args: Any) -> dict[str, Any]:
+    """One request over the admin socket, its answer without the ``ok`` flag."""
+    with _admin(_load(config_path)) as admin:
+        doc: dict[str, Any] = admin.call(cmd, **args)
+    doc.pop("ok", None)
+    return doc
+
+
 def _echo_json(doc: Any) -> None:
     click.echo(json.dumps(doc, indent=2, sort_keys=True))
 
@@ -368,9 +376,7 @@ def status(config_path: Path | None, as_json: bool) -> None:
     """Activation state and per-product seats in use."""
     from floatd.audit import iso
 
-    with _admin(_load(config_path)) as admin:
-        doc = admin.call("status")
-    doc.pop("ok", None)
+    doc = _ask(config_path, "status")
     if as_json:
         _echo_json(doc)
         return
@@ -437,8 +443,7 @@ def leases(config_path: Path | None, product: str | None, as_json: bool) -> None
 def revoke(config_path: Path | None, lease: str, as_json: bool) -> None:
     """End one lease now; its seat is free at once, and its holder hears
     LEASE_NOT_FOUND on its next renew."""
-    with _admin(_load(config_path)) as admin:
-        row = admin.call("revoke", lease=lease)["lease"]
+    row = _ask(config_path, "revoke", lease=lease)["lease"]
     if as_json:
         _echo_json(row)
         return
@@ -454,9 +459,7 @@ def revoke(config_path: Path | None, lease: str, as_json: bool) -> None:
 @guarded
 def reload(config_path: Path | None, as_json: bool) -> None:
     """Re-read the config and the entitlement without dropping a lease (as SIGHUP)."""
-    with _admin(_load(config_path)) as admin:
-        result = admin.call("reload")
-    result.pop("ok", None)
+    result = _ask(config_path, "reload")
     if as_json:
         _echo_json(result)
     else:
