@@ -139,12 +139,12 @@ def serve(
 def run_server(config: Config, loader: Callable[[], Config] | None = None) -> None:
     from floatd import logs
     from floatd.server import Server
-    from floatd.store import SQLiteLeaseStore
     from floatd.systemd import Notifier
+    from floatd.writer import ProcessLeaseStore
 
     logs.configure(config.log_level, config.log_format)
     server_id = _server_id(config)
-    store = SQLiteLeaseStore(config.database_path)
+    store = ProcessLeaseStore(config.database_path)
     notifier = Notifier()
     try:
         server = Server(config, store, server_id, config_loader=loader, notifier=notifier)

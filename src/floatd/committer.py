@@ -7,8 +7,16 @@ the previous commit, which is what lets durability cost little throughput.
 Changes are applied strictly in submission order, so the disk always holds a
 prefix of the in-memory history, and that prefix never has more seats than the cap.
 
-The writer is a loop running in a worker thread (one ``trio.to_thread.run_sync``
-call behind a ``CapacityLimiter(1)``, for the life of the server).  Taking the
+``floatd serve`` commits through a store with an async ``apply_async`` (the
+writer process of :mod:`floatd.writer`): the writer is then a trio task that
+sends each batch down a pipe and waits for the answer, with no thread at all.
+A thread that hands batches to another process would only add GIL hand-overs
+to each commit, and those are what the writer process exists to avoid.
+
+With a store that blocks (:class:`floatd.store.SQLiteLeaseStore`, a future
+PostgreSQL backend), the writer is a loop running in a worker thread (one
+``trio.to_thread.run_sync`` call behind a ``CapacityLimiter(1)``, for the life
+of the server).  Taking the
 next batch right where the last commit ended, inside the thread, matters: with
 one thread call per commit, each cycle also waited two turns of a busy event
 loop (to hear the commit had ended, then to start the next), which tripled the
@@ -30,7 +38,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import trio
 
@@ -38,6 +46,14 @@ from floatd.errors import StoreError
 from floatd.store import Change, LeaseStore, SetMeta
 
 RunSync = Callable[..., Awaitable[Any]]
+
+
+@runtime_checkable
+class AsyncApply(Protocol):
+    """A store that can commit without blocking the event loop."""
+
+    async def apply_async(self, changes: Sequence[Change]) -> None: ...
+
 
 HEARTBEAT = 1.0
 LAZY_WINDOW = 5.0
@@ -75,6 +91,8 @@ class GroupCommitter:
         self._store = store
         self._clock = clock
         self._run_sync = run_sync  # None: the writer loop runs in a worker thread
+        # ... unless the store commits asynchronously (the writer process).
+        self._async = store if run_sync is None and isinstance(store, AsyncApply) else None
         self._limiter = trio.CapacityLimiter(1)
         self._lock = threading.Condition()
         self._pending = Batch()
@@ -98,7 +116,7 @@ class GroupCommitter:
                 self._lock.notify()
             elif first:
                 self._lock.notify()
-        if self._run_sync is not None:
+        if self._run_sync is not None or self._async is not None:
             self._wakeup.set()
         return batch
 
@@ -118,6 +136,9 @@ class GroupCommitter:
         task_status.started()
         if self._run_sync is not None:
             await self._run_inline(self._run_sync)
+            return
+        if self._async is not None:
+            await self._run_async(self._async)
             return
         token = trio.lowlevel.current_trio_token()
         try:
@@ -166,7 +187,23 @@ class GroupCommitter:
             error = exc
         except Exception as exc:  # an unexpected backend failure must not kill the writer
             error = StoreError(f"state write failed: {exc!r}")
-        else:
+        return self._applied(batch, cut, started, error)
+
+    async def _apply_async(self, store: AsyncApply, batch: Batch, cut: float) -> StoreError | None:
+        started = time.perf_counter()
+        error = None
+        try:
+            await store.apply_async(batch.changes)
+        except StoreError as exc:
+            error = exc
+        except Exception as exc:  # an unexpected backend failure must not kill the writer
+            error = StoreError(f"state write failed: {exc!r}")
+        return self._applied(batch, cut, started, error)
+
+    def _applied(
+        self, batch: Batch, cut: float, started: float, error: StoreError | None
+    ) -> StoreError | None:
+        if error is None:
             self.last_cut = cut
         self.commits += 1
         self.changes_committed += len(batch.changes)
@@ -193,6 +230,31 @@ class GroupCommitter:
                 return
             if closing:
                 return
+
+    async def _run_async(self, store: AsyncApply) -> None:
+        while True:
+            await self._until_due()
+            taken = self._take(block=False)
+            if taken is None:
+                return
+            batch, closing, cut = taken
+            with trio.CancelScope(shield=True):  # a half-sent batch helps nobody
+                error = await self._apply_async(store, batch, cut)
+            self._finish(batch, error)
+            if closing:
+                return
+
+    async def _until_due(self) -> None:
+        """The async twin of :meth:`_wait_for_work`, on trio's clock."""
+        started = trio.current_time()
+        while not (self._closing or self._pending.urgent):
+            limit = LAZY_FLUSH if self._pending.changes else HEARTBEAT
+            left = started + limit - trio.current_time()
+            if left <= 0:
+                return
+            with trio.move_on_after(left):
+                await self._wakeup.wait()
+            self._wakeup = trio.Event()
 
     async def _run_inline(self, run_sync: RunSync) -> None:
         while True:

@@ -318,6 +318,32 @@ def _row(lease: Lease) -> tuple[object, ...]:
     )
 
 
+class WriteSet(NamedTuple):
+    """A batch reduced to plain rows: what a backend writes, and what crosses
+    the pipe to the writer process (:mod:`floatd.writer`) as msgpack."""
+
+    deletes: list[str]
+    puts: list[tuple[Any, ...]]  # lease rows, the id first
+    expiries: list[tuple[str, float]]
+    audit: list[tuple[object, ...]]
+    meta: list[tuple[str, str]]
+    prune: tuple[float, int] | None
+
+
+def prepare(changes: Iterable[Change]) -> WriteSet:
+    """Coalesce ``changes`` and turn them into rows.  This reads the live lease
+    objects, so it runs when the batch is cut, never later than the commit."""
+    net = coalesce(changes)
+    return WriteSet(
+        deletes=list(net.deletes),
+        puts=[_row(lease) for lease in net.puts.values()],
+        expiries=list(net.expiries.items()),
+        audit=[_audit_row(record) for record in net.audit],
+        meta=list(net.meta.items()),
+        prune=None if net.prune is None else (net.prune.before, net.prune.limit),
+    )
+
+
 class SQLiteLeaseStore:
     """The single-node backend.  Callers serialise access (one writer)."""
 
@@ -355,29 +381,29 @@ class SQLiteLeaseStore:
         return dict(self._db.execute("SELECT key, value FROM meta").fetchall())
 
     def apply(self, changes: Sequence[Change]) -> None:
-        net = coalesce(changes)
+        self.write(prepare(changes))
+
+    def write(self, ws: WriteSet) -> None:
+        """Commit one prepared batch as one transaction."""
         rows = self._rows
         db = self._db
-        gone = [rows[i] for i in net.deletes if i in rows]
+        gone = [rows[i] for i in ws.deletes if i in rows]
         # Row numbers for new leases, committed to the map only if the batch is.
         fresh: dict[str, int] = {}
-        for lease_id in net.puts:
-            if lease_id not in rows:
+        for put in ws.puts:
+            lease_id = put[0]
+            if lease_id not in rows and lease_id not in fresh:
                 fresh[lease_id] = self._next_row + len(fresh)
-        updates = [(rows[i], e) for i, e in net.expiries.items() if i in rows]
+        updates = [(rows[i], e) for i, e in ws.expiries if i in rows]
         try:
             db.execute("BEGIN")
             for chunk in _chunks(sorted(gone)):
                 db.execute(f"DELETE FROM leases WHERE row IN ({_marks(len(chunk))})", chunk)
             row = "(" + _marks(14) + ")"
-            for leases in _chunks(list(net.puts.values())):
+            for puts in _chunks(ws.puts):
                 db.execute(
-                    f"INSERT OR REPLACE INTO leases VALUES {','.join([row] * len(leases))}",
-                    [
-                        v
-                        for lease in leases
-                        for v in (rows.get(lease.id) or fresh[lease.id], *_row(lease))
-                    ],
+                    f"INSERT OR REPLACE INTO leases VALUES {','.join([row] * len(puts))}",
+                    [v for put in puts for v in (rows.get(put[0]) or fresh[put[0]], *put)],
                 )
             for items in _chunks(updates):
                 whens = " ".join(["WHEN ? THEN ?"] * len(items))
@@ -387,29 +413,29 @@ class SQLiteLeaseStore:
                     [v for pair in items for v in pair] + [r for r, _ in items],
                 )
             arow = "(" + _marks(len(AUDIT_COLUMNS)) + ")"
-            for records in _chunks(net.audit):
+            for records in _chunks(ws.audit):
                 db.execute(
                     f"INSERT INTO audit ({','.join(AUDIT_COLUMNS)})"
                     f" VALUES {','.join([arow] * len(records))}",
-                    [v for record in records for v in _audit_row(record)],
+                    [v for record in records for v in record],
                 )
-            if net.prune is not None:
+            if ws.prune is not None:
                 db.execute(
                     "DELETE FROM audit WHERE seq IN"
                     " (SELECT seq FROM audit WHERE ts < ? ORDER BY ts LIMIT ?)",
-                    (net.prune.before, net.prune.limit),
+                    tuple(ws.prune),
                 )
-            if net.meta:
+            if ws.meta:
                 db.execute(
-                    f"INSERT OR REPLACE INTO meta VALUES {','.join(['(?,?)'] * len(net.meta))}",
-                    [v for pair in net.meta.items() for v in pair],
+                    f"INSERT OR REPLACE INTO meta VALUES {','.join(['(?,?)'] * len(ws.meta))}",
+                    [v for pair in ws.meta for v in pair],
                 )
             db.execute("COMMIT")
         except sqlite3.Error as exc:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise StoreError(f"state database write failed: {exc}") from None
-        for lease_id in net.deletes:
+        for lease_id in ws.deletes:
             rows.pop(lease_id, None)
         rows.update(fresh)
         self._next_row += len(fresh)

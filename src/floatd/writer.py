@@ -1,0 +1,271 @@
+"""The state writer process: SQLite commits outside the server's GIL.
+
+``floatd serve`` commits through :class:`ProcessLeaseStore`.  It reduces each
+batch to plain rows (:func:`floatd.store.prepare`, which must read the live
+lease objects in the server) and sends them over a pipe to a child process
+that owns the only writing SQLite connection and runs the transaction there.
+The group committer still drives it from its one worker thread, which now
+blocks on the pipe instead of on SQLite.
+
+Why a process: measured on a two-core machine, a thread running the same
+SQLite writes cost the event loop about as much CPU as the writes themselves
+(the thread takes the GIL back after every statement, and each hand-over
+stalls the loop), so durable acquires ran about a quarter slower than with no
+store at all.  With the writes in another process, the server's side of a
+commit is one msgpack call and two pipe syscalls.  docs/performance.md has
+the figures.
+
+The child:
+- takes an exclusive lock on ``<db>.writer.lock`` for its lifetime, so a new
+  server's writer waits until a killed server's writer has finished the commit
+  it was in (its leases are then read by the new server, never lost or added
+  behind its back);
+- ignores SIGINT, SIGTERM and SIGHUP: a stop signal sent to the whole group
+  (Ctrl-C, systemd) must not kill it before the server's final flush; it exits
+  when the server closes the pipe, or dies with it;
+- answers every batch with ``None`` (committed: durable, as
+  ``synchronous=FULL`` makes it) or an error message.
+
+If the child dies, the batch in flight fails like any store error (its
+requests get ``INTERNAL`` and their seats back) and the next batch starts a
+new child.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import signal
+import struct
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import msgpack
+import trio
+
+from floatd.errors import StoreError
+from floatd.pool import Lease
+from floatd.store import Change, SQLiteLeaseStore, WriteSet, prepare
+
+_LENGTH = struct.Struct(">I")
+READY = "ready"
+# A batch is bounded by what the server can cut between two commits; this only
+# guards the reader against a corrupt length.
+MAX_MESSAGE = 1 << 30
+
+
+def _read_exact(stream: IO[bytes], size: int) -> bytes:
+    data = stream.read(size)
+    if data is None or len(data) != size:
+        raise EOFError("pipe closed")
+    return data
+
+
+def send_message(stream: IO[bytes], value: Any) -> None:
+    body = msgpack.packb(value)
+    stream.write(_LENGTH.pack(len(body)) + body)
+    stream.flush()
+
+
+def receive_message(stream: IO[bytes]) -> Any:
+    (size,) = _LENGTH.unpack(_read_exact(stream, _LENGTH.size))
+    if size > MAX_MESSAGE:
+        raise EOFError(f"message of {size} bytes")
+    return msgpack.unpackb(_read_exact(stream, size), use_list=True)
+
+
+def lock_path(database: Path) -> Path:
+    return database.with_name(database.name + ".writer.lock")
+
+
+class ProcessLeaseStore:
+    """A :class:`floatd.store.LeaseStore` whose commits run in a child process.
+
+    ``apply`` blocks (the server uses it once, before its event loop starts);
+    ``apply_async`` is what the group committer awaits while serving.  Reads
+    (only at start) go through a connection of its own in this process, opened
+    once the child is ready, so they see everything any earlier writer committed.
+    """
+
+    def __init__(self, database: Path) -> None:
+        self._database = database
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._streams: tuple[trio.lowlevel.FdStream, trio.lowlevel.FdStream] | None = None
+        self._buffer = bytearray()
+        self._proc = self._spawn()
+        self._local = SQLiteLeaseStore(database)
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        # The child must import this very package, whatever put it on sys.path.
+        package_root = str(Path(__file__).resolve().parent.parent)
+        path = os.environ.get("PYTHONPATH")
+        env = {**os.environ, "PYTHONPATH": package_root + (os.pathsep + path if path else "")}
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "floatd.writer", str(self._database)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                env=env,
+            )
+        except OSError as exc:
+            raise StoreError(f"cannot start the state writer: {exc}") from None
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            ready = receive_message(proc.stdout)
+        except (EOFError, ValueError):
+            ready = None
+        if ready != READY:
+            proc.kill()
+            proc.wait()
+            raise StoreError(str(ready or f"the state writer for {self._database} exited"))
+        return proc
+
+    def _running(self) -> subprocess.Popen[bytes]:
+        if self._proc is None or self._proc.poll() is not None:
+            self._reap(kill=True)
+            self._proc = self._spawn()
+        return self._proc
+
+    def load_leases(self) -> list[Lease]:
+        return self._local.load_leases()
+
+    def load_meta(self) -> dict[str, str]:
+        return self._local.load_meta()
+
+    def apply(self, changes: Sequence[Change]) -> None:
+        proc = self._running()
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            send_message(proc.stdin, list(prepare(changes)))
+            error = receive_message(proc.stdout)
+        except (OSError, EOFError, ValueError) as exc:
+            self._reap(kill=True)
+            raise StoreError(f"the state writer failed: {exc}") from None
+        if error is not None:
+            raise StoreError(str(error))
+
+    async def apply_async(self, changes: Sequence[Change]) -> None:
+        # Rows are built here, on the event loop: they read live lease objects.
+        body = msgpack.packb(list(prepare(changes)))
+        if self._streams is None or self._proc is None or self._proc.poll() is not None:
+            if self._proc is not None and self._proc.poll() is not None:
+                self._reap(kill=True)  # it died: close our ends here, on the loop
+            await trio.to_thread.run_sync(self._restart)
+        assert self._streams is not None
+        out, into = self._streams
+        try:
+            await out.send_all(_LENGTH.pack(len(body)) + body)
+            error = await self._receive(into)
+        except (OSError, EOFError, ValueError, trio.BrokenResourceError) as exc:
+            self._reap(kill=True)
+            raise StoreError(f"the state writer failed: {exc}") from None
+        if error is not None:
+            raise StoreError(str(error))
+
+    def _restart(self) -> None:
+        """(In a worker thread.)  A live child, and non-blocking streams on its pipes."""
+        proc = self._running()
+        assert proc.stdin is not None and proc.stdout is not None
+        self._buffer.clear()
+        self._streams = (
+            trio.lowlevel.FdStream(os.dup(proc.stdin.fileno())),
+            trio.lowlevel.FdStream(os.dup(proc.stdout.fileno())),
+        )
+
+    async def _receive(self, stream: trio.lowlevel.FdStream) -> Any:
+        buffer = self._buffer
+        while True:
+            if len(buffer) >= _LENGTH.size:
+                (size,) = _LENGTH.unpack_from(buffer)
+                if size > MAX_MESSAGE:
+                    raise EOFError(f"message of {size} bytes")
+                end = _LENGTH.size + size
+                if len(buffer) >= end:
+                    value = msgpack.unpackb(bytes(buffer[_LENGTH.size : end]))
+                    del buffer[:end]
+                    return value
+            data = await stream.receive_some(65536)
+            if not data:
+                raise EOFError("the state writer exited")
+            buffer += data
+
+    def _reap(self, kill: bool = False) -> None:
+        """Forget the child: close our ends of its pipes and wait for it to go
+        (at once when ``kill``: a failed child is not worth waiting for)."""
+        proc, self._proc = self._proc, None
+        streams, self._streams = self._streams, None
+        for fd_stream in streams or ():
+            # Outside trio close() cannot notify; dropping the stream closes its fd.
+            with contextlib.suppress(RuntimeError):
+                fd_stream.close()
+        del streams
+        if proc is None:
+            return
+        if kill:
+            proc.kill()
+        for stream in (proc.stdin, proc.stdout):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def close(self) -> None:
+        """End the child (it exits at the end of its input) and close the reader."""
+        self._reap()
+        self._local.close()
+
+
+def child_main(database: Path) -> int:
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    try:
+        database.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(lock_path(database), "a+b")  # noqa: SIM115 - held for the process's life
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    except OSError as exc:
+        send_message(stdout, f"cannot lock {lock_path(database)}: {exc.strerror}")
+        return 1
+    try:
+        store = SQLiteLeaseStore(database)
+    except StoreError as exc:
+        send_message(stdout, str(exc))
+        return 1
+    send_message(stdout, READY)
+    while True:
+        try:
+            message = receive_message(stdin)
+        except EOFError:
+            break
+        try:
+            deletes, puts, expiries, audit, meta, prune = message
+            store.write(
+                WriteSet(
+                    deletes,
+                    [tuple(p) for p in puts],
+                    [(i, e) for i, e in expiries],
+                    [tuple(a) for a in audit],
+                    [(k, v) for k, v in meta],
+                    None if prune is None else (prune[0], prune[1]),
+                )
+            )
+        except StoreError as exc:
+            send_message(stdout, str(exc))
+        except Exception as exc:  # a bad message must not leave the server waiting
+            send_message(stdout, f"state write failed: {exc!r}")
+        else:
+            send_message(stdout, None)
+    store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(child_main(Path(sys.argv[1])))
