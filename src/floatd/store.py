@@ -349,9 +349,18 @@ class SQLiteLeaseStore:
 
     def __init__(self, path: Path) -> None:
         self._db = open_database(path)
-        self._rows: dict[str, int] = dict(self._db.execute("SELECT id, row FROM leases"))
-        last = self._db.execute("SELECT max(row) FROM leases").fetchone()[0]
-        self._next_row = (last or 0) + 1
+        # The id -> row map is built on the first write: a store that only
+        # loads (the server's side of the writer process) never needs it.
+        self._row_map: dict[str, int] | None = None
+        self._next_row = 1
+
+    @property
+    def _rows(self) -> dict[str, int]:
+        if self._row_map is None:
+            self._row_map = dict(self._db.execute("SELECT id, row FROM leases"))
+            last = self._db.execute("SELECT max(row) FROM leases").fetchone()[0]
+            self._next_row = (last or 0) + 1
+        return self._row_map
 
     def load_leases(self) -> list[Lease]:
         rows = self._db.execute(
