@@ -4,8 +4,8 @@
 batch to plain rows (:func:`floatd.store.prepare`, which must read the live
 lease objects in the server) and sends them over a pipe to a child process
 that owns the only writing SQLite connection and runs the transaction there.
-The group committer still drives it from its one worker thread, which now
-blocks on the pipe instead of on SQLite.
+The group committer drives it from a trio task that awaits the pipe, so the
+server makes no blocking call for a commit and still has one writer.
 
 Why a process: measured on a two-core machine, a thread running the same
 SQLite writes cost the event loop about as much CPU as the writes themselves
@@ -37,6 +37,7 @@ import contextlib
 import fcntl
 import os
 import signal
+import site
 import struct
 import subprocess
 import sys
@@ -97,13 +98,22 @@ class ProcessLeaseStore:
         self._streams: tuple[trio.lowlevel.FdStream, trio.lowlevel.FdStream] | None = None
         self._buffer = bytearray()
         self._proc = self._spawn()
-        self._local = SQLiteLeaseStore(database)
+        try:
+            self._local = SQLiteLeaseStore(database)
+        except BaseException:
+            self._reap(kill=True)
+            raise
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        # The child must import this very package, whatever put it on sys.path.
+        env = dict(os.environ)
+        # The child must import this very package.  Installed, it finds it by
+        # itself; from a source tree put on sys.path by other means (tests,
+        # benchmarks), it is told where.  Never prepend site-packages itself:
+        # that would put it ahead of the standard library.
         package_root = str(Path(__file__).resolve().parent.parent)
-        path = os.environ.get("PYTHONPATH")
-        env = {**os.environ, "PYTHONPATH": package_root + (os.pathsep + path if path else "")}
+        if package_root not in {*site.getsitepackages(), site.getusersitepackages()}:
+            path = env.get("PYTHONPATH")
+            env["PYTHONPATH"] = package_root + (os.pathsep + path if path else "")
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "floatd.writer", str(self._database)],
