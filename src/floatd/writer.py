@@ -66,16 +66,25 @@ def _read_exact(stream: IO[bytes], size: int) -> bytes:
     return data
 
 
+def _frame(value: Any) -> bytes:
+    body: bytes = msgpack.packb(value)
+    return _LENGTH.pack(len(body)) + body
+
+
+def _body_size(header: bytes | bytearray) -> int:
+    (size,) = _LENGTH.unpack_from(header)
+    if size > MAX_MESSAGE:
+        raise EOFError(f"message of {size} bytes")
+    return int(size)
+
+
 def send_message(stream: IO[bytes], value: Any) -> None:
-    body = msgpack.packb(value)
-    stream.write(_LENGTH.pack(len(body)) + body)
+    stream.write(_frame(value))
     stream.flush()
 
 
 def receive_message(stream: IO[bytes]) -> Any:
-    (size,) = _LENGTH.unpack(_read_exact(stream, _LENGTH.size))
-    if size > MAX_MESSAGE:
-        raise EOFError(f"message of {size} bytes")
+    size = _body_size(_read_exact(stream, _LENGTH.size))
     return msgpack.unpackb(_read_exact(stream, size), use_list=True)
 
 
@@ -160,7 +169,7 @@ class ProcessLeaseStore:
 
     async def apply_async(self, changes: Sequence[Change]) -> None:
         # Rows are built here, on the event loop: they read live lease objects.
-        body = msgpack.packb(list(prepare(changes)))
+        frame = _frame(list(prepare(changes)))
         if self._streams is None or self._proc is None or self._proc.poll() is not None:
             if self._proc is not None and self._proc.poll() is not None:
                 self._reap(kill=True)  # it died: close our ends here, on the loop
@@ -168,7 +177,7 @@ class ProcessLeaseStore:
         assert self._streams is not None
         out, into = self._streams
         try:
-            await out.send_all(_LENGTH.pack(len(body)) + body)
+            await out.send_all(frame)
             error = await self._receive(into)
         except (OSError, EOFError, ValueError, trio.BrokenResourceError) as exc:
             self._reap(kill=True)
@@ -190,10 +199,7 @@ class ProcessLeaseStore:
         buffer = self._buffer
         while True:
             if len(buffer) >= _LENGTH.size:
-                (size,) = _LENGTH.unpack_from(buffer)
-                if size > MAX_MESSAGE:
-                    raise EOFError(f"message of {size} bytes")
-                end = _LENGTH.size + size
+                end = _LENGTH.size + _body_size(buffer)
                 if len(buffer) >= end:
                     value = msgpack.unpackb(bytes(buffer[_LENGTH.size : end]))
                     del buffer[:end]
