@@ -163,6 +163,9 @@ class Server:
         self._deadlines: list[tuple[float, int, _Connection]] = []
         self._deadline_seq = 0
         self._reap_rearm = trio.Event()
+        # Connections with answers queued since the outbox task last ran.
+        self._outbox: list[_Connection] = []
+        self._outbox_ready = trio.Event()
         self._stop = trio.Event()
         self._stopping = False
         self._rearm = trio.Event()
@@ -327,6 +330,7 @@ class Server:
                 background.start_soon(self._watch_entitlement)
                 background.start_soon(self._flush_logs)
                 background.start_soon(self._reap)
+                background.start_soon(self._send_answers)
                 background.start_soon(self._prune_audit)
                 background.start_soon(self._refresh_online)
                 for status_listener in self._status_listeners:
@@ -582,6 +586,29 @@ class Server:
                 await self._reap_rearm.wait()
             self._reap_rearm = trio.Event()
 
+    def _queue_answers(self, conn: _Connection) -> None:
+        self._outbox.append(conn)
+        if len(self._outbox) == 1:
+            self._outbox_ready.set()
+
+    async def _send_answers(self) -> None:
+        """The outbox: write the answers queued during one scheduler pass together.
+
+        A connection that has its answers ready queues them and goes back to
+        reading; this task, which runs once the tasks already runnable have had
+        their turn, writes them all back to back.  On loopback most of a
+        ``send()`` is the kernel waking the receiving side, and that is cheap
+        when the receiver is already awake for the previous answer: a steady
+        trickle of renewals, each sent as it was ready, woke the client once per
+        answer and spent twice the CPU in ``send()`` (docs/performance.md).
+        """
+        while True:
+            await self._outbox_ready.wait()
+            self._outbox_ready = trio.Event()
+            ready, self._outbox = self._outbox, []
+            for conn in ready:
+                conn.flush_answers()
+
     async def _flush_logs(self) -> None:
         while True:
             await trio.sleep(logs.FLUSH_INTERVAL)
@@ -786,9 +813,16 @@ class _Connection:
 
     The common case costs one task: the reader drains every request already
     buffered, applies them (their changes land in one batch), waits for that
-    batch, and sends all the answers with a single write.  Only while an acquire
-    is queued for a seat (``wait``) do answers go through the writer task, so a
-    slow answer never blocks reading and order is still kept.
+    batch, and queues all the answers as one write for the server's outbox
+    (:meth:`Server._send_answers`).  Only while an acquire is queued for a seat
+    (``wait``) do answers go through the writer task, so a slow answer never
+    blocks reading and order is still kept.
+
+    Queued answers belong to the connection until the kernel has taken them
+    (``_out``).  The outbox writes them without blocking; what the kernel does
+    not take at once (a client that stops reading) is written by a drain task,
+    and the reader reads nothing more until that is done, so a client that never
+    reads cannot make the server hold its answers in memory.
     """
 
     def __init__(self, server: Server, stream: trio.abc.Stream, peer: str | None) -> None:
@@ -803,7 +837,16 @@ class _Connection:
         self.hello_deadline = now + HELLO_TIMEOUT
         self.last_active = now
         self._scope: trio.CancelScope | None = None
+        self._nursery: trio.Nursery | None = None
         self._stop_reading = False
+        # Answers queued and not yet taken by the kernel, and the leases granted
+        # in them (given back if they cannot be sent).
+        self._out: list[bytes] = []
+        self._out_granted: list[str] = []
+        self._sending = False  # in the outbox, or a drain task is writing
+        self._draining = False
+        self._sent: trio.Event | None = None  # set when _sending ends, if awaited
+        self._lost = False  # a write failed: the client is gone
 
     def check_deadline(self, now: float) -> float | None:
         """Close the connection if its deadline passed; else when to look again."""
@@ -817,10 +860,14 @@ class _Connection:
         deadline = self.last_active + self.server.config.idle_timeout
         if now < deadline:
             return deadline
-        if self.receiving and not self.queued:
+        if self._idle():
             self._cancel()
             return None
         return now + self.server.config.idle_timeout  # busy, not idle: look again later
+
+    def _idle(self) -> bool:
+        """Blocked reading and owing the client nothing."""
+        return self.receiving and not self.queued and not self._sending
 
     def _cancel(self) -> None:
         if self._scope is not None:
@@ -829,20 +876,25 @@ class _Connection:
     def stop_reading(self) -> None:
         """Shutdown: read nothing more, but answer what was already received."""
         self._stop_reading = True
-        if self.receiving and not self.queued:
+        if self._idle():
             self._cancel()  # nothing owed: just go
 
     async def run(self) -> None:
         send, recv = trio.open_memory_channel[_Slot](MAX_PIPELINE)
+        writer_done = trio.Event()
         async with trio.open_nursery() as nursery:
             self._scope = nursery.cancel_scope
-            nursery.start_soon(self._writer, recv)
+            self._nursery = nursery
+            nursery.start_soon(self._writer, recv, writer_done)
             async with send:
                 hung_up = await self._reader(send)
             if hung_up:
                 # Nobody will read the answers: stop waiting for them.  The
                 # writer gives back whatever it had granted but not delivered.
                 nursery.cancel_scope.cancel()
+            else:
+                await writer_done.wait()
+                await self._until_sent()  # a drain task may still need the nursery
 
     async def _reader(self, send: trio.MemorySendChannel[_Slot]) -> bool:
         """Read, apply and answer requests; True when the client hung up."""
@@ -880,6 +932,10 @@ class _Connection:
                 if len(slots) == MAX_PIPELINE:
                     continue  # more may be buffered already
                 # Otherwise the decoder is drained: read on without asking it again.
+            if self._draining:
+                await self._until_sent()  # the client is not reading: neither do we
+            if self._lost:
+                return True
             if self._stop_reading:
                 return False
             self.receiving = True
@@ -949,13 +1005,15 @@ class _Connection:
         return slot.response
 
     async def _deliver(self, slots: list[_Slot]) -> bool:
-        """Answer ``slots`` in order with one write; False if the client is gone.
+        """Queue the answers to ``slots``, in order, as one write; False if the
+        client is gone.
 
-        Whatever is not delivered (client gone, or cancelled at shutdown) is
+        Whatever is not queued (client gone, or cancelled at shutdown) is
         abandoned: no waiter stays queued and no seat stays held for it.
         """
         frames = []
         results = []
+        granted = []
         pending = list(slots)
         try:
             for slot in slots:
@@ -968,18 +1026,100 @@ class _Connection:
                 except ValueError:
                     error = InternalError("response too large").to_wire()
                     frames.append(encode_frame(failure(response.get("id"), error)))
-            await self.stream.send_all(frames[0] if len(frames) == 1 else b"".join(frames))
+                if slot.granted is not None:
+                    granted.append(slot.granted)
             pending = []
-            done = time.perf_counter()
-            observe = self.server.stats.observe
-            for slot, result in zip(slots, results, strict=True):
-                observe(slot.op, result, done - slot.started)
-            return True
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return False
         finally:
             for slot in pending:
                 self._abandon(slot)
+        if not self._queue(frames[0] if len(frames) == 1 else b"".join(frames), granted):
+            return False
+        done = time.perf_counter()
+        observe = self.server.stats.observe
+        for slot, result in zip(slots, results, strict=True):
+            observe(slot.op, result, done - slot.started)
+        return True
+
+    def _queue(self, data: bytes, granted: list[str]) -> bool:
+        """Hand answers to the outbox; False (and the seats given back) if the
+        client is gone."""
+        if self._lost:
+            for lease_id in granted:
+                self._give_back(lease_id)
+            return False
+        self._out.append(data)
+        self._out_granted += granted
+        if not self._sending:
+            self._sending = True
+            self.server._queue_answers(self)
+        return True
+
+    def flush_answers(self) -> None:
+        """The outbox's turn: write what is queued, or start a drain task for what
+        the kernel will not take now (and for streams that only send async)."""
+        if self.done or self._nursery is None:
+            self._lose()  # the connection ended with these still queued
+            return
+        stream = self.stream
+        if isinstance(stream, TcpStream):
+            data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
+            try:
+                sent = stream.send_nowait(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._lose()
+                return
+            if sent == len(data):
+                self._out.clear()
+                self._out_granted.clear()
+                self._sent_all()
+                return
+            self._out = [data[sent:]]
+        self._draining = True
+        self._nursery.start_soon(self._drain)
+
+    async def _drain(self) -> None:
+        """Write queued answers, waiting for the client to read as needed."""
+        in_flight: list[str] = []
+        try:
+            while self._out:
+                data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
+                self._out = []
+                in_flight, self._out_granted = self._out_granted, []
+                await self.stream.send_all(data)
+                in_flight = []
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            self._draining = False
+            if in_flight or self._out:
+                self._out_granted = in_flight + self._out_granted
+                self._lose()
+            else:
+                self._sent_all()
+
+    def _sent_all(self) -> None:
+        self._sending = False
+        if self._sent is not None:
+            self._sent.set()
+            self._sent = None
+        if self._stop_reading and self._idle():
+            self._cancel()  # shutdown was only waiting for these answers
+
+    def _lose(self) -> None:
+        """The client cannot be written to: drop its queued answers and give back
+        the seats granted in them."""
+        self._lost = True
+        granted, self._out_granted = self._out_granted, []
+        self._out.clear()
+        self._sent_all()
+        for lease_id in granted:
+            self._give_back(lease_id)
+
+    async def _until_sent(self) -> None:
+        if self._sending:
+            if self._sent is None:
+                self._sent = trio.Event()
+            await self._sent.wait()
 
     def _give_back(self, lease_id: str) -> None:
         server = self.server
@@ -996,7 +1136,7 @@ class _Connection:
         elif slot.granted is not None:
             self._give_back(slot.granted)
 
-    async def _writer(self, recv: trio.MemoryReceiveChannel[_Slot]) -> None:
+    async def _writer(self, recv: trio.MemoryReceiveChannel[_Slot], finished: trio.Event) -> None:
         """Delivers the slots the reader queued while a seat wait was pending."""
         try:
             async for slot in recv:
@@ -1011,3 +1151,4 @@ class _Connection:
                 except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                     break
             recv.close()
+            finished.set()

@@ -11,9 +11,10 @@ request takes (measured with py-spy; see docs/performance.md).
 connection needs: a receive waits for readiness first and then reads once,
 and a send writes at once and waits only when the kernel's buffer is full.
 Every receive still passes through the scheduler, so a client that pipelines
-without pause cannot starve the others.  TLS connections and the in-memory
-streams of the tests keep using trio's own streams; the connection code sees
-only ``trio.abc.Stream``.
+without pause cannot starve the others.  :meth:`TcpStream.send_nowait` is the
+synchronous write the server's answer outbox needs (see :mod:`floatd.server`).
+TLS connections and the in-memory streams of the tests keep using trio's own
+streams; the connection code sees only ``trio.abc.Stream``.
 """
 
 from __future__ import annotations
@@ -59,6 +60,21 @@ class TcpStream(trio.abc.Stream):
                 continue  # spurious wake-up
             except OSError as exc:
                 raise _stream_error(exc) from exc
+
+    def send_nowait(self, data: bytes | bytearray | memoryview) -> int:
+        """Write what the kernel takes at once and return how much that was (0 when
+        its buffer is full).  The server's answer outbox uses this to write the
+        answers of one scheduler pass back to back, with no task switch per answer."""
+        if self._closed:
+            raise trio.ClosedResourceError("stream is closed")
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this stream")
+        try:
+            return self._sock.send(data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            raise _stream_error(exc) from exc
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self._closed:
