@@ -67,13 +67,16 @@ META_CLEAN = "clean"
 class Batch:
     """One future commit; every request whose changes are in it waits here."""
 
-    __slots__ = ("changes", "done", "error", "urgent")
+    __slots__ = ("changes", "done", "error", "listeners", "urgent")
 
     def __init__(self) -> None:
         self.changes: list[Change] = []
         self.urgent = False  # somebody waits for this batch
         self.done = trio.Event()
         self.error: StoreError | None = None
+        # Called once the batch is durable (or failed), in the trio thread: the
+        # server answers the requests it holds without waking a task for each.
+        self.listeners: list[Callable[[], None]] = []
 
     async def wait(self) -> None:
         await self.done.wait()
@@ -214,6 +217,8 @@ class GroupCommitter:
     def _finish(batch: Batch, error: StoreError | None) -> None:
         batch.error = error
         batch.done.set()
+        for listener in batch.listeners:
+            listener()
 
     # --- the two modes -------------------------------------------------------------
 

@@ -22,6 +22,7 @@ import heapq
 import math
 import ssl
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -94,12 +95,13 @@ log = get_logger()
 
 @dataclass(eq=False, slots=True)
 class _Slot:
-    """One answer owed to the client, in request order."""
+    """One answer owed to the client, in request order.  It may be sent once it
+    has a response, is not waiting for a seat, and its batch (if any) is durable."""
 
     response: dict[str, Any] | None = None
     batch: Batch | None = None
-    waiter: Waiter | None = None
-    event: trio.Event | None = None
+    waiter: Waiter | None = None  # queued for a seat (``wait``) until woken
+    owner: _Connection | None = None  # set while waiting: whom to tell
     close: bool = False
     granted: str | None = None  # lease id to give back if the answer cannot be sent
     op: str = "invalid"
@@ -519,16 +521,29 @@ class Server:
     def _flush(self, urgent: bool = True) -> Batch | None:
         """Submit what the last service call changed and wake the waiters it served.
         ``urgent`` is False when nobody will wait for the commit (a lazy renewal)."""
-        changes = self.service.take_changes()
-        woken = self.service.take_woken()
+        service = self.service
+        changes = service.take_changes()
+        woken = service.take_woken()
         if not changes and not woken:
             return None  # the common read-only case: nothing to do
+        slots = []
+        if woken:
+            now = self.clock()
+            for waiter in woken:
+                slot = waiter.handle
+                if isinstance(slot, _Slot) and slot.waiter is waiter:
+                    slot.response = service.waiter_response(waiter, now)
+                    slot.waiter = None
+                    if waiter.lease is not None:
+                        slot.granted = waiter.lease.id
+                    slots.append(slot)
+            changes += service.take_changes()  # a timed-out wait's audit record
         batch = self.committer.submit(changes, urgent or bool(woken)) if changes else None
-        for waiter in woken:
-            slot = waiter.handle
-            if isinstance(slot, _Slot) and slot.event is not None:
+        for slot in slots:
+            if slot.granted is not None:  # a refusal acknowledges nothing: no wait
                 slot.batch = batch
-                slot.event.set()
+            if slot.owner is not None:
+                slot.owner.advance()
         if urgent:  # a grant may expire before the timer's next look; a renewal never does
             self._check_deadline()
         return batch
@@ -809,20 +824,25 @@ def tls_context(config: Config, section: str = "server") -> ssl.SSLContext | Non
 
 
 class _Connection:
-    """One client connection.
+    """One client connection, served by one task.
 
-    The common case costs one task: the reader drains every request already
-    buffered, applies them (their changes land in one batch), waits for that
-    batch, and queues all the answers as one write for the server's outbox
-    (:meth:`Server._send_answers`).  Only while an acquire is queued for a seat
-    (``wait``) do answers go through the writer task, so a slow answer never
-    blocks reading and order is still kept.
+    The reader parses every request already buffered and applies each at once,
+    in arrival order, so pipelined requests see each other's effects.  What it
+    owes the client goes into ``_pending``, a queue of slots in request order.
+    The head of that queue is answered as soon as it may be (:meth:`advance`):
+    at once for a read-only request or a lazy renewal, when its batch is durable
+    for a grant, when a seat comes free for a queued acquire.  Whoever makes the
+    head ready calls :meth:`advance` (the reader, the group committer's batch
+    completion, the wake-up of a waiter), so no task waits for an answer and the
+    reader never stops reading for one.
 
-    Queued answers belong to the connection until the kernel has taken them
-    (``_out``).  The outbox writes them without blocking; what the kernel does
-    not take at once (a client that stops reading) is written by a drain task,
-    and the reader reads nothing more until that is done, so a client that never
-    reads cannot make the server hold its answers in memory.
+    Ready answers are queued as one write for the server's outbox
+    (:meth:`Server._send_answers`).  They belong to the connection until the
+    kernel has taken them (``_out``).  The outbox writes them without blocking;
+    what the kernel does not take at once (a client that stops reading) is
+    written by a drain task.  The reader reads nothing more while a drain runs
+    or ``MAX_PIPELINE`` answers are owed, so a client that never reads cannot
+    make the server hold its answers in memory.
     """
 
     def __init__(self, server: Server, stream: trio.abc.Stream, peer: str | None) -> None:
@@ -830,8 +850,7 @@ class _Connection:
         self.stream = stream
         self.peer = peer
         self.proto = ServerConnection(server.config.client_tokens)
-        self.queued = 0  # slots handed to the writer and not yet delivered
-        self.receiving = False  # blocked reading, owing nothing from the reader
+        self.receiving = False  # blocked reading
         self.done = False
         now = trio.current_time()
         self.hello_deadline = now + HELLO_TIMEOUT
@@ -839,14 +858,16 @@ class _Connection:
         self._scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
         self._stop_reading = False
+        self._pending: deque[_Slot] = deque()
+        self._listening: Batch | None = None  # the batch that will call advance()
         # Answers queued and not yet taken by the kernel, and the leases granted
         # in them (given back if they cannot be sent).
         self._out: list[bytes] = []
         self._out_granted: list[str] = []
         self._sending = False  # in the outbox, or a drain task is writing
         self._draining = False
-        self._sent: trio.Event | None = None  # set when _sending ends, if awaited
         self._lost = False  # a write failed: the client is gone
+        self._progress: trio.Event | None = None  # the reader waits for room
 
     def check_deadline(self, now: float) -> float | None:
         """Close the connection if its deadline passed; else when to look again."""
@@ -867,7 +888,7 @@ class _Connection:
 
     def _idle(self) -> bool:
         """Blocked reading and owing the client nothing."""
-        return self.receiving and not self.queued and not self._sending
+        return self.receiving and not self._pending and not self._sending
 
     def _cancel(self) -> None:
         if self._scope is not None:
@@ -880,30 +901,30 @@ class _Connection:
             self._cancel()  # nothing owed: just go
 
     async def run(self) -> None:
-        send, recv = trio.open_memory_channel[_Slot](MAX_PIPELINE)
-        writer_done = trio.Event()
-        async with trio.open_nursery() as nursery:
+        async with trio.open_nursery() as nursery:  # for drain tasks
             self._scope = nursery.cancel_scope
             self._nursery = nursery
-            nursery.start_soon(self._writer, recv, writer_done)
-            async with send:
-                hung_up = await self._reader(send)
-            if hung_up:
-                # Nobody will read the answers: stop waiting for them.  The
-                # writer gives back whatever it had granted but not delivered.
-                nursery.cancel_scope.cancel()
-            else:
-                await writer_done.wait()
-                await self._until_sent()  # a drain task may still need the nursery
+            try:
+                if not await self._reader():
+                    # Answer what was received before the close or the stop.
+                    while (self._pending or self._sending) and not self._lost:
+                        await self._wait_progress()
+            finally:
+                # Whatever is still owed will never be delivered: leave no
+                # waiter queued and no seat held on its behalf.
+                pending, self._pending = self._pending, deque()
+                for slot in pending:
+                    self._abandon(slot)
+                nursery.cancel_scope.cancel()  # a drain task writing to nobody
 
-    async def _reader(self, send: trio.MemorySendChannel[_Slot]) -> bool:
-        """Read, apply and answer requests; True when the client hung up."""
+    async def _reader(self) -> bool:
+        """Read and apply requests; True when the client hung up."""
         proto = self.proto
+        pending = self._pending
         while True:
-            slots: list[_Slot] = []
-            waiting = False
             started = time.perf_counter()
-            while len(slots) < MAX_PIPELINE and (event := proto.next_event()) is not None:
+            added = closing = False
+            while len(pending) < MAX_PIPELINE and (event := proto.next_event()) is not None:
                 authenticated = False
                 if isinstance(event, Acquire) and self.server.service.needs_password_check(
                     event, self.server.clock(), self.peer
@@ -911,31 +932,20 @@ class _Connection:
                     # Only this connection waits (its answers stay in order).
                     authenticated = await self.server.check_password(event)
                 slot = self._dispatch(event, started, authenticated)
-                slots.append(slot)
-                waiting = waiting or slot.waiter is not None
+                pending.append(slot)
+                added = True
                 if slot.close:
+                    closing = True
                     break
-            if slots:
-                if self.queued or waiting:
-                    for i, slot in enumerate(slots):
-                        self.queued += 1
-                        try:
-                            await send.send(slot)
-                        except trio.BrokenResourceError:  # the writer found the client gone
-                            for rest in slots[i:]:
-                                self._abandon(rest)
-                            return True
-                elif not await self._deliver(slots):
-                    return True
-                if slots[-1].close:
-                    return False
-                if len(slots) == MAX_PIPELINE:
-                    continue  # more may be buffered already
-                # Otherwise the decoder is drained: read on without asking it again.
-            if self._draining:
-                await self._until_sent()  # the client is not reading: neither do we
+            if added:
+                self.advance()
+            if closing:
+                return False
             if self._lost:
                 return True
+            if len(pending) >= MAX_PIPELINE or self._draining:
+                await self._wait_progress()  # the client is not reading: neither do we
+                continue  # more requests may be buffered already
             if self._stop_reading:
                 return False
             self.receiving = True
@@ -975,70 +985,61 @@ class _Connection:
             batch = None
         op = _OPS.get(type(event), "invalid")
         if isinstance(result, Waiter):
-            slot = _Slot(waiter=result, event=trio.Event(), op=op, started=started)
+            slot = _Slot(waiter=result, owner=self, op=op, started=started)
             result.handle = slot
             server._check_deadline()
             return slot
         granted = result.get("lease") if isinstance(event, Acquire) and result.get("ok") else None
         return _Slot(response=result, batch=batch, granted=granted, op=op, started=started)
 
-    async def _resolve(self, slot: _Slot) -> dict[str, Any]:
-        """Wait until the slot's answer may be sent, and return it."""
-        server = self.server
-        if slot.waiter is not None:
-            assert slot.event is not None
-            await slot.event.wait()
-            slot.response = server.service.waiter_response(slot.waiter, server.clock())
-            server._flush(urgent=False)  # a timed-out wait's audit record
-            if slot.waiter.lease is not None:
-                slot.granted = slot.waiter.lease.id
-        assert slot.response is not None
-        if slot.batch is not None:
-            try:
-                await slot.batch.wait()
-            except FloatdError as exc:
-                log.error("store_failed", reason=str(exc))
-                if slot.granted is not None:
-                    self._give_back(slot.granted)
-                    slot.granted = None
-                return _internal(slot.response.get("id"))
-        return slot.response
+    def advance(self) -> None:
+        """Queue, as one write, the answers now ready at the head of ``_pending``.
 
-    async def _deliver(self, slots: list[_Slot]) -> bool:
-        """Queue the answers to ``slots``, in order, as one write; False if the
-        client is gone.
-
-        Whatever is not queued (client gone, or cancelled at shutdown) is
-        abandoned: no waiter stays queued and no seat stays held for it.
+        Synchronous, and called by whoever may have made the head ready.  Seats
+        are given back only after the answers are queued: giving back may wake a
+        waiter of this very connection, whose answer must come after these.
         """
-        frames = []
-        results = []
-        granted = []
-        pending = list(slots)
-        try:
-            for slot in slots:
-                response = slot.response
-                if response is None or slot.batch is not None:
-                    response = await self._resolve(slot)
-                results.append("ok" if response["ok"] else response["error"]["code"])
-                try:
-                    frames.append(encode_frame(response))
-                except ValueError:
-                    error = InternalError("response too large").to_wire()
-                    frames.append(encode_frame(failure(response.get("id"), error)))
-                if slot.granted is not None:
-                    granted.append(slot.granted)
-            pending = []
-        finally:
-            for slot in pending:
-                self._abandon(slot)
-        if not self._queue(frames[0] if len(frames) == 1 else b"".join(frames), granted):
-            return False
-        done = time.perf_counter()
-        observe = self.server.stats.observe
-        for slot, result in zip(slots, results, strict=True):
-            observe(slot.op, result, done - slot.started)
-        return True
+        pending = self._pending
+        frames: list[bytes] = []
+        granted: list[str] = []
+        give_back: list[str] = []
+        answered: list[tuple[_Slot, str]] = []
+        while pending:
+            slot = pending[0]
+            response = slot.response
+            if response is None or slot.waiter is not None:
+                break  # still queued for a seat
+            batch = slot.batch
+            if batch is not None:
+                if not batch.done.is_set():  # not durable yet: the batch calls back
+                    if self._listening is not batch:
+                        self._listening = batch
+                        batch.listeners.append(self.advance)
+                    break
+                if batch.error is not None:
+                    log.error("store_failed", reason=str(batch.error))
+                    if slot.granted is not None:
+                        give_back.append(slot.granted)
+                        slot.granted = None
+                    response = _internal(response.get("id"))
+            pending.popleft()
+            try:
+                frames.append(encode_frame(response))
+            except ValueError:
+                error = InternalError("response too large").to_wire()
+                frames.append(encode_frame(failure(response.get("id"), error)))
+            if slot.granted is not None:
+                granted.append(slot.granted)
+            answered.append((slot, "ok" if response["ok"] else response["error"]["code"]))
+        if frames:
+            if self._queue(frames[0] if len(frames) == 1 else b"".join(frames), granted):
+                done = time.perf_counter()
+                observe = self.server.stats.observe
+                for slot, result in answered:
+                    observe(slot.op, result, done - slot.started)
+            self._wake_reader()
+        for lease_id in give_back:
+            self._give_back(lease_id)
 
     def _queue(self, data: bytes, granted: list[str]) -> bool:
         """Hand answers to the outbox; False (and the seats given back) if the
@@ -1099,9 +1100,7 @@ class _Connection:
 
     def _sent_all(self) -> None:
         self._sending = False
-        if self._sent is not None:
-            self._sent.set()
-            self._sent = None
+        self._wake_reader()
         if self._stop_reading and self._idle():
             self._cancel()  # shutdown was only waiting for these answers
 
@@ -1115,11 +1114,15 @@ class _Connection:
         for lease_id in granted:
             self._give_back(lease_id)
 
-    async def _until_sent(self) -> None:
-        if self._sending:
-            if self._sent is None:
-                self._sent = trio.Event()
-            await self._sent.wait()
+    def _wake_reader(self) -> None:
+        if self._progress is not None:
+            self._progress.set()
+            self._progress = None
+
+    async def _wait_progress(self) -> None:
+        """Until an answer is queued or written (the caller checks what it needs)."""
+        self._progress = event = trio.Event()
+        await event.wait()
 
     def _give_back(self, lease_id: str) -> None:
         server = self.server
@@ -1131,24 +1134,8 @@ class _Connection:
         """An answer that will never be delivered: leave no waiter queued and no
         seat held on its behalf."""
         if slot.waiter is not None:
+            slot.owner = None
             self.server.service.cancel_wait(slot.waiter, self.server.clock())
             self.server._flush()
         elif slot.granted is not None:
             self._give_back(slot.granted)
-
-    async def _writer(self, recv: trio.MemoryReceiveChannel[_Slot], finished: trio.Event) -> None:
-        """Delivers the slots the reader queued while a seat wait was pending."""
-        try:
-            async for slot in recv:
-                delivered = await self._deliver([slot])
-                self.queued -= 1
-                if not delivered or slot.close:
-                    return
-        finally:
-            while True:
-                try:
-                    self._abandon(recv.receive_nowait())
-                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                    break
-            recv.close()
-            finished.set()
