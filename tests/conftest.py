@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import pytest
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from floatd.activation import atomic_write
 from floatd.config import Config, load_config
 from floatd.entitlement import (
     format_public_key,
@@ -21,6 +23,7 @@ from floatd.entitlement import (
 )
 from floatd.pool import Lease
 from floatd.protocol.codec import FrameDecoder, encode_frame
+from floatd.server import Server
 from floatd.store import Audit, Change, DeleteLease, PruneAudit, PutLease, SetExpiry, SetMeta
 
 BASE = 1_800_000_000.0  # a fixed "now" for sans-IO tests
@@ -200,3 +203,26 @@ class WireClient:
         self, product: str = "app", fingerprint: str = "machine-0001", **fields: Any
     ) -> dict[str, Any]:
         return await self.request("acquire", product=product, fingerprint=fingerprint, **fields)
+
+
+@asynccontextmanager
+async def running(
+    tmp_path: Path, vendor_key: Ed25519PrivateKey, entitlement: str | None = None, **config: Any
+) -> AsyncIterator[Server]:
+    """A server in this process on real loopback sockets, stopped on exit;
+    everything inside is bounded to 20 s."""
+    cfg = make_config(tmp_path, vendor_key, **config)
+    atomic_write(cfg.entitlement_path, entitlement or sign(vendor_key))
+    server = Server(
+        cfg,
+        MemoryStore(),
+        SERVER_ID,
+        clock=lambda: BASE + trio.current_time(),
+        run_sync=inline_run_sync,
+    )
+    server.load_state()
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.run)
+            yield server
+            server.stop()

@@ -294,21 +294,58 @@ async def test_wait_queue_order_and_timeout(
         assert answered_at["second"] == pytest.approx(t + 5, abs=0.01)
 
 
+async def queued_for_solo(h: Harness) -> tuple[WireClient, dict[str, Any], WireClient]:
+    """A connection holding the one seat of "solo", and another queued for it
+    (``wait``): (holder, the holder's lease, the queued connection)."""
+    holder = await h.connect()
+    held = await holder.acquire("solo", "machine-0")
+    queued = await h.connect()
+    await queued.send("acquire", product="solo", fingerprint="machine-q", wait=100)
+    await trio.sleep(1)
+    assert h.server.service.pool.waiting("solo") == 1
+    return holder, held, queued
+
+
 async def test_waiting_client_that_hangs_up_loses_its_place(
     tmp_path: Path, vendor_key: Ed25519PrivateKey, ent: str, autojump_clock: trio.testing.MockClock
 ) -> None:
     async with serving(tmp_path, vendor_key, ent) as h:
-        holder = await h.connect()
-        held = await holder.acquire("solo", "machine-0")
-        quitter = await h.connect()
-        await quitter.send("acquire", product="solo", fingerprint="machine-q", wait=100)
-        await trio.sleep(1)
-        assert h.server.service.pool.waiting("solo") == 1
+        holder, held, quitter = await queued_for_solo(h)
         await quitter.stream.aclose()
         await trio.sleep(1)
         assert h.server.service.pool.waiting("solo") == 0
         await holder.request("release", lease=held["lease"], token=held["token"])
         assert (await holder.request("info", product="solo"))["used"] == 0
+
+
+async def test_a_queued_acquire_holds_back_later_answers_but_not_reading(
+    tmp_path: Path, vendor_key: Ed25519PrivateKey, ent: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with serving(tmp_path, vendor_key, ent) as h:
+        _, held, c = await queued_for_solo(h)
+        await c.send("ping")
+        # Read and applied while the acquire above still waits: it frees the seat
+        # that acquire then gets, so its answer comes first, as it must.
+        await c.send("release", lease=held["lease"], token=held["token"])
+        answers = [await c.recv() for _ in range(3)]
+        assert [a["id"] for a in answers] == [2, 3, 4]
+        assert answers[0]["ok"] and answers[0]["lease"] in h.store.leases
+        assert answers[1]["ok"] and answers[2]["ok"]
+
+
+async def test_the_seat_of_an_answer_that_cannot_be_written_is_given_back(
+    tmp_path: Path, vendor_key: Ed25519PrivateKey, ent: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with serving(tmp_path, vendor_key, ent) as h:
+        c = await h.connect()
+        assert isinstance(c.stream, trio.StapledStream)
+        await c.stream.receive_stream.aclose()  # still sending, never reading
+        await c.send("acquire", product="solo", fingerprint="machine-1")
+        await trio.sleep(1)
+        other = await h.connect()
+        assert (await other.request("info", product="solo"))["used"] == 0
+        assert (await other.acquire("solo", "machine-2"))["ok"]
+        assert len(h.store.leases) == 1  # the first grant was committed, then revoked
 
 
 async def test_hello_timeout(

@@ -5,21 +5,17 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import ssl
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
-from conftest import BASE, SERVER_ID, MemoryStore, WireClient, inline_run_sync, make_config, sign
+from conftest import SERVER_ID, MemoryStore, WireClient, make_config, running
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
 
-from floatd.activation import atomic_write
 from floatd.errors import ConfigError
 from floatd.server import Server
 
@@ -56,29 +52,6 @@ def make_cert(directory: Path, name: str) -> tuple[Path, Path]:
         )
     )
     return cert_path, key_path
-
-
-@asynccontextmanager
-async def running(
-    tmp_path: Path, vendor_key: Ed25519PrivateKey, **config: Any
-) -> AsyncIterator[Server]:
-    """A server on real loopback sockets (its certificates made by the test),
-    stopped on exit; everything inside is bounded to 20 s."""
-    cfg = make_config(tmp_path, vendor_key, **config)
-    atomic_write(cfg.entitlement_path, sign(vendor_key))
-    server = Server(
-        cfg,
-        MemoryStore(),
-        SERVER_ID,
-        clock=lambda: BASE + trio.current_time(),
-        run_sync=inline_run_sync,
-    )
-    server.load_state()
-    with trio.fail_after(20):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(server.run)
-            yield server
-            server.stop()
 
 
 async def test_leasing_over_tls(tmp_path: Path, vendor_key: Ed25519PrivateKey) -> None:

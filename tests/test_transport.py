@@ -108,3 +108,21 @@ async def test_receive_is_a_cancellation_point_and_sends_do_not_overlap() -> Non
                 nursery.cancel_scope.cancel()
             assert len(errors) == 1
             await client.aclose()
+
+
+async def test_send_nowait_takes_what_the_kernel_takes_and_never_blocks() -> None:
+    with trio.fail_after(10):
+        async with pair() as (server, client):
+            assert server.send_nowait(b"answer") == 6
+            assert await client.receive_some(100) == b"answer"
+            # The client reads nothing: the buffers fill, and then nothing is taken.
+            taken = [server.send_nowait(b"x" * 65536) for _ in range(400)]
+            assert taken[-1] == 0 and sum(taken) > 0
+            await client.aclose()
+            with pytest.raises(trio.BrokenResourceError):
+                for _ in range(100):  # the first sends may still land in buffers
+                    server.send_nowait(b"x" * 65536)
+                    await trio.sleep(0.001)
+            await server.aclose()
+            with pytest.raises(trio.ClosedResourceError):
+                server.send_nowait(b"x")

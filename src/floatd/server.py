@@ -923,8 +923,12 @@ class _Connection:
         pending = self._pending
         while True:
             started = time.perf_counter()
-            added = closing = False
-            while len(pending) < MAX_PIPELINE and (event := proto.next_event()) is not None:
+            added = closing = drained = False
+            while len(pending) < MAX_PIPELINE:
+                event = proto.next_event()
+                if event is None:
+                    drained = True
+                    break
                 authenticated = False
                 if isinstance(event, Acquire) and self.server.service.needs_password_check(
                     event, self.server.clock(), self.peer
@@ -943,9 +947,15 @@ class _Connection:
                 return False
             if self._lost:
                 return True
+            if not drained and self._out and not self._draining:
+                # A long pipeline: write as we go, not once per read, so that a
+                # client that does not read is noticed within MAX_PIPELINE answers.
+                self.flush_answers()
             if len(pending) >= MAX_PIPELINE or self._draining:
                 await self._wait_progress()  # the client is not reading: neither do we
-                continue  # more requests may be buffered already
+                continue
+            if not drained:
+                continue  # more requests are buffered already
             if self._stop_reading:
                 return False
             self.receiving = True
@@ -1058,6 +1068,8 @@ class _Connection:
     def flush_answers(self) -> None:
         """The outbox's turn: write what is queued, or start a drain task for what
         the kernel will not take now (and for streams that only send async)."""
+        if self._draining or not self._out:
+            return  # a drain task writes them, or the reader already did
         if self.done or self._nursery is None:
             self._lose()  # the connection ended with these still queued
             return
