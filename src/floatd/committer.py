@@ -114,12 +114,14 @@ class GroupCommitter:
             batch = self._pending
             first = not batch.changes
             batch.changes.extend(changes)
-            if urgent and not batch.urgent:
+            due_sooner = first or (urgent and not batch.urgent)
+            if urgent:
                 batch.urgent = True
+            if due_sooner:
                 self._lock.notify()
-            elif first:
-                self._lock.notify()
-        if self._run_sync is not None or self._async is not None:
+        # Only news that moves the next commit closer wakes the writer: a lazy
+        # renewal joining a batch already pending would only cost it a turn.
+        if due_sooner and (self._run_sync is not None or self._async is not None):
             self._wakeup.set()
         return batch
 
