@@ -6,12 +6,14 @@ A connection's reader turns bytes into requests through
 requests see each other's effects.  What each owes the client is a *slot*,
 answered strictly in order and only once the batch holding its changes is
 durable: in-order answers, pipelining, and durable-before-acknowledged without
-a lock.  Normally the reader answers its own slots; while an acquire waits for
-a seat a writer task does, so reading goes on (see :class:`_Connection`).
+a lock.  A slot is answered by whoever makes it ready (the reader, the
+completion of its batch, the wake-up of a queued acquire), never by a task
+waiting for it, and the answers of one scheduler pass are written together by
+the outbox (see :class:`_Connection` and :meth:`Server._send_answers`).
 
 Around the connections run the expiry timer, the entitlement watcher, the log
-flusher and the reaper of idle connections; the group committer runs beside
-them all (:mod:`floatd.committer`).
+flusher, the reaper of idle connections and the outbox; the group committer
+runs beside them all (:mod:`floatd.committer`).
 """
 
 from __future__ import annotations
