@@ -1,11 +1,13 @@
-"""How answers reach clients: the outbox, back-pressure, and seats given back
-when an answer cannot be written.  Real loopback sockets, real clock, each test
-bounded by ``running`` (20 s)."""
+"""How answers reach clients over real loopback sockets: the outbox and
+back-pressure.  Real clock, each test bounded by ``running`` (20 s).  Answers
+that cannot be written, and their seats, are tested in test_server.py."""
 
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import trio
 from conftest import WireClient, product, running, sign
@@ -25,15 +27,15 @@ async def small_buffered_client(port: int) -> WireClient:
     return WireClient(trio.SocketStream(sock))
 
 
-async def wait_until(predicate: object, what: str) -> None:
+async def wait_until(predicate: Callable[[], bool], what: str) -> None:
     for _ in range(500):  # 5 s at most
-        if predicate():  # type: ignore[operator]
+        if predicate():
             return
         await trio.sleep(0.01)
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def only_connection(server: Server) -> object:
+def only_connection(server: Server) -> Any:
     (conn,) = server._readers
     return conn
 

@@ -544,8 +544,9 @@ class Server:
         for slot in slots:
             if slot.granted is not None:  # a refusal acknowledges nothing: no wait
                 slot.batch = batch
-            if slot.owner is not None:
-                slot.owner.advance()
+            owner, slot.owner = slot.owner, None  # told once; the batch calls back
+            if owner is not None:
+                owner.advance()
         if urgent:  # a grant may expire before the timer's next look; a renewal never does
             self._check_deadline()
         return batch
