@@ -79,3 +79,35 @@ def test_console_format_goes_through_structlog(out: io.StringIO) -> None:
     (line,) = lines(out)
     assert "lease_released" in line and "lease=L9" in line
     assert not line.startswith("{")
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        ("L1", "app", "fp-0001", "i1", "ann@example.com", "127.0.0.1"),
+        ("L2", "app", 'fp "quoted" \\ é ✓ \x01', None, None, None),
+        ("L3", "app", "fp-0003", None, "ünïcode", "::1"),
+        ("L4", "app", "fp-0004", 42, None, None),  # not a string: the general path
+    ],
+)
+def test_the_lease_event_line_is_the_general_line(
+    out: io.StringIO, values: tuple[object, ...]
+) -> None:
+    logs.configure("info", "json", out)
+    log = logs.event_logger("info")
+    names = ("lease", "product", "fingerprint", "instance", "user", "peer")
+    log.lease("lease_renewed", *values)  # type: ignore[arg-type]
+    log("lease_renewed", **dict(zip(names, values, strict=True)))
+    raw = lines(out)
+    fast, general = (re.sub(r'"timestamp": "[^"]*"', "T", line) for line in raw)
+    assert fast == general
+    assert json.loads(raw[0])["fingerprint"] == values[2]
+
+
+def test_lease_events_follow_the_level(out: io.StringIO) -> None:
+    logs.configure("warning", "json", out)
+    logs.event_logger("warning").lease("lease_renewed", "L1", "app", "fp", None, None, None)
+    logs.configure("info", "console", out)
+    logs.event_logger("info").lease("lease_renewed", "L2", "app", "fp", None, None, None)
+    (line,) = lines(out)
+    assert "lease_renewed" in line and "lease=L2" in line and not line.startswith("{")

@@ -183,6 +183,55 @@ class EventLog:
         else:
             _writer.msg(line)
 
+    def lease(
+        self,
+        event: str,
+        lease_id: str,
+        product: str,
+        fingerprint: str,
+        instance: str | None,
+        user: str | None,
+        peer: str | None,
+    ) -> None:
+        """A lease event at ``info`` with the fields every one of them carries.
+
+        The same line ``__call__`` renders for those fields (a test holds them
+        together), written out directly: the field dict, the keyword arguments
+        and the general encoder were about two thirds of a renewal's log line,
+        and every renewal has one.
+        """
+        if self._direct and self._min <= logging.INFO:
+            try:
+                line = (
+                    f'{{"lease": {_quote(lease_id)}, "product": {_quote(product)}, '
+                    f'"fingerprint": {_quote(fingerprint)}, "instance": {_str_or_null(instance)}, '
+                    f'"user": {_str_or_null(user)}, "peer": {_str_or_null(peer)}, '
+                    f'"event": {_quote(event)}, "level": "info", "timestamp": "{_now_iso()}"}}'
+                )
+            except TypeError:  # a field that is not a string: the general path renders it
+                pass
+            else:
+                _writer.msg(line)
+                return
+        self(
+            event,
+            lease=lease_id,
+            product=product,
+            fingerprint=fingerprint,
+            instance=instance,
+            user=user,
+            peer=peer,
+        )
+
+
+def _str_or_null(value: str | None) -> str:
+    if value is None:
+        return "null"
+    return _quote(value)  # TypeError for anything but a str: the caller falls back
+
+
+_quote = json.encoder.encode_basestring_ascii
+
 
 def event_logger(level: str = "info") -> EventLog:
     return EventLog(level)

@@ -40,9 +40,25 @@ from floatd.store import Audit, Change, DeleteLease, PutLease, SetExpiry
 class LogFn(Protocol):
     def __call__(self, event: str, level: str = "info", **fields: Any) -> None: ...
 
+    def lease(
+        self,
+        event: str,
+        lease_id: str,
+        product: str,
+        fingerprint: str,
+        instance: str | None,
+        user: str | None,
+        peer: str | None,
+        /,
+    ) -> None:
+        """A lease event with the fields every one carries (the hot path)."""
+
 
 class _NoLog:
     def __call__(self, event: str, level: str = "info", **fields: Any) -> None:
+        return None
+
+    def lease(self, event: str, /, *fields: str | None) -> None:
         return None
 
 
@@ -109,6 +125,17 @@ class LeaseService:
     def set_log(self, log: LogFn) -> None:
         self._log = log
 
+    def _log_lease(self, event: str, lease: Lease) -> None:
+        self._log.lease(
+            event,
+            lease.id,
+            lease.product,
+            lease.fingerprint,
+            lease.instance,
+            lease.user,
+            lease.peer,
+        )
+
     # --- state --------------------------------------------------------------
 
     def install(self, ent: Entitlement | None, now: float) -> None:
@@ -174,7 +201,7 @@ class LeaseService:
         for lease in self.pool.take_expired():
             self._changes.append(DeleteLease(lease.id))
             self._record("expired", lease, lease.expires_at)
-            self._log("lease_expired", **_lease_fields(lease))
+            self._log_lease("lease_expired", lease)
         for waiter in self.pool.take_woken():
             if waiter.lease is not None:
                 self._changes.append(PutLease(waiter.lease))
@@ -334,7 +361,7 @@ class LeaseService:
             return result
         self._changes.append(PutLease(result))
         self._record("granted", result, now)
-        self._log("lease_granted", **_lease_fields(result))
+        self._log_lease("lease_granted", result)
         return self.grant_response(req.id, result, token, now)
 
     def grant_response(self, rid: int, lease: Lease, token: str, now: float) -> dict[str, Any]:
@@ -412,7 +439,7 @@ class LeaseService:
         self.pool.extend(now, lease)
         self._changes.append(SetExpiry(lease.id, lease.expires_at))
         self._record("renewed", lease, now)
-        self._log("lease_renewed", **_lease_fields(lease))
+        self._log_lease("lease_renewed", lease)
         expires_in = lease.expires_at - now
         return ok(req.id, expires_in=expires_in, renew_in=expires_in / 2)
 
@@ -420,14 +447,14 @@ class LeaseService:
         lease = self.pool.release(now, req.lease, hash_token(req.token))
         self._changes.append(DeleteLease(lease.id))
         self._record("released", lease, now)
-        self._log("lease_released", **_lease_fields(lease))
+        self._log_lease("lease_released", lease)
         return ok(req.id)
 
     def revoke(self, lease_id: str, now: float) -> Lease:
         lease = self.pool.revoke(now, lease_id)
         self._changes.append(DeleteLease(lease.id))
         self._record("revoked", lease, now)
-        self._log("lease_revoked", **_lease_fields(lease))
+        self._log_lease("lease_revoked", lease)
         self._collect()
         return lease
 
