@@ -136,7 +136,9 @@ def test_admin_commands_without_a_daemon_say_so(
     tmp_path: Path, vendor_key: Ed25519PrivateKey
 ) -> None:
     cfg = write_config(tmp_path, vendor_key)
-    for args in (["status"], ["leases"], ["revoke", "x"], ["reload"]):
+    # A lease id with a leading dash is an id, not an option.
+    dashed = ["revoke", "-3X37vYyQKVG22YiQBnaKw"]
+    for args in (["status"], ["leases"], ["revoke", "x"], dashed, ["reload"]):
         done = floatd_cli(*args, "--config", str(cfg))
         assert done.returncode == 1 and "not running" in done.stderr, args
         assert done.stderr.count("\n") == 1

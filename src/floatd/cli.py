@@ -435,7 +435,9 @@ def leases(config_path: Path | None, product: str | None, as_json: bool) -> None
     )
 
 
-@main.command()
+# A lease id may begin with "-" (ids issued before they were kept from doing
+# so); it is still the argument, not an unknown option.
+@main.command(context_settings={"ignore_unknown_options": True})
 @config_option
 @click.argument("lease")
 @json_option

@@ -538,12 +538,16 @@ _random = _RandomBytes()
 
 
 def _new_lease_secrets() -> tuple[str, str]:
-    """A lease id (128 bits) and its token (256 bits)."""
+    """A lease id (128 bits) and its token (256 bits).
+
+    An id never starts with "-": admins paste ids into ``floatd revoke LEASE``,
+    where a leading dash reads as an option.  One id in 64 is drawn again.
+    """
     raw = _random.take(48)
-    return (
-        base64.urlsafe_b64encode(raw[:16]).rstrip(b"=").decode(),
-        base64.urlsafe_b64encode(raw[16:]).rstrip(b"=").decode(),
-    )
+    lease_id = base64.urlsafe_b64encode(raw[:16]).rstrip(b"=").decode()
+    while lease_id[0] == "-":
+        lease_id = base64.urlsafe_b64encode(_random.take(16)).rstrip(b"=").decode()
+    return lease_id, base64.urlsafe_b64encode(raw[16:]).rstrip(b"=").decode()
 
 
 _STATE_OF = {
