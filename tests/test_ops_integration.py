@@ -210,8 +210,18 @@ def test_a_flood_on_the_status_port_leaves_leasing_untouched(ops: Daemon) -> Non
         for t in threads:
             t.join(30)
     assert counts.get("done", 0) > 0  # the flood did reach the status port
-    # and the status port still answers once it is over.
-    assert ops.http("/healthz")[0] == 200
+    # and the status port answers again once it is over.  The server may not
+    # yet have seen the flood's last held connections close, and while it counts
+    # 32 it resets new ones (its cap), so give it a moment, bounded.
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            status = ops.http("/healthz")[0]
+            break
+        except ConnectionError:
+            assert time.monotonic() < deadline, "the status port stayed full"
+            time.sleep(0.1)
+    assert status == 200
 
 
 def test_systemd_notify_ready_watchdog_stopping(
