@@ -110,6 +110,11 @@ class _Slot:
     started: float = 0.0  # perf_counter when the request was read
 
 
+def _joined(chunks: list[bytes]) -> bytes:
+    """One write's bytes; the common single answer is not copied."""
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
 def _internal(rid: int | None) -> dict[str, Any]:
     return failure(rid, InternalError("the server could not store the change").to_wire())
 
@@ -1045,7 +1050,7 @@ class _Connection:
                 granted.append(slot.granted)
             answered.append((slot, "ok" if response["ok"] else response["error"]["code"]))
         if frames:
-            if self._queue(frames[0] if len(frames) == 1 else b"".join(frames), granted):
+            if self._queue(_joined(frames), granted):
                 done = time.perf_counter()
                 observe = self.server.stats.observe
                 for slot, result in answered:
@@ -1078,7 +1083,7 @@ class _Connection:
             return
         stream = self.stream
         if isinstance(stream, TcpStream):
-            data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
+            data = _joined(self._out)
             try:
                 sent = stream.send_nowait(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -1098,7 +1103,7 @@ class _Connection:
         in_flight: list[str] = []
         try:
             while self._out:
-                data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
+                data = _joined(self._out)
                 self._out = []
                 in_flight, self._out_granted = self._out_granted, []
                 await self.stream.send_all(data)

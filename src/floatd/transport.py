@@ -65,36 +65,36 @@ class TcpStream(trio.abc.Stream):
         """Write what the kernel takes at once and return how much that was (0 when
         its buffer is full).  The server's answer outbox uses this to write the
         answers of one scheduler pass back to back, with no task switch per answer."""
+        self._check_can_send()
+        return self._send_some(data)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self._check_can_send()
+        self._sending = True
+        try:
+            view = memoryview(data)
+            while view:
+                sent = self._send_some(view)
+                if not sent:
+                    await trio.lowlevel.wait_writable(self._sock)
+                    continue
+                view = view[sent:]
+        finally:
+            self._sending = False
+
+    def _check_can_send(self) -> None:
         if self._closed:
             raise trio.ClosedResourceError("stream is closed")
         if self._sending:
             raise trio.BusyResourceError("another task is sending on this stream")
+
+    def _send_some(self, data: bytes | bytearray | memoryview) -> int:
         try:
             return self._sock.send(data)
         except BlockingIOError:
             return 0
         except OSError as exc:
             raise _stream_error(exc) from exc
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        if self._closed:
-            raise trio.ClosedResourceError("stream is closed")
-        if self._sending:
-            raise trio.BusyResourceError("another task is sending on this stream")
-        self._sending = True
-        try:
-            view = memoryview(data)
-            while view:
-                try:
-                    sent = self._sock.send(view)
-                except BlockingIOError:
-                    await trio.lowlevel.wait_writable(self._sock)
-                    continue
-                except OSError as exc:
-                    raise _stream_error(exc) from exc
-                view = view[sent:]
-        finally:
-            self._sending = False
 
     async def wait_send_all_might_not_block(self) -> None:
         await trio.lowlevel.wait_writable(self._sock)
