@@ -22,6 +22,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from floatd.errors import BadRequest, LeaseNotFound, NoFreeSeats, UnknownProduct
+from floatd.records import record
 
 PER_MACHINE = "per-machine"
 PER_INSTANCE = "per-instance"
@@ -45,7 +46,7 @@ class PoolProduct:
     user_locked: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Claim:
     """An acquire request as the pool sees it, with the lease id and token chosen."""
 

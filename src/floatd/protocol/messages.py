@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any
 
 from floatd.errors import BadRequest, UnknownOp
+from floatd.records import record
 
 MAX_ID = 2**63
 MAX_WAIT = 3600.0
@@ -27,7 +28,7 @@ MAX_META_KEY = 64
 MAX_META_VALUE = 1024
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Hello:
     id: int
     versions: tuple[int, ...]
@@ -35,7 +36,7 @@ class Hello:
     token: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Acquire:
     id: int
     product: str
@@ -48,27 +49,27 @@ class Acquire:
     wait: float = 0.0
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Renew:
     id: int
     lease: str
     token: str
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Release:
     id: int
     lease: str
     token: str
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Info:
     id: int
     product: str
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Ping:
     id: int
 
