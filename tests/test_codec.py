@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from floatd.errors import BadFrame
-from floatd.protocol.codec import MAX_FRAME, FrameDecoder, encode_frame
+from floatd.protocol.codec import MAX_FRAME, FrameDecoder, encode_frame, pack
 
 
 def frame_of(body: bytes) -> bytes:
@@ -24,6 +24,17 @@ def test_round_trip() -> None:
     dec.feed(encode_frame(msg) * 3)
     assert [dec.next_frame() for _ in range(3)] == [msg, msg, msg]
     assert dec.next_frame() is None
+
+
+def test_shared_packer_leaves_nothing_behind_after_a_failed_value() -> None:
+    """``pack`` reuses one Packer per thread: a value that fails half-way must
+    not leave its first half in front of the next one."""
+    with pytest.raises(TypeError):
+        pack({"ok": True, "bad": [1, object()]})
+    with pytest.raises(OverflowError):
+        pack({"ok": True, "big": 2**70})
+    assert pack({"id": 3, "ok": True}) == msgpack.packb({"id": 3, "ok": True})
+    assert pack([1, "x"]) == msgpack.packb([1, "x"])
 
 
 def test_partial_frame_waits_for_more() -> None:

@@ -26,6 +26,7 @@ import msgpack
 
 from floatd.errors import StoreError
 from floatd.pool import Lease
+from floatd.protocol.codec import pack
 
 
 class PutLease(NamedTuple):
@@ -295,7 +296,7 @@ def _audit_row(a: Audit) -> tuple[object, ...]:
         a.hostname,
         a.peer,
         a.code,
-        None if a.seat is None else msgpack.packb(a.seat),
+        None if a.seat is None else pack(a.seat),
         a.granted_at,
     )
 
@@ -305,12 +306,12 @@ def _row(lease: Lease) -> tuple[object, ...]:
         lease.id,
         lease.token_hash,
         lease.product,
-        msgpack.packb(lease.seat),
+        pack(lease.seat),
         lease.fingerprint,
         lease.instance,
         lease.user,
         lease.hostname,
-        msgpack.packb(dict(lease.meta)) if lease.meta else _EMPTY_MAP,
+        pack(dict(lease.meta)) if lease.meta else _EMPTY_MAP,
         lease.peer,
         lease.granted_at,
         lease.expires_at,

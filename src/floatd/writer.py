@@ -50,6 +50,7 @@ import trio
 
 from floatd.errors import StoreError
 from floatd.pool import Lease
+from floatd.protocol.codec import pack
 from floatd.store import Change, SQLiteLeaseStore, WriteSet, prepare
 
 _LENGTH = struct.Struct(">I")
@@ -67,7 +68,7 @@ def _read_exact(stream: IO[bytes], size: int) -> bytes:
 
 
 def _frame(value: Any) -> bytes:
-    body: bytes = msgpack.packb(value)
+    body = pack(value)
     return _LENGTH.pack(len(body)) + body
 
 
