@@ -96,6 +96,17 @@ async def test_apply_async_commits_without_blocking_the_loop(
     assert stored(db)[0] == {x.id: x.expires_at for x in leases}
 
 
+async def test_a_batch_larger_than_the_pipe_is_sent_in_parts(
+    db: Path, store: ProcessLeaseStore
+) -> None:
+    """A pipe holds 64 KiB; a batch of a few thousand leases (a burst after a
+    restart, or of expiries) is sent as the child reads it."""
+    leases = [lease(expires_at=100.0 + i) for i in range(3000)]
+    with trio.fail_after(WAIT):
+        await store.apply_async([PutLease(x) for x in leases])
+    assert stored(db)[0] == {x.id: x.expires_at for x in leases}
+
+
 def test_the_child_ends_with_its_input_and_ignores_stop_signals(tmp_path: Path) -> None:
     """Ctrl-C or systemd's SIGTERM reach the whole group; the writer must live
     until the server has made its final commit, then end when the pipe closes."""
