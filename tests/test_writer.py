@@ -99,8 +99,8 @@ async def test_apply_async_commits_without_blocking_the_loop(
 async def test_a_batch_larger_than_the_pipe_is_sent_in_parts(
     db: Path, store: ProcessLeaseStore
 ) -> None:
-    """A pipe holds 64 KiB; a batch of a few thousand leases (a burst after a
-    restart, or of expiries) is sent as the child reads it."""
+    """A pipe holds 64 KiB; a batch bigger than that (here about 310 KB:
+    thousands of leases, as a burst of expiries can bring) goes through whole."""
     leases = [lease(expires_at=100.0 + i) for i in range(3000)]
     with trio.fail_after(WAIT):
         await store.apply_async([PutLease(x) for x in leases])
