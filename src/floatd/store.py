@@ -6,8 +6,10 @@ is the whole contract a backend has to meet, which keeps a shared PostgreSQL
 backend for several floatd nodes a drop-in later.  Everything here is
 blocking; the trio side (:mod:`floatd.committer`) runs it in a worker thread.
 
-Lease rows keep the seat key and client metadata as msgpack blobs: packing
-them runs in the writer thread, and msgpack is several times cheaper than JSON.
+Lease rows keep the seat key and client metadata as msgpack blobs: they are
+packed when a batch's rows are prepared, which under ``floatd serve`` happens
+on the event loop (see :func:`prepare`), and msgpack is several times cheaper
+than JSON there.
 
 SQLite runs in WAL mode with ``synchronous=FULL``: a commit is on disk when
 ``apply`` returns, and the group commit in front of it pays one fsync per batch
