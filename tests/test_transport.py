@@ -9,29 +9,42 @@ import pytest
 import trio
 import trio.testing
 
-from floatd.transport import TcpStream
+from floatd.transport import ReadinessHub, TcpStream
+
+# Every test runs twice: with the server's epoll hub (Linux) and with trio's own waits.
+HUB_MODES = ["trio-wait"] + (["hub"] if ReadinessHub.create() is not None else [])
+
+
+@pytest.fixture(params=HUB_MODES)
+def mode(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 @asynccontextmanager
-async def pair() -> AsyncIterator[tuple[TcpStream, trio.SocketStream]]:
+async def pair(mode: str = "trio-wait") -> AsyncIterator[tuple[TcpStream, trio.SocketStream]]:
     """(server side as TcpStream, client side as trio's own stream)."""
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     port = listeners[0].socket.getsockname()[1]
     client = await trio.open_tcp_stream("127.0.0.1", port)
     accepted = await listeners[0].accept()
     await listeners[0].aclose()
-    server = TcpStream(accepted)
-    try:
-        yield server, client
-    finally:
-        await server.aclose()
-        await client.aclose()
+    async with trio.open_nursery() as nursery:
+        hub = ReadinessHub.create() if mode == "hub" else None
+        if hub is not None:
+            nursery.start_soon(hub.run)
+        server = TcpStream(accepted, hub)
+        try:
+            yield server, client
+        finally:
+            await server.aclose()
+            await client.aclose()
+            nursery.cancel_scope.cancel()
 
 
-async def test_round_trip_and_a_send_larger_than_the_socket_buffers() -> None:
+async def test_round_trip_and_a_send_larger_than_the_socket_buffers(mode: str) -> None:
     payload = bytes(range(256)) * 16384  # 4 MiB: the kernel takes it in pieces
     with trio.fail_after(20):
-        async with pair() as (server, client):
+        async with pair(mode) as (server, client):
             await client.send_all(b"hello")
             assert await server.receive_some(100) == b"hello"
             got = bytearray()
@@ -48,9 +61,9 @@ async def test_round_trip_and_a_send_larger_than_the_socket_buffers() -> None:
             assert bytes(got) == payload
 
 
-async def test_peer_hang_up() -> None:
+async def test_peer_hang_up(mode: str) -> None:
     with trio.fail_after(10):
-        async with pair() as (server, client):
+        async with pair(mode) as (server, client):
             await client.aclose()
             assert await server.receive_some(100) == b""
             with pytest.raises(trio.BrokenResourceError):
@@ -58,8 +71,8 @@ async def test_peer_hang_up() -> None:
                     await server.send_all(b"x" * 65536)
 
 
-async def test_closed_stream_refuses_use_and_close_is_idempotent() -> None:
-    async with pair() as (server, _client):
+async def test_closed_stream_refuses_use_and_close_is_idempotent(mode: str) -> None:
+    async with pair(mode) as (server, _client):
         await server.aclose()
         await server.aclose()
         with pytest.raises(trio.ClosedResourceError):
@@ -68,9 +81,9 @@ async def test_closed_stream_refuses_use_and_close_is_idempotent() -> None:
             await server.send_all(b"x")
 
 
-async def test_close_wakes_a_blocked_receive() -> None:
+async def test_close_wakes_a_blocked_receive(mode: str) -> None:
     with trio.fail_after(10):
-        async with pair() as (server, _client):
+        async with pair(mode) as (server, _client):
             outcome: list[str] = []
 
             async def reader() -> None:
@@ -86,9 +99,9 @@ async def test_close_wakes_a_blocked_receive() -> None:
             assert outcome == ["closed"]
 
 
-async def test_receive_is_a_cancellation_point_and_sends_do_not_overlap() -> None:
+async def test_receive_is_a_cancellation_point_and_sends_do_not_overlap(mode: str) -> None:
     with trio.fail_after(20):
-        async with pair() as (server, client):
+        async with pair(mode) as (server, client):
             with trio.move_on_after(0.05) as scope:
                 await server.receive_some(10)
             assert scope.cancelled_caught
@@ -110,9 +123,9 @@ async def test_receive_is_a_cancellation_point_and_sends_do_not_overlap() -> Non
             await client.aclose()
 
 
-async def test_send_nowait_takes_what_the_kernel_takes_and_never_blocks() -> None:
+async def test_send_nowait_takes_what_the_kernel_takes_and_never_blocks(mode: str) -> None:
     with trio.fail_after(10):
-        async with pair() as (server, client):
+        async with pair(mode) as (server, client):
             assert server.send_nowait(b"answer") == 6
             assert await client.receive_some(100) == b"answer"
             # The client reads nothing: the buffers fill, and then nothing is taken.
@@ -126,3 +139,90 @@ async def test_send_nowait_takes_what_the_kernel_takes_and_never_blocks() -> Non
             await server.aclose()
             with pytest.raises(trio.ClosedResourceError):
                 server.send_nowait(b"x")
+
+
+async def test_a_burst_larger_than_one_read_is_read_whole_without_more_data(mode: str) -> None:
+    """The hub is edge-triggered: a read that filled its buffer must not wait for
+    another arrival to read what the kernel still holds."""
+    burst = bytes(range(256)) * 40  # 10 KiB, sent once (it fits the buffers); nothing follows
+    with trio.fail_after(10):
+        async with pair(mode) as (server, client):
+            await client.send_all(burst)
+            await trio.sleep(0.05)  # all of it arrived, as one edge
+            got = bytearray()
+            for _ in range(len(burst)):  # bounded: each read returns at least a byte
+                got += await server.receive_some(1000)
+                if len(got) >= len(burst):
+                    break
+            assert bytes(got) == burst
+
+
+async def test_data_that_arrives_while_nobody_waits_is_not_lost(mode: str) -> None:
+    with trio.fail_after(10):
+        async with pair(mode) as (server, client):
+            assert await _round(server, client, b"one") == b"one"
+            # The next request arrives (and the hub hears of it) before anyone waits.
+            await client.send_all(b"two")
+            await trio.sleep(0.05)
+            assert await server.receive_some(100) == b"two"
+
+
+async def test_a_cancelled_receive_loses_no_readiness(mode: str) -> None:
+    with trio.fail_after(10):
+        async with pair(mode) as (server, client):
+            await client.send_all(b"ready")
+            await trio.sleep(0.05)  # heard of, with nobody waiting
+            with trio.CancelScope() as scope:
+                scope.cancel()
+                await server.receive_some(100)
+            assert scope.cancelled_caught
+            assert await server.receive_some(100) == b"ready"
+
+
+async def test_two_receivers_on_one_stream_are_refused(mode: str) -> None:
+    with trio.fail_after(10):
+        async with pair(mode) as (server, client):
+            errors: list[BaseException] = []
+
+            async def second() -> None:
+                try:
+                    await server.receive_some(10)
+                except trio.BusyResourceError as exc:
+                    errors.append(exc)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(server.receive_some, 10)
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.start_soon(second)
+                await trio.testing.wait_all_tasks_blocked()
+                await client.send_all(b"x")
+            assert len(errors) == 1
+
+
+async def test_many_streams_share_one_hub(mode: str) -> None:
+    hub = ReadinessHub.create() if mode == "hub" else None
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            if hub is not None:
+                nursery.start_soon(hub.run)
+            pairs = []
+            for _ in range(50):
+                client = await trio.open_tcp_stream("127.0.0.1", port)
+                pairs.append((TcpStream(await listeners[0].accept(), hub), client))
+            for rounds in range(3):
+                for i, (_server, client) in enumerate(pairs):
+                    await client.send_all(b"%d/%d" % (i, rounds))
+                for i, (server, _client) in enumerate(pairs):
+                    assert await server.receive_some(100) == b"%d/%d" % (i, rounds)
+            for server, client in pairs:
+                await server.aclose()
+                await client.aclose()
+            nursery.cancel_scope.cancel()
+    await listeners[0].aclose()
+
+
+async def _round(server: TcpStream, client: trio.SocketStream, data: bytes) -> bytes:
+    await client.send_all(data)
+    return await server.receive_some(100)

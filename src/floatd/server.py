@@ -72,7 +72,7 @@ from floatd.service import LeaseService, limit_key
 from floatd.status_http import StatusServer
 from floatd.store import Change, LeaseStore, PruneAudit, SetExpiry, SetMeta, extend_after_crash
 from floatd.systemd import Notifier
-from floatd.transport import TcpStream
+from floatd.transport import ReadinessHub, TcpStream
 
 HELLO_TIMEOUT = 10.0
 BUSY_WAIT = 2.0  # how long an over-limit connection may take to send its hello
@@ -183,6 +183,7 @@ class Server:
         self._reload_request = trio.Event()
         self._force_reload = False
         self._conns: trio.Nursery | None = None
+        self._hub: ReadinessHub | None = None
         self._listeners: list[trio.SocketListener] = []
         self._status_listeners: list[trio.SocketListener] = []
         self._admin_listener: trio.SocketListener | None = None
@@ -335,6 +336,10 @@ class Server:
         async with trio.open_nursery() as core:
             await core.start(self.committer.run)
             async with trio.open_nursery() as background:
+                # Lives longer than every connection: they are all served inside.
+                self._hub = ReadinessHub.create()
+                if self._hub is not None:
+                    background.start_soon(self._hub.run)
                 background.start_soon(self._timer)
                 background.start_soon(self._watch_entitlement)
                 background.start_soon(self._flush_logs)
@@ -748,7 +753,7 @@ class Server:
             # that never completes it is closed by the hello timeout like any other.
             await self.handle_stream(trio.SSLStream(stream, self._tls, server_side=True), peer)
         else:
-            await self.handle_stream(TcpStream(stream), peer)
+            await self.handle_stream(TcpStream(stream, self._hub), peer)
 
     async def handle_stream(self, stream: trio.abc.Stream, peer: str | None) -> None:
         """Serve one client connection (also the entry point for in-memory tests)."""
