@@ -9,8 +9,14 @@ import re
 from collections.abc import Iterator
 
 import pytest
+from conftest import BASE, SERVER_ID, product, sign
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from floatd import logs
+from floatd.entitlement import format_public_key, trusted_keys, verify_entitlement
+from floatd.protocol.messages import Acquire, Renew
+from floatd.service import LeaseService
+from floatd.store import Audit
 
 
 @pytest.fixture
@@ -111,3 +117,29 @@ def test_lease_events_follow_the_level(out: io.StringIO) -> None:
     logs.event_logger("info").lease("lease_renewed", "L2", "app", "fp", None, None, None)
     (line,) = lines(out)
     assert "lease_renewed" in line and "lease=L2" in line and not line.startswith("{")
+
+
+def test_the_service_leaves_lease_lines_to_the_store_when_told(out: io.StringIO) -> None:
+    """floatd serve's writer renders the lines of the records marked ``log``;
+    the service must then write none of them itself, and mark nothing else."""
+    logs.configure("info", "json", out)
+    key = Ed25519PrivateKey.generate()
+    keys = trusted_keys([format_public_key(key.public_key())])
+    svc = LeaseService(SERVER_ID, 900, log=logs.event_logger("info"))
+    ent = verify_entitlement(sign(key, products=[product("app")]), keys, SERVER_ID, BASE, 60)
+    svc.install(ent, BASE)
+
+    def audit() -> list[tuple[str, bool]]:
+        return [(c.event, c.log) for c in svc.take_changes() if isinstance(c, Audit)]
+
+    got = svc.handle(Acquire(1, "app", "fp-1"), BASE, "127.0.0.1")
+    assert isinstance(got, dict) and got["ok"]
+    assert audit() == [("granted", False)]
+    svc.store_logs_leases = True
+    renew = Renew(2, got["lease"], got["token"])
+    assert svc.handle(renew, BASE + 1, "127.0.0.1")["ok"]  # type: ignore[index]
+    assert audit() == [("renewed", True)]
+    refused = svc.handle(Renew(3, got["lease"], "wrong"), BASE + 2, "127.0.0.1")
+    assert not refused["ok"]  # type: ignore[index]
+    assert audit() == [("refused", False)]  # its line has fields of its own: logged here
+    assert [json.loads(x)["event"] for x in lines(out)] == ["lease_granted", "lease_refused"]

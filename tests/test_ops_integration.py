@@ -376,3 +376,36 @@ def test_every_lease_event_is_logged_at_the_default_level(
         assert by_event["lease_refused"]["code"] == "NO_FREE_SEATS"
         assert by_event["lease_refused"]["user"] == "bob"
         assert by_event["lease_expired"]["lease"] == third["lease"]
+
+
+def test_lease_lines_follow_a_reloaded_log_level(
+    tmp_path: Path, vendor_key: Ed25519PrivateKey
+) -> None:
+    """Under floatd serve the state writer renders the lease lines; a reload
+    that filters info out must stop it too, and one that lets it in restart it."""
+    cfg = write_config(tmp_path, vendor_key, log__level="info")
+    text = cfg.read_text()
+    atomic_write(tmp_path / "state" / "entitlement.txt", entitlement(vendor_key, seats=2))
+
+    def lease_events(d: Daemon, want: int) -> list[str]:
+        deadline = time.monotonic() + 10
+        while True:  # bounded: the deadline
+            events = [e["event"] for e in d.events() if e.get("event", "").startswith("lease_")]
+            if len(events) >= want or time.monotonic() > deadline:
+                return events
+            time.sleep(0.05)
+
+    with Daemon(cfg, tmp_path / "floatd.log") as d:
+        d.start()
+        with client(d) as c:
+            got = c.request("acquire", product="app", fingerprint="machine-1")
+            assert lease_events(d, 1) == ["lease_granted"]
+            cfg.write_text(text.replace('level = "info"', 'level = "warning"'))
+            assert cli(d, "reload").returncode == 0
+            assert c.request("renew", lease=got["lease"], token=got["token"])["ok"]
+            assert c.request("acquire", product="app", fingerprint="machine-2")["ok"]
+            cfg.write_text(text)
+            assert cli(d, "reload").returncode == 0
+            assert c.request("release", lease=got["lease"], token=got["token"])["ok"]
+            # The renewal and the second grant, made at warning, left no line.
+            assert lease_events(d, 2) == ["lease_granted", "lease_released"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -17,6 +18,8 @@ from test_store import lease
 
 from floatd.committer import LAZY_FLUSH, GroupCommitter
 from floatd.errors import StoreError
+from floatd.logs import lease_line
+from floatd.service import _audit
 from floatd.store import Audit, PutLease, SetExpiry, SetMeta, SQLiteLeaseStore
 from floatd.writer import ProcessLeaseStore, receive_message, send_message
 
@@ -162,12 +165,13 @@ def test_a_bad_message_gets_an_error_and_the_child_goes_on(tmp_path: Path) -> No
     assert proc.stdin is not None and proc.stdout is not None
     try:
         assert receive_message(proc.stdout) == "ready"
-        for bad in ("not a batch", [1, 2, 3], [[], [["short"]], [], [], [], None]):
+        for bad in ("not a batch", [1, 2, 3], [[], [["short"]], [], [], [], None, []]):
             send_message(proc.stdin, bad)
-            error = receive_message(proc.stdout)
-            assert isinstance(error, str) and error
-        send_message(proc.stdin, [[], [], [], [], [["k", "v"]], None])
-        assert receive_message(proc.stdout) is None
+            error, lines = receive_message(proc.stdout)
+            assert isinstance(error, str) and error and lines == ""
+        # A log index that names no record loses only its line, never the commit.
+        send_message(proc.stdin, [[], [], [], [], [["k", "v"]], None, [5, "x"]])
+        assert receive_message(proc.stdout) == [None, ""]
     finally:
         proc.stdin.close()
         assert proc.wait(timeout=WAIT) == 0
@@ -228,3 +232,31 @@ async def test_the_committer_drives_the_child_from_a_task(
     leases, meta = stored(db)
     assert meta["clean"] == "1" and leases == {one.id: 2000.0}
     assert committer.commits >= 3
+
+
+async def test_the_child_logs_the_lease_events_it_committed(db: Path) -> None:
+    """Only the records marked for it, once committed, dated by the record."""
+    got: list[str] = []
+    store = ProcessLeaseStore(db, lease_lines=got.append)
+    a = lease(expires_at=200.0, duration=60.0)
+    try:
+        store.apply(
+            [
+                PutLease(a),
+                _audit("granted", a, 140.25, True),
+                _audit("renewed", a, 150.0, False),  # the service logged this one itself
+                Audit(151.0, "refused", "app", code="NO_FREE_SEATS"),
+            ]
+        )
+        await store.apply_async([SetExpiry(a.id, 300.0), _audit("renewed", a, 160.5, True)])
+        await store.apply_async([SetMeta("k", "v")])  # no lease event: no lines
+    finally:
+        store.close()
+
+    def line(event: str, ts: float) -> str:
+        return lease_line(event, a.id, a.product, a.fingerprint, a.instance, a.user, a.peer, ts)
+
+    assert got == [line("lease_granted", 140.25), line("lease_renewed", 160.5)]
+    first = json.loads(got[0])
+    assert first["timestamp"] == "1970-01-01T00:02:20.250000Z"
+    assert first["lease"] == a.id and first["event"] == "lease_granted"

@@ -144,7 +144,7 @@ def run_server(config: Config, loader: Callable[[], Config] | None = None) -> No
 
     logs.configure(config.log_level, config.log_format)
     server_id = _server_id(config)
-    store = ProcessLeaseStore(config.database_path)
+    store = ProcessLeaseStore(config.database_path, lease_lines=logs.write_lines)
     notifier = Notifier()
     try:
         server = Server(config, store, server_id, config_loader=loader, notifier=notifier)

@@ -79,14 +79,17 @@ _json_lines = False  # configure() chose JSON: EventLog may render lines itself
 
 
 def _now_iso() -> str:
+    return iso_timestamp(time.time())
+
+
+def iso_timestamp(ts: float) -> str:
     """ISO 8601 UTC with microseconds, formatting the date part once a second
     (structlog's TimeStamper builds a datetime per event)."""
     global _second
-    now = time.time()
-    whole = int(now)
+    whole = int(ts)
     if whole != _second[0]:
         _second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
-    return f"{_second[1]}.{int((now - whole) * 1e6):06d}Z"
+    return f"{_second[1]}.{int((ts - whole) * 1e6):06d}Z"
 
 
 def _timestamp(
@@ -183,6 +186,12 @@ class EventLog:
         else:
             _writer.msg(line)
 
+    @property
+    def lease_lines_as_json(self) -> bool:
+        """Whether :meth:`lease` writes JSON lines, which :func:`lease_line` can
+        also render elsewhere (the state writer does, see :mod:`floatd.writer`)."""
+        return self._direct and self._min <= logging.INFO
+
     def lease(
         self,
         event: str,
@@ -193,26 +202,12 @@ class EventLog:
         user: str | None,
         peer: str | None,
     ) -> None:
-        """A lease event at ``info`` with the fields every one of them carries.
-
-        The same line ``__call__`` renders for those fields (a test holds them
-        together), written out directly: the field dict, the keyword arguments
-        and the general encoder were about two thirds of a renewal's log line,
-        and every renewal has one.
-        """
-        if self._direct and self._min <= logging.INFO:
-            try:
-                line = (
-                    f'{{"lease": {_quote(lease_id)}, "product": {_quote(product)}, '
-                    f'"fingerprint": {_quote(fingerprint)}, "instance": {_str_or_null(instance)}, '
-                    f'"user": {_str_or_null(user)}, "peer": {_str_or_null(peer)}, '
-                    f'"event": {_quote(event)}, "level": "info", "timestamp": "{_now_iso()}"}}'
-                )
-            except TypeError:  # a field that is not a string: the general path renders it
-                pass
-            else:
-                _writer.msg(line)
-                return
+        """A lease event at ``info`` with the fields every one of them carries."""
+        if self.lease_lines_as_json:
+            _writer.msg(
+                lease_line(event, lease_id, product, fingerprint, instance, user, peer, time.time())
+            )
+            return
         self(
             event,
             lease=lease_id,
@@ -224,7 +219,53 @@ class EventLog:
         )
 
 
-def _str_or_null(value: str | None) -> str:
+def lease_line(
+    event: str,
+    lease_id: Any,
+    product: Any,
+    fingerprint: Any,
+    instance: Any,
+    user: Any,
+    peer: Any,
+    ts: float,
+) -> str:
+    """The JSON line of a lease event at ``info``, dated ``ts``.
+
+    The same line ``EventLog.__call__`` renders for those fields (a test holds
+    them together), written out directly: the field dict, the keyword arguments
+    and the general encoder were about two thirds of a renewal's log line.
+    """
+    try:
+        return (
+            f'{{"lease": {_quote(lease_id)}, "product": {_quote(product)}, '
+            f'"fingerprint": {_quote(fingerprint)}, "instance": {_str_or_null(instance)}, '
+            f'"user": {_str_or_null(user)}, "peer": {_str_or_null(peer)}, '
+            f'"event": {_quote(event)}, "level": "info", "timestamp": "{iso_timestamp(ts)}"}}'
+        )
+    except TypeError:  # a field that is not a string: the general encoder renders it
+        return _encode(
+            {
+                "lease": lease_id,
+                "product": product,
+                "fingerprint": fingerprint,
+                "instance": instance,
+                "user": user,
+                "peer": peer,
+                "event": event,
+                "level": "info",
+                "timestamp": iso_timestamp(ts),
+            }
+        )
+
+
+def write_lines(text: str) -> None:
+    """Lines rendered elsewhere (the state writer's lease events), into the
+    same buffer as every other line: one writer keeps lines whole."""
+    if text:
+        _writer.msg(text)
+
+
+def _str_or_null(value: Any) -> str:
     if value is None:
         return "null"
     return _quote(value)  # TypeError for anything but a str: the caller falls back

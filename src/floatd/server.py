@@ -73,6 +73,7 @@ from floatd.status_http import StatusServer
 from floatd.store import Change, LeaseStore, PruneAudit, SetExpiry, SetMeta, extend_after_crash
 from floatd.systemd import Notifier
 from floatd.transport import ReadinessHub, TcpStream
+from floatd.writer import ProcessLeaseStore
 
 HELLO_TIMEOUT = 10.0
 BUSY_WAIT = 2.0  # how long an over-limit connection may take to send its hello
@@ -153,11 +154,11 @@ class Server:
         self.service = LeaseService(
             server_id,
             config.default_duration,
-            log=event_logger(config.log_level),
             allowed_clock_offset=config.allowed_clock_offset,
         )
         self._apply_limits(config)
         self.store = store
+        self._use_log(config.log_level)
         # Tests inject an async stand-in so MockClock controls every wait.
         self._run_sync: RunSync = run_sync or trio.to_thread.run_sync
         self.committer = GroupCommitter(store, clock, run_sync)
@@ -192,6 +193,18 @@ class Server:
         self.online = False  # an online activation is in force (see _refresh_online)
         self._tls = tls_context(config)
         self.status.tls = tls_context(config, "status")
+
+    def _use_log(self, level: str) -> None:
+        """Log at ``level`` (after ``logs.configure``).  Lease event lines in JSON
+        are then rendered by the state writer when it can (see floatd.writer)."""
+        log = event_logger(level)
+        self.service.set_log(log)
+        store = self.store
+        self.service.store_logs_leases = (
+            log.lease_lines_as_json
+            and isinstance(store, ProcessLeaseStore)
+            and store.renders_lease_lines()
+        )
 
     def _apply_limits(self, config: Config) -> None:
         self.service.set_limits(
@@ -438,7 +451,7 @@ class Server:
             self._keys = keys
             if attrs & {"log_level", "log_format"}:
                 logs.configure(new.log_level, new.log_format)
-                self.service.set_log(event_logger(new.log_level))
+                self._use_log(new.log_level)
             self.service.default_duration = new.default_duration
             self.service.clock_guard.offset = new.allowed_clock_offset
             self._apply_limits(new)

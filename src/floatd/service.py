@@ -111,6 +111,10 @@ class LeaseService:
         self.pool = SeatPool()
         self.entitlement: Entitlement | None = None
         self._log: LogFn = log or _NoLog()
+        #: Lease events are logged by the store's writer once committed, from
+        #: their audit records (floatd serve with JSON logs; see floatd.writer),
+        #: not here.  The server keeps this in step with the log settings.
+        self.store_logs_leases = False
         # The static part of each product's answer, built once per entitlement.
         self._product_info: dict[str, dict[str, Any]] = {}
         self._changes: list[Change] = []
@@ -200,8 +204,7 @@ class LeaseService:
             return
         for lease in self.pool.take_expired():
             self._changes.append(DeleteLease(lease.id))
-            self._record("expired", lease, lease.expires_at)
-            self._log_lease("lease_expired", lease)
+            self._lease_event("expired", lease, lease.expires_at)
         for waiter in self.pool.take_woken():
             if waiter.lease is not None:
                 self._changes.append(PutLease(waiter.lease))
@@ -236,8 +239,17 @@ class LeaseService:
             self._collect()
 
     def _record(self, event: str, lease: Lease, ts: float) -> None:
-        self._changes.append(_audit(event, lease, ts))
+        """Audit a lease event whose log line (with fields of its own) the caller writes."""
+        self._changes.append(_audit(event, lease, ts, False))
         self.events[event, lease.product] += 1
+
+    def _lease_event(self, event: str, lease: Lease, ts: float) -> None:
+        """Audit and log a lease event whose line holds the lease's fields alone."""
+        by_store = self.store_logs_leases
+        self._changes.append(_audit(event, lease, ts, by_store))
+        self.events[event, lease.product] += 1
+        if not by_store:
+            self._log_lease(f"lease_{event}", lease)
 
     def _refused(self, req: Request, code: str, now: float, peer: str | None) -> None:
         """Log and audit a refused lease operation (info and ping refusals are
@@ -360,8 +372,7 @@ class LeaseService:
             self._queued[result] = (req.id, token)
             return result
         self._changes.append(PutLease(result))
-        self._record("granted", result, now)
-        self._log_lease("lease_granted", result)
+        self._lease_event("granted", result, now)
         return self.grant_response(req.id, result, token, now)
 
     def grant_response(self, rid: int, lease: Lease, token: str, now: float) -> dict[str, Any]:
@@ -438,23 +449,20 @@ class LeaseService:
             check_product(terms, now)
         self.pool.extend(now, lease)
         self._changes.append(SetExpiry(lease.id, lease.expires_at))
-        self._record("renewed", lease, now)
-        self._log_lease("lease_renewed", lease)
+        self._lease_event("renewed", lease, now)
         expires_in = lease.expires_at - now
         return ok(req.id, expires_in=expires_in, renew_in=expires_in / 2)
 
     def _release(self, req: Release, now: float) -> dict[str, Any]:
         lease = self.pool.release(now, req.lease, hash_token(req.token))
         self._changes.append(DeleteLease(lease.id))
-        self._record("released", lease, now)
-        self._log_lease("lease_released", lease)
+        self._lease_event("released", lease, now)
         return ok(req.id)
 
     def revoke(self, lease_id: str, now: float) -> Lease:
         lease = self.pool.revoke(now, lease_id)
         self._changes.append(DeleteLease(lease.id))
-        self._record("revoked", lease, now)
-        self._log_lease("lease_revoked", lease)
+        self._lease_event("revoked", lease, now)
         self._collect()
         return lease
 
@@ -565,7 +573,7 @@ def _earliest(a: int | None, b: int | None) -> int | None:
     return a if b is None else min(a, b)
 
 
-def _audit(event: str, lease: Lease, ts: float) -> Audit:
+def _audit(event: str, lease: Lease, ts: float, log: bool = False) -> Audit:
     # Positional: this runs for every renewal.
     return Audit(
         ts,
@@ -580,6 +588,7 @@ def _audit(event: str, lease: Lease, ts: float) -> Audit:
         None,
         lease.seat,
         lease.granted_at,
+        log,
     )
 
 

@@ -73,6 +73,10 @@ class Audit(NamedTuple):
     code: str | None = None
     seat: tuple[str, ...] | None = None
     granted_at: float | None = None
+    # Not stored: the writer logs this event's line once it is committed, in
+    # place of the service (see floatd.writer).  Only for the events whose line
+    # carries nothing but the record's own fields.
+    log: bool = False
 
 
 class PruneAudit(NamedTuple):
@@ -331,6 +335,7 @@ class WriteSet(NamedTuple):
     audit: list[tuple[object, ...]]
     meta: list[tuple[str, str]]
     prune: tuple[float, int] | None
+    log: list[int]  # the audit rows whose lease event lines the writer renders
 
 
 def prepare(changes: Iterable[Change]) -> WriteSet:
@@ -344,6 +349,7 @@ def prepare(changes: Iterable[Change]) -> WriteSet:
         audit=[_audit_row(record) for record in net.audit],
         meta=list(net.meta.items()),
         prune=None if net.prune is None else (net.prune.before, net.prune.limit),
+        log=[i for i, record in enumerate(net.audit) if record.log],
     )
 
 

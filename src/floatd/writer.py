@@ -23,8 +23,16 @@ The child:
 - ignores SIGINT, SIGTERM and SIGHUP: a stop signal sent to the whole group
   (Ctrl-C, systemd) must not kill it before the server's final flush; it exits
   when the server closes the pipe, or dies with it;
-- answers every batch with ``None`` (committed: durable, as
-  ``synchronous=FULL`` makes it) or an error message.
+- answers every batch with ``[None, lines]`` (committed: durable, as
+  ``synchronous=FULL`` makes it) or ``[error message, ""]``.
+
+``lines`` are the log lines of the batch's lease events (grants, renewals,
+releases, expiries, revokes), rendered by the child from their audit records
+once they are committed: the server hands them to its log buffer and skips
+rendering them itself, which took the largest single piece of a renewal off
+the event loop.  The server still writes every line, so lines stay whole and
+in one stream.  The service marks the records concerned (``Audit.log``); with
+console logs, or lease events below the log level, it marks none.
 
 If the child dies, the batch in flight fails like any store error (its
 requests get ``INTERNAL`` and their seats back) and the next batch starts a
@@ -41,7 +49,7 @@ import site
 import struct
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -49,6 +57,7 @@ import msgpack
 import trio
 
 from floatd.errors import StoreError
+from floatd.logs import lease_line
 from floatd.pool import Lease
 from floatd.protocol.codec import pack
 from floatd.store import Change, SQLiteLeaseStore, WriteSet, prepare
@@ -102,8 +111,10 @@ class ProcessLeaseStore:
     once the child is ready, so they see everything any earlier writer committed.
     """
 
-    def __init__(self, database: Path) -> None:
+    def __init__(self, database: Path, lease_lines: Callable[[str], None] | None = None) -> None:
         self._database = database
+        # Where the lease event lines the child renders go; None: it renders none.
+        self._lease_lines = lease_lines
         self._proc: subprocess.Popen[bytes] | None = None
         self._streams: tuple[trio.lowlevel.FdStream, trio.lowlevel.FdStream] | None = None
         self._buffer = bytearray()
@@ -161,12 +172,11 @@ class ProcessLeaseStore:
         assert proc.stdin is not None and proc.stdout is not None
         try:
             send_message(proc.stdin, list(prepare(changes)))
-            error = receive_message(proc.stdout)
+            answer = receive_message(proc.stdout)
         except (OSError, EOFError, ValueError) as exc:
             self._reap(kill=True)
             raise StoreError(f"the state writer failed: {exc}") from None
-        if error is not None:
-            raise StoreError(str(error))
+        self._committed(answer)
 
     async def apply_async(self, changes: Sequence[Change]) -> None:
         # Rows are built here, on the event loop: they read live lease objects.
@@ -179,12 +189,25 @@ class ProcessLeaseStore:
         out, into = self._streams
         try:
             await out.send_all(frame)
-            error = await self._receive(into)
+            answer = await self._receive(into)
         except (OSError, EOFError, ValueError, trio.BrokenResourceError) as exc:
             self._reap(kill=True)
             raise StoreError(f"the state writer failed: {exc}") from None
+        self._committed(answer)
+
+    def renders_lease_lines(self) -> bool:
+        return self._lease_lines is not None
+
+    def _committed(self, answer: Any) -> None:
+        """Raise the child's error, or hand on the lines of a committed batch."""
+        if not (isinstance(answer, list) and len(answer) == 2):
+            self._reap(kill=True)
+            raise StoreError(f"the state writer answered {answer!r:.100}")
+        error, lines = answer
         if error is not None:
             raise StoreError(str(error))
+        if lines and self._lease_lines is not None:
+            self._lease_lines(str(lines))
 
     def _restart(self) -> None:
         """(In a worker thread.)  A live child, and non-blocking streams on its pipes."""
@@ -263,7 +286,7 @@ def child_main(database: Path) -> int:
         except EOFError:
             break
         try:
-            deletes, puts, expiries, audit, meta, prune = message
+            deletes, puts, expiries, audit, meta, prune, log = message
             store.write(
                 WriteSet(
                     deletes,
@@ -272,16 +295,35 @@ def child_main(database: Path) -> int:
                     [tuple(a) for a in audit],
                     [(k, v) for k, v in meta],
                     None if prune is None else (prune[0], prune[1]),
+                    log,
                 )
             )
         except StoreError as exc:
-            send_message(stdout, str(exc))
+            send_message(stdout, [str(exc), ""])
         except Exception as exc:  # a bad message must not leave the server waiting
-            send_message(stdout, f"state write failed: {exc!r}")
+            send_message(stdout, [f"state write failed: {exc!r}", ""])
         else:
-            send_message(stdout, None)
+            send_message(stdout, [None, _lease_lines(audit, log)])
     store.close()
     return 0
+
+
+def _lease_lines(audit: list[list[Any]], rows: list[int]) -> str:
+    """The log lines of the committed lease events ``rows`` names, dated by their
+    records; a row that cannot be rendered loses its line, never the commit."""
+    lines = []
+    for i in rows:
+        try:
+            # ts, event, product, lease, fingerprint, instance, user, hostname, peer, ...
+            ts, event, product, lease_id, fingerprint, instance, user, _, peer = audit[i][:9]
+            lines.append(
+                lease_line(
+                    f"lease_{event}", lease_id, product, fingerprint, instance, user, peer, ts
+                )
+            )
+        except (IndexError, TypeError, ValueError, OverflowError, OSError):
+            continue
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
