@@ -226,3 +226,50 @@ async def test_many_streams_share_one_hub(mode: str) -> None:
 async def _round(server: TcpStream, client: trio.SocketStream, data: bytes) -> bytes:
     await client.send_all(data)
     return await server.receive_some(100)
+
+
+async def test_a_stream_outlives_its_hub() -> None:
+    """Streams still open when the hub stops (not the server's order, but
+    possible) go on receiving through trio, including one blocked at the time."""
+    hub = ReadinessHub.create()
+    assert hub is not None, "the hub needs epoll (Linux), where floatd serves"
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    client = await trio.open_tcp_stream("127.0.0.1", port)
+    server = TcpStream(await listeners[0].accept(), hub)
+    await listeners[0].aclose()
+    got: list[bytes] = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as outer:
+            async with trio.open_nursery() as hub_nursery:
+                hub_nursery.start_soon(hub.run)
+                await trio.testing.wait_all_tasks_blocked()
+
+                async def reader() -> None:
+                    got.append(await server.receive_some(100))
+
+                outer.start_soon(reader)
+                await trio.testing.wait_all_tasks_blocked()
+                hub_nursery.cancel_scope.cancel()  # the reader is blocked in the hub
+            await client.send_all(b"after")
+        assert got == [b"after"]
+        await client.send_all(b"again")
+        assert await server.receive_some(100) == b"again"
+    await server.aclose()
+    await client.aclose()
+
+
+async def test_a_stream_the_hub_cannot_take_waits_through_trio() -> None:
+    """Registering can fail (epoll's max_user_watches); the connection must not."""
+    hub = ReadinessHub.create()
+    assert hub is not None, "the hub needs epoll (Linux), where floatd serves"
+    hub._epoll.close()  # every register now fails
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    client = await trio.open_tcp_stream("127.0.0.1", port)
+    server = TcpStream(await listeners[0].accept(), hub)
+    await listeners[0].aclose()
+    with trio.fail_after(10):
+        assert await _round(server, client, b"still served") == b"still served"
+    await server.aclose()
+    await client.aclose()
