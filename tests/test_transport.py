@@ -20,14 +20,20 @@ def mode(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-@asynccontextmanager
-async def pair(mode: str = "trio-wait") -> AsyncIterator[tuple[TcpStream, trio.SocketStream]]:
-    """(server side as TcpStream, client side as trio's own stream)."""
+async def connected() -> tuple[trio.SocketStream, trio.SocketStream]:
+    """(the accepted side, the client side) of one loopback connection."""
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     port = listeners[0].socket.getsockname()[1]
     client = await trio.open_tcp_stream("127.0.0.1", port)
     accepted = await listeners[0].accept()
     await listeners[0].aclose()
+    return accepted, client
+
+
+@asynccontextmanager
+async def pair(mode: str = "trio-wait") -> AsyncIterator[tuple[TcpStream, trio.SocketStream]]:
+    """(server side as TcpStream, client side as trio's own stream)."""
+    accepted, client = await connected()
     async with trio.open_nursery() as nursery:
         hub = ReadinessHub.create() if mode == "hub" else None
         if hub is not None:
@@ -233,11 +239,8 @@ async def test_a_stream_outlives_its_hub() -> None:
     possible) go on receiving through trio, including one blocked at the time."""
     hub = ReadinessHub.create()
     assert hub is not None, "the hub needs epoll (Linux), where floatd serves"
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    port = listeners[0].socket.getsockname()[1]
-    client = await trio.open_tcp_stream("127.0.0.1", port)
-    server = TcpStream(await listeners[0].accept(), hub)
-    await listeners[0].aclose()
+    accepted, client = await connected()
+    server = TcpStream(accepted, hub)
     got: list[bytes] = []
     with trio.fail_after(10):
         async with trio.open_nursery() as outer:
@@ -264,11 +267,8 @@ async def test_a_stream_the_hub_cannot_take_waits_through_trio() -> None:
     hub = ReadinessHub.create()
     assert hub is not None, "the hub needs epoll (Linux), where floatd serves"
     hub._epoll.close()  # every register now fails
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    port = listeners[0].socket.getsockname()[1]
-    client = await trio.open_tcp_stream("127.0.0.1", port)
-    server = TcpStream(await listeners[0].accept(), hub)
-    await listeners[0].aclose()
+    accepted, client = await connected()
+    server = TcpStream(accepted, hub)
     with trio.fail_after(10):
         assert await _round(server, client, b"still served") == b"still served"
     await server.aclose()

@@ -238,16 +238,15 @@ class LeaseService:
         finally:
             self._collect()
 
-    def _record(self, event: str, lease: Lease, ts: float) -> None:
-        """Audit a lease event whose log line (with fields of its own) the caller writes."""
-        self._changes.append(_audit(event, lease, ts, False))
+    def _record(self, event: str, lease: Lease, ts: float, log: bool = False) -> None:
+        """Audit a lease event; ``log``: the store's writer logs its line."""
+        self._changes.append(_audit(event, lease, ts, log))
         self.events[event, lease.product] += 1
 
     def _lease_event(self, event: str, lease: Lease, ts: float) -> None:
         """Audit and log a lease event whose line holds the lease's fields alone."""
         by_store = self.store_logs_leases
-        self._changes.append(_audit(event, lease, ts, by_store))
-        self.events[event, lease.product] += 1
+        self._record(event, lease, ts, by_store)
         if not by_store:
             self._log_lease(f"lease_{event}", lease)
 
