@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -226,3 +226,12 @@ async def running(
             await nursery.start(server.run)
             yield server
             server.stop()
+
+
+async def wait_until(predicate: Callable[[], bool], what: str) -> None:
+    """Poll (real time) until ``predicate`` holds: at most 5 s."""
+    for _ in range(500):
+        if predicate():
+            return
+        await trio.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 import trio.testing
+from conftest import wait_until
 
 from floatd.transport import ReadinessHub, TcpStream
 
@@ -273,3 +274,120 @@ async def test_a_stream_the_hub_cannot_take_waits_through_trio() -> None:
         assert await _round(server, client, b"still served") == b"still served"
     await server.aclose()
     await client.aclose()
+
+
+# --- read handlers: the hub serving a stream's reads without waking its task ------
+
+
+async def test_a_read_handler_serves_data_while_the_task_sleeps_on() -> None:
+    assert "hub" in HUB_MODES, "the hub needs epoll (Linux), where floatd serves"
+    with trio.fail_after(10):
+        async with pair("hub") as (server, client):
+            handled: list[bytes | None] = []
+            keep_sleeping = True
+
+            def handler() -> bool:
+                handled.append(server.receive_nowait(100))
+                return keep_sleeping
+
+            assert server.set_read_handler(handler)
+            # A new stream counts as ready (data may predate its registration).
+            await server.wait_readable()
+            assert server.receive_nowait(100) is None
+            woke: list[bytes | None] = []
+
+            async def reader() -> None:
+                await server.wait_readable()
+                woke.append(server.receive_nowait(100))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(reader)
+                await trio.testing.wait_all_tasks_blocked()
+                await client.send_all(b"one")
+                await wait_until(lambda: handled == [b"one"], "the handler")
+                await trio.testing.wait_all_tasks_blocked()
+                assert woke == []  # served by the handler: the task was left asleep
+                keep_sleeping = False
+                await client.send_all(b"two")
+            # The handler took "two" as well, then sent the task back: nothing left.
+            assert handled == [b"one", b"two"]
+            assert woke == [None]
+
+
+async def test_a_read_handler_only_runs_for_a_waiting_task() -> None:
+    """Data that arrives while nobody waits is the task's to read, as before."""
+    assert "hub" in HUB_MODES, "the hub needs epoll (Linux), where floatd serves"
+    with trio.fail_after(10):
+        async with pair("hub") as (server, client):
+            calls: list[int] = []
+
+            def handler() -> bool:
+                calls.append(1)
+                return True
+
+            assert server.set_read_handler(handler)
+            await client.send_all(b"early")
+            await trio.sleep(0.05)  # heard of by the hub, with nobody waiting
+            assert await server.receive_some(100) == b"early"
+            assert calls == []
+
+
+async def test_a_handler_that_cancels_its_task_leaves_the_hub_serving() -> None:
+    assert "hub" in HUB_MODES, "the hub needs epoll (Linux), where floatd serves"
+    with trio.fail_after(10):
+        async with pair("hub") as (server, client):
+            scope = trio.CancelScope()
+
+            def handler() -> bool:
+                scope.cancel()  # the task's wait is aborted right here
+                return False  # ... and the hub must not wake it a second time
+
+            assert server.set_read_handler(handler)
+            await server.wait_readable()  # the readiness every new stream starts with
+            assert server.receive_nowait(100) is None
+
+            async def reader() -> None:
+                with scope:
+                    await server.receive_some(100)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(reader)
+                await trio.testing.wait_all_tasks_blocked()
+                await client.send_all(b"x")
+            assert scope.cancelled_caught
+            assert server.set_read_handler(lambda: False)  # the hub still runs
+            await client.send_all(b"y")
+            assert await server.receive_some(100) == b"xy"
+
+
+async def test_a_read_handler_needs_a_running_hub() -> None:
+    with trio.fail_after(10):
+        async with pair("trio-wait") as (server, _client):
+            assert not server.set_read_handler(lambda: True)
+    hub = ReadinessHub.create()
+    assert hub is not None, "the hub needs epoll (Linux), where floatd serves"
+    accepted, client = await connected()
+    server = TcpStream(accepted, hub)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hub.run)
+            await trio.testing.wait_all_tasks_blocked()
+            assert server.set_read_handler(lambda: True)
+            nursery.cancel_scope.cancel()
+        assert hub._handlers == {}
+        assert not server.set_read_handler(lambda: True)  # the hub has stopped
+        assert await _round(server, client, b"through trio") == b"through trio"
+    await server.aclose()
+    await client.aclose()
+
+
+async def test_closing_a_stream_drops_its_handler() -> None:
+    assert "hub" in HUB_MODES, "the hub needs epoll (Linux), where floatd serves"
+    with trio.fail_after(10):
+        async with pair("hub") as (server, _client):
+            hub = server._hub
+            assert hub is not None
+            assert server.set_read_handler(lambda: True)
+            assert hub._handlers
+            await server.aclose()
+            assert hub._handlers == {}

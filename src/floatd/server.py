@@ -19,6 +19,7 @@ runs beside them all (:mod:`floatd.committer`).
 from __future__ import annotations
 
 import dataclasses
+import enum
 import errno
 import heapq
 import math
@@ -109,6 +110,17 @@ class _Slot:
     granted: str | None = None  # lease id to give back if the answer cannot be sent
     op: str = "invalid"
     started: float = 0.0  # perf_counter when the request was read
+
+
+class _Step(enum.Enum):
+    """What a connection's reader does next (:meth:`_Connection._apply_buffered`)."""
+
+    READ = "read"  # everything received is applied: read more
+    MORE = "more"  # answers made room for requests still buffered
+    FULL = "full"  # MAX_PIPELINE answers owed, or a drain running: wait
+    PASSWORD = "password"  # an acquire waits for its password check
+    CLOSE = "close"  # stop reading (a closing refusal, or the server stops)
+    HUNG_UP = "hung_up"  # the client is gone
 
 
 def _joined(chunks: list[bytes]) -> bytes:
@@ -850,7 +862,8 @@ def tls_context(config: Config, section: str = "server") -> ssl.SSLContext | Non
 
 
 class _Connection:
-    """One client connection, served by one task.
+    """One client connection, served by one task (and, on plain TCP, by the
+    hub's handler while that task sleeps: :meth:`_on_readable`).
 
     The reader parses every request already buffered and applies each at once,
     in arrival order, so pipelined requests see each other's effects.  What it
@@ -894,6 +907,11 @@ class _Connection:
         self._draining = False
         self._lost = False  # a write failed: the client is gone
         self._progress: trio.Event | None = None  # the reader waits for room
+        self._closing = False  # a refusal that ends the connection was read
+        # An acquire whose password the reader must check (off the event loop)
+        # before it is applied, and when it was read.
+        self._held: tuple[Acquire, float] | None = None
+        self._failure: Exception | None = None  # raised in the hub's handler
 
     def check_deadline(self, now: float) -> float | None:
         """Close the connection if its deadline passed; else when to look again."""
@@ -944,59 +962,133 @@ class _Connection:
                 nursery.cancel_scope.cancel()  # a drain task writing to nobody
 
     async def _reader(self) -> bool:
-        """Read and apply requests; True when the client hung up."""
-        proto = self.proto
-        pending = self._pending
+        """Read and apply requests; True when the client hung up.
+
+        On a plain TCP connection the hub's handler (:meth:`_on_readable`) does
+        the reading and applying while that needs no waiting, and this task
+        sleeps; it wakes for what only a task can do (check a password, wait for
+        room, end the connection)."""
+        stream = self.stream
+        fast = isinstance(stream, TcpStream) and stream.set_read_handler(self._on_readable)
         while True:
-            started = time.perf_counter()
-            added = closing = drained = False
-            while len(pending) < MAX_PIPELINE:
-                event = proto.next_event()
-                if event is None:
-                    drained = True
-                    break
-                authenticated = False
-                if isinstance(event, Acquire) and self.server.service.needs_password_check(
-                    event, self.server.clock(), self.peer
-                ):
-                    # Only this connection waits (its answers stay in order).
-                    authenticated = await self.server.check_password(event)
-                slot = self._dispatch(event, started, authenticated)
-                pending.append(slot)
-                added = True
-                if slot.close:
-                    closing = True
-                    break
-            if added:
-                self.advance()
-            if closing:
+            step = self._apply_buffered()
+            if step is _Step.MORE:
+                continue
+            if step is _Step.CLOSE:
                 return False
-            if self._lost:
+            if step is _Step.HUNG_UP:
                 return True
-            if not drained and self._out and not self._draining:
-                # A long pipeline: write as we go, not once per read, so that a
-                # client that does not read is noticed within MAX_PIPELINE answers.
-                self.flush_answers()
-            if len(pending) >= MAX_PIPELINE or self._draining:
+            if step is _Step.FULL:
                 await self._wait_progress()  # the client is not reading: neither do we
                 continue
-            if not drained:
-                continue  # more requests are buffered already
-            if self._stop_reading:
-                return False
+            if step is _Step.PASSWORD:
+                await self._apply_held()
+                continue
             self.receiving = True
+            data: bytes | bytearray | None
             try:
-                data = await self.stream.receive_some(MAX_FRAME + 4)
+                if fast:
+                    assert isinstance(stream, TcpStream)
+                    await stream.wait_readable()
+                    data = stream.receive_nowait(MAX_FRAME + 4)
+                else:
+                    data = await stream.receive_some(MAX_FRAME + 4)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return True
             finally:
                 self.receiving = False
+            if self._failure is not None:
+                raise self._failure
+            if data is None:
+                continue  # nothing new, or the handler read it and needs this task
             if not data:
                 return True
             if self._stop_reading:
                 return False
             self.last_active = trio.current_time()
-            proto.receive_data(bytes(data))
+            self.proto.receive_data(bytes(data))
+
+    def _on_readable(self) -> bool:
+        """The hub's handler: read and apply what arrived, in the hub's task.
+        True if that is all done and the reader may sleep on."""
+        stream = self.stream
+        assert isinstance(stream, TcpStream)
+        if self._stop_reading:
+            return False  # the reader reads what came, and drops it
+        try:
+            data = stream.receive_nowait(MAX_FRAME + 4)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return False  # the reader's own read then finds the end (it stays there)
+        if data is None:
+            return True  # nothing there after all
+        if not data:
+            return False  # the end of the stream: the reader reads it again
+        self.last_active = trio.current_time()
+        self.proto.receive_data(data)
+        try:
+            step = self._apply_buffered()
+            while step is _Step.MORE:
+                step = self._apply_buffered()
+        except Exception as exc:  # the reader raises it, as if it had failed itself
+            self._failure = exc
+            return False
+        # After a full read more may be waiting, and the hub will not say so again.
+        return step is _Step.READ and len(data) < MAX_FRAME + 4
+
+    def _apply_buffered(self) -> _Step:
+        """Apply the requests already received, in order, as far as that needs no
+        waiting, and say what the reader must do next."""
+        proto = self.proto
+        pending = self._pending
+        started = time.perf_counter()
+        added = drained = False
+        while len(pending) < MAX_PIPELINE and not self._closing and self._held is None:
+            event = proto.next_event()
+            if event is None:
+                drained = True
+                break
+            if isinstance(event, Acquire) and self.server.service.needs_password_check(
+                event, self.server.clock(), self.peer
+            ):
+                # Only this connection waits (its answers stay in order).
+                self._held = (event, started)
+                break
+            slot = self._dispatch(event, started)
+            pending.append(slot)
+            added = True
+            if slot.close:
+                self._closing = True
+        if added:
+            self.advance()
+        if self._closing:
+            return _Step.CLOSE
+        if self._lost:
+            return _Step.HUNG_UP
+        if self._held is not None:
+            return _Step.PASSWORD
+        if not drained and self._out and not self._draining:
+            # A long pipeline: write as we go, not once per read, so that a
+            # client that does not read is noticed within MAX_PIPELINE answers.
+            self.flush_answers()
+        if len(pending) >= MAX_PIPELINE or self._draining:
+            return _Step.FULL
+        if not drained:
+            return _Step.MORE  # more requests are buffered already
+        if self._stop_reading:
+            return _Step.CLOSE
+        return _Step.READ
+
+    async def _apply_held(self) -> None:
+        """Check the held acquire's password, off the event loop, and apply it."""
+        assert self._held is not None
+        event, started = self._held
+        authenticated = await self.server.check_password(event)
+        self._held = None
+        slot = self._dispatch(event, started, authenticated)
+        self._pending.append(slot)
+        if slot.close:
+            self._closing = True
+        self.advance()
 
     def _dispatch(
         self, event: Hello | Refusal | Any, started: float, authenticated: bool = False

@@ -26,6 +26,14 @@ that became readable at once.  A minimal ping server that waits this way
 answered 1.85 times as many requests as one on trio's ``SocketStream``; in
 floatd, whose stream already skipped trio's other extra steps, renewals and
 pings gained about 7% (docs/performance.md).
+
+A stream may also give the hub a read handler (:meth:`TcpStream.set_read_handler`):
+called, in the hub's task, when data arrives while the stream's task waits, it
+may read and serve the data itself and leave that task asleep.  Waking a task
+for each request (the reschedule, the resumption through every ``await`` of
+its read, the next wait) was the largest piece of the scheduler's share of a
+request; the connection code falls back to its task whenever it must wait for
+something (docs/performance.md, "Serving from the hub").
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ import contextlib
 import errno
 import select
 import socket
+from collections.abc import Callable
 
 import trio
 
@@ -52,13 +61,15 @@ class ReadinessHub:
     A stream waits with :meth:`wait_readable`; :meth:`run`, a task of the
     server, wakes it.  Readiness that arrives while nobody waits is remembered
     (edge-triggered events are not repeated), and so is the chance that a read
-    which filled its buffer left more behind (:meth:`mark_ready`).
+    which filled its buffer left more behind (:meth:`mark_ready`).  A stream's
+    handler (:meth:`set_handler`) gets the first look at news for a waiting task.
     """
 
     def __init__(self) -> None:
         assert _EPOLL is not None
         self._epoll = _EPOLL()
         self._waiters: dict[int, trio.lowlevel.Task] = {}
+        self._handlers: dict[int, Callable[[], bool]] = {}
         self._ready: set[int] = set()
         self._closed = False
 
@@ -66,6 +77,10 @@ class ReadinessHub:
     def create() -> ReadinessHub | None:
         """A hub, or None where there is no epoll (streams then wait through trio)."""
         return ReadinessHub() if _EPOLL is not None else None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def add(self, fd: int) -> None:
         self._epoll.register(fd, _EVENTS)
@@ -75,6 +90,7 @@ class ReadinessHub:
         """Forget ``fd`` (before it is closed) and wake its waiter, which then
         finds its stream closed."""
         self._ready.discard(fd)
+        self._handlers.pop(fd, None)
         with contextlib.suppress(OSError, ValueError):  # already gone, or the hub closed
             self._epoll.unregister(fd)
         task = self._waiters.pop(fd, None)
@@ -83,6 +99,13 @@ class ReadinessHub:
 
     def mark_ready(self, fd: int) -> None:
         self._ready.add(fd)
+
+    def set_handler(self, fd: int, handler: Callable[[], bool]) -> None:
+        """Call ``handler`` (in the hub's task) when ``fd`` becomes readable while a
+        task waits on it.  It returns True if it has dealt with the news, and the
+        task sleeps on; False wakes the task.  It must not raise: the hub's task
+        serves every stream."""
+        self._handlers[fd] = handler
 
     async def wait_readable(self, fd: int) -> None:
         """Return once ``fd`` may be readable; always a checkpoint."""
@@ -109,22 +132,29 @@ class ReadinessHub:
     async def run(self) -> None:
         """Wake the waiters of whatever became readable, until cancelled.  The
         server closes its streams first; any left over then wait through trio."""
-        epoll, waiters, ready = self._epoll, self._waiters, self._ready
+        epoll, waiters, ready, handlers = self._epoll, self._waiters, self._ready, self._handlers
         reschedule = trio.lowlevel.reschedule
         try:
             while True:
                 await trio.lowlevel.wait_readable(epoll)
                 for fd, _ in epoll.poll(0, _MAX_EVENTS):
-                    task = waiters.pop(fd, None)
+                    task = waiters.get(fd)
                     if task is None:
                         ready.add(fd)
-                    else:
+                        continue
+                    handler = handlers.get(fd)
+                    if handler is not None and handler():
+                        continue
+                    # A handler may have cancelled the task (and its wait) already.
+                    if waiters.get(fd) is task:
+                        del waiters[fd]
                         reschedule(task)
         finally:
             self._closed = True
             for task in waiters.values():  # they go on waiting through trio
                 reschedule(task)
             waiters.clear()
+            handlers.clear()
             trio.lowlevel.notify_closing(epoll)
             epoll.close()
 
@@ -159,27 +189,46 @@ class TcpStream(trio.abc.Stream):
         self._hub = hub
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if self._closed:
-            raise trio.ClosedResourceError("stream is closed")
         size = max_bytes or 65536
-        hub = self._hub
         while True:
             # Waiting first is the checkpoint every receive must be.
-            if hub is None:
-                await trio.lowlevel.wait_readable(self._sock)
-            else:
-                await hub.wait_readable(self._fd)
-                if self._closed:
-                    raise trio.ClosedResourceError("stream is closed")
-            try:
-                data = self._sock.recv(size)
-            except BlockingIOError:
-                continue  # spurious wake-up
-            except OSError as exc:
-                raise _stream_error(exc) from exc
-            if hub is not None and len(data) == size:
-                hub.mark_ready(self._fd)  # a full read may have left more behind
-            return data
+            await self.wait_readable()
+            data = self.receive_nowait(size)
+            if data is not None:
+                return data
+
+    async def wait_readable(self) -> None:
+        """Until the socket may be readable (or its handler sent the task back)."""
+        if self._closed:
+            raise trio.ClosedResourceError("stream is closed")
+        if self._hub is None:
+            await trio.lowlevel.wait_readable(self._sock)
+            return
+        await self._hub.wait_readable(self._fd)
+        if self._closed:
+            raise trio.ClosedResourceError("stream is closed")
+
+    def receive_nowait(self, size: int) -> bytes | None:
+        """One read of what is there: None if nothing is, b"" at the end."""
+        if self._closed:
+            raise trio.ClosedResourceError("stream is closed")
+        try:
+            data = self._sock.recv(size)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            raise _stream_error(exc) from exc
+        if self._hub is not None and len(data) == size:
+            self._hub.mark_ready(self._fd)  # a full read may have left more behind
+        return data
+
+    def set_read_handler(self, handler: Callable[[], bool]) -> bool:
+        """Let ``handler`` serve this stream's reads from the hub (see
+        :meth:`ReadinessHub.set_handler`); False if there is no hub to do it."""
+        if self._hub is None or self._hub.closed:
+            return False
+        self._hub.set_handler(self._fd, handler)
+        return True
 
     def send_nowait(self, data: bytes | bytearray | memoryview) -> int:
         """Write what the kernel takes at once and return how much that was (0 when
