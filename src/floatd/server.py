@@ -1024,8 +1024,8 @@ class _Connection:
         if not data:
             return False  # the end of the stream: the reader reads it again
         self.last_active = trio.current_time()
-        self.proto.receive_data(data)
         try:
+            self.proto.receive_data(data)
             step = self._apply_buffered()
             while step is _Step.MORE:
                 step = self._apply_buffered()
