@@ -31,20 +31,37 @@ async def connected() -> tuple[trio.SocketStream, trio.SocketStream]:
     return accepted, client
 
 
+def own_hub() -> ReadinessHub:
+    hub = ReadinessHub.create()
+    assert hub is not None, "the hub needs epoll (Linux), where floatd serves"
+    return hub
+
+
+@asynccontextmanager
+async def on_hub(hub: ReadinessHub | None) -> AsyncIterator[tuple[TcpStream, trio.SocketStream]]:
+    """(server side as TcpStream waiting through ``hub``, client side as trio's
+    own stream), both closed afterwards; the caller runs the hub, or not."""
+    accepted, client = await connected()
+    server = TcpStream(accepted, hub)
+    try:
+        yield server, client
+    finally:
+        await server.aclose()
+        await client.aclose()
+
+
 @asynccontextmanager
 async def pair(mode: str = "trio-wait") -> AsyncIterator[tuple[TcpStream, trio.SocketStream]]:
-    """(server side as TcpStream, client side as trio's own stream)."""
-    accepted, client = await connected()
+    """(server side as TcpStream, client side as trio's own stream), with a
+    running hub in the "hub" mode."""
     async with trio.open_nursery() as nursery:
-        hub = ReadinessHub.create() if mode == "hub" else None
+        hub = own_hub() if mode == "hub" else None
         if hub is not None:
             nursery.start_soon(hub.run)
-        server = TcpStream(accepted, hub)
         try:
-            yield server, client
+            async with on_hub(hub) as streams:
+                yield streams
         finally:
-            await server.aclose()
-            await client.aclose()
             nursery.cancel_scope.cancel()
 
 
@@ -238,49 +255,40 @@ async def _round(server: TcpStream, client: trio.SocketStream, data: bytes) -> b
 async def test_a_stream_outlives_its_hub() -> None:
     """Streams still open when the hub stops (not the server's order, but
     possible) go on receiving through trio, including one blocked at the time."""
-    hub = ReadinessHub.create()
-    assert hub is not None, "the hub needs epoll (Linux), where floatd serves"
-    accepted, client = await connected()
-    server = TcpStream(accepted, hub)
+    hub = own_hub()
     got: list[bytes] = []
     with trio.fail_after(10):
-        async with trio.open_nursery() as outer:
-            async with trio.open_nursery() as hub_nursery:
-                hub_nursery.start_soon(hub.run)
-                await trio.testing.wait_all_tasks_blocked()
+        async with on_hub(hub) as (server, client):
+            async with trio.open_nursery() as outer:
+                async with trio.open_nursery() as hub_nursery:
+                    hub_nursery.start_soon(hub.run)
+                    await trio.testing.wait_all_tasks_blocked()
 
-                async def reader() -> None:
-                    got.append(await server.receive_some(100))
+                    async def reader() -> None:
+                        got.append(await server.receive_some(100))
 
-                outer.start_soon(reader)
-                await trio.testing.wait_all_tasks_blocked()
-                hub_nursery.cancel_scope.cancel()  # the reader is blocked in the hub
-            await client.send_all(b"after")
-        assert got == [b"after"]
-        await client.send_all(b"again")
-        assert await server.receive_some(100) == b"again"
-    await server.aclose()
-    await client.aclose()
+                    outer.start_soon(reader)
+                    await trio.testing.wait_all_tasks_blocked()
+                    hub_nursery.cancel_scope.cancel()  # the reader is blocked in the hub
+                await client.send_all(b"after")
+            assert got == [b"after"]
+            await client.send_all(b"again")
+            assert await server.receive_some(100) == b"again"
 
 
 async def test_a_stream_the_hub_cannot_take_waits_through_trio() -> None:
     """Registering can fail (epoll's max_user_watches); the connection must not."""
-    hub = ReadinessHub.create()
-    assert hub is not None, "the hub needs epoll (Linux), where floatd serves"
+    hub = own_hub()
     hub._epoll.close()  # every register now fails
-    accepted, client = await connected()
-    server = TcpStream(accepted, hub)
     with trio.fail_after(10):
-        assert await _round(server, client, b"still served") == b"still served"
-    await server.aclose()
-    await client.aclose()
+        async with on_hub(hub) as (server, client):
+            assert await _round(server, client, b"still served") == b"still served"
 
 
 # --- read handlers: the hub serving a stream's reads without waking its task ------
 
 
 async def test_a_read_handler_serves_data_while_the_task_sleeps_on() -> None:
-    assert "hub" in HUB_MODES, "the hub needs epoll (Linux), where floatd serves"
     with trio.fail_after(10):
         async with pair("hub") as (server, client):
             handled: list[bytes | None] = []
@@ -316,7 +324,6 @@ async def test_a_read_handler_serves_data_while_the_task_sleeps_on() -> None:
 
 async def test_a_read_handler_only_runs_for_a_waiting_task() -> None:
     """Data that arrives while nobody waits is the task's to read, as before."""
-    assert "hub" in HUB_MODES, "the hub needs epoll (Linux), where floatd serves"
     with trio.fail_after(10):
         async with pair("hub") as (server, client):
             calls: list[int] = []
@@ -333,7 +340,6 @@ async def test_a_read_handler_only_runs_for_a_waiting_task() -> None:
 
 
 async def test_a_handler_that_cancels_its_task_leaves_the_hub_serving() -> None:
-    assert "hub" in HUB_MODES, "the hub needs epoll (Linux), where floatd serves"
     with trio.fail_after(10):
         async with pair("hub") as (server, client):
             scope = trio.CancelScope()
@@ -364,25 +370,20 @@ async def test_a_read_handler_needs_a_running_hub() -> None:
     with trio.fail_after(10):
         async with pair("trio-wait") as (server, _client):
             assert not server.set_read_handler(lambda: True)
-    hub = ReadinessHub.create()
-    assert hub is not None, "the hub needs epoll (Linux), where floatd serves"
-    accepted, client = await connected()
-    server = TcpStream(accepted, hub)
+    hub = own_hub()
     with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(hub.run)
-            await trio.testing.wait_all_tasks_blocked()
-            assert server.set_read_handler(lambda: True)
-            nursery.cancel_scope.cancel()
-        assert hub._handlers == {}
-        assert not server.set_read_handler(lambda: True)  # the hub has stopped
-        assert await _round(server, client, b"through trio") == b"through trio"
-    await server.aclose()
-    await client.aclose()
+        async with on_hub(hub) as (server, client):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(hub.run)
+                await trio.testing.wait_all_tasks_blocked()
+                assert server.set_read_handler(lambda: True)
+                nursery.cancel_scope.cancel()
+            assert hub._handlers == {}
+            assert not server.set_read_handler(lambda: True)  # the hub has stopped
+            assert await _round(server, client, b"through trio") == b"through trio"
 
 
 async def test_closing_a_stream_drops_its_handler() -> None:
-    assert "hub" in HUB_MODES, "the hub needs epoll (Linux), where floatd serves"
     with trio.fail_after(10):
         async with pair("hub") as (server, _client):
             hub = server._hub

@@ -969,7 +969,13 @@ class _Connection:
         sleeps; it wakes for what only a task can do (check a password, wait for
         room, end the connection)."""
         stream = self.stream
-        fast = isinstance(stream, TcpStream) and stream.set_read_handler(self._on_readable)
+        # The stream, when the hub's handler serves it: this task then waits and
+        # reads in two steps, since the handler may have read the data already.
+        hub_served = (
+            stream
+            if isinstance(stream, TcpStream) and stream.set_read_handler(self._on_readable)
+            else None
+        )
         while True:
             step = self._apply_buffered()
             if step is _Step.MORE:
@@ -987,10 +993,9 @@ class _Connection:
             self.receiving = True
             data: bytes | bytearray | None
             try:
-                if fast:
-                    assert isinstance(stream, TcpStream)
-                    await stream.wait_readable()
-                    data = stream.receive_nowait(MAX_FRAME + 4)
+                if hub_served is not None:
+                    await hub_served.wait_readable()
+                    data = hub_served.receive_nowait(MAX_FRAME + 4)
                 else:
                     data = await stream.receive_some(MAX_FRAME + 4)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
