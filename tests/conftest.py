@@ -120,6 +120,8 @@ class MemoryStore:
         self.audit: list[Audit] = []
         self.batches: list[list[Change]] = []
         self.fail = False
+        # How many of the next batches fail (then writes succeed again).
+        self.fail_next = 0
         # Frozen: writes are silently lost, as if the process had died just now.
         self.frozen = False
 
@@ -132,7 +134,8 @@ class MemoryStore:
     def apply(self, changes: Sequence[Change]) -> None:
         from floatd.errors import StoreError
 
-        if self.fail:
+        if self.fail or self.fail_next > 0:
+            self.fail_next = max(0, self.fail_next - 1)
             raise StoreError("disk full (simulated)")
         if self.frozen:
             return

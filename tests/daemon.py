@@ -24,6 +24,40 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def children_of(pid: int) -> list[int]:
+    """Live (not zombie) processes whose parent is ``pid``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        state, ppid = stat[stat.rindex(")") + 2 :].split()[:2]
+        if int(ppid) == pid and state != "Z":
+            found.append(int(entry))
+    return found
+
+
+def gone(pid: int) -> bool:
+    """Whether ``pid`` has exited (or is a zombie)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat[stat.rindex(")") + 2] == "Z"
+
+
+def wait_for(predicate: Any, what: str, timeout: float = 15.0) -> None:
+    """Poll (real time, every 50 ms) until ``predicate()`` holds, at most ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
 class Daemon:
     def __init__(self, config: Path, log: Path) -> None:
         self.config = config
@@ -33,6 +67,8 @@ class Daemon:
         self.addresses: list[str] = []
         self.status: list[str] = []
         self._log_offset = 0
+        #: Extra environment for the daemon (tests pass it to every start).
+        self.env: dict[str, str] = {}
 
     def start(
         self, port: int = 0, also: tuple[str, ...] = (), env: dict[str, str] | None = None

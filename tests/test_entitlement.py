@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import tracemalloc
+from pathlib import Path
 
 import msgpack
 import pytest
 from conftest import BASE, SERVER_ID, payload, product, sign
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from floatd.activation import read_armored
 from floatd.entitlement import (
+    MAX_PRODUCT_VALUES,
     ActivationRequest,
     armor,
     check_license,
@@ -33,6 +37,9 @@ from floatd.errors import (
     LicenseNotYetValid,
     NotActivated,
 )
+from floatd.pool import Claim, Lease, hash_token
+from floatd.protocol.codec import encode_frame
+from floatd.service import LeaseService
 
 
 def verify(text: str, key: Ed25519PrivateKey, server: str = SERVER_ID, now: float = BASE):
@@ -160,6 +167,18 @@ def test_key_rotation_accepts_either_key() -> None:
         ({"products": [product("a"), product("a")]}, "duplicate"),
         ({"products": ["not a map"]}, "not a map"),
         ({"not_after": 1.5}, "'not_after'"),
+        # Bounds: every answer fits a frame, every time renders as a date.
+        ({"products": [product(seats=10_000_001)]}, "'seats' must be <= 10000000"),
+        ({"products": [product(lease_duration=2**40)]}, "'lease_duration' must be <="),
+        ({"products": [product(borrow_max=2**40)]}, "'borrow_max' must be <="),
+        ({"products": [product(max_users=2**40)]}, "'max_users' must be <="),
+        ({"products": [product(not_after=2**60)]}, "'not_after' must be <="),
+        ({"products": [product(not_before=-1)]}, "'not_before' must be >= 0"),
+        ({"not_after": 253_402_300_800}, "'not_after' must be <="),
+        ({"refresh_by": 2**63}, "'refresh_by' must be <="),
+        ({"products": [product(name="n" * 257)]}, "'name' is longer"),
+        ({"products": [product(metadata={"k": "v" * 70_000})]}, "more than 32768 bytes"),
+        ({"products": [product(features={"f": "v" * 40_000})]}, "more than 32768 bytes"),
     ],
 )
 def test_malformed_payloads_are_rejected(
@@ -243,3 +262,36 @@ def test_activation_request_round_trip() -> None:
     assert parse_activation_request(req.to_armored()) == req
     with pytest.raises(EntitlementError):
         parse_activation_request(armor("ACTIVATION REQUEST", msgpack.packb({"v": 1})))
+
+
+def test_the_largest_allowed_product_still_answers_in_one_frame(
+    vendor_key: Ed25519PrivateKey,
+) -> None:
+    """The bounds are what keep an acquire's answer (and info's) under 64 KiB."""
+    metadata = {f"k{i:03d}": "v" * 1000 for i in range(32)}
+    while len(msgpack.packb([metadata, {}])) > MAX_PRODUCT_VALUES:
+        metadata.popitem()
+    terms = product("c" * 128, name="n" * 256, metadata=metadata, features={})
+    ent = verify(sign(vendor_key, products=[terms]), vendor_key)
+    service = LeaseService(SERVER_ID, 900)
+    service.install(ent, BASE)
+    info = service.product_summary(ent.products[0])
+    assert len(encode_frame({"id": 2**62, "ok": True, **info})) <= 65536 + 4
+    lease = service.pool.acquire(BASE, Claim("c" * 128, "f" * 128, "l" * 22, hash_token("t")))
+    assert isinstance(lease, Lease)
+    answer = service.grant_response(2**62, lease, "t" * 43, BASE)
+    assert len(encode_frame(answer)) <= 65536 + 4
+
+
+def test_a_huge_file_is_refused_without_reading_it_whole(tmp_path: Path) -> None:
+    path = tmp_path / "big.txt"
+    with open(path, "wb") as fh:
+        fh.truncate(100 * 1024 * 1024)  # sparse: 100 MB that costs no disk
+    tracemalloc.start()
+    try:
+        with pytest.raises(EntitlementError, match="larger than"):
+            read_armored(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 1024 * 1024

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from conftest import payload, product, write_config
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from daemon import Daemon
+from daemon import Daemon, children_of, gone, wait_for
 
 from floatd.activation import atomic_write
 from floatd.client.simple import ProtocolError, SimpleClient
@@ -338,30 +338,6 @@ def test_sighup_installs_a_new_entitlement_at_once(
             assert c.request("renew", lease=held["lease"], token=held["token"])["ok"]
 
 
-def _children(pid: int) -> list[int]:
-    """Live (not zombie) processes whose parent is ``pid``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        state, ppid = stat[stat.rindex(")") + 2 :].split()[:2]
-        if int(ppid) == pid and state != "Z":
-            found.append(int(entry))
-    return found
-
-
-def _gone(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat[stat.rindex(")") + 2] == "Z"
-
-
 @pytest.mark.parametrize("how", ["kill9", "sigterm"])
 def test_the_state_writer_process_ends_with_the_server(daemon: Daemon, how: str) -> None:
     """``floatd serve`` commits through one writer child; however the server
@@ -369,16 +345,13 @@ def test_the_state_writer_process_ends_with_the_server(daemon: Daemon, how: str)
     assert daemon.proc is not None
     with client(daemon) as c:
         assert c.request("acquire", product="app", fingerprint="machine-0001")["ok"]
-    children = _children(daemon.proc.pid)
+    children = children_of(daemon.proc.pid)
     assert len(children) == 1
     if how == "kill9":
         daemon.kill9()
     else:
         assert daemon.terminate() == 0
-    deadline = time.monotonic() + 10
-    while not _gone(children[0]) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _gone(children[0])
+    wait_for(lambda: gone(children[0]), "the writer to end", timeout=10)
     daemon.start(daemon.port)  # the next server gets the writer lock
     with client(daemon) as c:
         assert c.request("info", product="app")["used"] == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import pytest
@@ -15,7 +16,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from prometheus_client.parser import text_string_to_metric_families
 from test_server import serving
 
-from floatd.admin import AdminServer
+from floatd.admin import AdminClient, AdminServer
+from floatd.audit import iso
 from floatd.errors import ConfigError
 from floatd.http11 import REQUEST_TIMEOUT
 from floatd.status_http import StatusServer
@@ -370,6 +372,53 @@ async def test_a_long_lease_listing_comes_in_bounded_frames(
         ]
         assert all(len(msgpack.packb(f)) < 65536 for f in frames)
         assert sum(len(f["leases"]) for f in frames) == 400
+
+
+async def test_a_status_over_a_frame_comes_in_parts_through_the_real_socket(
+    tmp_path: Path, vendor_key: Ed25519PrivateKey, autojump_clock: trio.testing.MockClock
+) -> None:
+    """700 products make a status document of well over 64 KiB: it used to end
+    the daemon from inside the admin handler."""
+    many = sign(vendor_key, products=[product(f"product-{i:04d}", seats=3) for i in range(700)])
+    async with serving(tmp_path, vendor_key, many) as h:
+        path = tmp_path / "admin.sock"
+
+        def ask() -> dict[str, Any]:
+            with AdminClient(path) as client:
+                return client.call("status")
+
+        doc = await trio.to_thread.run_sync(ask)
+        assert len(doc["products"]) == 700 and "more" not in doc
+        assert doc["activation"]["state"] == "active"
+        frames = await AdminServer(h.server, path).answer({"cmd": "status"})
+        assert len(frames) > 1 and all(len(msgpack.packb(f)) < 65536 for f in frames)
+        c = await h.connect()
+        assert (await c.acquire("product-0001"))["ok"]  # still serving
+
+
+async def test_a_failing_admin_command_answers_internal_and_the_daemon_lives(
+    tmp_path: Path,
+    vendor_key: Ed25519PrivateKey,
+    ent: str,
+    autojump_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with serving(tmp_path, vendor_key, ent) as h:
+
+        def broken(product: str | None = None) -> list[dict[str, Any]]:
+            raise OverflowError("date value out of range")
+
+        monkeypatch.setattr(h.server, "lease_rows", broken)
+        (answer,) = await AdminServer(h.server, tmp_path / "x.sock").answer({"cmd": "leases"})
+        assert answer["ok"] is False and answer["error"]["code"] == "INTERNAL"
+        c = await h.connect()
+        assert (await c.acquire("app"))["ok"]
+
+
+def test_a_time_past_what_a_date_holds_still_renders() -> None:
+    assert iso(2.0**40 * 1000) == "9999-12-31T23:59:59Z"
+    assert iso(-(2.0**40) * 1000) == "0001-01-01T00:00:00Z"
+    assert iso(BASE) == "2027-01-15T08:00:00Z"
 
 
 # --- reload -------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from pathlib import Path
 from floatd import __version__
 from floatd.config import Config
 from floatd.entitlement import (
+    MAX_ARMORED,
     ActivationRequest,
     Entitlement,
     trusted_keys,
@@ -25,6 +26,16 @@ from floatd.entitlement import (
 )
 from floatd.errors import EntitlementError, StoreError
 from floatd.store import open_database
+
+
+def read_armored(path: Path) -> str:
+    """An armored file's text, read no further than the size any armored file
+    may have: a huge file is refused after 1 MiB, not read whole first."""
+    with open(path, "rb") as fh:
+        data = fh.read(MAX_ARMORED + 1)
+    if len(data) > MAX_ARMORED:
+        raise EntitlementError(f"{path} is larger than {MAX_ARMORED} bytes")
+    return data.decode("utf-8", errors="replace")
 
 
 def atomic_write(path: Path, text: str) -> None:

@@ -7,9 +7,12 @@ the codec means the same size bounds and the same hostile-input handling; file
 permissions are the authentication.
 
 Requests are ``{"cmd": ..., ...}``; answers are ``{"ok": true, ...}`` or
-``{"ok": false, "error": {"code", "message"}}``.  A lease listing can outgrow
-one frame, so it comes as several frames, each with ``"more": true`` but the
-last.  No answer ever carries a lease token (the server keeps only digests).
+``{"ok": false, "error": {"code", "message"}}``.  A listing (leases, the
+products of a status, the leases a command ended) can outgrow one frame, so it
+comes as several frames, each with ``"more": true`` but the last; the client
+joins their lists.  No answer ever carries a lease token (the server keeps only
+digests).  No command can end the daemon: whatever a handler raises becomes
+an ``INTERNAL`` answer and one error line in the log.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ import errno
 import os
 import socket
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +29,7 @@ import msgpack
 import trio
 
 from floatd.audit import iso
-from floatd.errors import AdminError, ConfigError, FloatdError
+from floatd.errors import AdminError, ConfigError, FloatdError, InternalError
 from floatd.logs import get_logger
 from floatd.protocol.codec import MAX_FRAME, FrameDecoder, encode_frame
 
@@ -120,7 +122,11 @@ class AdminServer:
                 if request is None:
                     return
                 for frame in await self.answer(request):
-                    await stream.send_all(encode_frame(frame))
+                    try:
+                        data = encode_frame(frame)
+                    except ValueError:  # one row too big for a frame: say so, not die
+                        data = encode_frame(_failure(InternalError("answer too large")))
+                    await stream.send_all(data)
         except FloatdError as exc:  # bad framing: say so once and hang up
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await stream.send_all(encode_frame(_failure(exc)))
@@ -135,12 +141,12 @@ class AdminServer:
         cmd = request.get("cmd")
         try:
             if cmd == "status":
-                return [{"ok": True, **server.status_document()}]
+                return _split({"ok": True, **server.status_document()}, "products")
             if cmd == "leases":
                 product = request.get("product")
                 if product is not None and not isinstance(product, str):
                     raise AdminError("'product' must be a string")
-                return list(_lease_frames(server.lease_rows(product)))
+                return _split({"ok": True, "leases": server.lease_rows(product)}, "leases")
             if cmd == "revoke":
                 lease_id = request.get("lease")
                 if not isinstance(lease_id, str) or not 1 <= len(lease_id) <= 256:
@@ -153,10 +159,13 @@ class AdminServer:
                 email, product = request.get("email"), request.get("product")
                 if not isinstance(email, str) or not isinstance(product, str):
                     raise AdminError("'email' and 'product' must be strings")
-                return [{"ok": True, "ended": await server.end_user(email, product)}]
+                return _split({"ok": True, "ended": await server.end_user(email, product)}, "ended")
             raise AdminError(f"unknown admin command {str(cmd)[:40]!r}")
         except FloatdError as exc:
             return [_failure(exc)]
+        except Exception as exc:  # a bug in one command must not end the daemon
+            log.error("admin_command_failed", cmd=str(cmd)[:40], reason=repr(exc)[:500])
+            return [_failure(InternalError(f"the daemon failed to answer {str(cmd)[:40]!r}"))]
 
 
 def _failure(exc: FloatdError) -> dict[str, Any]:
@@ -166,17 +175,23 @@ def _failure(exc: FloatdError) -> dict[str, Any]:
     return {"ok": False, "error": error}
 
 
-def _lease_frames(rows: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    chunk: list[dict[str, Any]] = []
-    size = 0
+def _split(answer: dict[str, Any], key: str) -> list[dict[str, Any]]:
+    """``answer`` as frames that each fit: the first carries every other field,
+    and the list under ``key`` is spread over as many frames as it needs."""
+    rows = answer[key]
+    head = {k: v for k, v in answer.items() if k != key}
+    frames: list[dict[str, Any]] = []
+    chunk: list[Any] = []
+    size = len(msgpack.packb(head))
     for row in rows:
         n = len(msgpack.packb(row))
         if chunk and size + n > _CHUNK_BYTES:
-            yield {"ok": True, "leases": chunk, "more": True}
-            chunk, size = [], 0
+            frames.append({**head, key: chunk, "more": True})
+            head, chunk, size = {"ok": True}, [], 0
         chunk.append(row)
         size += n
-    yield {"ok": True, "leases": chunk, "more": False}
+    frames.append({**head, key: chunk, "more": False})
+    return frames
 
 
 def lease_row(lease: Any) -> dict[str, Any]:
@@ -251,13 +266,17 @@ class AdminClient:
             self._sock.sendall(encode_frame({"cmd": cmd, **args}))
         except OSError as exc:
             raise AdminError(f"lost the daemon: {exc.strerror}") from None
-        return self._recv()
+        answer = self._recv()
+        # A listing spread over frames (see _split): join its lists.
+        while answer.pop("more", False):
+            more = self._recv()
+            for key, value in more.items():
+                if isinstance(value, list):
+                    answer[key] = [*answer.get(key, ()), *value]
+            answer["more"] = more.get("more", False)
+        return answer
 
     def leases(self, product: str | None = None) -> list[dict[str, Any]]:
         args = {"product": product} if product is not None else {}
-        frame = self.call("leases", **args)
-        rows = list(frame["leases"])
-        while frame.get("more"):
-            frame = self._recv()
-            rows.extend(frame["leases"])
+        rows: list[dict[str, Any]] = self.call("leases", **args)["leases"]
         return rows

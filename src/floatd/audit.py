@@ -48,9 +48,15 @@ def parse_when(text: str, now: float) -> float:
 
 
 def iso(ts: float | None) -> str | None:
+    """An ISO 8601 UTC time; one past what a date can hold (a signed duration of
+    2**40 s, say) shows as the last or first second a date can, never raises."""
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    try:
+        when = datetime.fromtimestamp(ts, UTC)
+    except (OverflowError, ValueError, OSError):
+        when = datetime.max.replace(tzinfo=UTC) if ts > 0 else datetime.min.replace(tzinfo=UTC)
+    return when.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def open_readonly(database: Path) -> sqlite3.Connection:

@@ -220,7 +220,7 @@ def activate(
     now = time.time()
     if offline_response:
         try:
-            text = offline_response.read_text(encoding="utf-8", errors="replace")
+            text = activation.read_armored(offline_response)
         except OSError as exc:
             _fail(f"cannot read {offline_response}: {exc.strerror}", 1)
         ent = activation.install_offline_response(config, _server_id(config), text, now)
@@ -663,9 +663,10 @@ def _installed_entitlement(config: Config, now: float) -> Entitlement:
     not checked here (these commands also serve expired licenses).  Raises
     FileNotFoundError when none is installed, EntitlementError when it does not
     verify."""
+    from floatd.activation import read_armored
     from floatd.entitlement import trusted_keys, verify_entitlement
 
-    text = config.entitlement_path.read_text(encoding="utf-8", errors="replace")
+    text = read_armored(config.entitlement_path)
     return verify_entitlement(
         text, trusted_keys(config.vendor_keys), _server_id(config), now, math.inf
     )

@@ -39,6 +39,15 @@ SIGNING_DOMAIN = b"floatd-entitlement-v1\x00"
 KIND_ENTITLEMENT = "ENTITLEMENT"
 KIND_REQUEST = "ACTIVATION REQUEST"
 MAX_ARMORED = 1024 * 1024
+# What a signed entitlement may say, so that every answer built from it fits the
+# protocol's 64 KiB frame and every time in it renders as a date (docs/behaviour.md).
+MAX_TIME = 253_402_300_799  # 9999-12-31T23:59:59Z
+MAX_SEATS = 10_000_000
+MAX_DURATION = 10 * 366 * 86400  # lease_duration and borrow_max: ten years
+MAX_USERS = 1_000_000
+MAX_NAME = 256
+#: metadata and features of one product, msgpack-packed together.
+MAX_PRODUCT_VALUES = 32 * 1024
 STRATEGIES = ("per-machine", "per-instance")
 AUTHORIZATIONS = ("key", "user")
 
@@ -171,12 +180,24 @@ class _Fields:
         return self.get(key, (str,), default, nullable=nullable)
 
     def integer(
-        self, key: str, default: Any = ..., *, nullable: bool = False, minimum: int | None = None
+        self,
+        key: str,
+        default: Any = ...,
+        *,
+        nullable: bool = False,
+        minimum: int | None = None,
+        maximum: int | None = None,
     ) -> Any:
         value = self.get(key, (int,), default, nullable=nullable)
         if value is not None and minimum is not None and value < minimum:
             raise self._fail(key, f"must be >= {minimum}")
+        if value is not None and maximum is not None and value > maximum:
+            raise self._fail(key, f"must be <= {maximum}")
         return value
+
+    def time(self, key: str, default: Any = ..., *, nullable: bool = False) -> Any:
+        """Unix seconds that a date can show (year 1970 to 9999)."""
+        return self.integer(key, default, nullable=nullable, minimum=0, maximum=MAX_TIME)
 
     def flag(self, key: str, default: bool = False) -> bool:
         return bool(self.get(key, (bool,), default))
@@ -272,22 +293,31 @@ def _product(obj: Any, index: int) -> ProductTerms:
             raise EntitlementError(
                 f"products[{index}]: 'features' must map str to bool, int or str"
             )
+    metadata = f.str_map("metadata")
+    if len(msgpack.packb([metadata, features])) > MAX_PRODUCT_VALUES:
+        raise EntitlementError(
+            f"products[{index}]: 'metadata' and 'features' take more than"
+            f" {MAX_PRODUCT_VALUES} bytes together"
+        )
+    name = f.text("name")
+    if len(name) > MAX_NAME:
+        raise EntitlementError(f"products[{index}]: 'name' is longer than {MAX_NAME} characters")
     return ProductTerms(
         code=code,
-        name=f.text("name"),
-        seats=f.integer("seats", minimum=-1),
-        lease_duration=f.integer("lease_duration", minimum=0),
+        name=name,
+        seats=f.integer("seats", minimum=-1, maximum=MAX_SEATS),
+        lease_duration=f.integer("lease_duration", minimum=0, maximum=MAX_DURATION),
         strategy=f.choice("strategy", STRATEGIES),
         user_locked=f.flag("user_locked"),
         authorization=f.choice("authorization", AUTHORIZATIONS, "key"),
         users=tuple(f.str_list("users")),
-        max_users=f.integer("max_users", 0, minimum=0),
+        max_users=f.integer("max_users", 0, minimum=0, maximum=MAX_USERS),
         allowed_ips=tuple(ips),
-        not_before=f.integer("not_before", None, nullable=True),
-        not_after=f.integer("not_after", None, nullable=True),
+        not_before=f.time("not_before", None, nullable=True),
+        not_after=f.time("not_after", None, nullable=True),
         trial=f.flag("trial"),
-        borrow_max=f.integer("borrow_max", 0, minimum=0),
-        metadata=f.str_map("metadata"),
+        borrow_max=f.integer("borrow_max", 0, minimum=0, maximum=MAX_DURATION),
+        metadata=metadata,
         features=dict(features),
     )
 
@@ -308,10 +338,10 @@ def parse_payload(payload: Mapping[str, Any], kid: str = "", text: str = "") -> 
         license=f.text("license"),
         customer=f.text("customer", None, nullable=True),
         server=f.text("server"),
-        issued_at=f.integer("issued_at"),
-        not_before=f.integer("not_before", None, nullable=True),
-        not_after=f.integer("not_after", None, nullable=True),
-        refresh_by=f.integer("refresh_by", None, nullable=True),
+        issued_at=f.time("issued_at"),
+        not_before=f.time("not_before", None, nullable=True),
+        not_after=f.time("not_after", None, nullable=True),
+        refresh_by=f.time("refresh_by", None, nullable=True),
         nonce=f.text("nonce", None, nullable=True),
         products=products,
         kid=kid,

@@ -75,6 +75,13 @@ class InternalError(FloatdError):
     code = "INTERNAL"
 
 
+class Unavailable(FloatdError):
+    """The durable state cannot be written right now: nothing was changed, and
+    the server comes back by itself once its disk (or database) does."""
+
+    code = "UNAVAILABLE"
+
+
 # --- seats and leases ----------------------------------------------------------
 
 

@@ -261,6 +261,20 @@ class SeatPool:
                 state.waiting -= 1
                 self._compact(state)
 
+    def drop_waiters(self) -> list[Waiter]:
+        """Empty every wait queue; returns the waiters that were still waiting
+        (marked done, with no lease, and not reported by :meth:`take_woken`)."""
+        out = []
+        for state in self._products.values():
+            for waiter in state.queue:
+                if not waiter.done:
+                    waiter.done = True
+                    out.append(waiter)
+            state.queue.clear()
+            state.waiting = 0
+        self._waits.clear()
+        return out
+
     # --- time --------------------------------------------------------------
 
     def advance(self, now: float) -> None:

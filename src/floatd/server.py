@@ -33,7 +33,7 @@ from typing import Any
 import trio
 
 from floatd import __version__, logs, online, users
-from floatd.activation import atomic_write
+from floatd.activation import atomic_write, read_armored
 from floatd.admin import AdminServer, bind_admin_socket, lease_row
 from floatd.committer import (
     LAZY_WINDOW,
@@ -52,6 +52,8 @@ from floatd.errors import (
     EntitlementError,
     FloatdError,
     InternalError,
+    StoreError,
+    Unavailable,
 )
 from floatd.logs import event_logger, get_logger
 from floatd.metrics import RequestStats
@@ -88,6 +90,10 @@ META_CLOCK_MARK = "clock_mark"
 #: The watchdog is fed only while the writer has committed this recently: a
 #: hung disk should get the daemon restarted, not look healthy.
 WATCHDOG_COMMIT_AGE = 10.0
+#: While the state cannot be written, how often a reload from disk is tried.
+RECOVERY_RETRY = 1.0
+#: ... and how often (in tries) the log says it is still failing.
+RECOVERY_LOG_EVERY = 60
 
 #: Config attributes a reload cannot change; the rest apply at once.
 RESTART_ONLY = frozenset(
@@ -128,8 +134,13 @@ def _joined(chunks: list[bytes]) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def _internal(rid: int | None) -> dict[str, Any]:
-    return failure(rid, InternalError("the server could not store the change").to_wire())
+_UNAVAILABLE = Unavailable(
+    "the server cannot write its state right now; nothing was changed, try again"
+).to_wire()
+
+
+def _unavailable(rid: int | None) -> dict[str, Any]:
+    return failure(rid, _UNAVAILABLE)
 
 
 _OPS: dict[type, str] = {
@@ -174,6 +185,10 @@ class Server:
         # Tests inject an async stand-in so MockClock controls every wait.
         self._run_sync: RunSync = run_sync or trio.to_thread.run_sync
         self.committer = GroupCommitter(store, clock, run_sync)
+        self.committer.on_failure = self._state_failed
+        # Set while the state cannot be written: the recovery task's cue.
+        self._unavailable = trio.Event()
+        self._unavailable_since: float | None = None
         # Password checks (scrypt) run two at a time at most, off the event loop.
         self._auth_limiter = trio.CapacityLimiter(2)
         self.connections = 0
@@ -234,8 +249,7 @@ class Server:
         self._reload_entitlement(now)
         record = ActivationRecord.read(self.config)
         self.online = record is not None and not record.revoked
-        meta = self.store.load_meta()
-        leases = self.store.load_leases()
+        meta, leases = self._read_state()
         guard = self.service.clock_guard
         guard.mark = max(float(meta.get(META_CLOCK_MARK, 0)), float(meta.get(META_LAST_CUT, 0)))
         if guard.tampered(now):
@@ -245,6 +259,24 @@ class Server:
                 latest_seen=guard.mark,
                 hint="leasing is refused (SERVER_TIME_MODIFIED) until the clock is right",
             )
+        changes = self._restore(meta, leases, now)
+        try:
+            self.store.apply(changes)
+        except StoreError as exc:
+            # A full or failing disk: serve what can be read, refuse what would
+            # write (UNAVAILABLE), and come back by itself once the disk does.
+            self.committer.failure = exc
+            self._state_failed(exc)
+            return
+        self.committer.last_cut = now
+
+    def _read_state(self) -> tuple[dict[str, str], list[Lease]]:
+        """(Blocking.)  The persisted bookkeeping and leases."""
+        return self.store.load_meta(), self.store.load_leases()
+
+    def _restore(self, meta: dict[str, str], leases: list[Lease], now: float) -> list[Change]:
+        """Put the persisted leases into the pool, as after a crash when the last
+        stop was not clean; returns the changes that make the disk agree."""
         extended: list[Lease] = []
         if META_LAST_CUT in meta and meta.get(META_CLEAN) != "1":
             extended = extend_after_crash(leases, float(meta[META_LAST_CUT]), LAZY_WINDOW)
@@ -256,16 +288,78 @@ class Server:
         dead = self.service.restore(leases, now)
         changes: list[Change] = [SetExpiry(le.id, le.expires_at) for le in extended]
         changes += self.service.take_changes()
-        # From here until the final flush of a clean stop, a crash is unclean.
-        changes += [SetMeta(META_CLEAN, "0"), SetMeta(META_LAST_CUT, repr(now))]
-        self.store.apply(changes)
-        self.committer.last_cut = now
         log.info("state_restored", leases=len(self.service.pool), expired_while_down=len(dead))
+        # From here until the final flush of a clean stop, a crash is unclean.
+        return [*changes, SetMeta(META_CLEAN, "0"), SetMeta(META_LAST_CUT, repr(now))]
+
+    # --- when the state cannot be written --------------------------------------
+
+    def _state_failed(self, error: StoreError) -> None:
+        """A commit failed or is overdue: stop changing state until a reload from
+        disk succeeds (:meth:`_recover`).
+
+        Memory may now hold changes the disk never got (a release, a grant), and
+        the committer writes nothing more, so nothing that depends on them can
+        reach the disk either.  Requests that would write are refused with
+        UNAVAILABLE; queued acquires are answered so; reads go on."""
+        service = self.service
+        if not service.writable:
+            return
+        service.writable = False
+        self._unavailable_since = self.clock()
+        log.error(
+            "state_unavailable",
+            reason=error.message,
+            database=str(self.config.database_path),
+            hint="writes refused (UNAVAILABLE) until the state can be written again",
+        )
+        for waiter, rid in service.abandon_waiters():
+            slot = waiter.handle
+            if isinstance(slot, _Slot) and slot.waiter is waiter:
+                slot.response = _unavailable(rid)
+                slot.waiter = None
+                owner, slot.owner = slot.owner, None
+                if owner is not None:
+                    owner.advance()
+        self._unavailable.set()
+
+    async def _recover(self) -> None:
+        """While the state cannot be written, reload it from disk once a second,
+        exactly as a restart after a crash would, until that reload commits."""
+        while True:
+            await self._unavailable.wait()
+            tries = 0
+            while not self.service.writable:
+                await trio.sleep(RECOVERY_RETRY)
+                tries += 1
+                try:
+                    await self._reload_state()
+                except StoreError as exc:
+                    if tries % RECOVERY_LOG_EVERY == 0:
+                        log.error("state_still_unavailable", reason=exc.message, tries=tries)
+            self._unavailable = trio.Event()
+
+    async def _reload_state(self) -> None:
+        """Rebuild the pool from disk and commit that; the service is writable
+        again once the commit succeeds (StoreError otherwise)."""
+        meta, leases = await self._run_sync(self._read_state)
+        now = self.clock()
+        self.service.reset(now)
+        changes = self._restore(meta, leases, now)
+        await self.committer.recover(changes)
+        self.service.writable = True
+        since, self._unavailable_since = self._unavailable_since, None
+        log.warning(
+            "state_recovered",
+            leases=len(self.service.pool),
+            unavailable_for=None if since is None else round(now - since, 3),
+        )
+        self._check_deadline()
 
     def _read_entitlement(self, now: float) -> Entitlement | None:
         path = self.config.entitlement_path
         try:
-            text = path.read_text(encoding="utf-8", errors="replace")
+            text = read_armored(path)
         except FileNotFoundError:
             return None
         return verify_entitlement(
@@ -371,6 +465,7 @@ class Server:
                 background.start_soon(self._reap)
                 background.start_soon(self._send_answers)
                 background.start_soon(self._prune_audit)
+                background.start_soon(self._recover)
                 background.start_soon(self._refresh_online)
                 for status_listener in self._status_listeners:
                     background.start_soon(self.status.serve, status_listener)
@@ -534,6 +629,7 @@ class Server:
         """``GET /status`` and ``floatd status``."""
         now = self.clock()
         ent = self.service.entitlement
+        failure = self.committer.failure
         return {
             "version": __version__,
             "server_id": self.server_id,
@@ -550,6 +646,11 @@ class Server:
                 "refresh_by": ent.refresh_by if ent else None,
             },
             "products": self.service.products_overview(),
+            "state": {
+                "writable": self.service.writable,
+                "unavailable_since": self._unavailable_since,
+                "reason": None if failure is None else failure.message,
+            },
             "connections": self.connections,
             "leases": len(self.service.pool),
             "listen": [f"{h}:{p}" for h, p in self.ports],
@@ -610,8 +711,9 @@ class Server:
             with trio.move_on_after(delay):
                 await self._rearm.wait()
             self._rearm = trio.Event()
-            self.service.advance(self.clock())
-            self._flush()
+            if self.service.writable:  # else the pool is rebuilt from disk anyway
+                self.service.advance(self.clock())
+                self._flush()
 
     def _watch(self, conn: _Connection, deadline: float) -> None:
         self._deadline_seq += 1
@@ -748,7 +850,10 @@ class Server:
 
     async def _watchdog(self, interval: float) -> None:
         while True:
-            if self.clock() - self.committer.last_cut <= WATCHDOG_COMMIT_AGE:
+            if (
+                self.service.writable
+                and self.clock() - self.committer.last_cut <= WATCHDOG_COMMIT_AGE
+            ):
                 self.notifier.notify("WATCHDOG=1")
             else:
                 log.warning("watchdog_withheld", reason="no commit completed recently")
@@ -1150,17 +1255,19 @@ class _Connection:
                         batch.listeners.append(self.advance)
                     break
                 if batch.error is not None:
-                    log.error("store_failed", reason=str(batch.error))
-                    if slot.granted is not None:
-                        give_back.append(slot.granted)
-                        slot.granted = None
-                    response = _internal(response.get("id"))
+                    # Never durable, so nothing to give back: the pool is
+                    # rebuilt from disk before anything is written again.
+                    slot.granted = None
+                    response = _unavailable(response.get("id"))
             pending.popleft()
             try:
                 frames.append(encode_frame(response))
             except ValueError:
                 error = InternalError("response too large").to_wire()
                 frames.append(encode_frame(failure(response.get("id"), error)))
+                if slot.granted is not None:  # nobody got its token: no seat for it
+                    give_back.append(slot.granted)
+                    slot.granted = None
             if slot.granted is not None:
                 granted.append(slot.granted)
             answered.append((slot, "ok" if response["ok"] else response["error"]["code"]))
@@ -1261,7 +1368,9 @@ class _Connection:
 
     def _give_back(self, lease_id: str) -> None:
         server = self.server
-        if server.service.pool.lease(lease_id) is not None:
+        # While the state cannot be written the pool is rebuilt from disk, and
+        # a grant that did reach it then expires as any unrenewed lease does.
+        if server.service.writable and server.service.pool.lease(lease_id) is not None:
             server.service.revoke(lease_id, server.clock())
             server._flush()
 

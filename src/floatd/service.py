@@ -28,6 +28,7 @@ from floatd.errors import (
     NoFreeSeats,
     RateLimited,
     ServerTimeModified,
+    Unavailable,
     UnknownProduct,
 )
 from floatd.limits import RateLimiter
@@ -109,6 +110,10 @@ class LeaseService:
         self.acquire_limit = RateLimiter(20.0, 200.0)
         self.auth_limit = RateLimiter(10.0 / 60, 10.0)
         self.pool = SeatPool()
+        #: False while the durable state cannot be written: every request that
+        #: would change a seat is refused (UNAVAILABLE) before it touches the
+        #: pool, so memory never runs ahead of a disk that stopped following.
+        self.writable = True
         self.entitlement: Entitlement | None = None
         self._log: LogFn = log or _NoLog()
         #: Lease events are logged by the store's writer once committed, from
@@ -158,6 +163,24 @@ class LeaseService:
         }
         self.pool.set_products((self._pool_terms(p) for p in products), now)
         self._collect()
+
+    def reset(self, now: float) -> None:
+        """Forget the in-memory pool for an empty one with the same terms, to be
+        filled from disk by :meth:`restore` (recovery after a failed write)."""
+        pool = SeatPool()
+        pool.max_waiters = self.pool.max_waiters
+        self.pool = pool
+        self._queued.clear()
+        self._woken.clear()
+        self._changes.clear()
+        self.install(self.entitlement, now)
+
+    def abandon_waiters(self) -> list[tuple[Waiter, int]]:
+        """Take every queued acquire out of its queue, with its request id: the
+        state can no longer be written, so none of them can be granted."""
+        out = [(waiter, self._queued.pop(waiter)[0]) for waiter in self.pool.drop_waiters()]
+        self._queued.clear()
+        return out
 
     def restore(self, leases: Iterable[Lease], now: float) -> list[Lease]:
         dead = self.pool.restore(leases, now)
@@ -295,6 +318,12 @@ class LeaseService:
             server_id=self.server_id,
         )
 
+    def _check_writable(self) -> None:
+        if not self.writable:
+            raise Unavailable(
+                "the server cannot write its state right now; nothing was changed, try again"
+            )
+
     def _check_server(self, now: float) -> Entitlement:
         """The server-wide refusals of acquire and renew."""
         ent = self.entitlement
@@ -335,6 +364,7 @@ class LeaseService:
     def _acquire(
         self, req: Acquire, now: float, peer: str | None, authenticated: bool = False
     ) -> dict[str, Any] | Waiter:
+        self._check_writable()
         ent = self._check_server(now)
         source = limit_key(peer)
         if not self.acquire_limit.allow(source, now):
@@ -433,12 +463,15 @@ class LeaseService:
     def cancel_wait(self, waiter: Waiter, now: float) -> None:
         """The queued client went away: give up its place, or its seat if it got one."""
         self._queued.pop(waiter, None)
+        if not self.writable:
+            return  # already abandoned; the pool is rebuilt from disk
         if waiter.lease is None:
             self.pool.cancel_wait(waiter)
         elif self.pool.lease(waiter.lease.id) is waiter.lease:
             self.revoke(waiter.lease.id, now)
 
     def _renew(self, req: Renew, now: float) -> dict[str, Any]:
+        self._check_writable()
         ent = self._check_server(now)
         # The token first: a refusal about the product would tell a stranger
         # that the lease exists.
@@ -453,12 +486,14 @@ class LeaseService:
         return ok(req.id, expires_in=expires_in, renew_in=expires_in / 2)
 
     def _release(self, req: Release, now: float) -> dict[str, Any]:
+        self._check_writable()
         lease = self.pool.release(now, req.lease, hash_token(req.token))
         self._changes.append(DeleteLease(lease.id))
         self._lease_event("released", lease, now)
         return ok(req.id)
 
     def revoke(self, lease_id: str, now: float) -> Lease:
+        self._check_writable()
         lease = self.pool.revoke(now, lease_id)
         self._changes.append(DeleteLease(lease.id))
         self._lease_event("revoked", lease, now)

@@ -39,6 +39,8 @@ class StatusServer(HttpServer):
     # --- handlers -------------------------------------------------------------
 
     def _healthz(self) -> Reply:
+        if not self.server.service.writable:
+            return json_reply(503, {"status": "state_unavailable"})
         state = self.server.service.activation_state(self.server.clock())
         if state == "active":
             return json_reply(200, {"status": "ok"})

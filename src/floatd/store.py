@@ -18,6 +18,7 @@ rather than one per request.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -280,6 +281,10 @@ def open_database(path: Path) -> sqlite3.Connection:
 
 _EMPTY_MAP = msgpack.packb({})
 
+#: For fault tests of the real process only: while the file this names exists,
+#: every write fails as a failing disk's would.  Unset, it costs nothing.
+_FAULT_FILE = os.environ.get("FLOATD_TEST_WRITE_FAULT") or None
+
 
 def _marks(n: int) -> str:
     return ",".join("?" * n)
@@ -403,6 +408,8 @@ class SQLiteLeaseStore:
 
     def write(self, ws: WriteSet) -> None:
         """Commit one prepared batch as one transaction."""
+        if _FAULT_FILE is not None and os.path.exists(_FAULT_FILE):
+            raise StoreError("state database write failed: injected fault (disk I/O error)")
         rows = self._rows
         db = self._db
         gone = [rows[i] for i in ws.deletes if i in rows]

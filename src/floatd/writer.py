@@ -42,7 +42,9 @@ new child.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
+import json
 import os
 import signal
 import site
@@ -57,16 +59,21 @@ import msgpack
 import trio
 
 from floatd.errors import StoreError
-from floatd.logs import lease_line
+from floatd.logs import get_logger, lease_line
 from floatd.pool import Lease
 from floatd.protocol.codec import pack
 from floatd.store import Change, SQLiteLeaseStore, WriteSet, prepare
 
+log = get_logger()
 _LENGTH = struct.Struct(">I")
 READY = "ready"
 # A batch is bounded by what the server can cut between two commits; this only
 # guards the reader against a corrupt length.
 MAX_MESSAGE = 1 << 30
+WAITING = "waiting"
+#: How long a child that was asked to end (its pipe closed) may take before it
+#: is killed: a stopped child never reads the end of its input.
+CLOSE_WAIT = 2.0
 
 
 def _read_exact(stream: IO[bytes], size: int) -> bytes:
@@ -147,6 +154,11 @@ class ProcessLeaseStore:
         assert proc.stdin is not None and proc.stdout is not None
         try:
             ready = receive_message(proc.stdout)
+            if ready == WAITING:
+                # An earlier writer (of a server killed a moment ago) still holds
+                # the lock; the child waits for it, and the log says so.
+                log.warning("state_writer_waiting", lock=str(lock_path(self._database)))
+                ready = receive_message(proc.stdout)
         except (EOFError, ValueError):
             ready = None
         if ready != READY:
@@ -252,10 +264,15 @@ class ProcessLeaseStore:
                 with contextlib.suppress(OSError):
                     stream.close()
         try:
-            proc.wait(timeout=10)
+            proc.wait(timeout=CLOSE_WAIT)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+    def abort(self) -> None:
+        """Kill the child now (a commit overdue): it can no longer commit a batch
+        the server has already given up on.  The next batch starts a new one."""
+        self._reap(kill=True)
 
     def close(self) -> None:
         """End the child (it exits at the end of its input) and close the reader."""
@@ -263,14 +280,33 @@ class ProcessLeaseStore:
         self._local.close()
 
 
+def _die_with_parent() -> None:
+    """Ask Linux to kill this process when the server dies (``PR_SET_PDEATHSIG``).
+
+    A writer whose server was killed must not live on holding the lock: a new
+    server would wait for it forever if it had been stopped (SIGSTOP).  Killing
+    it mid-commit is safe, since SQLite rolls an unfinished transaction back."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
 def child_main(database: Path) -> int:
+    parent = os.getppid()
+    _die_with_parent()
+    if os.getppid() != parent:
+        return 1  # the server died before the request took effect
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     try:
         database.parent.mkdir(parents=True, exist_ok=True)
         lock = open(lock_path(database), "a+b")  # noqa: SIM115 - held for the process's life
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            send_message(stdout, WAITING)
+            fcntl.flock(lock, fcntl.LOCK_EX)
     except OSError as exc:
         send_message(stdout, f"cannot lock {lock_path(database)}: {exc.strerror}")
         return 1
@@ -326,5 +362,20 @@ def _lease_lines(audit: list[list[Any]], rows: list[int]) -> str:
     return "\n".join(lines)
 
 
+def main() -> int:
+    """The child's entry point: whatever ends it, one line on stderr, never a
+    traceback (the server's log is JSON lines, and journald shows this beside)."""
+    try:
+        return child_main(Path(sys.argv[1]))
+    except (BrokenPipeError, KeyboardInterrupt):
+        return 1  # the server is gone: nobody to tell
+    except Exception as exc:
+        sys.stderr.write(
+            json.dumps({"event": "state_writer_failed", "level": "error", "reason": repr(exc)})
+            + "\n"
+        )
+        return 1
+
+
 if __name__ == "__main__":
-    sys.exit(child_main(Path(sys.argv[1])))
+    sys.exit(main())

@@ -22,6 +22,7 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from floatd import __version__
+from floatd.activation import read_armored
 from floatd.audit import iso, parse_when
 from floatd.authority.logic import Authority, check_duration
 from floatd.authority.store import Activation, AuthorityStore, License, Product, Terms
@@ -545,7 +546,7 @@ def offline() -> None:
 @guarded
 def offline_sign(ctx: Ctx, request: Path, out: Path, key_path: Path) -> None:
     """Sign an entitlement answering REQUEST (from `floatd activate --offline-request`)."""
-    text = request.read_text(encoding="utf-8", errors="replace")
+    text = read_armored(request)
     activation_id, entitlement = ctx.authority(_load_key(key_path)).sign_offline(text, time.time())
     out.write_text(entitlement, encoding="utf-8")
     click.echo(f"wrote {out} (activation {activation_id}); carry it to the server", err=True)

@@ -1,0 +1,197 @@
+"""Failed and overdue writes inside the server (memory streams, MockClock).
+
+The promise under test: memory never holds a seat state the disk does not.  A
+failed or overdue commit makes the server refuse every write (UNAVAILABLE)
+until a reload from disk, done as after a crash, commits; so a release that did
+not reach the disk frees nothing, nobody takes a seat the disk still gives to
+someone else, and a renewal acknowledged before its write is still honoured.
+The real process under the same faults: tests/test_fault_integration.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import trio
+import trio.testing
+from conftest import BASE, MemoryStore, WireClient, product, sign
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from test_server import Gate, Harness, serving
+
+from floatd.committer import COMMIT_TIMEOUT
+from floatd.server import RECOVERY_RETRY
+
+
+def _ent(key: Ed25519PrivateKey) -> str:
+    return sign(key, products=[product("app", seats=2), product("solo", seats=1)])
+
+
+async def _recovered(h: Harness) -> None:
+    """Until the server writes again (bounded: 30 s of MockClock)."""
+    with trio.fail_after(30):
+        while not h.server.service.writable:
+            await trio.sleep(RECOVERY_RETRY / 2)
+
+
+async def test_a_release_whose_write_fails_frees_nothing(
+    tmp_path: Path, vendor_key: Ed25519PrivateKey, autojump_clock: trio.testing.MockClock
+) -> None:
+    store = MemoryStore()
+    async with serving(tmp_path, vendor_key, _ent(vendor_key), store=store) as h:
+        a, b = await h.connect(), await h.connect()
+        held = await a.acquire("solo", "machine-a")
+        store.fail = True
+        got = await a.request("release", lease=held["lease"], token=held["token"])
+        assert got["error"]["code"] == "UNAVAILABLE"
+        # Nobody takes the seat the disk still gives to machine-a.
+        assert (await b.acquire("solo", "machine-b"))["error"]["code"] == "UNAVAILABLE"
+        assert not h.server.status_document()["state"]["writable"]
+        # Within a retry the pool is reloaded from disk (still readable): reads
+        # show the disk's truth, and a second release changes nothing either.
+        await trio.sleep(RECOVERY_RETRY * 1.5)
+        assert (await b.request("info", product="solo"))["used"] == 1
+        got = await a.request("release", lease=held["lease"], token=held["token"])
+        assert got["error"]["code"] == "UNAVAILABLE"
+        assert (await b.request("info", product="solo"))["used"] == 1
+        store.fail = False
+        await _recovered(h)
+        assert (await b.acquire("solo", "machine-b"))["error"]["code"] == "NO_FREE_SEATS"
+        assert (await a.request("renew", lease=held["lease"], token=held["token"]))["ok"]
+        assert set(store.leases) == {held["lease"]}
+
+
+async def test_a_seat_freed_by_a_failed_release_never_reaches_the_disk_twice(
+    tmp_path: Path, vendor_key: Ed25519PrivateKey, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The release's batch fails while the next batch, in which another client
+    took the seat it freed in memory, waits: that batch must not be written."""
+    store = MemoryStore()
+    gate = Gate()
+    async with serving(tmp_path, vendor_key, _ent(vendor_key), store=store, run_sync=gate) as h:
+        a, b = await h.connect(), await h.connect()
+        held = await a.acquire("solo", "machine-a")
+        gate.close()
+        await a.send("release", lease=held["lease"], token=held["token"])
+        await trio.sleep(0.01)  # the release's batch is in flight, stuck at the gate
+        await b.send("acquire", product="solo", fingerprint="machine-b")
+        await trio.sleep(0.01)  # b's grant waits in the next batch
+        store.fail_next = 1
+        gate.open.set()
+        assert (await a.recv())["error"]["code"] == "UNAVAILABLE"
+        assert (await b.recv())["error"]["code"] == "UNAVAILABLE"
+        await _recovered(h)
+        assert set(store.leases) == {held["lease"]}
+        assert (await b.request("info", product="solo"))["used"] == 1
+        assert (await a.request("renew", lease=held["lease"], token=held["token"]))["ok"]
+
+
+async def test_a_lazily_acknowledged_renewal_survives_a_failed_write(
+    tmp_path: Path, vendor_key: Ed25519PrivateKey, autojump_clock: trio.testing.MockClock
+) -> None:
+    store = MemoryStore()
+    async with serving(tmp_path, vendor_key, _ent(vendor_key), store=store) as h:
+        c = await h.connect()
+        held = await c.acquire("app", "machine-1")
+        await trio.sleep(50)
+        renewed = await c.request("renew", lease=held["lease"], token=held["token"])
+        assert renewed["ok"]  # answered before its write, which now fails
+        promised = BASE + trio.current_time() + renewed["expires_in"]
+        store.fail = True
+        await trio.sleep(5)  # writes fail for 5 s; later heartbeats must not commit
+        got = await c.request("renew", lease=held["lease"], token=held["token"])
+        assert got["error"]["code"] == "UNAVAILABLE"
+        store.fail = False
+        await _recovered(h)
+        assert store.leases[held["lease"]].expires_at >= promised
+        # And a crash right now (nothing more reaches the disk) keeps it too.
+        store.frozen = True
+    store.frozen = False
+    await trio.sleep(promised - BASE - trio.current_time() - 1)
+    async with serving(tmp_path, vendor_key, _ent(vendor_key), store=store) as h:
+        c = await h.connect()
+        assert (await c.request("renew", lease=held["lease"], token=held["token"]))["ok"]
+
+
+async def test_a_stalled_writer_costs_seconds_not_seats(
+    tmp_path: Path, vendor_key: Ed25519PrivateKey, autojump_clock: trio.testing.MockClock
+) -> None:
+    store = MemoryStore()
+    gate = Gate()
+    async with serving(tmp_path, vendor_key, _ent(vendor_key), store=store, run_sync=gate) as h:
+        c = await h.connect()
+        held = await c.acquire("app", "machine-1")
+        gate.close()
+        asked = trio.current_time()
+        got = await c.acquire("app", "machine-2")
+        # Answered when the commit is given up, not when the writer wakes.
+        assert got["error"]["code"] == "UNAVAILABLE"
+        assert trio.current_time() - asked <= COMMIT_TIMEOUT + 1
+        assert not h.server.service.writable
+        await trio.sleep(20)
+        got = await c.request("renew", lease=held["lease"], token=held["token"])
+        assert got["error"]["code"] == "UNAVAILABLE"  # at once, no waiting
+        gate.open.set()
+        await _recovered(h)
+        assert (await c.request("renew", lease=held["lease"], token=held["token"]))["ok"]
+        assert (await c.acquire("app", "machine-2"))["ok"]
+        assert len(store.leases) == 2
+
+
+async def test_queued_acquires_are_answered_unavailable(
+    tmp_path: Path, vendor_key: Ed25519PrivateKey, autojump_clock: trio.testing.MockClock
+) -> None:
+    store = MemoryStore()
+    async with serving(tmp_path, vendor_key, _ent(vendor_key), store=store) as h:
+        holder = await h.connect()
+        held = await holder.acquire("solo", "machine-0")
+        queued = await h.connect()
+        await queued.send("acquire", product="solo", fingerprint="machine-q", wait=100)
+        await trio.sleep(1)
+        store.fail = True
+        await trio.sleep(2)  # a heartbeat fails
+        with trio.fail_after(1):
+            assert (await queued.recv())["error"]["code"] == "UNAVAILABLE"
+        store.fail = False
+        await _recovered(h)
+        assert h.server.service.pool.waiting("solo") == 0
+        assert (await holder.request("release", lease=held["lease"], token=held["token"]))["ok"]
+        assert (await queued.acquire("solo", "machine-q"))["ok"]
+
+
+async def test_a_start_on_a_disk_that_refuses_writes_serves_reads(
+    tmp_path: Path, vendor_key: Ed25519PrivateKey, autojump_clock: trio.testing.MockClock
+) -> None:
+    store = MemoryStore()
+    async with serving(tmp_path, vendor_key, _ent(vendor_key), store=store) as h:
+        c = await h.connect()
+        held = await c.acquire("app", "machine-1")
+    store.fail = True
+    async with serving(tmp_path, vendor_key, _ent(vendor_key), store=store) as h:
+        c = await h.connect()
+        info = await c.request("info", product="app")
+        assert info["used"] == 1
+        got = await c.request("renew", lease=held["lease"], token=held["token"])
+        assert got["error"]["code"] == "UNAVAILABLE"
+        store.fail = False
+        await _recovered(h)
+        assert (await c.request("renew", lease=held["lease"], token=held["token"]))["ok"]
+
+
+async def test_an_admin_revoke_is_refused_while_unavailable(
+    tmp_path: Path, vendor_key: Ed25519PrivateKey, autojump_clock: trio.testing.MockClock
+) -> None:
+    store = MemoryStore()
+    async with serving(tmp_path, vendor_key, _ent(vendor_key), store=store) as h:
+        c: WireClient = await h.connect()
+        held = await c.acquire("solo", "machine-1")
+        store.fail = True
+        await trio.sleep(2)
+        try:
+            await h.server.revoke(held["lease"])
+        except Exception as exc:
+            assert getattr(exc, "code", None) == "UNAVAILABLE"
+        else:
+            raise AssertionError("revoke succeeded while the state could not be written")
+        store.fail = False
+        await _recovered(h)
+        assert set(store.leases) == {held["lease"]}
