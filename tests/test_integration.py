@@ -355,3 +355,16 @@ def test_the_state_writer_process_ends_with_the_server(daemon: Daemon, how: str)
     daemon.start(daemon.port)  # the next server gets the writer lock
     with client(daemon) as c:
         assert c.request("info", product="app")["used"] == 1
+
+
+def test_the_state_is_private_whatever_the_umask(daemon: Daemon, tmp_path: Path) -> None:
+    """The test made the state dir and the entitlement under umask 022; the
+    daemon makes them private, and what it creates itself is private too."""
+    state = tmp_path / "state"
+    with client(daemon) as c:
+        assert c.request("acquire", product="app", fingerprint="machine-0001")["ok"]
+    assert state.stat().st_mode & 0o777 == 0o700
+    files = [p for p in state.iterdir() if p.is_file()]
+    assert {p.name for p in files} >= {"entitlement.txt", "floatd.sqlite3"}
+    for path in files:
+        assert path.stat().st_mode & 0o777 == 0o600, path.name

@@ -287,20 +287,33 @@ async def test_bad_http_is_answered_and_bounded(
         assert (await c.acquire("app"))["ok"]
 
 
-async def test_status_connections_beyond_the_cap_are_closed_at_once(
+async def test_status_connections_beyond_the_cap_make_room_or_are_closed(
     tmp_path: Path, vendor_key: Ed25519PrivateKey, ent: str, autojump_clock: trio.testing.MockClock
 ) -> None:
+    cap = StatusServer.max_connections
     async with serving(tmp_path, vendor_key, ent, status__listen="127.0.0.1:0") as h:
         host, port = h.server.status_ports[0]
-        idle = [await trio.open_tcp_stream(host, port) for _ in range(StatusServer.max_connections)]
+        # Idle connections (kept alive, or silent) fill the cap: a health check
+        # still gets in, and the oldest idle one makes room for it.
+        idle = [await trio.open_tcp_stream(host, port) for _ in range(cap)]
         await trio.sleep(0.5)
-        assert h.server.status.connections == StatusServer.max_connections
+        assert h.server.status.connections == cap
+        probe = await trio.open_tcp_stream(host, port)
+        await probe.send_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        with trio.fail_after(2):
+            assert (await probe.receive_some(1000)).startswith(b"HTTP/1.1 200")
+            assert await idle[0].receive_some(100) == b""  # the oldest made room
+        # Connections in the middle of a request are not given up for a newcomer.
+        busy = [await trio.open_tcp_stream(host, port) for _ in range(cap)]
+        for s in busy:
+            await s.send_all(b"GET /healthz HTTP/1.1\r\n")  # and the rest never comes
+        await trio.sleep(0.5)
         extra = await trio.open_tcp_stream(host, port)
         with trio.fail_after(1):
             assert await extra.receive_some(100) == b""  # closed without a word
         c = await h.connect()
         assert (await c.acquire("app"))["ok"]  # the lease side does not care
-        for s in [*idle, extra]:
+        for s in [*idle, *busy, probe, extra]:
             await s.aclose()
         await trio.sleep(0.5)
         assert h.server.status.connections == 0

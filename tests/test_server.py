@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from floatd.activation import atomic_write
 from floatd.config import load_config
 from floatd.protocol.codec import encode_frame
-from floatd.server import Server
+from floatd.server import FRAME_TIMEOUT, Server
 
 Connect = Callable[..., Awaitable[WireClient]]
 
@@ -791,6 +791,30 @@ async def test_half_a_frame_does_not_hold_a_connection(
         start = trio.current_time()
         assert await c.closed()
         assert trio.current_time() - start == pytest.approx(20, abs=0.01)
+
+
+async def test_a_frame_dripped_a_byte_at_a_time_is_cut_off(
+    tmp_path: Path, vendor_key: Ed25519PrivateKey, ent: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with serving(tmp_path, vendor_key, ent) as h:
+        c = await h.connect()
+        frame = encode_frame({"op": "ping", "id": 9, "pad": "x" * 100})
+        start = trio.current_time()
+        closed_at = None
+        for byte in frame[:-1]:
+            try:
+                await c.send_raw(bytes([byte]))
+            except trio.BrokenResourceError:
+                closed_at = trio.current_time()
+                break
+            await trio.sleep(1)  # never idle for idle_timeout, never a whole frame
+        assert closed_at is not None, "a dripped frame held the connection"
+        assert closed_at - start == pytest.approx(FRAME_TIMEOUT, abs=2)
+        # Whole frames sent slowly, one after another, are fine.
+        slow = await h.connect()
+        for _ in range(5):
+            await trio.sleep(FRAME_TIMEOUT - 5)
+            assert (await slow.request("ping"))["ok"]
 
 
 async def test_wrong_token_never_reveals_a_lease(

@@ -10,6 +10,7 @@ import csv
 import functools
 import json
 import math
+import os
 import signal
 import socket
 import ssl
@@ -107,6 +108,7 @@ def _server_id(config: Config) -> str:
 @click.version_option(__version__, prog_name="floatd")
 def main() -> None:
     """floatd: an on-premise floating license server."""
+    os.umask(0o077)  # state, requests and keys are nobody else's business
 
 
 @main.command()
@@ -138,12 +140,18 @@ def serve(
 
 def run_server(config: Config, loader: Callable[[], Config] | None = None) -> None:
     from floatd import logs
+    from floatd.errors import StoreError
     from floatd.server import Server
+    from floatd.store import make_private
     from floatd.systemd import Notifier
     from floatd.writer import ProcessLeaseStore
 
     logs.configure(config.log_level, config.log_format)
     server_id = _server_id(config)
+    try:
+        make_private(config.state_dir)
+    except OSError as exc:
+        raise StoreError(f"cannot make the state dir {config.state_dir} private: {exc}") from None
     store = ProcessLeaseStore(config.database_path, lease_lines=logs.write_lines)
     notifier = Notifier()
     try:

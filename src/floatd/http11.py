@@ -62,6 +62,10 @@ class HttpServer:
     def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.connections = 0
         self.tls = tls
+        # Connections waiting for a request that has not begun (kept alive, or
+        # just opened), oldest first: at the cap they make room for a new one,
+        # so a pile of idle keep-alives cannot lock monitoring out.
+        self._waiting: dict[trio.CancelScope, None] = {}
 
     async def respond(self, method: bytes, target: bytes, body: bytes) -> Reply:
         raise NotImplementedError
@@ -80,8 +84,12 @@ class HttpServer:
                     await trio.sleep(0.1)
                     continue
                 if self.connections >= self.max_connections:
-                    await trio.aclose_forcefully(stream)
-                    continue
+                    if not self._waiting:
+                        await trio.aclose_forcefully(stream)
+                        continue
+                    oldest = next(iter(self._waiting))
+                    del self._waiting[oldest]
+                    oldest.cancel()  # it closes at once; this one takes its place
                 nursery.start_soon(self._handle, stream)
 
     async def _handle(self, stream: trio.abc.Stream) -> None:
@@ -117,11 +125,24 @@ class HttpServer:
         self, stream: trio.abc.Stream, conn: h11.Connection, timeout: float
     ) -> tuple[h11.Request, bytes] | None:
         """The next request and its body, or None to close."""
+        deadline = trio.current_time() + timeout
+        scope = trio.CancelScope(deadline=deadline)
+        self._waiting[scope] = None
+        try:
+            return await self._read_in(stream, conn, scope, deadline)
+        finally:
+            self._waiting.pop(scope, None)
+
+    async def _read_in(
+        self,
+        stream: trio.abc.Stream,
+        conn: h11.Connection,
+        scope: trio.CancelScope,
+        deadline: float,
+    ) -> tuple[h11.Request, bytes] | None:
         request: h11.Request | None = None
         started = False  # any byte of this request seen yet
         body = bytearray()
-        deadline = trio.current_time() + timeout
-        scope = trio.CancelScope(deadline=deadline)
         with scope:
             while True:
                 try:
@@ -131,7 +152,9 @@ class HttpServer:
                     return None
                 if event is h11.NEED_DATA:
                     data = await stream.receive_some(4096)
-                    started = started or bool(data)
+                    if data and not started:
+                        started = True
+                        self._waiting.pop(scope, None)  # a request: no longer idle
                     conn.receive_data(bytes(data))  # b"" is EOF
                     continue
                 if isinstance(event, h11.Request):

@@ -79,6 +79,9 @@ from floatd.transport import ReadinessHub, TcpStream
 from floatd.writer import ProcessLeaseStore
 
 HELLO_TIMEOUT = 10.0
+#: A frame must arrive whole within this from its first byte: a client that
+#: drips a frame a byte at a time is closed although it is never idle.
+FRAME_TIMEOUT = 30.0
 BUSY_WAIT = 2.0  # how long an over-limit connection may take to send its hello
 MAX_PIPELINE = 64
 SHUTDOWN_GRACE = 3.0
@@ -716,6 +719,7 @@ class Server:
                 self._flush()
 
     def _watch(self, conn: _Connection, deadline: float) -> None:
+        conn.next_check = deadline  # entries of earlier calls are stale now
         self._deadline_seq += 1
         if not self._deadlines or deadline < self._deadlines[0][0]:
             self._reap_rearm.set()
@@ -732,7 +736,9 @@ class Server:
         while True:
             now = trio.current_time()
             while self._deadlines and self._deadlines[0][0] <= now:
-                _, _, conn = heapq.heappop(self._deadlines)
+                due, _, conn = heapq.heappop(self._deadlines)
+                if due != conn.next_check:
+                    continue  # superseded by an earlier one (see _Connection.frame_due)
                 later = conn.check_deadline(now)
                 if later is not None:
                     self._watch(conn, later)
@@ -999,6 +1005,8 @@ class _Connection:
         now = trio.current_time()
         self.hello_deadline = now + HELLO_TIMEOUT
         self.last_active = now
+        self.next_check = math.inf  # the reaper's live entry for this connection
+        self._frame_started: float | None = None  # a partial frame is buffered
         self._scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
         self._stop_reading = False
@@ -1022,6 +1030,26 @@ class _Connection:
         """Close the connection if its deadline passed; else when to look again."""
         if self.done:
             return None
+        started = self._frame_started
+        if started is not None and self.receiving and now >= started + FRAME_TIMEOUT:
+            self._cancel()  # waiting for the rest of a frame that does not come
+            return None
+        later = self._idle_deadline(now)
+        if later is not None and started is not None:
+            later = min(later, max(started + FRAME_TIMEOUT, now + 1.0))
+        return later
+
+    def _frame_progress(self) -> None:
+        """After the buffered requests are applied: time the partial frame left
+        in the buffer, if any, and have the reaper look when it is due."""
+        if not self.proto.partial():
+            self._frame_started = None
+        elif self._frame_started is None:
+            self._frame_started = started = trio.current_time()
+            if started + FRAME_TIMEOUT < self.next_check:
+                self.server._watch(self, started + FRAME_TIMEOUT)
+
+    def _idle_deadline(self, now: float) -> float | None:
         if not self.proto.greeted:
             if now < self.hello_deadline:
                 return self.hello_deadline
@@ -1156,6 +1184,7 @@ class _Connection:
             event = proto.next_event()
             if event is None:
                 drained = True
+                self._frame_progress()
                 break
             if isinstance(event, Acquire) and self.server.service.needs_password_check(
                 event, self.server.clock(), self.peer

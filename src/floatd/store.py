@@ -262,10 +262,22 @@ def migrate(db: sqlite3.Connection, migrations: Sequence[str]) -> None:
         db.executescript(f"BEGIN IMMEDIATE; {script}; PRAGMA user_version={number}; COMMIT;")
 
 
+def make_private(directory: Path) -> None:
+    """The state dir as 0700 and the files in it as 0600, whatever the umask
+    was when they were made: it holds the entitlement, password hashes and
+    everything an attacker on the LAN would like to read or replace.  (The
+    CLIs also run under umask 077, so files made later are private too.)"""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(directory, 0o700)
+    for entry in os.scandir(directory):
+        if entry.is_file(follow_symlinks=False):
+            os.chmod(entry.path, 0o600)
+
+
 def open_database(path: Path) -> sqlite3.Connection:
     """Open (and migrate) the state database; used by the daemon and the CLI."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         db = sqlite3.connect(
             path, isolation_level=None, check_same_thread=False, timeout=10, cached_statements=1024
         )

@@ -72,6 +72,7 @@ pass_ctx = click.make_pass_decorator(Ctx)
 @click.pass_context
 def main(ctx: click.Context, db: Path) -> None:
     """floatd-authority: the reference central authority (the vendor's side)."""
+    os.umask(0o077)  # the vendor's books and keys are nobody else's business
     ctx.obj = Ctx(db)
 
 

@@ -50,6 +50,10 @@ class ServerConnection:
     def receive_data(self, data: bytes) -> None:
         self._decoder.feed(data)
 
+    def partial(self) -> bool:
+        """Whether part of a frame is buffered (the rest has not come yet)."""
+        return self._decoder.buffered > 0
+
     def next_event(self) -> Event | None:
         """The next event, or None if more bytes are needed or the stream is closed."""
         if self.closed:
