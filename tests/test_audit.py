@@ -81,7 +81,7 @@ def test_intervals_come_from_end_records_and_from_leases_still_held(tmp_path: Pa
     db = open_readonly(tmp_path / "db.sqlite3")
     got = {iv.seat: (iv.start, iv.end) for iv in lease_intervals(db, 500.0, 2000.0, now=900.0)}
     assert got == {("m1",): (10.0, 600.0), ("m3",): (300.0, 900.0), ("m4",): (400.0, 700.0)}
-    assert seat_refusals(db, 500.0, 2000.0) == [(650.0, "app")]
+    assert seat_refusals(db, 500.0, 2000.0) == [(650.0, "app", 1)]
 
 
 def test_open_readonly_refuses_what_it_cannot_read(tmp_path: Path) -> None:

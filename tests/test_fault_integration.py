@@ -13,6 +13,7 @@ import json
 import os
 import random
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +27,8 @@ from daemon import Daemon, children_of, gone, wait_for
 from floatd.activation import atomic_write
 from floatd.client.simple import SimpleClient
 from floatd.entitlement import sign_entitlement
+from floatd.protocol.codec import FrameDecoder, encode_frame
+from floatd.service import _new_lease_secrets
 
 CAP = 2
 
@@ -198,3 +201,57 @@ def test_writer_kills_and_server_kills_never_exceed_the_cap(setup: tuple[Daemon,
             for lease_id, lease in held.items():
                 got = c.request("renew", lease=lease_id, token=lease["token"])
                 assert got["ok"], f"round {round_no}: acknowledged lease lost: {got}"
+
+
+def _state_bytes(state: Path) -> int:
+    return sum(p.stat().st_size for p in state.iterdir() if p.name.startswith("floatd.sqlite3"))
+
+
+def test_a_flood_grows_the_state_and_the_log_by_a_bounded_amount(
+    tmp_path: Path, vendor_key: Ed25519PrivateKey
+) -> None:
+    """20,000 renewals of made-up leases and 20,000 acquires past the rate limit
+    from one address, pipelined: the database and the log grow by kilobytes."""
+    cfg = write_config(tmp_path, vendor_key, limits__acquires_per_second=20, log__level="info")
+    ent = sign_entitlement(
+        vendor_key, payload(products=[product("app", seats=0)], issued_at=int(time.time()) - 60)
+    )
+    atomic_write(tmp_path / "state" / "entitlement.txt", ent)
+    with Daemon(cfg, tmp_path / "floatd.log") as d:
+        d.start()
+        with client(d) as c:
+            assert acquire(c, "machine-warm")["ok"]
+        time.sleep(1.5)  # a commit or two: the database's size settles
+        state, log = tmp_path / "state", tmp_path / "floatd.log"
+        db_before, log_before = _state_bytes(state), log.stat().st_size
+        sock = socket.create_connection(("127.0.0.1", d.port), timeout=30)
+        decoder = FrameDecoder()
+        with sock:
+            sock.sendall(encode_frame({"op": "hello", "id": 0, "versions": [1], "client": "x"}))
+            owed = 1  # hello's answer
+            for _ in range(20):
+                frames = []
+                for n in range(1000):
+                    lease, token = _new_lease_secrets()
+                    frames.append(
+                        encode_frame({"op": "renew", "id": 1, "lease": lease, "token": token})
+                    )
+                    frames.append(
+                        encode_frame(
+                            {"op": "acquire", "id": 2, "product": "app", "fingerprint": f"m{n}"}
+                        )
+                    )
+                sock.sendall(b"".join(frames))
+                owed += len(frames)
+                while owed:
+                    data = sock.recv(1 << 20)
+                    assert data, "the server hung up on the flood"
+                    decoder.feed(data)
+                    while decoder.next_frame() is not None:
+                        owed -= 1
+        time.sleep(1.5)
+        db_growth = _state_bytes(state) - db_before
+        log_growth = log.stat().st_size - log_before
+        print(f"flood of 40,000 refusals: database +{db_growth} B, log +{log_growth} B")
+        assert db_growth < 2_000_000, db_growth
+        assert log_growth < 500_000, log_growth

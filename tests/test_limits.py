@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import trio
 import trio.testing
-from conftest import product, sign
+from conftest import MemoryStore, product, sign
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from test_server import serving
 
-from floatd.limits import RateLimiter
+from floatd.limits import RateLimiter, RefusalSampler
 from floatd.service import _new_lease_secrets, limit_key
 
 
@@ -115,3 +116,73 @@ def test_lease_ids_never_start_with_a_dash_and_tokens_are_full_length() -> None:
     assert {len(lease_id) for lease_id, _ in drawn} == {22}  # 128 bits
     assert {len(token) for _, token in drawn} == {43}  # 256 bits
     assert len({lease_id for lease_id, _ in drawn}) == len(drawn)
+
+
+def test_the_refusal_sampler_records_a_few_and_counts_the_rest() -> None:
+    s = RefusalSampler(full=3, window=60.0, max_keys=2)
+    key = ("10.0.0.9", "LEASE_NOT_FOUND", None)
+    assert [s.note(key, 1.0) for _ in range(10)] == [True] * 3 + [False] * 7
+    assert s.take_due(30.0) == []  # the window is still open
+    assert s.take_due(61.0) == [(key, 7, 1.0)]
+    assert s.take_due(200.0) == []  # handed out once
+    assert s.note(key, 200.0)  # a new window records in full again
+    # A window with nothing folded says nothing; the table stays bounded.
+    for n in range(5):
+        other = (f"10.0.1.{n}", "RATE_LIMITED", None)
+        for _ in range(5):
+            s.note(other, 201.0)
+    assert len(s._windows) == 2
+    folded = s.take_due(201.0)
+    assert sorted(count for _, count, _ in folded) == [2, 2, 2]  # closed early, when full
+
+
+async def test_floods_of_refusals_grow_the_audit_by_a_bounded_amount(
+    tmp_path: Path, vendor_key: Ed25519PrivateKey, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Made-up renewals and acquires past the limit, 2,000 each from one address:
+    a handful of records each minute, one folded record with the rest, and the
+    made-up renewals are slowed down (RATE_LIMITED) past their own limit."""
+    ent = sign(vendor_key, products=[product("app", seats=0)])
+    store = MemoryStore()
+    async with serving(
+        tmp_path,
+        vendor_key,
+        ent,
+        store=store,
+        limits__acquires_per_second=1,
+        limits__acquire_burst=3,
+    ) as h:
+        flooder = await h.connect(peer="10.0.0.66")
+        codes: Counter[str] = Counter()
+        for n in range(2000):
+            lease, token = _new_lease_secrets()
+            for op, fields in (
+                ("renew", {"lease": lease, "token": token}),
+                ("acquire", {"product": "app", "fingerprint": f"machine-{n:05d}"}),
+            ):
+                got = await flooder.request(op, **fields)
+                codes["ok" if got["ok"] else got["error"]["code"]] += 1
+        assert codes["RATE_LIMITED"] > 3000 and codes["ok"] == 3
+        # A client with a real lease renews it as always.
+        polite = await h.connect(peer="10.0.0.7")
+        held = await polite.acquire(fingerprint="machine-polite")
+        assert (await polite.request("renew", lease=held["lease"], token=held["token"]))["ok"]
+        await trio.sleep(61)
+        refused = [a for a in store.audit if a.event == "refused"]
+        assert len(refused) < 40, len(refused)
+        # Every refusal is accounted for, one by one or folded.
+        assert sum(a.repeats or 1 for a in refused) == 4000 - 3
+        assert any((a.repeats or 1) > 100 for a in refused)
+
+
+async def test_a_seat_holds_a_bounded_number_of_leases(
+    tmp_path: Path, vendor_key: Ed25519PrivateKey, autojump_clock: trio.testing.MockClock
+) -> None:
+    ent = sign(vendor_key, products=[product("app", seats=1)])
+    async with serving(tmp_path, vendor_key, ent, limits__leases_per_seat=5) as h:
+        c = await h.connect()
+        got = [await c.acquire(fingerprint="machine-one") for _ in range(6)]
+        assert [g["ok"] for g in got] == [True] * 5 + [False]
+        assert got[5]["error"]["code"] == "RATE_LIMITED"
+        assert (await c.request("release", lease=got[0]["lease"], token=got[0]["token"]))["ok"]
+        assert (await c.acquire(fingerprint="machine-one"))["ok"]

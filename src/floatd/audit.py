@@ -87,6 +87,7 @@ class AuditEntry:
     hostname: str | None
     peer: str | None
     code: str | None
+    count: int = 1  # refusals of a flood folded into one record
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -101,6 +102,7 @@ class AuditEntry:
             "hostname": self.hostname,
             "address": self.peer,
             "code": self.code,
+            "count": self.count,
         }
 
 
@@ -114,7 +116,8 @@ def read_audit(
 ) -> Iterator[AuditEntry]:
     """Records in time order.  A generator, so a long audit streams out."""
     sql = (
-        "SELECT ts, event, product, lease, fingerprint, instance, user, hostname, peer, code"
+        "SELECT ts, event, product, lease, fingerprint, instance, user, hostname, peer, code,"
+        " coalesce(repeats, 1)"
         f" FROM audit WHERE ts >= ? AND event IN ({','.join('?' * len(events))})"
     )
     args: list[Any] = [since, *events]
@@ -173,13 +176,15 @@ def _seat(blob: bytes | None, lease: str) -> tuple[str, ...]:
     return tuple(msgpack.unpackb(blob)) if blob is not None else (lease,)
 
 
-def seat_refusals(db: sqlite3.Connection, since: float, until: float) -> list[tuple[float, str]]:
-    """``(time, product)`` of every acquire refused for want of a seat."""
+def seat_refusals(
+    db: sqlite3.Connection, since: float, until: float
+) -> list[tuple[float, str, int]]:
+    """``(time, product, how many)`` of the acquires refused for want of a seat."""
     try:
         return [
-            (ts, product)
-            for ts, product in db.execute(
-                "SELECT ts, product FROM audit WHERE ts >= ? AND ts < ?"
+            (ts, product, count)
+            for ts, product, count in db.execute(
+                "SELECT ts, product, coalesce(repeats, 1) FROM audit WHERE ts >= ? AND ts < ?"
                 " AND event = 'refused' AND code = ?",
                 (since, until, NO_FREE_SEATS),
             )

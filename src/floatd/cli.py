@@ -557,7 +557,7 @@ def audit(
                 r.user,
                 r.hostname,
                 r.peer,
-                r.code,
+                r.code if r.count == 1 else f"{r.code} (x{r.count})",
             ]
             for r in records
         ]

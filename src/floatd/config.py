@@ -75,6 +75,8 @@ class Config:
     auth_failures_per_minute: float = 10.0
     connections_per_address: int = 512
     max_waiters: int = 1000
+    leases_per_seat: int = 256
+    lease_misses_per_minute: float = 60.0
     #: Where the file came from, for messages; not a config key.
     source: str = "<defaults>"
 
@@ -210,6 +212,8 @@ SCHEMA: dict[str, dict[str, tuple[str, Check]]] = {
         "auth_failures_per_minute": ("auth_failures_per_minute", _number(0)),
         "connections_per_address": ("connections_per_address", _number(0, integer=True)),
         "max_waiters": ("max_waiters", _number(0, integer=True)),
+        "leases_per_seat": ("leases_per_seat", _number(1, integer=True)),
+        "lease_misses_per_minute": ("lease_misses_per_minute", _number(0)),
     },
 }
 

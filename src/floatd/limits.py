@@ -48,3 +48,60 @@ class RateLimiter:
         buckets.move_to_end(key)
         if len(buckets) > self.max_keys:
             buckets.popitem(last=False)
+
+
+RefusalKey = tuple[str, str, str | None]  # (address, code, entitled product or None)
+
+
+class RefusalSampler:
+    """Folds floods of refusals into counts, so that no flood can grow the audit
+    trail or the log without bound.
+
+    Per key (address, code, product) the first ``full`` refusals of each window
+    are recorded one by one, as every refusal used to be; the rest of that
+    window are only counted, and :meth:`take_due` hands out one summary per
+    window that had any.  Keys live in insertion order, which is the order
+    their windows began, so ending windows costs O(ended), never a scan; the
+    table holds at most ``max_keys``, the oldest window closing early when full.
+    """
+
+    def __init__(self, full: int = 10, window: float = 60.0, max_keys: int = 4096) -> None:
+        self.full = full
+        self.window = window
+        self.max_keys = max_keys
+        # key -> [window start, refusals seen, refusals folded]
+        self._windows: dict[RefusalKey, list[float]] = {}
+        self._due: list[tuple[RefusalKey, int, float]] = []
+
+    def note(self, key: RefusalKey, now: float) -> bool:
+        """Count one refusal; True if it is to be recorded in full."""
+        entry = self._windows.get(key)
+        if entry is None or now - entry[0] >= self.window:
+            if entry is not None:
+                self._close(key, entry)
+            if len(self._windows) >= self.max_keys:
+                oldest = next(iter(self._windows))
+                self._close(oldest, self._windows[oldest])
+            self._windows[key] = [now, 1, 0]
+            return True
+        entry[1] += 1
+        if entry[1] <= self.full:
+            return True
+        entry[2] += 1
+        return False
+
+    def take_due(self, now: float) -> list[tuple[RefusalKey, int, float]]:
+        """(key, refusals folded, window start) of the windows ended by ``now``."""
+        windows = self._windows
+        while windows:
+            key, entry = next(iter(windows.items()))
+            if now - entry[0] < self.window:
+                break
+            self._close(key, entry)
+        due, self._due = self._due, []
+        return due
+
+    def _close(self, key: RefusalKey, entry: list[float]) -> None:
+        del self._windows[key]
+        if entry[2]:
+            self._due.append((key, int(entry[2]), entry[0]))

@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from floatd.errors import BadRequest, LeaseNotFound, NoFreeSeats, UnknownProduct
+from floatd.errors import BadRequest, LeaseNotFound, NoFreeSeats, RateLimited, UnknownProduct
 from floatd.records import record
 
 PER_MACHINE = "per-machine"
@@ -133,6 +133,10 @@ class SeatPool:
         self._expired: list[Lease] = []
         #: Waiters allowed per product; more get NO_FREE_SEATS at once.
         self.max_waiters = 1000
+        #: Leases one seat may hold (a per-machine seat is shared by every
+        #: process of the machine); more get RATE_LIMITED, so a client that
+        #: leaks leases cannot grow the state without bound.
+        self.max_leases_per_seat = 256
 
     # --- configuration -----------------------------------------------------
 
@@ -206,7 +210,12 @@ class SeatPool:
         if state is None or state.terms is None:
             raise UnknownProduct(f"unknown product {claim.product!r}")
         key = seat_key(state.terms, claim.fingerprint, claim.instance, claim.user)
-        if key in state.seats or (state.has_free_seat() and not state.waiting):
+        holders = state.seats.get(key)
+        if holders is not None and len(holders) >= self.max_leases_per_seat:
+            raise RateLimited(
+                f"this seat already holds {len(holders)} leases; release some before taking more"
+            )
+        if holders is not None or (state.has_free_seat() and not state.waiting):
             return self._grant(state, key, claim, now)
         if wait_until is not None and wait_until > now and state.waiting < self.max_waiters:
             waiter = Waiter(claim, wait_until)

@@ -96,7 +96,7 @@ def period_bounds(since: float, until: float, by: str) -> list[float]:
 
 def build_report(
     intervals: Iterable[Interval],
-    refusals: Iterable[tuple[float, str]],
+    refusals: Iterable[tuple[float, str, int]],
     since: float,
     until: float,
     by: str = "day",
@@ -114,10 +114,10 @@ def build_report(
             by_product.setdefault(iv.product, []).append(
                 Interval(iv.product, iv.seat, start, end, iv.user, iv.fingerprint)
             )
-    refused: dict[str, list[float]] = {}
-    for ts, code in refusals:
+    refused: dict[str, list[tuple[float, int]]] = {}
+    for ts, code, count in refusals:
         if since <= ts < until:
-            refused.setdefault(code, []).append(ts)
+            refused.setdefault(code, []).append((ts, count))
             by_product.setdefault(code, [])
 
     rows: list[PeriodUsage] = []
@@ -133,8 +133,8 @@ def build_report(
                     p.users.add(iv.user)
                 if iv.fingerprint:
                     p.machines.add(iv.fingerprint)
-        for ts in refused.get(code, ()):
-            periods[_period_index(edges, ts)].refusals += 1
+        for ts, count in refused.get(code, ()):
+            periods[_period_index(edges, ts)].refusals += count
         rows.extend(periods)
     return Report(since, until, by, rows, series)
 

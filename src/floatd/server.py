@@ -242,6 +242,8 @@ class Server:
             config.acquire_burst,
             config.auth_failures_per_minute,
             config.max_waiters,
+            config.leases_per_seat,
+            config.lease_misses_per_minute,
         )
 
     # --- start-up ------------------------------------------------------------

@@ -24,6 +24,7 @@ from floatd.errors import (
     AuthFailed,
     FloatdError,
     IpNotAllowed,
+    LeaseNotFound,
     LicenseRefusal,
     NoFreeSeats,
     RateLimited,
@@ -31,7 +32,7 @@ from floatd.errors import (
     Unavailable,
     UnknownProduct,
 )
-from floatd.limits import RateLimiter
+from floatd.limits import RateLimiter, RefusalSampler
 from floatd.pool import Claim, Lease, PoolProduct, SeatPool, Waiter, hash_token
 from floatd.protocol.connection import PROTOCOL_VERSION
 from floatd.protocol.messages import Acquire, Hello, Info, Ping, Release, Renew, Request, ok
@@ -109,6 +110,10 @@ class LeaseService:
         self.clock_guard = ClockGuard(allowed_clock_offset)
         self.acquire_limit = RateLimiter(20.0, 200.0)
         self.auth_limit = RateLimiter(10.0 / 60, 10.0)
+        # Renewals and releases of leases that do not exist (made-up ids, a
+        # client renewing what it lost long ago) per address.
+        self.miss_limit = RateLimiter(1.0, 60.0)
+        self.refusal_sampler = RefusalSampler()
         self.pool = SeatPool()
         #: False while the durable state cannot be written: every request that
         #: would change a seat is refused (UNAVAILABLE) before it touches the
@@ -169,6 +174,7 @@ class LeaseService:
         filled from disk by :meth:`restore` (recovery after a failed write)."""
         pool = SeatPool()
         pool.max_waiters = self.pool.max_waiters
+        pool.max_leases_per_seat = self.pool.max_leases_per_seat
         self.pool = pool
         self._queued.clear()
         self._woken.clear()
@@ -193,6 +199,23 @@ class LeaseService:
     def advance(self, now: float) -> None:
         self.pool.advance(now)
         self._collect()
+        self._fold_refusals(now)
+
+    def _fold_refusals(self, now: float) -> None:
+        """One audit record and one log line per (address, code, product) and
+        window for the refusals the sampler only counted."""
+        for (address, code, product), count, since in self.refusal_sampler.take_due(now):
+            record = Audit(since, "refused", product, peer=address, code=code, repeats=count)
+            self._changes.append(record)
+            self._log(
+                "lease_refusals_folded",
+                "warning",
+                address=address,
+                code=code,
+                product=product,
+                count=count,
+                since=since,
+            )
 
     def next_deadline(self) -> float | None:
         return self.pool.next_deadline()
@@ -247,9 +270,9 @@ class LeaseService:
             if isinstance(req, Acquire):
                 return self._acquire(req, now, peer, authenticated)
             if isinstance(req, Renew):
-                return self._renew(req, now)
+                return self._renew(req, now, peer)
             if isinstance(req, Release):
-                return self._release(req, now)
+                return self._release(req, now, peer)
             if isinstance(req, Info):
                 return self._info(req, now)
             if isinstance(req, Ping):
@@ -294,10 +317,13 @@ class LeaseService:
             record = Audit(now, "refused", None, lease=req.lease, peer=peer, code=code)
         else:
             return
-        self._changes.append(record)
         self.events["refused", record.product or ""] += 1
         if record.product is not None:
             self.refusals[record.product, code] += 1
+        entitled = record.product if record.product in self._product_info else None
+        if not self.refusal_sampler.note((limit_key(peer), code, entitled), now):
+            return  # a flood: counted, and folded into one record (_fold_refusals)
+        self._changes.append(record)
         self._log(
             "lease_refused",
             op=type(req).__name__.lower(),
@@ -342,11 +368,16 @@ class LeaseService:
         burst: float,
         auth_failures_per_minute: float,
         waiters: int,
+        leases_per_seat: int = 256,
+        lease_misses_per_minute: float = 60.0,
     ) -> None:
         self.acquire_limit.rate, self.acquire_limit.burst = acquires_per_second, burst
         self.auth_limit.rate = auth_failures_per_minute / 60
         self.auth_limit.burst = max(1.0, auth_failures_per_minute)
         self.pool.max_waiters = waiters
+        self.pool.max_leases_per_seat = leases_per_seat
+        self.miss_limit.rate = lease_misses_per_minute / 60
+        self.miss_limit.burst = max(1.0, lease_misses_per_minute)
 
     def needs_password_check(self, req: Acquire, now: float, peer: str | None) -> bool:
         """Whether this acquire is for a user-authorized product and worth an
@@ -470,12 +501,22 @@ class LeaseService:
         elif self.pool.lease(waiter.lease.id) is waiter.lease:
             self.revoke(waiter.lease.id, now)
 
-    def _renew(self, req: Renew, now: float) -> dict[str, Any]:
+    def _missed(self, peer: str | None, now: float) -> None:
+        """A renew or release named no lease: past a handful a second from one
+        address, that is a flood or a broken client, and it is slowed down."""
+        if not self.miss_limit.allow(limit_key(peer), now):
+            raise RateLimited("too many renewals or releases of unknown leases; slow down")
+
+    def _renew(self, req: Renew, now: float, peer: str | None) -> dict[str, Any]:
         self._check_writable()
         ent = self._check_server(now)
         # The token first: a refusal about the product would tell a stranger
         # that the lease exists.
-        lease = self.pool.authorize(now, req.lease, hash_token(req.token))
+        try:
+            lease = self.pool.authorize(now, req.lease, hash_token(req.token))
+        except LeaseNotFound:
+            self._missed(peer, now)
+            raise
         terms = ent.product(lease.product)
         if terms is not None:
             check_product(terms, now)
@@ -485,9 +526,13 @@ class LeaseService:
         expires_in = lease.expires_at - now
         return ok(req.id, expires_in=expires_in, renew_in=expires_in / 2)
 
-    def _release(self, req: Release, now: float) -> dict[str, Any]:
+    def _release(self, req: Release, now: float, peer: str | None) -> dict[str, Any]:
         self._check_writable()
-        lease = self.pool.release(now, req.lease, hash_token(req.token))
+        try:
+            lease = self.pool.release(now, req.lease, hash_token(req.token))
+        except LeaseNotFound:
+            self._missed(peer, now)
+            raise
         self._changes.append(DeleteLease(lease.id))
         self._lease_event("released", lease, now)
         return ok(req.id)

@@ -78,6 +78,9 @@ class Audit(NamedTuple):
     # place of the service (see floatd.writer).  Only for the events whose line
     # carries nothing but the record's own fields.
     log: bool = False
+    #: How many refusals one record stands for (a flood folded into one record,
+    #: see floatd.limits.RefusalSampler); None: just this one.
+    repeats: int | None = None
 
 
 class PruneAudit(NamedTuple):
@@ -223,6 +226,10 @@ _MIGRATIONS = [
         PRIMARY KEY (email, product)
     );
     """,
+    # Refusals of a flood are folded into one record with their number.
+    """
+    ALTER TABLE audit ADD COLUMN repeats INTEGER;
+    """,
 ]
 
 AUDIT_COLUMNS = (
@@ -238,6 +245,7 @@ AUDIT_COLUMNS = (
     "code",
     "seat",
     "granted_at",
+    "repeats",
 )
 
 # Leases are stored by an integer row number the store assigns in order, not by
@@ -321,6 +329,7 @@ def _audit_row(a: Audit) -> tuple[object, ...]:
         a.code,
         None if a.seat is None else pack(a.seat),
         a.granted_at,
+        a.repeats,
     )
 
 
