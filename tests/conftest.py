@@ -124,6 +124,8 @@ class MemoryStore:
         self.fail_next = 0
         # Frozen: writes are silently lost, as if the process had died just now.
         self.frozen = False
+        # The database file was deleted or swapped under the running server.
+        self.replaced = False
 
     def load_leases(self) -> list[Lease]:
         return [dataclasses.replace(lease) for lease in self.leases.values()]
@@ -153,6 +155,12 @@ class MemoryStore:
                 self.audit.append(change)
             elif isinstance(change, PruneAudit):
                 self.audit = [a for a in self.audit if a.ts >= change.before]
+
+    def check_identity(self) -> None:
+        from floatd.errors import StoreError
+
+        if self.replaced:
+            raise StoreError("the state database was replaced (simulated)")
 
     def close(self) -> None:
         pass

@@ -13,6 +13,7 @@ from test_ops import get, http
 from test_server import Harness
 
 from floatd.activation import atomic_write
+from floatd.admin import AdminServer
 from floatd.clockguard import ClockGuard
 from floatd.server import Server
 
@@ -126,3 +127,107 @@ async def test_a_state_dir_copied_to_another_machine_serves_nothing(
         renew = await client.request("renew", lease=held["lease"], token=held["token"])
         assert renew["error"]["code"] == "NOT_ACTIVATED"  # the copied lease is no use either
         clone.stop()
+
+
+def _server(tmp_path: Path, store: MemoryStore, wall: list[float]) -> Server:
+    """A server whose wall clock is BASE + MockClock time + ``wall[0]``."""
+    cfg = make_config(tmp_path, vendor_key_of(tmp_path))
+    return Server(
+        cfg,
+        store,
+        SERVER_ID,
+        clock=lambda: BASE + trio.current_time() + wall[0],
+        run_sync=inline_run_sync,
+    )
+
+
+def vendor_key_of(tmp_path: Path) -> Ed25519PrivateKey:
+    """One vendor key per test directory (the config and entitlement must agree)."""
+    from cryptography.hazmat.primitives import serialization
+
+    path = tmp_path / "vendor.pem"
+    if not path.exists():
+        key = Ed25519PrivateKey.generate()
+        path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+    loaded = serialization.load_pem_private_key(path.read_bytes(), None)
+    assert isinstance(loaded, Ed25519PrivateKey)
+    return loaded
+
+
+async def test_a_wall_clock_step_neither_expires_nor_stretches_leases(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    key = vendor_key_of(tmp_path)
+    wall = [0.0]
+    store = MemoryStore()
+    server = _server(tmp_path, store, wall)
+    atomic_write(
+        server.config.entitlement_path,
+        sign(key, products=[product("app", seats=2, lease_duration=120)]),
+    )
+    server.load_state()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        h = Harness(server, store, nursery)
+        c = await h.connect()
+        held = await c.acquire("app")  # ends 120 s from now, whatever the clock says
+        await trio.sleep(60)
+        wall[0] = 180.0  # stepped forward past the lease's date
+        await trio.sleep(50)
+        assert (await c.request("info", product="app"))["used"] == 1
+        assert store.leases[held["lease"]].expires_at == BASE + 120 + 180  # persisted
+        wall[0] = 0.0  # put right again: not a clock turned back, and nothing stretched
+        await trio.sleep(5)
+        renewed = await c.request("renew", lease=held["lease"], token=held["token"])
+        assert renewed["ok"], renewed
+        other = await c.acquire("app", fingerprint="machine-0002")
+        wall[0] = -30.0
+        await trio.sleep(121)  # a step back does not stretch a lease either
+        c = await h.connect()  # (the old connection was idle too long)
+        gone = await c.request("renew", lease=other["lease"], token=other["token"])
+        assert gone["error"]["code"] == "LEASE_NOT_FOUND"
+        assert server.clock_steps == 3
+        server.stop()
+
+
+async def test_a_clock_set_far_ahead_and_put_right_is_reset_by_the_admin(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    key = vendor_key_of(tmp_path)
+    year = 365 * 86400.0
+    wall = [year]  # started a year ahead
+    store = MemoryStore()
+    ahead = _server(tmp_path, store, wall)
+    atomic_write(ahead.config.entitlement_path, sign(key, products=[product("app", seats=2)]))
+    ahead.load_state()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(ahead.run)
+        c = await Harness(ahead, store, nursery).connect()
+        held = await c.acquire("app")
+        await trio.sleep(15)  # the mark, a year ahead, is persisted
+        ahead.stop()
+    wall[0] = 0.0  # the operator puts the clock right and restarts
+    fixed = _server(tmp_path, store, wall)
+    fixed.load_state()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fixed.run)
+        c = await Harness(fixed, store, nursery).connect()
+        refused = await c.acquire("app", fingerprint="machine-0002")
+        assert refused["error"]["code"] == "SERVER_TIME_MODIFIED"
+        (answer,) = await AdminServer(fixed, tmp_path / "x.sock").answer({"cmd": "clock_reset"})
+        assert answer["ok"] and answer["leases_clamped"] == 1
+        assert (await c.acquire("app", fingerprint="machine-0002"))["ok"]
+        now = BASE + trio.current_time()
+        # The lease the wrong clock dated a year ahead ends a duration from now.
+        assert store.leases[held["lease"]].expires_at <= now + 60
+        assert [a.event for a in store.audit].count("clock_reset") == 1
+        fixed.stop()
+    again = _server(tmp_path, store, wall)
+    again.load_state()
+    assert again.service.activation_state(BASE + trio.current_time()) == "active"

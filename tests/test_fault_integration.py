@@ -14,6 +14,9 @@ import os
 import random
 import signal
 import socket
+import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -255,3 +258,107 @@ def test_a_flood_grows_the_state_and_the_log_by_a_bounded_amount(
         print(f"flood of 40,000 refusals: database +{db_growth} B, log +{log_growth} B")
         assert db_growth < 2_000_000, db_growth
         assert log_growth < 500_000, log_growth
+
+
+def floatd_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "floatd", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "FLOATD_CONFIG": ""},
+    )
+
+
+def refused_start(d: Daemon) -> str:
+    """Start the daemon expecting it to refuse: its one line of output."""
+    with pytest.raises(RuntimeError, match="exited with 1") as failed:
+        d.start(d.port, env=d.env)
+    output = str(failed.value)
+    assert "Traceback" not in output
+    return output
+
+
+def test_a_database_deleted_while_running_is_noticed_and_not_started_on(
+    setup: tuple[Daemon, Path],
+) -> None:
+    d, _ = setup
+    d.start(env=d.env)
+    state = d.config.parent / "state"
+    with client(d) as c:
+        assert acquire(c, "machine-a")["ok"]
+    for path in state.glob("floatd.sqlite3*"):
+        path.unlink()
+    wait_for(lambda: health(d) == (503, "state_unavailable"), "the loss to be noticed", 5)
+    assert any("deleted" in e.get("reason", "") for e in d.events() if e.get("level") == "error")
+    d.kill9()
+    output = refused_start(d)
+    assert "missing or empty" in output and "floatd state reset" in output
+    reset = floatd_cli("state", "reset", "--config", str(d.config))
+    assert reset.returncode == 2 and "--yes" in reset.stderr
+    reset = floatd_cli("state", "reset", "--yes", "--config", str(d.config))
+    assert reset.returncode == 0, reset.stderr
+    d.start(d.port, env=d.env)
+    with client(d) as c:
+        assert c.request("info", product="app")["used"] == 0
+
+
+@pytest.mark.parametrize("damage", ["truncated", "wal_lost", "garbage"])
+def test_a_damaged_database_is_refused_with_one_line(
+    setup: tuple[Daemon, Path], damage: str
+) -> None:
+    d, _ = setup
+    d.start(env=d.env)
+    database = d.config.parent / "state" / "floatd.sqlite3"
+    with client(d) as c:
+        for n in range(40):  # some pages to damage
+            c.request("acquire", product="app", fingerprint=f"m-{n}", hostname="h" * 200)
+    if damage == "wal_lost":
+        d.kill9()  # no checkpoint: the recent commits live in the WAL alone
+        for suffix in ("-wal", "-shm"):
+            database.with_name(database.name + suffix).unlink(missing_ok=True)
+    else:
+        assert d.terminate() == 0  # a clean stop checkpoints: the pages are in the file
+        if damage == "truncated":
+            database.write_bytes(b"")
+        else:
+            with open(database, "r+b") as fh:
+                fh.seek(database.stat().st_size // 2)
+                fh.write(random.Random(5).randbytes(8192))
+    output = refused_start(d)
+    assert "floatd state reset" in output, output
+    assert ("damaged" if damage == "garbage" else "missing or empty") in output
+
+
+def test_a_clock_mark_far_ahead_is_reset_from_the_command_line(
+    setup: tuple[Daemon, Path],
+) -> None:
+    """As after a start with the clock a year ahead, then put right: the state
+    says it has seen a time a year from now."""
+    d, _ = setup
+    d.start(env=d.env)
+    assert d.terminate() == 0
+    database = d.config.parent / "state" / "floatd.sqlite3"
+    ahead = repr(time.time() + 365 * 86400)
+    with sqlite3.connect(database) as db:
+        db.executemany(
+            "INSERT OR REPLACE INTO meta VALUES (?, ?)",
+            [("clock_mark", ahead), ("last_cut", ahead)],
+        )
+    d.start(d.port, env=d.env)
+    with client(d) as c:
+        assert acquire(c, "machine-a")["error"]["code"] == "SERVER_TIME_MODIFIED"
+        assert health(d) == (503, "time_modified")
+        unconfirmed = floatd_cli("clock", "reset", "--config", str(d.config))
+        assert unconfirmed.returncode == 2 and "--yes" in unconfirmed.stderr
+        reset = floatd_cli("clock", "reset", "--yes", "--config", str(d.config))
+        assert reset.returncode == 0, reset.stderr
+        assert "clock mark reset" in reset.stdout
+        assert acquire(c, "machine-a")["ok"]
+    audit = floatd_cli(
+        "audit", "--since", "1h", "--event", "clock_reset", "--config", str(d.config)
+    )
+    assert audit.returncode == 0 and "clock_reset" in audit.stdout, audit.stdout + audit.stderr
+    d.kill9()
+    d.start(d.port, env=d.env)  # and it stays reset across a restart
+    assert health(d) == (200, "ok")

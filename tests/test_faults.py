@@ -195,3 +195,22 @@ async def test_an_admin_revoke_is_refused_while_unavailable(
         store.fail = False
         await _recovered(h)
         assert set(store.leases) == {held["lease"]}
+
+
+async def test_a_database_replaced_while_running_stops_writes(
+    tmp_path: Path, vendor_key: Ed25519PrivateKey, autojump_clock: trio.testing.MockClock
+) -> None:
+    store = MemoryStore()
+    async with serving(tmp_path, vendor_key, _ent(vendor_key), store=store) as h:
+        c = await h.connect()
+        held = await c.acquire("app", "machine-1")
+        store.replaced = True
+        await trio.sleep(1.5)  # noticed within a second or so
+        assert not h.server.service.writable
+        got = await c.request("renew", lease=held["lease"], token=held["token"])
+        assert got["error"]["code"] == "UNAVAILABLE"
+        await trio.sleep(10)
+        assert not h.server.service.writable  # no recovery onto a file nobody reads
+        store.replaced = False
+        await _recovered(h)
+        assert (await c.request("renew", lease=held["lease"], token=held["token"]))["ok"]

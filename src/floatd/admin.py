@@ -155,6 +155,8 @@ class AdminServer:
                 return [{"ok": True, "lease": row}]
             if cmd == "reload":
                 return [{"ok": True, **await server.reload()}]
+            if cmd == "clock_reset":
+                return [{"ok": True, **await server.reset_clock()}]
             if cmd == "end_user":
                 email, product = request.get("email"), request.get("product")
                 if not isinstance(email, str) or not isinstance(product, str):

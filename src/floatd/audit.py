@@ -21,7 +21,15 @@ import msgpack
 from floatd.errors import StoreError
 from floatd.report import Interval
 
-AUDIT_EVENTS = ("granted", "renewed", "released", "expired", "revoked", "refused")
+AUDIT_EVENTS = (
+    "granted",
+    "renewed",
+    "released",
+    "expired",
+    "revoked",
+    "refused",
+    "clock_reset",
+)
 END_EVENTS = ("released", "expired", "revoked")
 NO_FREE_SEATS = "NO_FREE_SEATS"
 

@@ -24,6 +24,7 @@ import click
 import trio
 
 from floatd import __version__
+from floatd.audit import AUDIT_EVENTS
 from floatd.config import Config, load_config, read_machine_id
 from floatd.entitlement import Entitlement
 from floatd.errors import AuthorityError, ConfigError, FloatdError
@@ -510,7 +511,7 @@ def _when(text: str | None, default: float, now: float, option: str) -> float:
     "--event",
     "events",
     multiple=True,
-    type=click.Choice(["granted", "renewed", "released", "expired", "revoked", "refused"]),
+    type=click.Choice(list(AUDIT_EVENTS)),
     help="Only these events (repeatable).",
 )
 @click.option("--limit", type=click.IntRange(min=1), help="At most this many records.")
@@ -854,6 +855,76 @@ def _err(exc: FloatdError) -> dict[str, Any]:
     from floatd.client.connection import wire_code
 
     return {"code": wire_code(exc), "message": exc.message, **exc.details}
+
+
+@main.group("clock")
+def clock_group() -> None:
+    """The server's clock guard (SERVER_TIME_MODIFIED)."""
+
+
+@clock_group.command("reset")
+@config_option
+@click.option("--yes", is_flag=True, help="Confirm: the clock has been checked and is right.")
+@json_option
+@guarded
+def clock_reset(config_path: Path | None, yes: bool, as_json: bool) -> None:
+    """Forget the latest time the server has seen, once its clock is right again.
+
+    floatd refuses leasing while the clock reads earlier than a time it has
+    already seen (it may have been turned back to stretch a license).  After a
+    clock that was set far ahead is put right, that refusal would last until
+    real time caught up: check the clock (timedatectl), then run this.  The
+    running daemon takes it at once; it is audited (clock_reset) and logged."""
+    if not yes:
+        raise click.UsageError("check the server's clock first, then add --yes")
+    result = _ask(config_path, "clock_reset")
+    if as_json:
+        _echo_json(result)
+        return
+    from floatd.audit import iso
+
+    click.echo(
+        f"clock mark reset from {iso(result['old_mark'])} to {iso(result['new_mark'])};"
+        f" {result['leases_clamped']} lease(s) dated by the wrong clock now end sooner"
+    )
+
+
+# --- the state dir ----------------------------------------------------------------------
+
+
+@main.group("state")
+def state_group() -> None:
+    """The state dir (what to do when floatd refuses to start on it)."""
+
+
+@state_group.command("reset")
+@config_option
+@click.option("--yes", is_flag=True, help="Confirm: every lease the state held is forgotten.")
+@guarded
+def state_reset(config_path: Path | None, yes: bool) -> None:
+    """Start over with an empty state database, when the old one is lost or
+    damaged and there is no backup: its files are moved aside, not deleted.
+
+    Clients holding leases from before must acquire again; until their old
+    leases would have expired, more seats may be in use than floatd counts."""
+    import fcntl
+
+    from floatd.state_identity import StateIdentity
+    from floatd.writer import lock_path
+
+    if not yes:
+        raise click.UsageError("this forgets every lease in the state: add --yes to go ahead")
+    config = _load(config_path)
+    database = config.database_path
+    try:
+        with open(lock_path(database), "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            moved = StateIdentity(database).reset()
+    except BlockingIOError:
+        _fail("floatd is running on this state dir: stop it first", 1)
+    for path in moved:
+        click.echo(f"moved aside: {path}")
+    click.echo(f"the state in {config.state_dir} starts empty at the next start")
 
 
 # --- license users ----------------------------------------------------------------------

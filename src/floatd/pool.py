@@ -270,6 +270,23 @@ class SeatPool:
                 state.waiting -= 1
                 self._compact(state)
 
+    def shift(self, delta: float) -> list[Lease]:
+        """Move every lease's expiry and every waiter's deadline by ``delta``
+        seconds: the wall clock was stepped, and what was promised is time left,
+        not a date.  O(n), for a rare event; returns the leases moved."""
+        leases = list(self._leases.values())
+        for lease in leases:
+            lease.expires_at += delta
+        self._expiry = [(lease.expires_at, lease.id) for lease in leases]
+        heapq.heapify(self._expiry)
+        waits = []
+        for _, seq, waiter in self._waits:
+            waiter.deadline += delta
+            waits.append((waiter.deadline, seq, waiter))
+        heapq.heapify(waits)
+        self._waits = waits
+        return leases
+
     def drop_waiters(self) -> list[Waiter]:
         """Empty every wait queue; returns the waiters that were still waiting
         (marked done, with no lease, and not reported by :meth:`take_woken`)."""

@@ -73,7 +73,15 @@ from floatd.protocol.messages import (
 )
 from floatd.service import LeaseService, limit_key
 from floatd.status_http import StatusServer
-from floatd.store import Change, LeaseStore, PruneAudit, SetExpiry, SetMeta, extend_after_crash
+from floatd.store import (
+    Audit,
+    Change,
+    LeaseStore,
+    PruneAudit,
+    SetExpiry,
+    SetMeta,
+    extend_after_crash,
+)
 from floatd.systemd import Notifier
 from floatd.transport import ReadinessHub, TcpStream
 from floatd.writer import ProcessLeaseStore
@@ -93,6 +101,11 @@ META_CLOCK_MARK = "clock_mark"
 #: The watchdog is fed only while the writer has committed this recently: a
 #: hung disk should get the daemon restarted, not look healthy.
 WATCHDOG_COMMIT_AGE = 10.0
+#: A jump of the wall clock against the monotonic one larger than this between
+#: two readings is a step (an admin or NTP setting the clock), not a drift.
+CLOCK_STEP = 1.0
+#: How often the database file is checked for having been deleted or replaced.
+DATABASE_CHECK = 1.0
 #: While the state cannot be written, how often a reload from disk is tried.
 RECOVERY_RETRY = 1.0
 #: ... and how often (in tries) the log says it is still failing.
@@ -169,7 +182,9 @@ class Server:
         notifier: Notifier | None = None,
     ) -> None:
         self.config = config
-        self.clock = clock
+        self._wall = clock
+        self._skew: float | None = None  # wall minus monotonic at the last reading
+        self.clock_steps = 0
         self.started_at = clock()
         self.stats = RequestStats()
         # How ``floatd reload`` and SIGHUP re-read the config (file, env, CLI
@@ -187,7 +202,7 @@ class Server:
         self._use_log(config.log_level)
         # Tests inject an async stand-in so MockClock controls every wait.
         self._run_sync: RunSync = run_sync or trio.to_thread.run_sync
-        self.committer = GroupCommitter(store, clock, run_sync)
+        self.committer = GroupCommitter(store, self.clock, run_sync)
         self.committer.on_failure = self._state_failed
         # Set while the state cannot be written: the recovery task's cue.
         self._unavailable = trio.Event()
@@ -223,6 +238,51 @@ class Server:
         self.online = False  # an online activation is in force (see _refresh_online)
         self._tls = tls_context(config)
         self.status.tls = tls_context(config, "status")
+
+    def clock(self) -> float:
+        """The wall clock (unix seconds), watched for steps.
+
+        Within a run, leases follow the monotonic clock: when the wall clock is
+        stepped (by hand, or by NTP after a long drift), every lease keeps the
+        time it had left rather than its date, so a step forward expires nobody
+        and a step back stretches nobody (see :meth:`_clock_stepped`).  Outside
+        trio (start-up) there is nothing to compare with yet."""
+        wall = self._wall()
+        try:
+            mono = trio.current_time()
+        except RuntimeError:
+            return wall
+        skew, last = wall - mono, self._skew
+        self._skew = skew
+        if last is not None and abs(skew - last) > CLOCK_STEP:
+            self._clock_stepped(skew - last)
+        return wall
+
+    def _clock_stepped(self, delta: float) -> None:
+        self.clock_steps += 1
+        moved = self.service.shift_time(delta)
+        log.warning("clock_stepped", seconds=round(delta, 3), leases_kept=moved)
+
+    async def reset_clock(self) -> dict[str, Any]:
+        """``floatd clock reset``: forget the high-water mark of the wall clock,
+        after an operator put right a clock that was set far ahead (the guard
+        would otherwise refuse leasing until real time caught up).  Leases that
+        the wrong clock dated far ahead end a full duration from now at most."""
+        if not self.service.writable:
+            raise Unavailable("the state cannot be written right now; try again")
+        now = self.clock()
+        guard = self.service.clock_guard
+        old = guard.mark
+        guard.mark = now
+        guard.start(now, trio.current_time())
+        clamped = self.service.clamp_expiries(now, LAZY_WINDOW)
+        batch = self.committer.submit(
+            [Audit(now, "clock_reset", None), SetMeta(META_CLOCK_MARK, repr(now))]
+        )
+        self._flush()  # the clamped expiries, into the same batch
+        await batch.wait()
+        log.warning("clock_mark_reset", old_mark=old, new_mark=now, leases_clamped=clamped)
+        return {"old_mark": old, "new_mark": now, "leases_clamped": clamped}
 
     def _use_log(self, level: str) -> None:
         """Log at ``level`` (after ``logs.configure``).  Lease event lines in JSON
@@ -328,6 +388,18 @@ class Server:
                     owner.advance()
         self._unavailable.set()
 
+    async def _watch_database(self) -> None:
+        """Notice within a second a database deleted or replaced while running:
+        writes would go on to a file nobody will ever read again."""
+        while True:
+            await trio.sleep(DATABASE_CHECK)
+            try:
+                await self._run_sync(self.store.check_identity)
+            except StoreError as exc:
+                if self.committer.failure is None:
+                    self.committer.failure = exc
+                self._state_failed(exc)
+
     async def _recover(self) -> None:
         """While the state cannot be written, reload it from disk once a second,
         exactly as a restart after a crash would, until that reload commits."""
@@ -347,6 +419,7 @@ class Server:
     async def _reload_state(self) -> None:
         """Rebuild the pool from disk and commit that; the service is writable
         again once the commit succeeds (StoreError otherwise)."""
+        await self._run_sync(self.store.check_identity)
         meta, leases = await self._run_sync(self._read_state)
         now = self.clock()
         self.service.reset(now)
@@ -471,6 +544,7 @@ class Server:
                 background.start_soon(self._send_answers)
                 background.start_soon(self._prune_audit)
                 background.start_soon(self._recover)
+                background.start_soon(self._watch_database)
                 background.start_soon(self._refresh_online)
                 for status_listener in self._status_listeners:
                     background.start_soon(self.status.serve, status_listener)

@@ -181,6 +181,26 @@ class LeaseService:
         self._changes.clear()
         self.install(self.entitlement, now)
 
+    def shift_time(self, delta: float) -> int:
+        """The wall clock jumped by ``delta``: keep every lease's time left (see
+        :meth:`SeatPool.shift`) and persist the moved expiries."""
+        moved = self.pool.shift(delta)
+        self._changes.extend(SetExpiry(lease.id, lease.expires_at) for lease in moved)
+        return len(moved)
+
+    def clamp_expiries(self, now: float, slack: float) -> int:
+        """After the clock mark was reset (a clock that was far ahead, now put
+        right): no lease runs longer than a full duration (plus ``slack``) from
+        now, whatever date it was given by the wrong clock."""
+        clamped = 0
+        for lease in self.pool.leases():
+            if lease.expires_at > now + lease.duration + slack:
+                lease.expires_at = now + lease.duration
+                self._changes.append(SetExpiry(lease.id, lease.expires_at))
+                clamped += 1
+        self.pool.shift(0.0)  # rebuild the heaps around the new times
+        return clamped
+
     def abandon_waiters(self) -> list[tuple[Waiter, int]]:
         """Take every queued acquire out of its queue, with its request id: the
         state can no longer be written, so none of them can be granted."""

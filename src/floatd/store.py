@@ -103,6 +103,10 @@ class LeaseStore(Protocol):
 
     def apply(self, changes: Sequence[Change]) -> None: ...
 
+    def check_identity(self) -> None:
+        """StoreError if the durable state is no longer where it was (a database
+        file deleted or replaced while running: floatd.state_identity)."""
+
     def close(self) -> None: ...
 
 
@@ -383,6 +387,7 @@ class SQLiteLeaseStore:
     """The single-node backend.  Callers serialise access (one writer)."""
 
     def __init__(self, path: Path) -> None:
+        self._path = path
         self._db = open_database(path)
         # The id -> row map is built on the first write: a store that only
         # loads (the server's side of the writer process) never needs it.
@@ -397,7 +402,26 @@ class SQLiteLeaseStore:
             self._next_row = (last or 0) + 1
         return self._row_map
 
+    def check(self) -> None:
+        """SQLite's quick integrity check: a damaged file is refused at start with
+        one line, not met later as a traceback in the middle of serving."""
+        try:
+            problems = [row[0] for row in self._db.execute("PRAGMA quick_check")]
+        except sqlite3.Error as exc:
+            problems = [str(exc)]
+        if problems != ["ok"]:
+            raise StoreError(
+                f"the state database {self._path} is damaged ({problems[0][:200]}): restore it"
+                " from a backup, or run `floatd state reset` to start empty"
+            )
+
     def load_leases(self) -> list[Lease]:
+        try:
+            return self._load_leases()
+        except (sqlite3.Error, ValueError, TypeError) as exc:
+            raise StoreError(f"cannot read the leases in {self._path}: {exc}") from None
+
+    def _load_leases(self) -> list[Lease]:
         rows = self._db.execute(
             "SELECT id, token_hash, product, seat, fingerprint, instance, user, hostname,"
             " meta, peer, granted_at, expires_at, duration FROM leases"
@@ -422,7 +446,13 @@ class SQLiteLeaseStore:
         ]
 
     def load_meta(self) -> dict[str, str]:
-        return dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+        try:
+            return dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read {self._path}: {exc}") from None
+
+    def check_identity(self) -> None:
+        return None  # the writer process's store watches the file
 
     def apply(self, changes: Sequence[Change]) -> None:
         self.write(prepare(changes))

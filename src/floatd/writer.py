@@ -62,7 +62,8 @@ from floatd.errors import StoreError
 from floatd.logs import get_logger, lease_line
 from floatd.pool import Lease
 from floatd.protocol.codec import pack
-from floatd.store import Change, SQLiteLeaseStore, WriteSet, prepare
+from floatd.state_identity import META_STATE_ID, StateIdentity
+from floatd.store import Change, SetMeta, SQLiteLeaseStore, WriteSet, prepare
 
 log = get_logger()
 _LENGTH = struct.Struct(">I")
@@ -126,11 +127,30 @@ class ProcessLeaseStore:
         self._streams: tuple[trio.lowlevel.FdStream, trio.lowlevel.FdStream] | None = None
         self._buffer = bytearray()
         self._proc = self._spawn()
+        self.identity = StateIdentity(database)
         try:
             self._local = SQLiteLeaseStore(database)
+            self._local.check()
+            self._claim()
         except BaseException:
             self._reap(kill=True)
             raise
+
+    def _claim(self) -> None:
+        """Refuse a database that is not the one this server wrote; on a first
+        start, record its id (see floatd.state_identity)."""
+        new = self.identity.claim(self._local.load_meta())
+        if new is not None:
+            try:
+                self.apply([SetMeta(META_STATE_ID, new)])
+            except StoreError:
+                pass  # a disk that refuses writes: the next start records it
+            else:
+                self.identity.write_marker(new)
+        self.identity.pin()
+
+    def check_identity(self) -> None:
+        self.identity.check()
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         env = dict(os.environ)
