@@ -15,8 +15,6 @@ import random
 import signal
 import socket
 import sqlite3
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +24,7 @@ import pytest
 from conftest import payload, product, write_config
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from daemon import Daemon, children_of, gone, wait_for
+from test_integration import floatd_cli
 
 from floatd.activation import atomic_write
 from floatd.client.simple import SimpleClient
@@ -258,16 +257,6 @@ def test_a_flood_grows_the_state_and_the_log_by_a_bounded_amount(
         print(f"flood of 40,000 refusals: database +{db_growth} B, log +{log_growth} B")
         assert db_growth < 2_000_000, db_growth
         assert log_growth < 500_000, log_growth
-
-
-def floatd_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "floatd", *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env={**os.environ, "FLOATD_CONFIG": ""},
-    )
 
 
 def refused_start(d: Daemon) -> str:
