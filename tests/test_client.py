@@ -80,6 +80,29 @@ async def test_the_server_down_past_expiry_reports_the_loss(server: Daemon) -> N
             assert seen == [fc.UNREACHABLE] and held.expires_in == 0
 
 
+async def test_a_renewal_refused_as_unavailable_is_retried_not_lost(
+    server: Daemon, tmp_path: Path
+) -> None:
+    """The daemon's writes fail for 2 s (its test switch); the lease lasts 4 s:
+    renewals refused with UNAVAILABLE are retried, and the seat is kept."""
+    fault = tmp_path / "write.fault"
+    await trio.to_thread.run_sync(server.terminate)
+    await trio.to_thread.run_sync(
+        lambda: server.start(server.port, env={"FLOATD_TEST_WRITE_FAULT": str(fault)})
+    )
+    with trio.fail_after(30):
+        async with fc.lease(addr(server), "app") as held:
+            fault.touch()
+            await trio.sleep(2.5)
+            fault.unlink()
+            renewals = held.renewals
+            while held.renewals < renewals + 2:
+                await trio.sleep(0.1)
+            assert not held.lost.is_set()
+    refused = [e for e in server.events() if e.get("code") == "UNAVAILABLE"]
+    assert refused, "no renewal met the fault"
+
+
 async def test_a_revoke_reports_the_loss(server: Daemon) -> None:
     with trio.fail_after(30):
         async with fc.lease(addr(server), "app") as held:

@@ -12,10 +12,11 @@ import pytest
 from conftest import BASE, SERVER_ID, payload, product, sign
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from floatd.activation import read_armored
+from floatd.activation import check_history, installed_record, read_armored
 from floatd.entitlement import (
     MAX_PRODUCT_VALUES,
     ActivationRequest,
+    Entitlement,
     armor,
     check_license,
     dearmor,
@@ -295,3 +296,19 @@ def test_a_huge_file_is_refused_without_reading_it_whole(tmp_path: Path) -> None
     finally:
         tracemalloc.stop()
     assert peak < 8 * 1024 * 1024
+
+
+def test_the_history_refuses_old_files_copied_back(vendor_key: Ed25519PrivateKey) -> None:
+    def ent(**changes: object) -> Entitlement:
+        return verify(sign(vendor_key, **changes), vendor_key)
+
+    installed = ent(issued_at=int(BASE) - 600)
+    meta = dict(installed_record(installed))
+    check_history(meta, installed)  # the file installed last
+    check_history({}, ent(nonce="n-1"))  # nothing recorded yet: a state from before
+    check_history(meta, ent(issued_at=int(BASE) - 60))  # newer: an online refresh
+    check_history(meta, ent(issued_at=int(BASE) - 600))  # as new: allowed
+    with pytest.raises(EntitlementError, match="copied back"):
+        check_history(meta, ent(issued_at=int(BASE) - 6000))
+    with pytest.raises(EntitlementError, match="offline response"):
+        check_history(meta, ent(nonce="n-2", issued_at=int(BASE)))

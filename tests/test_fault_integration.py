@@ -28,7 +28,7 @@ from test_integration import floatd_cli
 
 from floatd.activation import atomic_write
 from floatd.client.simple import SimpleClient
-from floatd.entitlement import sign_entitlement
+from floatd.entitlement import parse_activation_request, sign_entitlement
 from floatd.protocol.codec import FrameDecoder, encode_frame
 from floatd.service import _new_lease_secrets
 
@@ -87,6 +87,8 @@ def test_a_failing_disk_frees_nothing_and_the_server_comes_back(
         assert got["error"]["code"] == "UNAVAILABLE"
         assert acquire(c, "machine-c")["error"]["code"] == "UNAVAILABLE"
         assert health(d) == (503, "state_unavailable")
+        shown = floatd_cli("status", "--config", str(d.config))
+        assert shown.returncode == 0 and "state: UNAVAILABLE" in shown.stdout, shown.stdout
         errors = [e for e in d.events() if e.get("event") == "state_unavailable"]
         assert len(errors) == 1 and errors[0]["level"] == "error"
         fault.unlink()
@@ -351,3 +353,47 @@ def test_a_clock_mark_far_ahead_is_reset_from_the_command_line(
     d.kill9()
     d.start(d.port, env=d.env)  # and it stays reset across a restart
     assert health(d) == (200, "ok")
+
+
+def test_an_old_offline_response_copied_back_is_refused(
+    tmp_path: Path, vendor_key: Ed25519PrivateKey
+) -> None:
+    cfg = write_config(tmp_path, vendor_key)
+    responses = []
+    for seats, age in ((50, 600), (5, 60)):  # the vendor sold 50 seats, then 5
+        req = tmp_path / f"req-{seats}.txt"
+        made = floatd_cli(
+            "activate", "--config", str(cfg), "--offline-request", str(req), "--license-key", "K"
+        )
+        assert made.returncode == 0, made.stderr
+        nonce = parse_activation_request(req.read_text()).nonce
+        resp = tmp_path / f"resp-{seats}.txt"
+        resp.write_text(
+            sign_entitlement(
+                vendor_key,
+                payload(
+                    products=[product("app", seats=seats)],
+                    nonce=nonce,
+                    issued_at=int(time.time()) - age,
+                ),
+            )
+        )
+        responses.append(resp)
+    for resp in responses:
+        done = floatd_cli("activate", "--config", str(cfg), "--offline-response", str(resp))
+        assert done.returncode == 0, done.stderr
+    with Daemon(cfg, tmp_path / "floatd.log") as d:
+        d.start()
+        with client(d) as c:
+            assert c.request("info", product="app")["seats"] == 5
+            installed = tmp_path / "state" / "entitlement.txt"
+            atomic_write(installed, responses[0].read_text())  # the 50-seat one, copied back
+            time.sleep(3)  # the daemon polls the file every second
+            assert c.request("info", product="app")["seats"] == 5
+        rejected = [e for e in d.events() if e.get("event") == "entitlement_rejected"]
+        assert len(rejected) == 1 and "copied back" in rejected[0]["reason"]
+        # The CLI's own replay is refused too (its nonce is used up).
+        again = floatd_cli(
+            "activate", "--config", str(cfg), "--offline-response", str(responses[0])
+        )
+        assert again.returncode == 1

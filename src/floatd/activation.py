@@ -9,6 +9,7 @@ response usable once: installing it consumes its nonce in the same transaction.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import socket
@@ -26,6 +27,49 @@ from floatd.entitlement import (
 )
 from floatd.errors import EntitlementError, StoreError
 from floatd.store import open_database
+
+#: What was installed last through floatd (the CLI, or the daemon's refresh):
+#: the armored text's SHA-256, and when the vendor issued it.
+META_DIGEST = "entitlement_sha256"
+META_ISSUED = "entitlement_issued_at"
+
+
+def installed_record(ent: Entitlement) -> list[tuple[str, str]]:
+    """The meta rows that record ``ent`` as the entitlement installed last."""
+    return [
+        (META_DIGEST, hashlib.sha256(ent.text.encode()).hexdigest()),
+        (META_ISSUED, str(ent.issued_at)),
+    ]
+
+
+def check_history(meta: dict[str, str], ent: Entitlement) -> None:
+    """Refuse a file in the state dir that floatd did not install and that is
+    not newer than what it did: an earlier, validly signed entitlement copied
+    back over the installed one (50 seats where the vendor now sells 5).
+
+    The file installed last passes; so does any file when nothing is recorded
+    yet (a state from before this check).  Any other offline response is
+    refused (they are installed by ``floatd activate --offline-response``,
+    which uses each once), and so is an entitlement issued before the recorded
+    one."""
+    recorded = meta.get(META_DIGEST)
+    if recorded is None or recorded == installed_record(ent)[0][1]:
+        return
+    if ent.nonce is not None:
+        raise EntitlementError(
+            "this offline response is not the one installed last with `floatd activate"
+            " --offline-response` (an old file copied back?)"
+        )
+    issued = int(meta.get(META_ISSUED, "0") or 0)
+    if ent.issued_at < issued:
+        raise EntitlementError(
+            f"this entitlement was issued before the one installed last ({ent.issued_at} <"
+            f" {issued}): an old file copied back?"
+        )
+
+
+def _record_installed(db: sqlite3.Connection, ent: Entitlement) -> None:
+    db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", installed_record(ent))
 
 
 def read_armored(path: Path) -> str:
@@ -104,6 +148,7 @@ def install_offline_response(config: Config, server_id: str, text: str, now: flo
             )
         atomic_write(config.entitlement_path, text)
         db.execute("DELETE FROM pending_nonces WHERE nonce=?", (ent.nonce,))
+        _record_installed(db, ent)
         db.execute("COMMIT")
     except sqlite3.Error as exc:
         raise StoreError(f"cannot consume the request's nonce: {exc}") from None
@@ -112,6 +157,16 @@ def install_offline_response(config: Config, server_id: str, text: str, now: flo
     return ent
 
 
-def install_entitlement(config: Config, text: str) -> None:
-    """Install an already verified entitlement (online activation, the demo)."""
-    atomic_write(config.entitlement_path, text)
+def install_entitlement(config: Config, ent: Entitlement) -> None:
+    """Install an already verified entitlement (online activation, the demo),
+    and record it as the one installed last (see :func:`check_history`)."""
+    db = open_database(config.database_path)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        atomic_write(config.entitlement_path, ent.text)
+        _record_installed(db, ent)
+        db.execute("COMMIT")
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot record the entitlement: {exc}") from None
+    finally:
+        db.close()

@@ -396,6 +396,12 @@ def status(config_path: Path | None, as_json: bool) -> None:
         line += f", entitlement {act['entitlement_id']}, license {act['license']}"
         line += f", ends {iso(act['not_after']) or 'never'}"
     click.echo(line)
+    state = doc.get("state") or {}
+    if state.get("writable") is False:
+        click.echo(
+            f"state: UNAVAILABLE since {iso(state.get('unavailable_since'))}"
+            f" ({state.get('reason')}); writes are refused until it recovers"
+        )
     click.echo(f"connections: {doc['connections']}, leases: {doc['leases']}")
     products = doc["products"]
     if products:

@@ -18,6 +18,7 @@ from floatd.config import Config, load_config, read_machine_id
 from floatd.entitlement import (
     format_public_key,
     load_private_key,
+    parse_payload,
     private_key_pem,
     product_payload,
     server_fingerprint,
@@ -92,5 +93,5 @@ def prepare(directory: Path, listen: str, now: float, status_listen: str = "") -
         "nonce": None,
         "products": DEMO_PRODUCTS,
     }
-    install_entitlement(config, sign_entitlement(key, payload))
+    install_entitlement(config, parse_payload(payload, text=sign_entitlement(key, payload)))
     return config

@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 
 from floatd import __version__
-from floatd.activation import atomic_write, verify_for_this_server
+from floatd.activation import atomic_write, install_entitlement, verify_for_this_server
 from floatd.config import Config
 from floatd.entitlement import Entitlement
 from floatd.errors import AuthorityError, EntitlementError, FloatdError
@@ -138,7 +138,7 @@ async def activate(
     text = _entitlement_text(doc)
     ent = verify_for_this_server(config, server_id, text, now)
     record = ActivationRecord(activation_id, config.authority_url, ent.license, now)
-    atomic_write(config.entitlement_path, text)
+    install_entitlement(config, ent)
     record.write(config)
     return record, ent
 

@@ -33,7 +33,7 @@ from typing import Any
 import trio
 
 from floatd import __version__, logs, online, users
-from floatd.activation import atomic_write, read_armored
+from floatd.activation import atomic_write, check_history, installed_record, read_armored
 from floatd.admin import AdminServer, bind_admin_socket, lease_row
 from floatd.committer import (
     LAZY_WINDOW,
@@ -226,6 +226,8 @@ class Server:
         self._rearm = trio.Event()
         self._armed_for = math.inf
         self._ent_signature: tuple[int, int, int] | None = None
+        # The file refused last, and at how many looks in a row.
+        self._rejected: tuple[tuple[int, int, int] | None, int] = (None, 0)
         self._reload_request = trio.Event()
         self._force_reload = False
         self._conns: trio.Nursery | None = None
@@ -440,9 +442,11 @@ class Server:
             text = read_armored(path)
         except FileNotFoundError:
             return None
-        return verify_entitlement(
+        ent = verify_entitlement(
             text, self._keys, self.server_id, now, self.config.allowed_clock_offset
         )
+        check_history(self.store.load_meta(), ent)
+        return ent
 
     def _entitlement_signature(self) -> tuple[int, int, int] | None:
         try:
@@ -472,14 +476,23 @@ class Server:
         try:
             ent = await self._run_sync(self._read_entitlement, now)
         except (EntitlementError, OSError) as exc:
-            self._reject_entitlement(exc)
+            self._reject_entitlement(exc, at_once=force)
             return str(exc)
         self._install_entitlement(ent, now)
         self._flush()
         return None
 
-    def _reject_entitlement(self, exc: Exception) -> None:
-        """A file that fails verification changes nothing: the old one stays."""
+    def _reject_entitlement(self, exc: Exception, at_once: bool = True) -> None:
+        """A file that fails verification changes nothing: the old one stays.
+
+        It is read again at every poll, and logged once, at its second look
+        unless ``at_once``: the CLI writes a file and then commits its record
+        (check_history), so a fresh install can be refused for a moment."""
+        signature, self._ent_signature = self._ent_signature, None
+        looks = self._rejected[1] + 1 if self._rejected[0] == signature else 1
+        self._rejected = (signature, looks)
+        if looks != (1 if at_once else 2):
+            return
         log.error(
             "entitlement_rejected",
             path=str(self.config.entitlement_path),
@@ -488,7 +501,11 @@ class Server:
         )
 
     def _install_entitlement(self, ent: Entitlement | None, now: float) -> None:
+        self._rejected = (None, 0)
         self.service.install(ent, now)
+        if ent is not None and ent.text:  # the one installed last (see check_history)
+            rows = installed_record(ent)
+            self.committer.submit([SetMeta(k, v) for k, v in rows], urgent=False)
         if ent is None:
             log.warning("not_activated", path=str(self.config.entitlement_path))
         else:

@@ -39,7 +39,7 @@ RELEASE_TIMEOUT = 5.0
 BACKOFF_START = 0.5
 BACKOFF_MAX = 30.0
 #: Renewal refusals worth retrying: the server is busy, not saying no.
-RETRYABLE = frozenset({"RATE_LIMITED", "BUSY", "INTERNAL"})
+RETRYABLE = frozenset({"RATE_LIMITED", "BUSY", "INTERNAL", "UNAVAILABLE"})
 UNREACHABLE = "UNREACHABLE"
 
 
