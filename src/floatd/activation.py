@@ -136,37 +136,37 @@ def install_offline_response(config: Config, server_id: str, text: str, now: flo
     ent = verify_for_this_server(config, server_id, text, now)
     if ent.nonce is None:
         raise EntitlementError("this entitlement carries no nonce: it is not an offline response")
-    db = open_database(config.database_path)
-    try:
-        db.execute("BEGIN IMMEDIATE")
-        row = db.execute("SELECT 1 FROM pending_nonces WHERE nonce=?", (ent.nonce,)).fetchone()
-        if row is None:
-            db.execute("ROLLBACK")
-            raise EntitlementError(
-                "this response answers no pending request of this server (already used, or "
-                "made for another request)"
-            )
-        atomic_write(config.entitlement_path, text)
-        db.execute("DELETE FROM pending_nonces WHERE nonce=?", (ent.nonce,))
-        _record_installed(db, ent)
-        db.execute("COMMIT")
-    except sqlite3.Error as exc:
-        raise StoreError(f"cannot consume the request's nonce: {exc}") from None
-    finally:
-        db.close()
+    _install(config, ent, ent.nonce)
     return ent
 
 
 def install_entitlement(config: Config, ent: Entitlement) -> None:
-    """Install an already verified entitlement (online activation, the demo),
-    and record it as the one installed last (see :func:`check_history`)."""
+    """Install an already verified entitlement (online activation, the demo)."""
+    _install(config, ent, None)
+
+
+def _install(config: Config, ent: Entitlement, nonce: str | None) -> None:
+    """Write the file and record it as the one installed last (see
+    :func:`check_history`) in one transaction; with ``nonce``, that transaction
+    also uses up the pending request it answers, so a response works once."""
     db = open_database(config.database_path)
     try:
         db.execute("BEGIN IMMEDIATE")
+        if nonce is not None:
+            if (
+                db.execute("SELECT 1 FROM pending_nonces WHERE nonce=?", (nonce,)).fetchone()
+                is None
+            ):
+                db.execute("ROLLBACK")
+                raise EntitlementError(
+                    "this response answers no pending request of this server (already used, or "
+                    "made for another request)"
+                )
+            db.execute("DELETE FROM pending_nonces WHERE nonce=?", (nonce,))
         atomic_write(config.entitlement_path, ent.text)
         _record_installed(db, ent)
         db.execute("COMMIT")
     except sqlite3.Error as exc:
-        raise StoreError(f"cannot record the entitlement: {exc}") from None
+        raise StoreError(f"cannot install the entitlement: {exc}") from None
     finally:
         db.close()
