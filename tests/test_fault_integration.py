@@ -15,6 +15,7 @@ import random
 import signal
 import socket
 import sqlite3
+import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -397,3 +398,47 @@ def test_an_old_offline_response_copied_back_is_refused(
             "activate", "--config", str(cfg), "--offline-response", str(responses[0])
         )
         assert again.returncode == 1
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_buffers_of_closed_connections_are_given_back(
+    tmp_path: Path, vendor_key: Ed25519PrivateKey
+) -> None:
+    """600 connections each send most of a 64 KiB frame and hang up: what
+    their buffers took is given back to the OS within seconds."""
+    cfg = write_config(tmp_path, vendor_key, limits__connections_per_address=0)
+    ent = sign_entitlement(
+        vendor_key, payload(products=[product("app")], issued_at=int(time.time()) - 60)
+    )
+    atomic_write(tmp_path / "state" / "entitlement.txt", ent)
+    partial = struct.pack(">I", 65536) + b"\x80" * 60_000
+    with Daemon(cfg, tmp_path / "floatd.log") as d:
+        d.start()
+        assert d.proc is not None
+        pid = d.proc.pid
+        before = _rss_mib(pid)
+        socks = []
+        try:
+            for _ in range(600):
+                s = socket.create_connection(("127.0.0.1", d.port), timeout=10)
+                socks.append(s)
+                s.sendall(partial)
+            wait_for(lambda: _rss_mib(pid) > before + 40, "the buffers to fill", 10)
+            time.sleep(1.0)  # the last of them
+            held = _rss_mib(pid)
+        finally:
+            for s in socks:
+                s.close()
+        wait_for(
+            lambda: _rss_mib(pid) < before + (held - before) / 4,
+            f"memory back (start {before:.0f} MiB, held {held:.0f} MiB)",
+            15,
+        )
+        with client(d) as c:
+            assert acquire(c, "machine-a")["ok"]

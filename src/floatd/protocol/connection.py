@@ -50,6 +50,11 @@ class ServerConnection:
     def receive_data(self, data: bytes) -> None:
         self._decoder.feed(data)
 
+    def release(self) -> None:
+        """Drop what is buffered (the connection is over).  The owner may be
+        kept alive a while longer (by a timer's heap entry); its buffer not."""
+        self._decoder = FrameDecoder()
+
     def partial(self) -> bool:
         """Whether part of a frame is buffered (the rest has not come yet)."""
         return self._decoder.buffered > 0
