@@ -9,6 +9,7 @@ serving again by itself.  Every wait is bounded.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import random
@@ -16,6 +17,9 @@ import signal
 import socket
 import sqlite3
 import struct
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -206,6 +210,8 @@ def test_writer_kills_and_server_kills_never_exceed_the_cap(setup: tuple[Daemon,
             for lease_id, lease in held.items():
                 got = c.request("renew", lease=lease_id, token=lease["token"])
                 assert got["ok"], f"round {round_no}: acknowledged lease lost: {got}"
+    # Killed writers end quietly: the log is JSON lines, never a traceback.
+    assert "Traceback" not in d.log.read_text()
 
 
 def _state_bytes(state: Path) -> int:
@@ -442,3 +448,37 @@ def test_buffers_of_closed_connections_are_given_back(
         )
         with client(d) as c:
             assert acquire(c, "machine-a")["ok"]
+
+
+def test_a_writer_that_must_wait_for_the_lock_says_so(setup: tuple[Daemon, Path]) -> None:
+    """As when an earlier server's writer is still finishing a commit: the new
+    server waits for the lock, logs what it waits for, and starts once it is free."""
+    d, _ = setup
+    d.start(env=d.env)
+    assert d.terminate() == 0
+    lock_file = d.config.parent / "state" / "floatd.sqlite3.writer.lock"
+    with open(lock_file, "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        assert d.proc is not None
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "floatd", "serve", "--config", str(d.config)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "FLOATD_CONFIG": ""},
+        )
+        watchdog = threading.Timer(20, proc.kill)  # bounds every readline below
+        watchdog.start()
+        try:
+            assert proc.stdout is not None
+            first = json.loads(proc.stdout.readline())
+            assert first["event"] == "state_writer_waiting", first
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            line = ""
+            deadline = time.monotonic() + 15
+            while "listening" not in line and time.monotonic() < deadline:
+                line = proc.stdout.readline().decode()
+            assert "listening" in line
+        finally:
+            watchdog.cancel()
+            proc.kill()
+            proc.wait(10)

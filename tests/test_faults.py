@@ -10,6 +10,7 @@ The real process under the same faults: tests/test_fault_integration.py.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import trio
@@ -214,3 +215,21 @@ async def test_a_database_replaced_while_running_stops_writes(
         store.replaced = False
         await _recovered(h)
         assert (await c.request("renew", lease=held["lease"], token=held["token"]))["ok"]
+
+
+async def test_an_answer_too_large_for_a_frame_takes_no_seat(
+    tmp_path: Path, vendor_key: Ed25519PrivateKey, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Entitlements that could make one are refused (their bounds); should an
+    answer still not fit, the seat granted in it is given back."""
+    async with serving(tmp_path, vendor_key, _ent(vendor_key)) as h:
+        ent = h.server.service.entitlement
+        assert ent is not None
+        huge = dataclasses.replace(ent.products[1], metadata={"k": "v" * 70_000})
+        now = BASE + trio.current_time()
+        h.server.service.install(dataclasses.replace(ent, products=(huge,)), now)
+        c = await h.connect()
+        got = await c.acquire("solo", "machine-1")
+        assert got["error"]["code"] == "INTERNAL"
+        await trio.sleep(0.5)
+        assert h.server.service.pool.used("solo") == 0
