@@ -126,11 +126,17 @@ class MemoryStore:
         self.frozen = False
         # The database file was deleted or swapped under the running server.
         self.replaced = False
+        # Reads fail (a damaged or vanished database).
+        self.unreadable = False
 
     def load_leases(self) -> list[Lease]:
         return [dataclasses.replace(lease) for lease in self.leases.values()]
 
     def load_meta(self) -> dict[str, str]:
+        if self.unreadable:
+            from floatd.errors import StoreError
+
+            raise StoreError("cannot read the state database (simulated)")
         return dict(self.meta)
 
     def apply(self, changes: Sequence[Change]) -> None:

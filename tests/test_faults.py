@@ -233,3 +233,18 @@ async def test_an_answer_too_large_for_a_frame_takes_no_seat(
         assert got["error"]["code"] == "INTERNAL"
         await trio.sleep(0.5)
         assert h.server.service.pool.used("solo") == 0
+
+
+async def test_an_unreadable_history_refuses_a_new_entitlement_and_the_server_lives(
+    tmp_path: Path, vendor_key: Ed25519PrivateKey, autojump_clock: trio.testing.MockClock
+) -> None:
+    store = MemoryStore()
+    async with serving(tmp_path, vendor_key, _ent(vendor_key), store=store) as h:
+        c = await h.connect()
+        store.unreadable = True
+        h.install(sign(vendor_key, products=[product("app", seats=7)]))
+        await trio.sleep(3)
+        assert (await c.request("info", product="app"))["seats"] == 2  # the old one stays
+        store.unreadable = False
+        await trio.sleep(2)  # a refused file is looked at again at every poll
+        assert (await c.request("info", product="app"))["seats"] == 7

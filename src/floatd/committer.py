@@ -217,11 +217,18 @@ class GroupCommitter:
             self.failures += 1
         return error
 
-    def _finish(self, batch: Batch, error: StoreError | None) -> None:
-        if error is not None and self.failure is None:
+    def fail(self, error: StoreError) -> None:
+        """Stop committing (see module doc) and tell the owner, once; also for
+        failures found outside a commit (a database file swapped, a start
+        whose first write failed)."""
+        if self.failure is None:
             self.failure = error
             if self.on_failure is not None:
                 self.on_failure(error)
+
+    def _finish(self, batch: Batch, error: StoreError | None) -> None:
+        if error is not None:
+            self.fail(error)
         batch.error = error
         batch.done.set()
         for listener in batch.listeners:

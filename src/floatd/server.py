@@ -338,8 +338,7 @@ class Server:
         except StoreError as exc:
             # A full or failing disk: serve what can be read, refuse what would
             # write (UNAVAILABLE), and come back by itself once the disk does.
-            self.committer.failure = exc
-            self._state_failed(exc)
+            self.committer.fail(exc)
             return
         self.committer.last_cut = now
 
@@ -404,9 +403,7 @@ class Server:
             try:
                 await self._run_sync(self.store.check_identity)
             except StoreError as exc:
-                if self.committer.failure is None:
-                    self.committer.failure = exc
-                self._state_failed(exc)
+                self.committer.fail(exc)
 
     async def _recover(self) -> None:
         """While the state cannot be written, reload it from disk once a second,
@@ -466,7 +463,7 @@ class Server:
         self._ent_signature = self._entitlement_signature()
         try:
             ent = self._read_entitlement(now)
-        except (EntitlementError, OSError) as exc:
+        except (EntitlementError, StoreError, OSError) as exc:
             self._reject_entitlement(exc)
             return
         self._install_entitlement(ent, now)
@@ -481,7 +478,7 @@ class Server:
         now = self.clock()
         try:
             ent = await self._run_sync(self._read_entitlement, now)
-        except (EntitlementError, OSError) as exc:
+        except (EntitlementError, StoreError, OSError) as exc:  # StoreError: its history
             self._reject_entitlement(exc, at_once=force)
             return str(exc)
         self._install_entitlement(ent, now)
