@@ -9,6 +9,7 @@ import os
 import random
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -249,13 +250,23 @@ def test_config_error_exits_2_with_one_line(tmp_path: Path, vendor_key: Ed25519P
 
 def test_port_in_use_is_one_line_and_exit_1(tmp_path: Path, vendor_key: Ed25519PrivateKey) -> None:
     cfg = write_config(tmp_path, vendor_key)
+    atomic_write(tmp_path / "state" / "entitlement.txt", entitlement(vendor_key))
+    with Daemon(cfg, tmp_path / "floatd.log") as d:  # a clean run first
+        d.start()
+        assert d.terminate() == 0
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
         proc = floatd_cli("serve", "--config", str(cfg), "--listen", f"127.0.0.1:{port}")
+        demo = floatd_cli("demo", "--dir", str(tmp_path / "demo"), "--listen", f"127.0.0.1:{port}")
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    # The failed start touched no state: the last stop stays clean (no crash
+    # recovery), and the demo never told anyone to take a seat.
+    with sqlite3.connect(tmp_path / "state" / "floatd.sqlite3") as db:
+        assert dict(db.execute("SELECT key, value FROM meta")).get("clean") == "1"
+    assert demo.returncode == 1 and "Take a seat" not in demo.stderr, demo.stderr
 
 
 def test_kill9_right_after_a_renewal_keeps_the_lease(

@@ -252,7 +252,7 @@ def test_systemd_notify_ready_watchdog_stopping(
         assert any(m.splitlines()[0] == "STOPPING=1" for m in rest)
 
 
-def test_the_unit_file() -> None:
+def test_the_unit_file(tmp_path: Path) -> None:
     text = UNIT.read_text()
     settings = {
         line.split("=", 1)[0]: line.split("=", 1)[1]
@@ -273,11 +273,26 @@ def test_the_unit_file() -> None:
     }.items():
         assert settings.get(key) == value, key
     assert "WatchdogSec" in settings and "ExecReload" in settings
+    # It runs the virtualenv README's service section installs, and points at
+    # the README that section installs.
+    readme = (UNIT.parent.parent / "README.md").read_text()
+    executable = settings["ExecStart"].split()[0]
+    venv = executable.removesuffix("/bin/floatd")
+    assert f"python3 -m venv --without-pip {venv}" in readme
+    assert f"--python {venv}/bin/python install ." in readme
+    doc = settings["Documentation"].removeprefix("file://")
+    assert f"README.md {doc}" in readme
     assert "AF_UNIX" in settings["RestrictAddressFamilies"]
     assert int(settings["LimitNOFILE"]) > 10000  # above the default max_connections
     if shutil.which("systemd-analyze"):
+        # Verified as installed, with the virtualenv's floatd standing in.
+        stub = tmp_path / "floatd"
+        stub.write_text("#!/bin/sh\n")
+        stub.chmod(0o755)
+        unit = tmp_path / UNIT.name
+        unit.write_text(text.replace(executable, str(stub)))
         done = subprocess.run(
-            ["systemd-analyze", "verify", str(UNIT)], capture_output=True, text=True, timeout=60
+            ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60
         )
         problems = [
             line

@@ -139,7 +139,11 @@ def serve(
     run_server(_load(config_path, overrides), lambda: _load(config_path, overrides))
 
 
-def run_server(config: Config, loader: Callable[[], Config] | None = None) -> None:
+def run_server(
+    config: Config,
+    loader: Callable[[], Config] | None = None,
+    on_listening: Callable[[], None] | None = None,
+) -> None:
     from floatd import logs
     from floatd.errors import StoreError
     from floatd.server import Server
@@ -157,18 +161,22 @@ def run_server(config: Config, loader: Callable[[], Config] | None = None) -> No
     notifier = Notifier()
     try:
         server = Server(config, store, server_id, config_loader=loader, notifier=notifier)
-        server.load_state()
-        trio.run(_serve, server)
+        trio.run(_serve, server, on_listening)
     finally:
         store.close()
         notifier.close()
 
 
-async def _serve(server: Any) -> None:
+async def _serve(server: Any, on_listening: Callable[[], None] | None = None) -> None:
+    # Bind first: a port in use ends the start before the state is touched
+    # (load_state marks it in use, so a failed start would look like a crash).
     await server.bind()
+    server.load_state()
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(server.run)
+            if on_listening is not None:
+                on_listening()
 
             async def watch() -> None:
                 async for signum in signals:
@@ -313,19 +321,23 @@ def demo(directory: Path, listen: str, status_listen: str) -> None:
     host, port = config.listen[0]
     config_file = config.state_dir.parent / "floatd.toml"
     status = f"  curl http://{status_listen}/status\n" if config.status_listen is not None else ""
-    click.echo(
-        f"floatd DEMO on {host}:{port}: products 'demo' (5 seats, per machine) and "
-        f"'demo-instance' (3 seats, per process).\n"
-        f"The key and entitlement in {config.state_dir.parent} are throwaway; this is "
-        f"not a real license.\nTake a seat from another shell:\n"
-        f"  python3 -m floatd.client.simple {host}:{port} demo\n"
-        f"and look at it:\n"
-        f"  floatd leases --config {config_file}\n"
-        f"{status}"
-        f"Stop with Ctrl-C.",
-        err=True,
-    )
-    run_server(config, lambda: load_config(config_file, env={}))
+    python = sys.executable  # the Python floatd is installed in (a virtualenv, say)
+
+    def banner() -> None:  # once it listens: the command it suggests works at once
+        click.echo(
+            f"floatd DEMO on {host}:{port}: products 'demo' (5 seats, per machine) and "
+            f"'demo-instance' (3 seats, per process).\n"
+            f"The key and entitlement in {config.state_dir.parent} are throwaway; this is "
+            f"not a real license.\nTake a seat from another shell:\n"
+            f"  {python} -m floatd.client.simple {host}:{port} demo\n"
+            f"and look at it:\n"
+            f"  {python} -m floatd leases --config {config_file}\n"
+            f"{status}"
+            f"Stop with Ctrl-C.",
+            err=True,
+        )
+
+    run_server(config, lambda: load_config(config_file, env={}), banner)
 
 
 # --- talking to the running daemon -------------------------------------------------
