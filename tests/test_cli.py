@@ -42,6 +42,31 @@ def test_check_config(tmp_path: Path, vendor_key: Ed25519PrivateKey) -> None:
     assert code == 2 and "does not exist" in err
 
 
+@pytest.mark.parametrize(
+    ("setting", "key"),
+    [
+        (
+            {"server__tls_cert": "/nonexistent/cert.pem", "server__tls_key": "/nonexistent/k"},
+            "server.tls_cert",
+        ),
+        ({"status__tls_cert": "CERT", "status__tls_key": "/nonexistent/key.pem"}, "status.tls_key"),
+        ({"server__machine_id_file": "/nonexistent/machine-id"}, "server.machine_id_file"),
+        ({"state__dir": "/proc/floatd-state"}, "state.dir"),
+    ],
+)
+def test_check_config_refuses_what_serve_refuses(
+    tmp_path: Path, vendor_key: Ed25519PrivateKey, setting: dict[str, str], key: str
+) -> None:
+    cert = tmp_path / "cert.pem"
+    cert.write_text("not read: the key is missing")
+    fields = {k: (str(cert) if v == "CERT" else v) for k, v in setting.items()}
+    cfg = write_config(tmp_path, vendor_key, **fields)
+    for command in ("check-config", "serve"):
+        code, _, err = run(command, "--config", str(cfg))
+        assert code == 2 and err.count("\n") == 1 and key in err, (command, err)
+        assert "None" not in err
+
+
 def test_every_command_has_help() -> None:
     for cmd in (
         "serve",
@@ -259,3 +284,5 @@ def test_audit_and_report_refuse_bad_input(tmp_path: Path, vendor_key: Ed25519Pr
     assert code == 2
     code, _, _ = run("report", "--config", str(cfg))
     assert code == 2  # --since is required
+    code, _, err = run("report", "--config", str(cfg), "--since", "2099-01-01")
+    assert code == 2 and "--since" in err and "in the future" in err

@@ -92,6 +92,11 @@ def test_env_overrides_file_and_cli_overrides_env(tmp_path: Path) -> None:
     assert c.listen == (("127.0.0.1", 1), ("::1", 2)) and c.client_tokens == ("a", "b")
     c = load_config(path, env=env, overrides={"log.level": "error"})
     assert c.log_level == "error"
+    # A mistyped override of a real section is refused, naming the variable.
+    with pytest.raises(ConfigError, match="FLOATD_SERVER_IDEL_TIMEOUT"):
+        load_config(path, env={**env, "FLOATD_SERVER_IDEL_TIMEOUT": "60"})
+    # floatd-authority's own variables are not overrides of [authority].
+    assert load_config(path, env={**env, "FLOATD_AUTHORITY_DB": "/x"}).log_level == "debug"
     with pytest.raises(ConfigError) as err:
         load_config(path, env={"FLOATD_SERVER_IDLE_TIMEOUT": "soon"})
     assert err.value.key == "server.idle_timeout"

@@ -262,6 +262,7 @@ def test_port_in_use_is_one_line_and_exit_1(tmp_path: Path, vendor_key: Ed25519P
         demo = floatd_cli("demo", "--dir", str(tmp_path / "demo"), "--listen", f"127.0.0.1:{port}")
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert f"127.0.0.1:{port} for the lease port" in proc.stderr, proc.stderr
     # The failed start touched no state: the last stop stays clean (no crash
     # recovery), and the demo never told anyone to take a seat.
     with sqlite3.connect(tmp_path / "state" / "floatd.sqlite3") as db:

@@ -159,6 +159,26 @@ async def test_metrics_after_a_scripted_sequence(
         assert m["floatd_request_duration_seconds_count", ()] == 11
 
 
+async def test_made_up_product_codes_add_no_metric_series(
+    tmp_path: Path, vendor_key: Ed25519PrivateKey, ent: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with serving(tmp_path, vendor_key, ent) as h:
+        c = await h.connect()
+        before = len(_samples(h.server.status._metrics_reply().body))
+        for n in range(400):
+            got = await c.acquire(f"made-up-{n}", fingerprint="machine-m1")
+            assert got["error"]["code"] == "UNKNOWN_PRODUCT"
+        h.server.status._metrics = (-1.0, b"")
+        m = _samples(h.server.status._metrics_reply().body)
+        assert not any("made-up" in str(labels) for _, labels in m)
+        refused = (
+            "floatd_acquire_refusals_total",
+            (("code", "UNKNOWN_PRODUCT"), ("product", "(not entitled)")),
+        )
+        assert m[refused] == 400
+        assert len(m) <= before + 4  # a fixed label, whatever the codes
+
+
 # --- the status endpoint over memory streams ---------------------------------------------
 
 

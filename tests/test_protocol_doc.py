@@ -6,6 +6,9 @@ import json
 import re
 from pathlib import Path
 
+from floatd.client import machine_fingerprint as connection_fp
+from floatd.client import simple
+from floatd.client.fingerprint import fingerprint_of, machine_fingerprint
 from floatd.protocol.codec import FrameDecoder, encode_frame
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
@@ -46,3 +49,23 @@ def test_every_op_and_every_error_code_has_a_vector() -> None:
     assert ops == {"hello", "acquire", "renew", "release", "info", "ping"}
     codes = {m["error"]["code"] for m, _ in found if m.get("ok") is False}  # type: ignore[index]
     assert codes == WIRE_CODES
+
+
+def test_the_fingerprint_recipe_matches_every_client(tmp_path: Path) -> None:
+    """The guide's vector, and a host without /etc/machine-id: the library and
+    the simple client must send one fingerprint, or a machine takes two seats."""
+    text = DOC.read_text(encoding="utf-8")
+    vector = re.search(
+        r"`0123456789abcdef0123456789abcdef`.*?fingerprint is `([0-9a-f]{32})`", text, re.S
+    )
+    assert vector is not None
+    machine_id = tmp_path / "machine-id"
+    machine_id.write_text("0123456789abcdef0123456789abcdef\n")
+    assert machine_fingerprint((str(machine_id),)) == vector[1]
+    dbus = tmp_path / "dbus-machine-id"
+    dbus.write_text("fedcba9876543210fedcba9876543210\n")
+    missing = str(tmp_path / "no-such-file")
+    assert machine_fingerprint((missing, str(dbus))) == fingerprint_of(
+        "fedcba9876543210fedcba9876543210"
+    )
+    assert simple.machine_fingerprint is machine_fingerprint is connection_fp

@@ -139,24 +139,41 @@ def serve(
     run_server(_load(config_path, overrides), lambda: _load(config_path, overrides))
 
 
+def check_startable(config: Config) -> str:
+    """What ``floatd serve`` needs beyond a well-formed config, checked the same
+    way by ``floatd check-config``: readable TLS files, the machine id (returns
+    the server's fingerprint), a state dir that can be made (private) and
+    whose writer lock can be opened.  ConfigError naming the key otherwise."""
+    from floatd.server import tls_context
+    from floatd.store import make_private
+    from floatd.writer import lock_path
+
+    tls_context(config)
+    tls_context(config, "status")
+    server_id = _server_id(config)
+    try:
+        make_private(config.state_dir)
+        with open(lock_path(config.database_path), "a+b"):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            "state.dir", f"cannot use {config.state_dir}: {exc.strerror or exc}"
+        ) from None
+    return server_id
+
+
 def run_server(
     config: Config,
     loader: Callable[[], Config] | None = None,
     on_listening: Callable[[], None] | None = None,
 ) -> None:
     from floatd import logs
-    from floatd.errors import StoreError
     from floatd.server import Server
-    from floatd.store import make_private
     from floatd.systemd import Notifier
     from floatd.writer import ProcessLeaseStore
 
     logs.configure(config.log_level, config.log_format)
-    server_id = _server_id(config)
-    try:
-        make_private(config.state_dir)
-    except OSError as exc:
-        raise StoreError(f"cannot make the state dir {config.state_dir} private: {exc}") from None
+    server_id = check_startable(config)
     store = ProcessLeaseStore(config.database_path, lease_lines=logs.write_lines)
     notifier = Notifier()
     try:
@@ -195,6 +212,7 @@ async def _serve(server: Any, on_listening: Callable[[], None] | None = None) ->
 def check_config(config_path: Path | None) -> None:
     """Validate the config; exit 0 if it is usable, 2 if not."""
     config = _load(config_path)
+    check_startable(config)
     click.echo(f"ok: {config.source}")
 
 
@@ -629,6 +647,10 @@ def report(
     now = time.time()
     start = _when(since, now, now, "--since")
     end = _when(until, now, now, "--until")
+    if start >= now and until is None:
+        raise click.BadParameter(
+            "is in the future: there is nothing to report yet", param_hint="--since"
+        )
     if end <= start:
         raise click.BadParameter("must come after --since", param_hint="--until")
     caps = _entitled_caps(config, now)
@@ -783,11 +805,11 @@ async def _probe(
         Connection,
         ConnectionLost,
         Unreachable,
-        machine_fingerprint,
         refusal,
         tls_context,
         wire_code,
     )
+    from floatd.client.fingerprint import machine_fingerprint
 
     report: dict[str, Any] = {"result": "unreachable", "lines": []}
     lines: list[str] = report["lines"]

@@ -267,6 +267,7 @@ def load_config(
             if key not in SCHEMA[section]:
                 raise ConfigError(f"{section}.{key}", "unknown key")
             values[f"{section}.{key}"] = value
+    _check_env_names(env)
     for section, table in SCHEMA.items():
         for key, (_, checker) in table.items():
             name = f"FLOATD_{section}_{key}".upper()
@@ -289,6 +290,25 @@ def load_config(
     if bool(config.status_tls_cert) != bool(config.status_tls_key):
         raise ConfigError("status.tls_key", "tls_cert and tls_key must be set together")
     return config
+
+
+#: Variables of floatd-authority (the vendor's CLI), not overrides of [authority].
+_NOT_OVERRIDES = frozenset({"FLOATD_AUTHORITY_DB", "FLOATD_AUTHORITY_KEY_PASSPHRASE"})
+
+
+def _check_env_names(env: Mapping[str, str]) -> None:
+    """``FLOATD_<SECTION>_<KEY>`` with a section of the config and a key it does
+    not have is a mistyped override: refused like an unknown key in the file,
+    not silently ignored.  Other FLOATD_ variables are not overrides."""
+    known = {f"FLOATD_{s}_{k}".upper() for s, table in SCHEMA.items() for k in table}
+    sections = [f"FLOATD_{s}_".upper() for s in SCHEMA]
+    for name in env:
+        if (
+            name not in known
+            and name not in _NOT_OVERRIDES
+            and any(name.startswith(prefix) for prefix in sections)
+        ):
+            raise ConfigError(name, "unknown key in the environment (no such config key)")
 
 
 def read_machine_id(config: Config) -> str:

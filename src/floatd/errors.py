@@ -152,6 +152,12 @@ class EntitlementError(FloatdError):
     code = "ENTITLEMENT"
 
 
+class ListenError(FloatdError):
+    """A listener could not be opened (a port in use, an address not here)."""
+
+    code = "LISTEN"
+
+
 class StoreError(FloatdError):
     """The state directory could not be read or written."""
 

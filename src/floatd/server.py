@@ -53,6 +53,7 @@ from floatd.errors import (
     EntitlementError,
     FloatdError,
     InternalError,
+    ListenError,
     StoreError,
     Unavailable,
 )
@@ -534,11 +535,13 @@ class Server:
         """Open the listeners; separate from :meth:`run` so a port in use is a
         plain OSError for the caller, not one buried in a nursery's group."""
         for host, port in self.config.listen:
-            self._listeners.extend(await trio.open_tcp_listeners(port, host=host))
+            self._listeners.extend(await _listen(host, port, "the lease port (server.listen)"))
         self.ports = [_address(lst) for lst in self._listeners]
         if self.config.status_listen is not None:
             host, port = self.config.status_listen
-            self._status_listeners = await trio.open_tcp_listeners(port, host=host)
+            self._status_listeners = await _listen(
+                host, port, "the status endpoint (status.listen)"
+            )
             self.status_ports = [_address(lst) for lst in self._status_listeners]
         if self.config.admin_socket is not None:
             self._admin_listener = bind_admin_socket(self.config.admin_socket)
@@ -1061,6 +1064,14 @@ class Server:
         await trio.aclose_forcefully(stream)
 
 
+async def _listen(host: str, port: int, what: str) -> list[trio.SocketListener]:
+    try:
+        return await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        raise ListenError(f"cannot listen on {where} for {what}: {exc.strerror or exc}") from None
+
+
 def _malloc_trim() -> Callable[[int], int] | None:
     """glibc's ``malloc_trim``, or None where there is none (musl, macOS)."""
     try:
@@ -1087,12 +1098,16 @@ def tls_context(config: Config, section: str = "server") -> ssl.SSLContext | Non
     )
     if not cert:
         return None
+    for name, path in (("tls_cert", cert), ("tls_key", key)):
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"{section}.{name}", f"cannot read {path}: {exc.strerror}") from None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
         context.load_cert_chain(cert, key)
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{section}.tls_cert", f"cannot read {exc.filename}") from None
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(
             f"{section}.tls_cert", f"cannot load certificate and key: {exc}"

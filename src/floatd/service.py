@@ -64,6 +64,9 @@ class _NoLog:
         return None
 
 
+#: The metrics label of requests for products the entitlement does not have.
+OTHER_PRODUCT = "(not entitled)"
+
 _limit_keys: dict[str | None, str] = {}
 
 
@@ -337,10 +340,13 @@ class LeaseService:
             record = Audit(now, "refused", None, lease=req.lease, peer=peer, code=code)
         else:
             return
-        self.events["refused", record.product or ""] += 1
-        if record.product is not None:
-            self.refusals[record.product, code] += 1
         entitled = record.product if record.product in self._product_info else None
+        # Counters are labelled with entitled products only: any LAN host can
+        # name made-up products, and each label is a series in the monitoring.
+        label = entitled or ("" if record.product is None else OTHER_PRODUCT)
+        self.events["refused", label] += 1
+        if record.product is not None:
+            self.refusals[label, code] += 1
         if not self.refusal_sampler.note((limit_key(peer), code, entitled), now):
             return  # a flood: counted, and folded into one record (_fold_refusals)
         self._changes.append(record)

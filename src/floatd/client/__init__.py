@@ -17,10 +17,10 @@ from floatd.client.connection import (
     ConnectionLost,
     UnknownRefusal,
     Unreachable,
-    machine_fingerprint,
     parse_server,
     wire_code,
 )
+from floatd.client.fingerprint import machine_fingerprint
 from floatd.client.lease import UNREACHABLE, Lease, lease
 from floatd.client.sync import FloatingLicense
 

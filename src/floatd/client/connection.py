@@ -10,12 +10,9 @@ server that cannot be reached at all is :class:`Unreachable`.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import secrets
-import socket
 import ssl
-from pathlib import Path
 from typing import Any
 
 import trio
@@ -87,21 +84,6 @@ def refusal(error: Any) -> FloatdError:
         return cls(message, **details)
     except TypeError:
         return UnknownRefusal(code, message, **details)
-
-
-def machine_fingerprint() -> str:
-    """The default client fingerprint: the OS machine id, hashed with a
-    floatd-specific salt, so the raw id never leaves the machine."""
-    raw = ""
-    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
-        try:
-            raw = Path(path).read_text(encoding="utf-8").strip()
-        except OSError:
-            continue
-        if raw:
-            break
-    raw = raw or socket.gethostname()
-    return hashlib.sha256(b"floatd-client-v1:" + raw.encode()).hexdigest()[:32]
 
 
 #: The default instance id: one per process, stable for its life.

@@ -28,11 +28,11 @@ from floatd.client.connection import (
     Connection,
     ConnectionLost,
     Unreachable,
-    machine_fingerprint,
     parse_server,
     refusal,
     tls_context,
 )
+from floatd.client.fingerprint import machine_fingerprint
 from floatd.errors import FloatdError
 
 RELEASE_TIMEOUT = 5.0

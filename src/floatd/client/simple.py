@@ -12,6 +12,7 @@ import socket
 import struct
 from typing import Any
 
+from floatd.client.fingerprint import machine_fingerprint
 from floatd.protocol.codec import MAX_FRAME, decode_body, encode_frame
 
 
@@ -62,17 +63,6 @@ class SimpleClient:
         return self.request("hello", versions=[1], client=client, **fields)
 
 
-def _machine_fingerprint() -> str:
-    import hashlib
-    from pathlib import Path
-
-    try:
-        raw = Path("/etc/machine-id").read_text().strip()
-    except OSError:
-        raw = socket.gethostname()
-    return hashlib.sha256(b"floatd-client-v1:" + raw.encode()).hexdigest()[:32]
-
-
 def main(argv: list[str] | None = None) -> int:
     """``python -m floatd.client.simple HOST:PORT PRODUCT [--once]``: take a seat,
     hold it (renewing) until Ctrl-C, then give it back."""
@@ -104,7 +94,7 @@ def _hold(client: SimpleClient, product: str, once: bool) -> int:
         got = client.request(
             "acquire",
             product=product,
-            fingerprint=_machine_fingerprint(),
+            fingerprint=machine_fingerprint(),
             instance=str(os.getpid()),
             hostname=socket.gethostname(),
         )
