@@ -124,11 +124,15 @@ def test_activate_lease_and_follow_the_license_through_refreshes(
             lambda: acquire(d).get("error", {}).get("code") == "NOT_ACTIVATED",
             "NOT_ACTIVATED after a suspension",
         )
+        shown = floatd_cli("status", "--config", str(config)).stdout
+        assert "last refresh failed:" in shown and "410" in shown, shown  # why, not only logged
         # Reinstated and activated again: leasing resumes without a restart.
         vendor.run("license", "reinstate", license_id)
         again = floatd_cli("activate", "--license-key", key, "--config", str(config))
         assert again.returncode == 0, again.stderr
         until(lambda: acquire(d).get("ok"), "leasing after re-activation")
+        status = json.loads(floatd_cli("status", "--json", "--config", str(config)).stdout)
+        assert status["activation"]["mode"] == "online"  # at once, with the new entitlement
     activations = json.loads(vendor.run("activations", "list", "--json"))
     assert len(activations) == 1 and activations[0]["refreshed_at"]
 

@@ -426,6 +426,8 @@ def status(config_path: Path | None, as_json: bool) -> None:
         line += f", entitlement {act['entitlement_id']}, license {act['license']}"
         line += f", ends {iso(act['not_after']) or 'never'}"
     click.echo(line)
+    if act.get("refresh_problem"):
+        click.echo(f"last refresh failed: {act['refresh_problem']}")
     state = doc.get("state") or {}
     if state.get("writable") is False:
         click.echo(

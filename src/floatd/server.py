@@ -245,6 +245,9 @@ class Server:
         self.status_ports: list[tuple[str, int]] = []
         self.status = StatusServer(self)
         self.online = False  # an online activation is in force (see _refresh_online)
+        # Why the last refresh failed (the authority's code and words), until
+        # one succeeds: shown by status, not only logged.
+        self.refresh_problem: str | None = None
         self._tls = tls_context(config)
         self.status.tls = tls_context(config, "status")
 
@@ -484,6 +487,10 @@ class Server:
             return str(exc)
         self._install_entitlement(ent, now)
         self._flush()
+        # `floatd activate` writes the activation record with the file: say at
+        # once whether this one is online or offline.
+        record = await self._run_sync(ActivationRecord.read, self.config)
+        self.online = record is not None and not record.revoked
         return None
 
     def _reject_entitlement(self, exc: Exception, at_once: bool = True) -> None:
@@ -741,6 +748,7 @@ class Server:
             "activation": {
                 "state": self.service.activation_state(now),
                 "mode": "online" if self.online else "offline",
+                "refresh_problem": self.refresh_problem,
                 "entitlement_id": ent.id if ent else None,
                 "license": ent.license if ent else None,
                 "customer": ent.customer if ent else None,
@@ -939,10 +947,13 @@ class Server:
                 reason=exc.message,
                 refresh_by=refresh_by,
             )
+            self.refresh_problem = f"{exc.error_code} (HTTP {exc.status}): {exc.message}"
             return False
         except AuthorityUnavailable as exc:
             log.warning("refresh_failed", reason=exc.message, refresh_by=refresh_by)
+            self.refresh_problem = exc.message
             return False
+        self.refresh_problem = None
         await self._run_sync(atomic_write, self.config.entitlement_path, text)
         self._ent_signature = await self._run_sync(self._entitlement_signature)
         self._install_entitlement(fresh, self.clock())
@@ -953,6 +964,7 @@ class Server:
     async def _activation_revoked(self, record: ActivationRecord, exc: AuthorityError) -> None:
         """A 410: stop leasing now, and remember it across restarts."""
         log.error("activation_revoked", activation=record.activation_id, reason=exc.message)
+        self.refresh_problem = f"{exc.error_code} (HTTP {exc.status}): {exc.message}"
 
         def forget() -> None:
             self.config.entitlement_path.unlink(missing_ok=True)
