@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -229,3 +230,55 @@ def test_probe_with_an_unusable_ca_file_is_a_usage_error(tmp_path: Path) -> None
         "probe", "--server", "127.0.0.1:1", "--product", "app", "--tls-ca", "/nope"
     )
     assert missing.returncode == 2
+
+
+def test_probe_and_the_simple_client_lease_as_a_license_user(
+    tmp_path: Path, vendor_key: Ed25519PrivateKey
+) -> None:
+    import subprocess
+    import sys
+    import time
+
+    cfg = write_config(tmp_path, vendor_key)
+    text = sign_entitlement(
+        vendor_key,
+        payload(
+            issued_at=int(time.time()) - 60,
+            products=[product("named", seats=2, authorization="user", max_users=5)],
+        ),
+    )
+    atomic_write(tmp_path / "state" / "entitlement.txt", text)
+    user = "ann@example.com"
+    assert (
+        floatd_cli("users", "assign", user, "--product", "named", "--config", str(cfg)).returncode
+        == 0
+    )
+    made = floatd_cli("users", "passwd", user, "--generate", "--config", str(cfg))
+    password = made.stdout.strip()
+    assert made.returncode == 0 and password
+
+    def run(*args: str, secret: str | None) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "FLOATD_CONFIG": ""}
+        env.pop("FLOATD_PASSWORD", None)
+        if secret is not None:
+            env["FLOATD_PASSWORD"] = secret
+        return subprocess.run(
+            [sys.executable, "-m", *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
+
+    with Daemon(cfg, tmp_path / "floatd.log") as d:
+        d.start()
+        probe = ("floatd", "probe", "--server", addr(d), "--product", "named", "--lease")
+        assert run(*probe, "--user", user, "--password", secret=password).returncode == 0
+        refused = run(*probe, "--user", user, "--password", secret="wrong")
+        assert refused.returncode == 1 and "AUTH_FAILED" in refused.stdout
+        simple = ("floatd.client.simple", addr(d), "named", "--once", "--user", user, "--password")
+        held = run(*simple, secret=password)
+        assert held.returncode == 0 and "leased a seat" in held.stdout, held.stderr
+        assert run(*simple, secret="wrong").returncode == 1
+        assert used(d, "named") == 0  # every seat given back

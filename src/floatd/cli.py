@@ -737,6 +737,9 @@ def _entitled_caps(config: Config, now: float) -> dict[str, int | None]:
 
 # --- the connectivity probe ----------------------------------------------------------
 
+#: Where ``floatd probe --password`` and ``floatd.client.simple --password``
+#: take the license user's password from, before they prompt for it.
+PASSWORD_ENV = "FLOATD_PASSWORD"
 PROBE_REFUSED = 1
 PROBE_UNREACHABLE = 3
 
@@ -754,7 +757,20 @@ PROBE_UNREACHABLE = 3
     type=click.Path(path_type=Path, dir_okay=False, exists=True),
     help="Use TLS with this CA file.",
 )
-@click.option("--timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True)
+@click.option("--user", help="License user (or OS user) to lease as: user-locked products.")
+@click.option(
+    "--password",
+    "ask_password",
+    is_flag=True,
+    help=f"Send the license user's password: from ${PASSWORD_ENV}, else prompted.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0.1),
+    default=5.0,
+    show_default=True,
+    help="Seconds to wait for each step.",
+)
 @json_option
 def probe(
     servers: tuple[str, ...],
@@ -763,6 +779,8 @@ def probe(
     token: str | None,
     tls: bool,
     tls_ca: Path | None,
+    user: str | None,
+    ask_password: bool,
     timeout: float,
     as_json: bool,
 ) -> None:
@@ -783,7 +801,16 @@ def probe(
             tls_context(tls_ca)
         except (OSError, ssl.SSLError) as exc:
             raise click.BadParameter(f"cannot use {tls_ca}: {exc}", param_hint="--tls-ca") from None
-    report = trio.run(_probe, addresses, product, take, token, tls or bool(tls_ca), tls_ca, timeout)
+    credentials: dict[str, Any] = {}
+    if user is not None:
+        credentials["user"] = user
+    if ask_password:
+        credentials["password"] = os.environ.get(PASSWORD_ENV) or click.prompt(
+            "password", hide_input=True, err=True
+        )
+    report = trio.run(
+        _probe, addresses, product, take, token, tls or bool(tls_ca), tls_ca, timeout, credentials
+    )
     if as_json:
         _echo_json(report)
     else:
@@ -801,6 +828,7 @@ async def _probe(
     tls: bool,
     tls_ca: Path | None,
     timeout: float,
+    credentials: dict[str, Any],
 ) -> dict[str, Any]:
     from floatd.client.connection import (
         INSTANCE_ID,
@@ -874,6 +902,7 @@ async def _probe(
                 fingerprint=machine_fingerprint(),
                 instance=f"probe-{INSTANCE_ID}",
                 hostname=socket.gethostname()[:256],
+                **credentials,
             )
             if not got.get("ok"):
                 no = refusal(got.get("error"))

@@ -63,29 +63,49 @@ class SimpleClient:
         return self.request("hello", versions=[1], client=client, **fields)
 
 
+PASSWORD_ENV = "FLOATD_PASSWORD"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m floatd.client.simple HOST:PORT PRODUCT [--once]``: take a seat,
-    hold it (renewing) until Ctrl-C, then give it back."""
+    """``python -m floatd.client.simple HOST:PORT PRODUCT [--once] [--user U]
+    [--password]``: take a seat, hold it (renewing) until Ctrl-C, then give it
+    back.  ``--password`` sends the license user's password, taken from
+    ``$FLOATD_PASSWORD`` or else prompted for."""
+    import argparse
+    import getpass
     import sys
 
-    args = list(sys.argv[1:] if argv is None else argv)
-    once = "--once" in args
-    args = [a for a in args if a != "--once"]
-    if len(args) != 2:
-        print("usage: python -m floatd.client.simple HOST:PORT PRODUCT [--once]", file=sys.stderr)
-        return 2
-    host, _, port = args[0].rpartition(":")
+    parser = argparse.ArgumentParser(
+        prog="python -m floatd.client.simple", description="Take a seat and hold it."
+    )
+    parser.add_argument("server", metavar="HOST:PORT")
+    parser.add_argument("product")
+    parser.add_argument("--once", action="store_true", help="give the seat back at once")
+    parser.add_argument("--user", help="license user (or OS user) to lease as")
+    parser.add_argument(
+        "--password",
+        action="store_true",
+        help=f"send the user's password: from ${PASSWORD_ENV}, else prompted",
+    )
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    host, _, port = args.server.rpartition(":")
     if not port.isdigit():
-        print(f"not HOST:PORT: {args[0]!r}", file=sys.stderr)
+        print(f"not HOST:PORT: {args.server!r}", file=sys.stderr)
         return 2
+    credentials = {}
+    if args.user is not None:
+        credentials["user"] = args.user
+    if args.password:
+        credentials["password"] = os.environ.get(PASSWORD_ENV) or getpass.getpass("password: ")
     try:
-        return _hold(SimpleClient(host.strip("[]"), int(port)), args[1], once)
+        client = SimpleClient(host.strip("[]"), int(port))
+        return _hold(client, args.product, args.once, credentials)
     except (OSError, ProtocolError) as exc:
-        print(f"cannot lease from {args[0]}: {exc}", file=sys.stderr)
+        print(f"cannot lease from {args.server}: {exc}", file=sys.stderr)
         return 1
 
 
-def _hold(client: SimpleClient, product: str, once: bool) -> int:
+def _hold(client: SimpleClient, product: str, once: bool, credentials: dict[str, str]) -> int:
     import sys
     import time
 
@@ -97,6 +117,7 @@ def _hold(client: SimpleClient, product: str, once: bool) -> int:
             fingerprint=machine_fingerprint(),
             instance=str(os.getpid()),
             hostname=socket.gethostname(),
+            **credentials,
         )
         if not got.get("ok"):
             err = got.get("error", {})
