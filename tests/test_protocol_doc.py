@@ -9,7 +9,9 @@ from pathlib import Path
 from floatd.client import machine_fingerprint as connection_fp
 from floatd.client import simple
 from floatd.client.fingerprint import fingerprint_of, machine_fingerprint
+from floatd.errors import BadRequest
 from floatd.protocol.codec import FrameDecoder, encode_frame
+from floatd.protocol.messages import parse_request
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 PAIR = re.compile(r"```json\n(?P<json>.*?)\n```\s*```hex\n(?P<hex>.*?)\n```", re.S)
@@ -69,3 +71,66 @@ def test_the_fingerprint_recipe_matches_every_client(tmp_path: Path) -> None:
         "fedcba9876543210fedcba9876543210"
     )
     assert simple.machine_fingerprint is machine_fingerprint is connection_fp
+
+
+BASE_REQUESTS: dict[str, dict[str, object]] = {
+    "hello": {"versions": [1], "client": "x"},
+    "acquire": {"product": "app", "fingerprint": "f" * 8},
+    "renew": {"lease": "l", "token": "t"},
+    "release": {"lease": "l", "token": "t"},
+    "info": {"product": "p"},
+    "ping": {},
+}
+
+
+def field_tables() -> dict[str, list[tuple[str, str, str, bool]]]:
+    """op -> (field, type, bounds, required) rows of "Fields of each request"."""
+    text = DOC.read_text(encoding="utf-8")
+    section = text.split("## Fields of each request", 1)[1].split("\n## ", 1)[0]
+    tables: dict[str, list[tuple[str, str, str, bool]]] = {}
+    ops: list[str] = []
+    for line in section.splitlines():
+        if line.startswith("**"):
+            ops = re.findall(r"\*\*(\w+)\*\*", line)
+            for op in ops:
+                tables.setdefault(op, [])
+        elif line.startswith("| ") and not line.startswith(("| field", "|---")):
+            name, kind, bounds, required = (cell.strip() for cell in line.strip("|").split("|"))
+            for op in ops:
+                tables[op].append((name, kind, bounds, required == "yes"))
+    return tables
+
+
+def _parse(op: str, fields: dict[str, object]) -> str | None:
+    """None if the request parses, else the field its BAD_REQUEST names."""
+    try:
+        parse_request({"op": op, "id": 1, **fields})
+    except BadRequest as exc:
+        return str(exc.details.get("field"))
+    return None
+
+
+def test_the_field_tables_are_what_the_server_checks() -> None:
+    tables = field_tables()
+    assert set(tables) == set(BASE_REQUESTS)
+    for op, rows in tables.items():
+        base = BASE_REQUESTS[op]
+        assert _parse(op, base) is None, op
+        documented = {name for name, *_ in rows}
+        assert set(base) <= documented, op
+        for name, kind, bounds, required in rows:
+            without = {k: v for k, v in base.items() if k != name}
+            assert (_parse(op, without) == name) is required, (op, name, "required")
+            assert _parse(op, {**base, name: object()}) == name, (op, name, "type")
+            chars = re.fullmatch(r"(\d+)\.\.(\d+) chars", bounds)
+            if kind == "str":
+                assert chars is not None, (op, name, bounds)
+                lo, hi = int(chars[1]), int(chars[2])
+                assert _parse(op, {**base, name: "x" * hi}) is None, (op, name, hi)
+                assert _parse(op, {**base, name: "x" * (hi + 1)}) == name, (op, name, hi + 1)
+                if lo > 0:
+                    assert _parse(op, {**base, name: "x" * (lo - 1)}) == name, (op, name, lo)
+    acquire = BASE_REQUESTS["acquire"]
+    assert _parse("acquire", {**acquire, "wait": 3600}) is None
+    assert _parse("acquire", {**acquire, "wait": 3600.5}) == "wait"
+    assert _parse("acquire", {**acquire, "meta": {f"k{i}": "v" for i in range(17)}}) == "meta"
