@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 from conftest import SERVER_ID, payload, write_config
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from floatd.authority.cli import main as authority_main
 from floatd.cli import main
 from floatd.entitlement import parse_activation_request, server_fingerprint, sign_entitlement
 
@@ -286,3 +289,27 @@ def test_audit_and_report_refuse_bad_input(tmp_path: Path, vendor_key: Ed25519Pr
     assert code == 2  # --since is required
     code, _, err = run("report", "--config", str(cfg), "--since", "2099-01-01")
     assert code == 2 and "--since" in err and "in the future" in err
+
+
+def _commands(
+    group: click.Group, path: tuple[str, ...]
+) -> Iterator[tuple[tuple[str, ...], click.Command]]:
+    yield path, group
+    for name, cmd in group.commands.items():
+        if isinstance(cmd, click.Group):
+            yield from _commands(cmd, (*path, name))
+        else:
+            yield (*path, name), cmd
+
+
+@pytest.mark.parametrize("root", [main, authority_main], ids=["floatd", "floatd-authority"])
+def test_every_command_takes_h_and_every_option_says_what_it_does(root: click.Group) -> None:
+    runner = CliRunner()
+    for path, cmd in _commands(root, ()):
+        result = runner.invoke(root, [*path, "-h"], env={"FLOATD_CONFIG": ""})
+        assert result.exit_code == 0 and "Usage:" in result.stdout, path
+        if isinstance(cmd, click.Group):
+            assert "..." not in result.stdout.split("Commands:")[1], path  # nothing cut
+        for param in cmd.params:
+            if isinstance(param, click.Option) and param.name != "help":
+                assert param.help, (path, param.opts)

@@ -105,7 +105,28 @@ def _server_id(config: Config) -> str:
     return server_fingerprint(read_machine_id(config))
 
 
-@click.group()
+class HelpGroup(click.Group):
+    """A command group whose listing shows each command's whole first sentence
+    (click cuts it at about 45 characters), and whose sub-groups are alike."""
+
+    group_class = type  # groups made with @group.group() are HelpGroups too
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = []
+        for name in self.list_commands(ctx):
+            cmd = self.get_command(ctx, name)
+            if cmd is not None and not cmd.hidden:
+                rows.append((name, cmd.get_short_help_str(limit=200)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+#: -h as well as --help, on every command (subcommands inherit it).
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+
+
+@click.group(cls=HelpGroup, context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="floatd")
 def main() -> None:
     """floatd: an on-premise floating license server."""
@@ -116,8 +137,14 @@ def main() -> None:
 @config_option
 @click.option("--listen", multiple=True, help="host:port for the lease protocol (repeatable).")
 @click.option("--state-dir", type=click.Path(path_type=Path), help="Overrides [state] dir.")
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
-@click.option("--log-format", type=click.Choice(["json", "console"]))
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    help="Overrides [log] level.",
+)
+@click.option(
+    "--log-format", type=click.Choice(["json", "console"]), help="Overrides [log] format."
+)
 @guarded
 def serve(
     config_path: Path | None,
@@ -323,7 +350,12 @@ def _products_line(ent: Any) -> str:
     show_default=True,
     help="Where the demo keeps its key, config and state.",
 )
-@click.option("--listen", default="127.0.0.1:7411", show_default=True)
+@click.option(
+    "--listen",
+    default="127.0.0.1:7411",
+    show_default=True,
+    help="Where the demo's lease port listens (host:port).",
+)
 @click.option(
     "--status-listen",
     default="127.0.0.1:7412",
@@ -619,7 +651,13 @@ def audit(
 @config_option
 @click.option("--since", required=True, help="Start: a date, a date-time (UTC) or an age.")
 @click.option("--until", help="End (exclusive); default now.")
-@click.option("--by", type=click.Choice(["hour", "day"]), default="day", show_default=True)
+@click.option(
+    "--by",
+    type=click.Choice(["hour", "day"]),
+    default="day",
+    show_default=True,
+    help="Report periods: hours or days (UTC).",
+)
 @click.option("--csv", "as_csv", is_flag=True, help="CSV output.")
 @json_option
 @click.option(
@@ -1035,7 +1073,9 @@ def _valid_email(email: str) -> str:
 @users_group.command("assign")
 @config_option
 @click.argument("email")
-@click.option("--product", required=True)
+@click.option(
+    "--product", required=True, help="The user-authorized product (a code of the entitlement)."
+)
 @guarded
 def users_assign(config_path: Path | None, email: str, product: str) -> None:
     """Let EMAIL take seats of a user-authorized product (within its max_users)."""
@@ -1076,7 +1116,7 @@ def _has_password(config: Config, email: str) -> bool:
 @users_group.command("unassign")
 @config_option
 @click.argument("email")
-@click.option("--product", required=True)
+@click.option("--product", required=True, help="The product to take the user off.")
 @guarded
 def users_unassign(config_path: Path | None, email: str, product: str) -> None:
     """Remove a locally assigned user, and end their leases of the product."""

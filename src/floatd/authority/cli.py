@@ -26,7 +26,7 @@ from floatd.activation import read_armored
 from floatd.audit import iso, parse_when
 from floatd.authority.logic import Authority, check_duration
 from floatd.authority.store import Activation, AuthorityStore, License, Product, Terms
-from floatd.cli import fail, make_guard
+from floatd.cli import CONTEXT, HelpGroup, fail, make_guard
 from floatd.config import parse_hostport
 from floatd.entitlement import format_public_key, load_private_key, private_key_pem
 
@@ -59,7 +59,7 @@ class Ctx:
 pass_ctx = click.make_pass_decorator(Ctx)
 
 
-@click.group()
+@click.group(cls=HelpGroup, context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="floatd-authority")
 @click.option(
     "--db",
@@ -101,7 +101,12 @@ def keys() -> None:
 
 
 @keys.command("generate")
-@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), required=True)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, dir_okay=False),
+    required=True,
+    help="Where to write the new private key (PEM).",
+)
 @click.option(
     "--passphrase", is_flag=True, help=f"Encrypt the key (prompted, or ${PASSPHRASE_ENV})."
 )
@@ -124,7 +129,13 @@ def keys_generate(out: Path, passphrase: bool) -> None:
 
 
 @keys.command("public")
-@click.option("--key", "key_path", type=click.Path(path_type=Path), required=True)
+@click.option(
+    "--key",
+    "key_path",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="The signing key (PEM).",
+)
 @guarded
 def keys_public(key_path: Path) -> None:
     """Print the public key of a signing key."""
@@ -145,9 +156,13 @@ def _product_json(p: Product) -> dict[str, Any]:
 
 @product.command("add")
 @click.argument("code")
-@click.option("--name", required=True)
+@click.option("--name", required=True, help="The product's display name.")
 @click.option(
-    "--authorization", type=click.Choice(["key", "user"]), default="key", show_default=True
+    "--authorization",
+    type=click.Choice(["key", "user"]),
+    default="key",
+    show_default=True,
+    help="key: any permitted client may lease; user: license users with a password.",
 )
 @click.option(
     "--lease-duration",
@@ -157,9 +172,18 @@ def _product_json(p: Product) -> dict[str, Any]:
     help="The floating timeout, seconds (0: the server's default).",
 )
 @click.option(
-    "--strategy", type=click.Choice(["per-machine", "per-instance"]), default="per-machine"
+    "--strategy",
+    type=click.Choice(["per-machine", "per-instance"]),
+    default="per-machine",
+    help="Seats per machine, or per process instance.",
 )
-@click.option("--trial-days", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option(
+    "--trial-days",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Days a trial license of this product lasts (0: no trial length).",
+)
 @json_option
 @pass_ctx
 @guarded
@@ -265,23 +289,45 @@ def license_group() -> None:
 @license_group.command("issue")
 @click.option("--order", "order_id", required=True, help="Order id (created if new).")
 @click.option("--order-ref", help="The order's reference (e.g. a PO number).")
-@click.option("--customer")
+@click.option("--customer", help="The customer's name, shown to the site.")
 @click.option("--product", "products", multiple=True, required=True, help="Repeatable.")
 @click.option(
     "--seats", type=int, required=True, help="allowedFloatingClients; 0 or -1: unlimited."
 )
 @click.option("--lease-duration", type=click.IntRange(min=0), help="Default: the product's.")
-@click.option("--strategy", type=click.Choice(["per-machine", "per-instance"]))
-@click.option("--user-locked", is_flag=True)
+@click.option(
+    "--strategy",
+    type=click.Choice(["per-machine", "per-instance"]),
+    help="Overrides the product's leasing strategy.",
+)
+@click.option("--user-locked", is_flag=True, help="Seats are also keyed by the OS user.")
 @click.option("--allowed-ip", "allowed_ips", multiple=True, help="CIDR; repeatable.")
-@click.option("--allowed-activations", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option(
+    "--allowed-activations",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="How many servers may activate this license.",
+)
 @click.option("--interval", help="Subscription interval, ISO 8601 (P1M, P1Y).")
 @click.option("--expires", help="Explicit expiry date.")
 @click.option("--effective", help="Effective date: no lease before it.")
-@click.option("--trial", is_flag=True)
+@click.option(
+    "--trial", is_flag=True, help="A trial license (ends after the product's trial days)."
+)
 @click.option("--grace", default="P7D", show_default=True, help="Seconds or ISO 8601 duration.")
-@click.option("--borrow-max", type=click.IntRange(min=0), default=0)
-@click.option("--max-users", type=click.IntRange(min=0), default=0)
+@click.option(
+    "--borrow-max",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Seconds a seat may be borrowed offline (0: no borrowing).",
+)
+@click.option(
+    "--max-users",
+    type=click.IntRange(min=0),
+    default=0,
+    help="License users that may be assigned in all (0: no cap).",
+)
 @click.option("--meta", multiple=True, help="NAME=VALUE custom license value; repeatable.")
 @click.option("--feature", multiple=True, help="NAME=VALUE (true/false/int/str); repeatable.")
 @json_option
@@ -358,7 +404,7 @@ def license_issue(
 
 
 @license_group.command("list")
-@click.option("--order", "order_id")
+@click.option("--order", "order_id", help="Only licenses of this order.")
 @json_option
 @pass_ctx
 @guarded
@@ -396,12 +442,20 @@ def license_show(ctx: Ctx, license_id: str, as_json: bool) -> None:
 
 @license_group.command("update")
 @click.argument("license_id")
-@click.option("--seats", type=int)
+@click.option("--seats", type=int, help="New seat count; 0 or -1: unlimited.")
 @click.option("--expires", help="New explicit expiry date.")
 @click.option("--extend", is_flag=True, help="Add one subscription interval to the expiry.")
-@click.option("--allowed-activations", type=click.IntRange(min=1))
-@click.option("--max-users", type=click.IntRange(min=0))
-@click.option("--lease-duration", type=click.IntRange(min=0))
+@click.option(
+    "--allowed-activations",
+    type=click.IntRange(min=1),
+    help="New number of servers that may activate it.",
+)
+@click.option("--max-users", type=click.IntRange(min=0), help="New cap on license users (0: none).")
+@click.option(
+    "--lease-duration",
+    type=click.IntRange(min=0),
+    help="New lease duration in seconds (0: the server's default).",
+)
 @json_option
 @pass_ctx
 @guarded
@@ -504,7 +558,7 @@ def activations() -> None:
 
 
 @activations.command("list")
-@click.option("--license", "license_id")
+@click.option("--license", "license_id", help="Only activations of this license.")
 @json_option
 @pass_ctx
 @guarded
@@ -541,8 +595,19 @@ def offline() -> None:
 
 @offline.command("sign")
 @click.argument("request", type=click.Path(path_type=Path, dir_okay=False))
-@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), required=True)
-@click.option("--key", "key_path", type=click.Path(path_type=Path), required=True)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, dir_okay=False),
+    required=True,
+    help="Where to write the signed entitlement.",
+)
+@click.option(
+    "--key",
+    "key_path",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="The signing key (PEM).",
+)
 @pass_ctx
 @guarded
 def offline_sign(ctx: Ctx, request: Path, out: Path, key_path: Path) -> None:
@@ -557,10 +622,22 @@ def offline_sign(ctx: Ctx, request: Path, out: Path, key_path: Path) -> None:
 
 
 @main.command()
-@click.option("--listen", default="127.0.0.1:7500", show_default=True)
-@click.option("--key", "key_path", type=click.Path(path_type=Path), required=True)
-@click.option("--tls-cert", type=click.Path(path_type=Path))
-@click.option("--tls-key", type=click.Path(path_type=Path))
+@click.option(
+    "--listen", default="127.0.0.1:7500", show_default=True, help="host:port to serve the API on."
+)
+@click.option(
+    "--key",
+    "key_path",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="The signing key (PEM).",
+)
+@click.option(
+    "--tls-cert",
+    type=click.Path(path_type=Path),
+    help="PEM certificate: serve HTTPS (with --tls-key).",
+)
+@click.option("--tls-key", type=click.Path(path_type=Path), help="PEM private key of --tls-cert.")
 @pass_ctx
 @guarded
 def serve(
