@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -273,6 +274,13 @@ def test_audit_and_report_formats(tmp_path: Path, vendor_key: Ed25519PrivateKey)
     code, _, err = run(*args, "--by", "hour", "--plot", str(png))
     assert code == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "wrote" in err
 
+    # Without matplotlib: the table all the same, then how to get the plot.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+        code, out, err = run(*args, "--plot", str(tmp_path / "none.png"))
+    assert code == 1 and "PRODUCT" in out and "app" in out
+    assert "matplotlib" in err and "floatd[plot]" in err and not (tmp_path / "none.png").exists()
+
 
 def test_audit_and_report_refuse_bad_input(tmp_path: Path, vendor_key: Ed25519PrivateKey) -> None:
     cfg = write_config(tmp_path, vendor_key)
@@ -313,3 +321,16 @@ def test_every_command_takes_h_and_every_option_says_what_it_does(root: click.Gr
         for param in cmd.params:
             if isinstance(param, click.Option) and param.name != "help":
                 assert param.help, (path, param.opts)
+
+
+def test_a_refusal_with_json_is_json(tmp_path: Path, vendor_key: Ed25519PrivateKey) -> None:
+    cfg = write_config(tmp_path, vendor_key)
+    code, out, err = run("leases", "--json", "--config", str(cfg))  # no daemon runs
+    assert code == 1 and err == ""
+    refusal = json.loads(out)
+    assert refusal["ok"] is False and refusal["error"]["code"] == "ADMIN"
+    assert "not running" in refusal["error"]["message"]
+    code, out, _ = run("users", "list", "--json", "--config", str(cfg))  # a refusal of its own
+    assert code == 1 and json.loads(out)["error"]["code"] == "FAILED"
+    code, _, err = run("leases", "--config", str(cfg))  # without --json: one line on stderr
+    assert code == 1 and err.startswith("floatd: ") and err.count("\n") == 1

@@ -97,6 +97,11 @@ def healthz(d: Daemon) -> tuple[int, Any]:
     return status, json.loads(body)
 
 
+def names(d: Daemon) -> list[str]:
+    """The daemon's log events so far, by name."""
+    return [str(e.get("event")) for e in d.events()]
+
+
 def info(d: Daemon) -> dict[str, Any]:
     with SimpleClient("127.0.0.1", d.port, timeout=10) as c:
         assert c.hello()["ok"]
@@ -115,6 +120,9 @@ def test_activate_lease_and_follow_the_license_through_refreshes(
         assert acquire(d)["ok"]
         status = json.loads(floatd_cli("status", "--json", "--config", str(config)).stdout)
         assert status["activation"]["mode"] == "online" and status["activation"]["refresh_by"]
+        # Refreshes that change nothing log `refreshed`, not a new installation.
+        until(lambda: names(d).count("refreshed") >= 2, "two refreshes")
+        assert names(d).count("entitlement_installed") == 1
         # More seats at the authority: the next refresh brings them.
         vendor.run("license", "update", license_id, "--seats", "5")
         until(lambda: info(d).get("seats") == 5, "the new seat count")

@@ -137,3 +137,9 @@ async def test_named_users_end_to_end(
 def test_a_tampered_hash_beyond_the_memory_bound_fails_cleanly() -> None:
     huge = "scrypt$1048576$32$1$" + "AAAAAAAAAAAAAAAAAAAAAA==" + "$" + "A" * 43 + "="
     assert not verify_password("anything", huge)  # no MemoryError, no ValueError
+
+
+def test_generated_passwords_never_look_like_an_option() -> None:
+    drawn = [users.generate_password() for _ in range(2000)]  # 1 in 64 would start with "-"
+    assert not any(p.startswith("-") for p in drawn)
+    assert all(len(p) == 20 for p in drawn) and len(set(drawn)) == 2000

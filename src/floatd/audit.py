@@ -122,7 +122,9 @@ def read_audit(
     events: tuple[str, ...] = AUDIT_EVENTS,
     limit: int | None = None,
 ) -> Iterator[AuditEntry]:
-    """Records in time order.  A generator, so a long audit streams out."""
+    """Records in time order; with ``limit``, the newest ``limit`` of them (the
+    ones an admin asking for "the last N" means).  A generator, so a long
+    audit streams out."""
     sql = (
         "SELECT ts, event, product, lease, fingerprint, instance, user, hostname, peer, code,"
         " coalesce(repeats, 1)"
@@ -135,12 +137,14 @@ def read_audit(
     if product is not None:
         sql += " AND product = ?"
         args.append(product)
-    sql += " ORDER BY ts, seq"
     if limit is not None:
-        sql += " LIMIT ?"
+        sql += " ORDER BY ts DESC, seq DESC LIMIT ?"
         args.append(limit)
+    else:
+        sql += " ORDER BY ts, seq"
     try:
-        for row in db.execute(sql, args):
+        rows = db.execute(sql, args)
+        for row in reversed(rows.fetchall()) if limit is not None else rows:
             yield AuditEntry(*row)
     except sqlite3.Error as exc:
         raise StoreError(f"cannot read the audit trail: {exc}") from None

@@ -6,6 +6,7 @@ is one line on stderr, never a traceback.
 
 from __future__ import annotations
 
+import contextvars
 import csv
 import functools
 import json
@@ -32,8 +33,22 @@ from floatd.errors import AuthorityError, ConfigError, FloatdError
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def fail(prog: str, message: str, status: int = 1) -> NoReturn:
-    click.echo(f"{prog}: {message}", err=True)
+def plural(n: int, word: str) -> str:
+    """``1 lease``, ``2 leases``."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+#: Set while a command runs with --json: its refusals are JSON on stdout too,
+#: so a script reading the output never has to parse an error line.
+_json_errors: contextvars.ContextVar[bool] = contextvars.ContextVar("json_errors", default=False)
+
+
+def fail(prog: str, message: str, status: int = 1, code: str | None = None) -> NoReturn:
+    if _json_errors.get():
+        code = code or ("USAGE" if status == 2 else "FAILED")
+        click.echo(json.dumps({"ok": False, "error": {"code": code, "message": message}}))
+    else:
+        click.echo(f"{prog}: {message}", err=True)
     sys.exit(status)
 
 
@@ -60,6 +75,13 @@ def make_guard(prog: str, *, remote_authority: bool) -> Callable[[F], F]:
     def guarded(fn: F) -> F:
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
+            token = _json_errors.set(bool(kwargs.get("as_json")))
+            try:
+                return _run(*args, **kwargs)
+            finally:
+                _json_errors.reset(token)
+
+        def _run(*args: Any, **kwargs: Any) -> Any:
             try:
                 try:
                     return fn(*args, **kwargs)
@@ -70,15 +92,16 @@ def make_guard(prog: str, *, remote_authority: bool) -> Callable[[F], F]:
                         raise leaves[0] from None
                     raise
             except ConfigError as exc:
-                fail(prog, f"config error: {exc.message}", 2)
+                fail(prog, f"config error: {exc.message}", 2, exc.code)
             except AuthorityError as exc:
                 if remote_authority and exc.status:
-                    fail(prog, f"the authority refused ({exc.error_code}): {exc.message}")
-                fail(prog, exc.message)
+                    message = f"the authority refused ({exc.error_code}): {exc.message}"
+                    fail(prog, message, 1, exc.error_code)
+                fail(prog, exc.message, 1, exc.error_code)
             except FloatdError as exc:
-                fail(prog, exc.message)
+                fail(prog, exc.message, 1, exc.code)
             except OSError as exc:
-                fail(prog, f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
+                fail(prog, f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), 1, "OS")
 
         return wrapper  # type: ignore[return-value]
 
@@ -637,7 +660,7 @@ def audit(
     if not rows:
         click.echo("no audit records in that range")
         return
-    headers = ["TIME", "EVENT", "PRODUCT", "LEASE", "FINGERPRINT", "USER", "HOST", "ADDRESS"]
+    headers = ["TIME", "EVENT", "PRODUCT", "LEASE", "FINGERPRINT", "USER", "HOSTNAME", "ADDRESS"]
     click.echo(_table([*headers, "CODE"], rows))
     if limit is None and len(rows) == TABLE_LIMIT:
         click.echo(
@@ -701,11 +724,6 @@ def report(
     finally:
         db.close()
     result = build_report(intervals, refusals, start, end, by, products=caps)
-    if plot is not None:
-        try:
-            plot_report(result, str(plot), caps)
-        except ImportError:
-            _fail("--plot needs matplotlib: pip install 'floatd[plot]'", 1)
     rows = [row.to_json(trail.iso) for row in result.rows]
     if as_json:
         _echo_json(
@@ -744,6 +762,14 @@ def report(
             else "no products and no activity in that range"
         )
     if plot is not None:
+        try:
+            plot_report(result, str(plot), caps)
+        except ImportError:  # the report above stands; say how to get the picture
+            _fail(
+                f"no plot written: --plot needs matplotlib ({sys.executable} -m pip install"
+                " 'floatd[plot]', or your distribution's python3-matplotlib)",
+                1,
+            )
         click.echo(f"wrote {plot}", err=True)
 
 
@@ -994,7 +1020,7 @@ def clock_reset(config_path: Path | None, yes: bool, as_json: bool) -> None:
 
     click.echo(
         f"clock mark reset from {iso(result['old_mark'])} to {iso(result['new_mark'])};"
-        f" {result['leases_clamped']} lease(s) dated by the wrong clock now end sooner"
+        f" {plural(result['leases_clamped'], 'lease')} dated by the wrong clock now end sooner"
     )
 
 
@@ -1142,7 +1168,7 @@ def users_unassign(config_path: Path | None, email: str, product: str) -> None:
         except FloatdError as exc:
             if "not running" not in exc.message:
                 _fail(f"unassigned, but could not end their leases: {exc.message}", 1)
-    click.echo(f"unassigned {email} from {product}; ended {ended} lease(s)")
+    click.echo(f"unassigned {email} from {product}; ended {plural(ended, 'lease')}")
 
 
 @users_group.command("passwd")
@@ -1152,9 +1178,7 @@ def users_unassign(config_path: Path | None, email: str, product: str) -> None:
 @guarded
 def users_passwd(config_path: Path | None, email: str, generate: bool) -> None:
     """Set a license user's password (stored only as a salted scrypt hash)."""
-    import secrets
-
-    from floatd.users import UserStore, hash_password
+    from floatd.users import UserStore, generate_password, hash_password
 
     config = _load(config_path)
     ent = _entitlement_or_fail(config)
@@ -1166,7 +1190,7 @@ def users_passwd(config_path: Path | None, email: str, generate: bool) -> None:
         if not known:
             _fail(f"{email} is not a license user of any product; assign them first", 1)
         if generate:
-            password = secrets.token_urlsafe(15)
+            password = generate_password()
         else:
             password = click.prompt(
                 f"password for {email}", hide_input=True, confirmation_prompt=True

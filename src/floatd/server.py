@@ -235,6 +235,8 @@ class Server:
         self._ent_signature: tuple[int, int, int] | None = None
         # The file refused last, and at how many looks in a row.
         self._rejected: tuple[tuple[int, int, int] | None, int] = (None, 0)
+        # What entitlement_installed last said (see _install_entitlement).
+        self._logged_terms: object = ()
         self._reload_request = trio.Event()
         self._force_reload = False
         self._conns: trio.Nursery | None = None
@@ -517,24 +519,36 @@ class Server:
         if ent is not None and ent.text:  # the one installed last (see check_history)
             rows = installed_record(ent)
             self.committer.submit([SetMeta(k, v) for k, v in rows], urgent=False)
+        # Logged when what it says changed, not at every hourly refresh (which
+        # brings a new entitlement id and refresh_by, and logs `refreshed`).
+        terms = None if ent is None else (ent.license, ent.customer, ent.not_after, ent.products)
+        if terms == self._logged_terms:
+            return
+        self._logged_terms = terms
         if ent is None:
             log.warning("not_activated", path=str(self.config.entitlement_path))
-        else:
-            log.info(
-                "entitlement_installed",
-                entitlement=ent.id,
-                license=ent.license,
-                products=[p.code for p in ent.products],
-                customer=ent.customer,
-                not_after=ent.not_after,
+            return
+        log.info(
+            "entitlement_installed",
+            entitlement=ent.id,
+            license=ent.license,
+            products=[p.code for p in ent.products],
+            customer=ent.customer,
+            not_after=ent.not_after,
+        )
+        self._warn_cleartext_passwords()
+
+    def _warn_cleartext_passwords(self) -> None:
+        """At start, and when the products or TLS change: passwords of license
+        users would cross the LAN in clear."""
+        ent = self.service.entitlement
+        named = [p.code for p in ent.products if p.authorization == "user"] if ent else []
+        if named and self._tls is None:
+            log.warning(
+                "passwords_without_tls",
+                products=named,
+                hint="set [server] tls_cert and tls_key: passwords travel in clear",
             )
-            named = [p.code for p in ent.products if p.authorization == "user"]
-            if named and self._tls is None:
-                log.warning(
-                    "passwords_without_tls",
-                    products=named,
-                    hint="set [server] tls_cert and tls_key: passwords travel in clear",
-                )
 
     # --- running ---------------------------------------------------------------
 
@@ -663,8 +677,11 @@ class Server:
             self.config = dataclasses.replace(
                 new, **{attr: getattr(old, attr) for attr in RESTART_ONLY}
             )
+            tls_changed = (tls is None) != (self._tls is None)
             self._tls = tls
             self.status.tls = status_tls
+            if tls_changed:
+                self._warn_cleartext_passwords()
             self._keys = keys
             if attrs & {"log_level", "log_format"}:
                 logs.configure(new.log_level, new.log_format)

@@ -18,6 +18,7 @@ import base64
 import hashlib
 import hmac
 import os
+import secrets
 import sqlite3
 import time
 from dataclasses import dataclass, field
@@ -148,3 +149,13 @@ def authenticate(
         store.close()
     ok = verify_password(password, encoded)
     return ok and assigned
+
+
+def generate_password() -> str:
+    """120 random bits, URL-safe base64 (20 characters), never beginning with
+    "-": a password that looks like an option breaks the command lines it is
+    pasted into."""
+    while True:
+        password = secrets.token_urlsafe(15)
+        if not password.startswith("-"):
+            return password

@@ -26,7 +26,7 @@ from floatd.activation import read_armored
 from floatd.audit import iso, parse_when
 from floatd.authority.logic import Authority, check_duration
 from floatd.authority.store import Activation, AuthorityStore, License, Product, Terms
-from floatd.cli import CONTEXT, HelpGroup, fail, make_guard
+from floatd.cli import CONTEXT, HelpGroup, fail, make_guard, plural
 from floatd.config import parse_hostport
 from floatd.entitlement import format_public_key, load_private_key, private_key_pem
 
@@ -521,7 +521,7 @@ def users() -> None:
 def users_assign(ctx: Ctx, license_id: str, email: str) -> None:
     """Assign a user (within the license's max users)."""
     lic = ctx.authority().assign_user(license_id, email)
-    click.echo(f"{email} assigned to {lic.id} ({len(lic.users)} users)")
+    click.echo(f"{email} assigned to {lic.id} ({plural(len(lic.users), 'user')})")
 
 
 @users.command("unassign")
@@ -532,7 +532,7 @@ def users_assign(ctx: Ctx, license_id: str, email: str) -> None:
 def users_unassign(ctx: Ctx, license_id: str, email: str) -> None:
     """Remove an assigned user."""
     lic = ctx.authority().unassign_user(license_id, email)
-    click.echo(f"{email} removed from {lic.id} ({len(lic.users)} users)")
+    click.echo(f"{email} removed from {lic.id} ({plural(len(lic.users), 'user')})")
 
 
 # --- activations ------------------------------------------------------------------------
