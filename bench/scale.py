@@ -195,7 +195,9 @@ def main() -> None:
         try:
             small = fill(port, 1000, "a")
             acq_1k, ren_1k = rates(port, small)
-            held = fill(port, args.leases - leases_held(port), "b")
+            # The rate runs took leases of their own, maybe already more than
+            # --leases: renew the ones whose tokens are known, and fill up to it.
+            held = small + fill(port, max(0, args.leases - leases_held(port)), "b")
             total = leases_held(port)
             acq_100k, ren_100k = rates(port, held)
             memory = rss_mib(proc.pid)
