@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import re
 from collections.abc import Iterator
 
@@ -143,3 +144,12 @@ def test_the_service_leaves_lease_lines_to_the_store_when_told(out: io.StringIO)
     assert not refused["ok"]  # type: ignore[index]
     assert audit() == [("refused", False)]  # its line has fields of its own: logged here
     assert [json.loads(x)["event"] for x in lines(out)] == ["lease_granted", "lease_refused"]
+
+
+def test_libraries_stdlib_log_records_are_json_lines_too(out: io.StringIO) -> None:
+    """trio's accept loop logs through the stdlib when the file table is full."""
+    logs.configure("info", "json", out)
+    logging.getLogger("trio.serve_listeners").error("accept returned %s", "EMFILE")
+    (line,) = [json.loads(text) for text in lines(out)]
+    assert line["event"] == "library_log" and line["level"] == "error"
+    assert line["logger"] == "trio.serve_listeners" and line["message"] == "accept returned EMFILE"

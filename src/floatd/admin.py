@@ -95,15 +95,7 @@ class AdminServer:
 
     async def serve(self, listener: trio.SocketListener) -> None:
         try:
-            async with trio.open_nursery() as nursery:
-                while True:
-                    try:
-                        stream = await listener.accept()
-                    except OSError as exc:
-                        log.error("admin_accept_failed", reason=exc.strerror)
-                        await trio.sleep(0.1)
-                        continue
-                    nursery.start_soon(self._handle, stream)
+            await trio.serve_listeners(self._handle, [listener])
         finally:
             with contextlib.suppress(OSError):
                 self.path.unlink()

@@ -75,22 +75,19 @@ class HttpServer:
         return json_reply(status, {"error": REASONS.get(status, "error")}, **headers)
 
     async def serve(self, listener: trio.SocketListener) -> None:
-        async with trio.open_nursery() as nursery:
-            while True:
-                try:
-                    stream = await listener.accept()
-                except OSError as exc:
-                    log.error("http_accept_failed", server=self.name, reason=exc.strerror)
-                    await trio.sleep(0.1)
-                    continue
-                if self.connections >= self.max_connections:
-                    if not self._waiting:
-                        await trio.aclose_forcefully(stream)
-                        continue
-                    oldest = next(iter(self._waiting))
-                    del self._waiting[oldest]
-                    oldest.cancel()  # it closes at once; this one takes its place
-                nursery.start_soon(self._handle, stream)
+        await trio.serve_listeners(self._admit, [listener])
+
+    async def _admit(self, stream: trio.SocketStream) -> None:
+        """Serve a new connection, unless all places are taken by connections
+        in the middle of a request; an idle one makes room for it."""
+        if self.connections >= self.max_connections:
+            if not self._waiting:
+                await trio.aclose_forcefully(stream)
+                return
+            oldest = next(iter(self._waiting))
+            del self._waiting[oldest]
+            oldest.cancel()  # it closes at once; this one takes its place
+        await self._handle(stream)
 
     async def _handle(self, stream: trio.abc.Stream) -> None:
         self.connections += 1

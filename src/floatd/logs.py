@@ -126,8 +126,22 @@ def _encode(value: Any) -> str:
     return "".join(_chunks(value, 0))
 
 
+class _Forward(logging.Handler):
+    """Libraries' stdlib log records (trio's accept loop waiting out a full
+    file table, say) as lines like floatd's own: one JSON log, never a bare
+    line from Python's last-resort handler in the middle of it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        names = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warning"}
+        method = getattr(get_logger(), names.get(record.levelno, "error"))
+        method("library_log", logger=record.name, message=record.getMessage())
+
+
 def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
     global _writer, _json_lines
+    root = logging.getLogger()  # its level stays WARNING unless someone lowered it
+    if not any(isinstance(handler, _Forward) for handler in root.handlers):
+        root.addHandler(_Forward())
     _writer.flush()
     _json_lines = fmt == "json"
     _writer = BufferedLineWriter(stream or sys.stdout)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import enum
-import errno
+import functools
 import heapq
 import math
 import ssl
@@ -602,8 +602,16 @@ class Server:
                 async with trio.open_nursery() as conns:
                     self._conns = conns
                     async with trio.open_nursery() as accepting:
-                        for listener in listeners:
-                            accepting.start_soon(self._accept_loop, listener)
+                        # trio's accept loop: it waits out a full file table
+                        # (EMFILE and the like) and raises anything else.
+                        accepting.start_soon(
+                            functools.partial(
+                                trio.serve_listeners,
+                                self._serve_stream,
+                                listeners,
+                                handler_nursery=conns,
+                            )
+                        )
                         addresses = [f"{h}:{p}" for h, p in self.ports]
                         log.info(
                             "listening",
@@ -1011,19 +1019,6 @@ class Server:
             else:
                 log.warning("watchdog_withheld", reason="no commit completed recently")
             await trio.sleep(interval)
-
-    async def _accept_loop(self, listener: trio.SocketListener) -> None:
-        assert self._conns is not None
-        while True:
-            try:
-                stream = await listener.accept()
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS):
-                    log.error("accept_failed", reason=exc.strerror)
-                    await trio.sleep(0.1)
-                    continue
-                raise
-            self._conns.start_soon(self._serve_stream, stream)
 
     async def _serve_stream(self, stream: trio.SocketStream) -> None:
         try:
