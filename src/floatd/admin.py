@@ -30,6 +30,7 @@ import trio
 
 from floatd.audit import iso
 from floatd.errors import AdminError, ConfigError, FloatdError, InternalError
+from floatd.frames import receive_frame, receive_frame_blocking
 from floatd.logs import get_logger
 from floatd.protocol.codec import MAX_FRAME, FrameDecoder, encode_frame
 
@@ -106,13 +107,9 @@ class AdminServer:
             while True:
                 request = None
                 with trio.move_on_after(IDLE_TIMEOUT):
-                    while (request := decoder.next_frame()) is None:
-                        data = await stream.receive_some(MAX_FRAME + 4)
-                        if not data:
-                            return
-                        decoder.feed(bytes(data))
+                    request = await receive_frame(stream, decoder)
                 if request is None:
-                    return
+                    return  # the end of the stream, or idle too long
                 for frame in await self.answer(request):
                     try:
                         data = encode_frame(frame)
@@ -238,16 +235,14 @@ class AdminClient:
         self.close()
 
     def _recv(self) -> dict[str, Any]:
-        while (frame := self._decoder.next_frame()) is None:
-            try:
-                data = self._sock.recv(MAX_FRAME + 4)
-            except TimeoutError:
-                raise AdminError("the daemon did not answer in time") from None
-            except OSError as exc:
-                raise AdminError(f"lost the daemon: {exc.strerror}") from None
-            if not data:
-                raise AdminError("the daemon closed the admin connection")
-            self._decoder.feed(data)
+        try:
+            frame = receive_frame_blocking(self._sock.recv, self._decoder)
+        except TimeoutError:
+            raise AdminError("the daemon did not answer in time") from None
+        except OSError as exc:
+            raise AdminError(f"lost the daemon: {exc.strerror}") from None
+        if frame is None:
+            raise AdminError("the daemon closed the admin connection")
         if not frame.get("ok"):
             error = frame.get("error") or {}
             if error.get("code") == ConfigError.code:  # exit status 2, like check-config

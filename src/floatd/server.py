@@ -57,6 +57,7 @@ from floatd.errors import (
     StoreError,
     Unavailable,
 )
+from floatd.frames import receive_frame
 from floatd.logs import event_logger, get_logger
 from floatd.metrics import RequestStats
 from floatd.online import ActivationRecord, AuthorityUnavailable, RefreshSchedule
@@ -1067,15 +1068,9 @@ class Server:
     async def _refuse_busy(self, stream: trio.abc.Stream) -> None:
         rid = None
         with trio.move_on_after(BUSY_WAIT):
-            decoder = FrameDecoder()
             try:
-                while (frame := decoder.next_frame()) is None:
-                    data = await stream.receive_some(MAX_FRAME + 4)
-                    if not data:
-                        break
-                    decoder.feed(bytes(data))
-                else:
-                    rid = request_id(frame)
+                frame = await receive_frame(stream, FrameDecoder())
+                rid = None if frame is None else request_id(frame)
             except (FloatdError, trio.BrokenResourceError):
                 pass
         try:

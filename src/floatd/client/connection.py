@@ -20,7 +20,8 @@ import trio
 from floatd import __version__
 from floatd import errors as _errors
 from floatd.errors import FloatdError
-from floatd.protocol.codec import MAX_FRAME, FrameDecoder, encode_frame
+from floatd.frames import receive_frame
+from floatd.protocol.codec import FrameDecoder, encode_frame
 
 
 class Unreachable(FloatdError):
@@ -170,14 +171,9 @@ class Connection:
             try:
                 with trio.fail_after(self.request_timeout + extra_time):
                     await self.stream.send_all(encode_frame({"op": op, "id": rid, **fields}))
-                    while True:
-                        frame = self._decoder.next_frame()
-                        if frame is not None:
-                            break
-                        data = await self.stream.receive_some(MAX_FRAME + 4)
-                        if not data:
-                            raise ConnectionLost(f"{self.host}:{self.port} closed the connection")
-                        self._decoder.feed(bytes(data))
+                    frame = await receive_frame(self.stream, self._decoder)
+                    if frame is None:
+                        raise ConnectionLost(f"{self.host}:{self.port} closed the connection")
             except trio.TooSlowError:
                 raise ConnectionLost(f"{self.host}:{self.port} did not answer in time") from None
             except (

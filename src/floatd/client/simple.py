@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import os
 import socket
-import struct
 from typing import Any
 
 from floatd.client.fingerprint import machine_fingerprint
-from floatd.protocol.codec import MAX_FRAME, decode_body, encode_frame
+from floatd.errors import FloatdError
+from floatd.frames import receive_frame_blocking
+from floatd.protocol.codec import FrameDecoder, encode_frame
 
 
 class ProtocolError(Exception):
@@ -24,6 +25,7 @@ class SimpleClient:
     def __init__(self, host: str, port: int, *, timeout: float = 10.0) -> None:
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self._next_id = 0
+        self._decoder = FrameDecoder()
 
     def close(self) -> None:
         self.sock.close()
@@ -39,21 +41,14 @@ class SimpleClient:
         self.sock.sendall(encode_frame({"op": op, "id": self._next_id, **fields}))
         return self._next_id
 
-    def _read_exact(self, n: int) -> bytes:
-        chunks = []
-        while n:
-            chunk = self.sock.recv(n)
-            if not chunk:
-                raise ProtocolError("connection closed by server")
-            chunks.append(chunk)
-            n -= len(chunk)
-        return b"".join(chunks)
-
     def receive(self) -> dict[str, Any]:
-        (length,) = struct.unpack(">I", self._read_exact(4))
-        if not 1 <= length <= MAX_FRAME:
-            raise ProtocolError(f"bad frame length {length}")
-        return decode_body(self._read_exact(length))
+        try:
+            frame = receive_frame_blocking(self.sock.recv, self._decoder)
+        except FloatdError as exc:  # BadFrame
+            raise ProtocolError(exc.message) from None
+        if frame is None:
+            raise ProtocolError("connection closed by server")
+        return frame
 
     def request(self, op: str, **fields: Any) -> dict[str, Any]:
         self.send(op, **fields)
