@@ -1,0 +1,191 @@
+"""Running the daemon: serve (the composition root), check-config, fingerprint,
+the demo."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+import trio
+
+from floatd.cli.base import (
+    _load,
+    _server_id,
+    config_option,
+    guarded,
+    main,
+)
+from floatd.config import Config, load_config
+from floatd.errors import ConfigError
+
+
+@main.command()
+@config_option
+@click.option("--listen", multiple=True, help="host:port for the lease protocol (repeatable).")
+@click.option("--state-dir", type=click.Path(path_type=Path), help="Overrides [state] dir.")
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    help="Overrides [log] level.",
+)
+@click.option(
+    "--log-format", type=click.Choice(["json", "console"]), help="Overrides [log] format."
+)
+@guarded
+def serve(
+    config_path: Path | None,
+    listen: tuple[str, ...],
+    state_dir: Path | None,
+    log_level: str | None,
+    log_format: str | None,
+) -> None:
+    """Run the daemon in the foreground (what systemd runs)."""
+    overrides: dict[str, Any] = {}
+    if listen:
+        overrides["server.listen"] = list(listen)
+    if state_dir:
+        overrides["state.dir"] = str(state_dir)
+    if log_level:
+        overrides["log.level"] = log_level
+    if log_format:
+        overrides["log.format"] = log_format
+    run_server(_load(config_path, overrides), lambda: _load(config_path, overrides))
+
+
+def check_startable(config: Config) -> str:
+    """What ``floatd serve`` needs beyond a well-formed config, checked the same
+    way by ``floatd check-config``: readable TLS files, the machine id (returns
+    the server's fingerprint), a state dir that can be made (private) and
+    whose writer lock can be opened.  ConfigError naming the key otherwise."""
+    from floatd.server import tls_context
+    from floatd.store import make_private
+    from floatd.writer import lock_path
+
+    tls_context(config)
+    tls_context(config, "status")
+    server_id = _server_id(config)
+    try:
+        make_private(config.state_dir)
+        with open(lock_path(config.database_path), "a+b"):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            "state.dir", f"cannot use {config.state_dir}: {exc.strerror or exc}"
+        ) from None
+    return server_id
+
+
+def run_server(
+    config: Config,
+    loader: Callable[[], Config] | None = None,
+    on_listening: Callable[[], None] | None = None,
+) -> None:
+    from floatd import logs
+    from floatd.server import Server
+    from floatd.systemd import Notifier
+    from floatd.writer import ProcessLeaseStore
+
+    logs.configure(config.log_level, config.log_format)
+    server_id = check_startable(config)
+    store = ProcessLeaseStore(config.database_path, lease_lines=logs.write_lines)
+    notifier = Notifier()
+    try:
+        server = Server(config, store, server_id, config_loader=loader, notifier=notifier)
+        trio.run(_serve, server, on_listening)
+    finally:
+        store.close()
+        notifier.close()
+
+
+async def _serve(server: Any, on_listening: Callable[[], None] | None = None) -> None:
+    # Bind first: a port in use ends the start before the state is touched
+    # (load_state marks it in use, so a failed start would look like a crash).
+    await server.bind()
+    server.load_state()
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.run)
+            if on_listening is not None:
+                on_listening()
+
+            async def watch() -> None:
+                async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        server.reload_entitlement_now()
+                    else:
+                        server.stop()
+                        return
+
+            nursery.start_soon(watch)
+
+
+@main.command("check-config")
+@config_option
+@guarded
+def check_config(config_path: Path | None) -> None:
+    """Validate the config; exit 0 if it is usable, 2 if not."""
+    config = _load(config_path)
+    check_startable(config)
+    click.echo(f"ok: {config.source}")
+
+
+@main.command()
+@config_option
+@guarded
+def fingerprint(config_path: Path | None) -> None:
+    """Print this server's fingerprint (what entitlements are bound to)."""
+    click.echo(_server_id(_load(config_path)))
+
+
+@main.command()
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(path_type=Path),
+    default=Path("floatd-demo"),
+    show_default=True,
+    help="Where the demo keeps its key, config and state.",
+)
+@click.option(
+    "--listen",
+    default="127.0.0.1:7411",
+    show_default=True,
+    help="Where the demo's lease port listens (host:port).",
+)
+@click.option(
+    "--status-listen",
+    default="127.0.0.1:7412",
+    show_default=True,
+    help='The HTTP status endpoint ("" turns it off).',
+)
+@guarded
+def demo(directory: Path, listen: str, status_listen: str) -> None:
+    """Serve a DEMO product right away: throwaway vendor key, no network needed."""
+    from floatd.demo import prepare
+
+    config = prepare(directory, listen, time.time(), status_listen)
+    host, port = config.listen[0]
+    config_file = config.state_dir.parent / "floatd.toml"
+    status = f"  curl http://{status_listen}/status\n" if config.status_listen is not None else ""
+    python = sys.executable  # the Python floatd is installed in (a virtualenv, say)
+
+    def banner() -> None:  # once it listens: the command it suggests works at once
+        click.echo(
+            f"floatd DEMO on {host}:{port}: products 'demo' (5 seats, per machine) and "
+            f"'demo-instance' (3 seats, per process).\n"
+            f"The key and entitlement in {config.state_dir.parent} are throwaway; this is "
+            f"not a real license.\nTake a seat from another shell:\n"
+            f"  {python} -m floatd.client.simple {host}:{port} demo\n"
+            f"and look at it:\n"
+            f"  {python} -m floatd leases --config {config_file}\n"
+            f"{status}"
+            f"Stop with Ctrl-C.",
+            err=True,
+        )
+
+    run_server(config, lambda: load_config(config_file, env={}), banner)
