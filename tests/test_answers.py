@@ -15,7 +15,8 @@ from conftest import WireClient, product, running, sign, wait_until
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from floatd.protocol.codec import encode_frame
-from floatd.server import MAX_PIPELINE, Server
+from floatd.server import Server
+from floatd.session import MAX_PIPELINE
 
 SMALL = 4096  # socket buffer size: the kernel takes few answers at once
 PINGS = 20000  # about 0.5 MB of answers, far more than both buffers hold

@@ -31,7 +31,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from floatd.activation import atomic_write
 from floatd.config import load_config
 from floatd.protocol.codec import encode_frame
-from floatd.server import FRAME_TIMEOUT, Server
+from floatd.server import Server
+from floatd.session import FRAME_TIMEOUT
 
 Connect = Callable[..., Awaitable[WireClient]]
 

@@ -1,0 +1,540 @@
+"""One client connection of the lease port, served: the reader, the queue of
+answers owed (slots), writing them back, and giving back what cannot be
+delivered.
+
+A connection's reader turns bytes into requests through
+:class:`~floatd.protocol.connection.ServerConnection` and applies each one to the
+service at once, in arrival order, so pipelined requests see each other's
+effects.  What each owes the client is a *slot*, answered strictly in order
+and only once the batch holding its changes is durable.  The server
+(:mod:`floatd.server`) owns everything connections share: the service, the
+group committer, the outbox task, the reaper of idle connections.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from floatd.committer import Batch
+from floatd.errors import InternalError, Unavailable
+from floatd.pool import Waiter
+from floatd.protocol.codec import MAX_FRAME, encode_frame
+from floatd.protocol.connection import Refusal, ServerConnection
+from floatd.protocol.messages import (
+    Acquire,
+    Hello,
+    Info,
+    Ping,
+    Release,
+    Renew,
+    failure,
+)
+from floatd.transport import TcpStream
+
+if TYPE_CHECKING:
+    from floatd.server import Server
+
+HELLO_TIMEOUT = 10.0
+#: A frame must arrive whole within this from its first byte: a client that
+#: drips a frame a byte at a time is closed although it is never idle.
+FRAME_TIMEOUT = 30.0
+MAX_PIPELINE = 64
+
+
+@dataclass(eq=False, slots=True)
+class _Slot:
+    """One answer owed to the client, in request order.  It may be sent once it
+    has a response, is not waiting for a seat, and its batch (if any) is durable."""
+
+    response: dict[str, Any] | None = None
+    batch: Batch | None = None
+    waiter: Waiter | None = None  # queued for a seat (``wait``) until woken
+    owner: _Connection | None = None  # set while waiting: whom to tell
+    close: bool = False
+    granted: str | None = None  # lease id to give back if the answer cannot be sent
+    op: str = "invalid"
+    started: float = 0.0  # perf_counter when the request was read
+
+
+class _Step(enum.Enum):
+    """What a connection's reader does next (:meth:`_Connection._apply_buffered`)."""
+
+    READ = "read"  # everything received is applied: read more
+    MORE = "more"  # answers made room for requests still buffered
+    FULL = "full"  # MAX_PIPELINE answers owed, or a drain running: wait
+    PASSWORD = "password"  # an acquire waits for its password check
+    CLOSE = "close"  # stop reading (a closing refusal, or the server stops)
+    HUNG_UP = "hung_up"  # the client is gone
+
+
+def _joined(chunks: list[bytes]) -> bytes:
+    """One write's bytes; the common single answer is not copied."""
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+_UNAVAILABLE = Unavailable(
+    "the server cannot write its state right now; nothing was changed, try again"
+).to_wire()
+
+
+def _unavailable(rid: int | None) -> dict[str, Any]:
+    return failure(rid, _UNAVAILABLE)
+
+
+_OPS: dict[type, str] = {
+    Hello: "hello",
+    Acquire: "acquire",
+    Renew: "renew",
+    Release: "release",
+    Info: "info",
+    Ping: "ping",
+}
+
+
+class _Connection:
+    """One client connection, served by one task (and, on plain TCP, by the
+    hub's handler while that task sleeps: :meth:`_on_readable`).
+
+    The reader parses every request already buffered and applies each at once,
+    in arrival order, so pipelined requests see each other's effects.  What it
+    owes the client goes into ``_pending``, a queue of slots in request order.
+    The head of that queue is answered as soon as it may be (:meth:`advance`):
+    at once for a read-only request or a lazy renewal, when its batch is durable
+    for a grant, when a seat comes free for a queued acquire.  Whoever makes the
+    head ready calls :meth:`advance` (the reader, the group committer's batch
+    completion, the wake-up of a waiter), so no task waits for an answer and the
+    reader never stops reading for one.
+
+    Ready answers are queued as one write for the server's outbox
+    (:meth:`Server._send_answers`).  They belong to the connection until the
+    kernel has taken them (``_out``).  The outbox writes them without blocking;
+    what the kernel does not take at once (a client that stops reading) is
+    written by a drain task.  The reader reads nothing more while a drain runs
+    or ``MAX_PIPELINE`` answers are owed, so a client that never reads cannot
+    make the server hold its answers in memory.
+    """
+
+    def __init__(self, server: Server, stream: trio.abc.Stream, peer: str | None) -> None:
+        self.server = server
+        self.stream = stream
+        self.peer = peer
+        self.proto = ServerConnection(server.config.client_tokens)
+        self.receiving = False  # blocked reading
+        self.done = False
+        now = trio.current_time()
+        self.hello_deadline = now + HELLO_TIMEOUT
+        self.last_active = now
+        self.next_check = math.inf  # the reaper's live entry for this connection
+        self._frame_started: float | None = None  # a partial frame is buffered
+        self._scope: trio.CancelScope | None = None
+        self._nursery: trio.Nursery | None = None
+        self._stop_reading = False
+        self._pending: deque[_Slot] = deque()
+        self._listening: Batch | None = None  # the batch that will call advance()
+        # Answers queued and not yet taken by the kernel, and the leases granted
+        # in them (given back if they cannot be sent).
+        self._out: list[bytes] = []
+        self._out_granted: list[str] = []
+        self._sending = False  # in the outbox, or a drain task is writing
+        self._draining = False
+        self._lost = False  # a write failed: the client is gone
+        self._progress: trio.Event | None = None  # the reader waits for room
+        self._closing = False  # a refusal that ends the connection was read
+        # An acquire whose password the reader must check (off the event loop)
+        # before it is applied, and when it was read.
+        self._held: tuple[Acquire, float] | None = None
+        self._failure: Exception | None = None  # raised in the hub's handler
+
+    def check_deadline(self, now: float) -> float | None:
+        """Close the connection if its deadline passed; else when to look again."""
+        if self.done:
+            return None
+        started = self._frame_started
+        if started is not None and self.receiving and now >= started + FRAME_TIMEOUT:
+            self._cancel()  # waiting for the rest of a frame that does not come
+            return None
+        later = self._idle_deadline(now)
+        if later is not None and started is not None:
+            later = min(later, max(started + FRAME_TIMEOUT, now + 1.0))
+        return later
+
+    def _frame_progress(self) -> None:
+        """After the buffered requests are applied: time the partial frame left
+        in the buffer, if any, and have the reaper look when it is due."""
+        if not self.proto.partial():
+            self._frame_started = None
+        elif self._frame_started is None:
+            self._frame_started = started = trio.current_time()
+            if started + FRAME_TIMEOUT < self.next_check:
+                self.server._watch(self, started + FRAME_TIMEOUT)
+
+    def _idle_deadline(self, now: float) -> float | None:
+        if not self.proto.greeted:
+            if now < self.hello_deadline:
+                return self.hello_deadline
+            self._cancel()
+            return None
+        deadline = self.last_active + self.server.config.idle_timeout
+        if now < deadline:
+            return deadline
+        if self._idle():
+            self._cancel()
+            return None
+        return now + self.server.config.idle_timeout  # busy, not idle: look again later
+
+    def _idle(self) -> bool:
+        """Blocked reading and owing the client nothing."""
+        return self.receiving and not self._pending and not self._sending
+
+    def _cancel(self) -> None:
+        if self._scope is not None:
+            self._scope.cancel()
+
+    def stop_reading(self) -> None:
+        """Shutdown: read nothing more, but answer what was already received."""
+        self._stop_reading = True
+        if self._idle():
+            self._cancel()  # nothing owed: just go
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:  # for drain tasks
+            self._scope = nursery.cancel_scope
+            self._nursery = nursery
+            try:
+                if not await self._reader():
+                    # Answer what was received before the close or the stop.
+                    while (self._pending or self._sending) and not self._lost:
+                        await self._wait_progress()
+            finally:
+                # Whatever is still owed will never be delivered: leave no
+                # waiter queued and no seat held on its behalf.
+                pending, self._pending = self._pending, deque()
+                for slot in pending:
+                    self._abandon(slot)
+                nursery.cancel_scope.cancel()  # a drain task writing to nobody
+
+    async def _reader(self) -> bool:
+        """Read and apply requests; True when the client hung up.
+
+        On a plain TCP connection the hub's handler (:meth:`_on_readable`) does
+        the reading and applying while that needs no waiting, and this task
+        sleeps; it wakes for what only a task can do (check a password, wait for
+        room, end the connection)."""
+        stream = self.stream
+        # The stream, when the hub's handler serves it: this task then waits and
+        # reads in two steps, since the handler may have read the data already.
+        hub_served = (
+            stream
+            if isinstance(stream, TcpStream) and stream.set_read_handler(self._on_readable)
+            else None
+        )
+        while True:
+            step = self._apply_buffered()
+            if step is _Step.MORE:
+                continue
+            if step is _Step.CLOSE:
+                return False
+            if step is _Step.HUNG_UP:
+                return True
+            if step is _Step.FULL:
+                await self._wait_progress()  # the client is not reading: neither do we
+                continue
+            if step is _Step.PASSWORD:
+                await self._apply_held()
+                continue
+            self.receiving = True
+            data: bytes | bytearray | None
+            try:
+                if hub_served is not None:
+                    await hub_served.wait_readable()
+                    data = hub_served.receive_nowait(MAX_FRAME + 4)
+                else:
+                    data = await stream.receive_some(MAX_FRAME + 4)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return True
+            finally:
+                self.receiving = False
+            if self._failure is not None:
+                raise self._failure
+            if data is None:
+                continue  # nothing new, or the handler read it and needs this task
+            if not data:
+                return True
+            if self._stop_reading:
+                return False
+            self.last_active = trio.current_time()
+            self.proto.receive_data(bytes(data))
+
+    def _on_readable(self) -> bool:
+        """The hub's handler: read and apply what arrived, in the hub's task.
+        True if that is all done and the reader may sleep on."""
+        stream = self.stream
+        assert isinstance(stream, TcpStream)
+        if self._stop_reading:
+            return False  # the reader reads what came, and drops it
+        try:
+            data = stream.receive_nowait(MAX_FRAME + 4)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return False  # the reader's own read then finds the end (it stays there)
+        if data is None:
+            return True  # nothing there after all
+        if not data:
+            return False  # the end of the stream: the reader reads it again
+        self.last_active = trio.current_time()
+        try:
+            self.proto.receive_data(data)
+            step = self._apply_buffered()
+            while step is _Step.MORE:
+                step = self._apply_buffered()
+        except Exception as exc:  # the reader raises it, as if it had failed itself
+            self._failure = exc
+            return False
+        # After a full read more may be waiting, and the hub will not say so again.
+        return step is _Step.READ and len(data) < MAX_FRAME + 4
+
+    def _apply_buffered(self) -> _Step:
+        """Apply the requests already received, in order, as far as that needs no
+        waiting, and say what the reader must do next."""
+        proto = self.proto
+        pending = self._pending
+        started = time.perf_counter()
+        added = drained = False
+        while len(pending) < MAX_PIPELINE and not self._closing and self._held is None:
+            event = proto.next_event()
+            if event is None:
+                drained = True
+                self._frame_progress()
+                break
+            if isinstance(event, Acquire) and self.server.service.needs_password_check(
+                event, self.server.clock(), self.peer
+            ):
+                # Only this connection waits (its answers stay in order).
+                self._held = (event, started)
+                break
+            slot = self._dispatch(event, started)
+            pending.append(slot)
+            added = True
+            if slot.close:
+                self._closing = True
+        if added:
+            self.advance()
+        if self._closing:
+            return _Step.CLOSE
+        if self._lost:
+            return _Step.HUNG_UP
+        if self._held is not None:
+            return _Step.PASSWORD
+        if not drained and self._out and not self._draining:
+            # A long pipeline: write as we go, not once per read, so that a
+            # client that does not read is noticed within MAX_PIPELINE answers.
+            self.flush_answers()
+        if len(pending) >= MAX_PIPELINE or self._draining:
+            return _Step.FULL
+        if not drained:
+            return _Step.MORE  # more requests are buffered already
+        if self._stop_reading:
+            return _Step.CLOSE
+        return _Step.READ
+
+    async def _apply_held(self) -> None:
+        """Check the held acquire's password, off the event loop, and apply it."""
+        assert self._held is not None
+        event, started = self._held
+        authenticated = await self.server.check_password(event)
+        self._held = None
+        slot = self._dispatch(event, started, authenticated)
+        self._pending.append(slot)
+        if slot.close:
+            self._closing = True
+        self.advance()
+
+    def _dispatch(
+        self, event: Hello | Refusal | Any, started: float, authenticated: bool = False
+    ) -> _Slot:
+        server = self.server
+        if isinstance(event, Refusal):
+            return _Slot(response=event.response, close=event.close, started=started)
+        now = server.clock()
+        if isinstance(event, Hello):
+            return _Slot(
+                response=server.service.hello_response(event, now), op="hello", started=started
+            )
+        result = server.service.handle(event, now, self.peer, authenticated)
+        # A renewal may be written lazily (see floatd.committer for why that is
+        # safe); a refusal acknowledges nothing, so its audit record need not
+        # hold up the answer either.
+        lazy = (isinstance(event, Renew) and server.committer.fresh()) or (
+            type(result) is dict and not result["ok"]
+        )
+        batch = server._flush(urgent=not lazy)
+        if lazy:
+            batch = None
+        op = _OPS.get(type(event), "invalid")
+        if isinstance(result, Waiter):
+            slot = _Slot(waiter=result, owner=self, op=op, started=started)
+            result.handle = slot
+            server._check_deadline()
+            return slot
+        granted = result.get("lease") if isinstance(event, Acquire) and result.get("ok") else None
+        return _Slot(response=result, batch=batch, granted=granted, op=op, started=started)
+
+    def advance(self) -> None:
+        """Queue, as one write, the answers now ready at the head of ``_pending``.
+
+        Synchronous, and called by whoever may have made the head ready.  Seats
+        are given back only after the answers are queued: giving back may wake a
+        waiter of this very connection, whose answer must come after these.
+        """
+        pending = self._pending
+        frames: list[bytes] = []
+        granted: list[str] = []
+        give_back: list[str] = []
+        answered: list[tuple[_Slot, str]] = []
+        while pending:
+            slot = pending[0]
+            response = slot.response
+            if response is None or slot.waiter is not None:
+                break  # still queued for a seat
+            batch = slot.batch
+            if batch is not None:
+                if not batch.done.is_set():  # not durable yet: the batch calls back
+                    if self._listening is not batch:
+                        self._listening = batch
+                        batch.listeners.append(self.advance)
+                    break
+                if batch.error is not None:
+                    # Never durable, so nothing to give back: the pool is
+                    # rebuilt from disk before anything is written again.
+                    slot.granted = None
+                    response = _unavailable(response.get("id"))
+            pending.popleft()
+            try:
+                frames.append(encode_frame(response))
+            except ValueError:
+                error = InternalError("response too large").to_wire()
+                frames.append(encode_frame(failure(response.get("id"), error)))
+                if slot.granted is not None:  # nobody got its token: no seat for it
+                    give_back.append(slot.granted)
+                    slot.granted = None
+            if slot.granted is not None:
+                granted.append(slot.granted)
+            answered.append((slot, "ok" if response["ok"] else response["error"]["code"]))
+        if frames:
+            if self._queue(_joined(frames), granted):
+                done = time.perf_counter()
+                observe = self.server.stats.observe
+                for slot, result in answered:
+                    observe(slot.op, result, done - slot.started)
+            self._wake_reader()
+        for lease_id in give_back:
+            self._give_back(lease_id)
+
+    def _queue(self, data: bytes, granted: list[str]) -> bool:
+        """Hand answers to the outbox; False (and the seats given back) if the
+        client is gone."""
+        if self._lost:
+            for lease_id in granted:
+                self._give_back(lease_id)
+            return False
+        self._out.append(data)
+        self._out_granted += granted
+        if not self._sending:
+            self._sending = True
+            self.server._queue_answers(self)
+        return True
+
+    def flush_answers(self) -> None:
+        """The outbox's turn: write what is queued, or start a drain task for what
+        the kernel will not take now (and for streams that only send async)."""
+        if self._draining or not self._out:
+            return  # a drain task writes them, or the reader already did
+        if self.done or self._nursery is None:
+            self._lose()  # the connection ended with these still queued
+            return
+        stream = self.stream
+        if isinstance(stream, TcpStream):
+            data = _joined(self._out)
+            try:
+                sent = stream.send_nowait(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._lose()
+                return
+            if sent == len(data):
+                self._out.clear()
+                self._out_granted.clear()
+                self._sent_all()
+                return
+            self._out = [data[sent:]]
+        self._draining = True
+        self._nursery.start_soon(self._drain)
+
+    async def _drain(self) -> None:
+        """Write queued answers, waiting for the client to read as needed."""
+        in_flight: list[str] = []
+        try:
+            while self._out:
+                data = _joined(self._out)
+                self._out = []
+                in_flight, self._out_granted = self._out_granted, []
+                await self.stream.send_all(data)
+                in_flight = []
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            self._draining = False
+            if in_flight or self._out:
+                self._out_granted = in_flight + self._out_granted
+                self._lose()
+            else:
+                self._sent_all()
+
+    def _sent_all(self) -> None:
+        self._sending = False
+        self._wake_reader()
+        if self._stop_reading and self._idle():
+            self._cancel()  # shutdown was only waiting for these answers
+
+    def _lose(self) -> None:
+        """The client cannot be written to: drop its queued answers and give back
+        the seats granted in them."""
+        self._lost = True
+        granted, self._out_granted = self._out_granted, []
+        self._out.clear()
+        self._sent_all()
+        for lease_id in granted:
+            self._give_back(lease_id)
+
+    def _wake_reader(self) -> None:
+        if self._progress is not None:
+            self._progress.set()
+            self._progress = None
+
+    async def _wait_progress(self) -> None:
+        """Until an answer is queued or written (the caller checks what it needs)."""
+        self._progress = event = trio.Event()
+        await event.wait()
+
+    def _give_back(self, lease_id: str) -> None:
+        server = self.server
+        # While the state cannot be written the pool is rebuilt from disk, and
+        # a grant that did reach it then expires as any unrenewed lease does.
+        if server.service.writable and server.service.pool.lease(lease_id) is not None:
+            server.service.revoke(lease_id, server.clock())
+            server._flush()
+
+    def _abandon(self, slot: _Slot) -> None:
+        """An answer that will never be delivered: leave no waiter queued and no
+        seat held on its behalf."""
+        if slot.waiter is not None:
+            slot.owner = None
+            self.server.service.cancel_wait(slot.waiter, self.server.clock())
+            self.server._flush()
+        elif slot.granted is not None:
+            self._give_back(slot.granted)
