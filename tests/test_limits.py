@@ -151,6 +151,7 @@ async def test_floods_of_refusals_grow_the_audit_by_a_bounded_amount(
         store=store,
         limits__acquires_per_second=1,
         limits__acquire_burst=3,
+        limits__lease_misses_per_minute=60,
     ) as h:
         flooder = await h.connect(peer="10.0.0.66")
         codes: Counter[str] = Counter()

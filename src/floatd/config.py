@@ -76,7 +76,7 @@ class Config:
     connections_per_address: int = 512
     max_waiters: int = 1000
     leases_per_seat: int = 256
-    lease_misses_per_minute: float = 60.0
+    lease_misses_per_minute: float = 1200.0
     #: Where the file came from, for messages; not a config key.
     source: str = "<defaults>"
 

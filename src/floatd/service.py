@@ -115,7 +115,7 @@ class LeaseService:
         self.auth_limit = RateLimiter(10.0 / 60, 10.0)
         # Renewals and releases of leases that do not exist (made-up ids, a
         # client renewing what it lost long ago) per address.
-        self.miss_limit = RateLimiter(1.0, 60.0)
+        self.miss_limit = RateLimiter(20.0, 1200.0)
         self.refusal_sampler = RefusalSampler()
         self.pool = SeatPool()
         #: False while the durable state cannot be written: every request that
@@ -395,7 +395,7 @@ class LeaseService:
         auth_failures_per_minute: float,
         waiters: int,
         leases_per_seat: int = 256,
-        lease_misses_per_minute: float = 60.0,
+        lease_misses_per_minute: float = 1200.0,
     ) -> None:
         self.acquire_limit.rate, self.acquire_limit.burst = acquires_per_second, burst
         self.auth_limit.rate = auth_failures_per_minute / 60
