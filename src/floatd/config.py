@@ -75,7 +75,7 @@ class Config:
     auth_failures_per_minute: float = 10.0
     connections_per_address: int = 512
     max_waiters: int = 1000
-    leases_per_seat: int = 256
+    leases_per_seat: int = 1024
     lease_misses_per_minute: float = 1200.0
     #: Where the file came from, for messages; not a config key.
     source: str = "<defaults>"

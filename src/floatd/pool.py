@@ -136,7 +136,7 @@ class SeatPool:
         #: Leases one seat may hold (a per-machine seat is shared by every
         #: process of the machine); more get RATE_LIMITED, so a client that
         #: leaks leases cannot grow the state without bound.
-        self.max_leases_per_seat = 256
+        self.max_leases_per_seat = 1024
 
     # --- configuration -----------------------------------------------------
 

@@ -394,7 +394,7 @@ class LeaseService:
         burst: float,
         auth_failures_per_minute: float,
         waiters: int,
-        leases_per_seat: int = 256,
+        leases_per_seat: int = 1024,
         lease_misses_per_minute: float = 1200.0,
     ) -> None:
         self.acquire_limit.rate, self.acquire_limit.burst = acquires_per_second, burst
