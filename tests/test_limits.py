@@ -170,7 +170,8 @@ async def test_floods_of_refusals_grow_the_audit_by_a_bounded_amount(
         assert (await polite.request("renew", lease=held["lease"], token=held["token"]))["ok"]
         await trio.sleep(61)
         refused = [a for a in store.audit if a.event == "refused"]
-        assert len(refused) < 40, len(refused)
+        # Per (address, code, product): 100 records one by one, then one folded.
+        assert len(refused) <= 3 * 101, len(refused)
         # Every refusal is accounted for, one by one or folded.
         assert sum(a.repeats or 1 for a in refused) == 4000 - 3
         assert any((a.repeats or 1) > 100 for a in refused)

@@ -65,7 +65,7 @@ class RefusalSampler:
     table holds at most ``max_keys``, the oldest window closing early when full.
     """
 
-    def __init__(self, full: int = 10, window: float = 60.0, max_keys: int = 4096) -> None:
+    def __init__(self, full: int = 100, window: float = 60.0, max_keys: int = 4096) -> None:
         self.full = full
         self.window = window
         self.max_keys = max_keys
