@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -146,7 +147,20 @@ def test_a_killed_child_fails_its_batch_and_the_next_batch_restarts_it(
     assert stored(db)[1]["k"] == "2"
 
 
-async def test_apply_async_restarts_a_dead_child(db: Path, store: ProcessLeaseStore) -> None:
+async def test_apply_async_restarts_a_dead_child(
+    db: Path, store: ProcessLeaseStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """...from the server's own thread: the child's parent-death signal follows
+    the thread that started it, and a worker thread retires when idle (the new
+    writer would then be killed with it, an outage each time)."""
+    spawned_in: list[int] = []
+    popen = subprocess.Popen
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        spawned_in.append(threading.get_ident())
+        return popen(*args, **kwargs)
+
+    monkeypatch.setattr("floatd.writer.subprocess.Popen", recording)
     with trio.fail_after(WAIT):
         await store.apply_async([SetMeta("k", "1")])
         proc = child_of(store)
@@ -155,6 +169,7 @@ async def test_apply_async_restarts_a_dead_child(db: Path, store: ProcessLeaseSt
         await store.apply_async([SetMeta("k", "2")])
     assert child_of(store).pid != proc.pid
     assert stored(db)[1]["k"] == "2"
+    assert spawned_in == [threading.main_thread().ident]
 
 
 def test_a_bad_message_gets_an_error_and_the_child_goes_on(tmp_path: Path) -> None:

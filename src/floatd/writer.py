@@ -152,7 +152,10 @@ class ProcessLeaseStore:
     def check_identity(self) -> None:
         self.identity.check()
 
-    def _spawn(self) -> subprocess.Popen[bytes]:
+    def _popen(self) -> subprocess.Popen[bytes]:
+        """Start a child.  Only ever from the thread that runs the server (the
+        main thread): the child's parent-death signal follows the *thread*
+        that started it, and a worker thread retires when idle."""
         env = dict(os.environ)
         # The child must import this very package.  Installed, it finds it by
         # itself; from a source tree put on sys.path by other means (tests,
@@ -172,20 +175,36 @@ class ProcessLeaseStore:
         except OSError as exc:
             raise StoreError(f"cannot start the state writer: {exc}") from None
         assert proc.stdin is not None and proc.stdout is not None
+        return proc
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        """(Blocking.)  A child that is ready to commit."""
+        proc = self._popen()
+        assert proc.stdout is not None
         try:
             ready = receive_message(proc.stdout)
             if ready == WAITING:
-                # An earlier writer (of a server killed a moment ago) still holds
-                # the lock; the child waits for it, and the log says so.
-                log.warning("state_writer_waiting", lock=str(lock_path(self._database)))
+                self._waiting()
                 ready = receive_message(proc.stdout)
         except (EOFError, ValueError):
             ready = None
-        if ready != READY:
+        try:
+            self._check_ready(ready)
+        except StoreError:
             proc.kill()
             proc.wait()
-            raise StoreError(str(ready or f"the state writer for {self._database} exited"))
+            raise
         return proc
+
+    def _waiting(self) -> None:
+        # An earlier writer (of a server killed a moment ago) still holds the
+        # lock; the child waits for it, and the log says so.
+        log.warning("state_writer_waiting", lock=str(lock_path(self._database)))
+
+    def _check_ready(self, ready: Any) -> None:
+        """The child's first word is READY, or why it could not start."""
+        if ready != READY:
+            raise StoreError(str(ready or f"the state writer for {self._database} exited"))
 
     def _running(self) -> subprocess.Popen[bytes]:
         if self._proc is None or self._proc.poll() is not None:
@@ -216,7 +235,7 @@ class ProcessLeaseStore:
         if self._streams is None or self._proc is None or self._proc.poll() is not None:
             if self._proc is not None and self._proc.poll() is not None:
                 self._reap(kill=True)  # it died: close our ends here, on the loop
-            await trio.to_thread.run_sync(self._restart)
+            await self._restart()
         assert self._streams is not None
         out, into = self._streams
         try:
@@ -241,15 +260,35 @@ class ProcessLeaseStore:
         if lines and self._lease_lines is not None:
             self._lease_lines(str(lines))
 
-    def _restart(self) -> None:
-        """(In a worker thread.)  A live child, and non-blocking streams on its pipes."""
-        proc = self._running()
-        assert proc.stdin is not None and proc.stdout is not None
+    async def _restart(self) -> None:
+        """A live child, and non-blocking streams on its pipes.  A new child is
+        started here, in the server's thread (see :meth:`_popen`), and waited
+        for without blocking the event loop."""
+        proc = self._proc
+        started = proc is None or proc.poll() is not None
+        if started:
+            self._reap(kill=True)
+            proc = self._proc = self._popen()
+        assert proc is not None and proc.stdin is not None and proc.stdout is not None
         self._buffer.clear()
         self._streams = (
             trio.lowlevel.FdStream(os.dup(proc.stdin.fileno())),
             trio.lowlevel.FdStream(os.dup(proc.stdout.fileno())),
         )
+        if not started:
+            return
+        try:
+            ready = await self._receive(self._streams[1])
+            if ready == WAITING:
+                self._waiting()
+                ready = await self._receive(self._streams[1])
+        except (OSError, EOFError, ValueError, trio.BrokenResourceError):
+            ready = None
+        try:
+            self._check_ready(ready)
+        except StoreError:
+            self._reap(kill=True)
+            raise
 
     async def _receive(self, stream: trio.lowlevel.FdStream) -> Any:
         buffer = self._buffer
