@@ -143,3 +143,36 @@ def test_generated_passwords_never_look_like_an_option() -> None:
     drawn = [users.generate_password() for _ in range(2000)]  # 1 in 64 would start with "-"
     assert not any(p.startswith("-") for p in drawn)
     assert all(len(p) == 20 for p in drawn) and len(set(drawn)) == 2000
+
+
+def test_the_last_place_goes_to_one_of_two_admins_assigning_at_once(tmp_path: Path) -> None:
+    """The places are counted and taken in one write transaction: eight
+    assigns at once for one place left give one user, never more."""
+    import threading
+
+    db = tmp_path / "state" / "floatd.sqlite3"
+    users.UserStore(db).close()  # the schema
+    start = threading.Barrier(8)
+    results: list[object] = []
+
+    def assign(n: int) -> None:
+        store = users.UserStore(db)
+        try:
+            start.wait(timeout=10)
+            results.append(store.assign(f"u{n}@example.com", "named", frozenset({"v@x"}), 2))
+        except users.UsersFull as exc:
+            results.append(exc)
+        finally:
+            store.close()
+
+    threads = [threading.Thread(target=assign, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert results.count(True) == 1 and len(results) == 8
+    store = users.UserStore(db)
+    try:
+        assert len(store.local_users("named")) == 1
+    finally:
+        store.close()

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from floatd.errors import StoreError
+from floatd.errors import FloatdError, StoreError
 from floatd.store import open_database
 
 N, R, P = 2**15, 8, 1
@@ -65,6 +65,12 @@ class LicenseUser:
     password_set: bool = False
 
 
+class UsersFull(FloatdError):
+    """A product's ``max_users`` places are all taken."""
+
+    code = "MAX_USERS_REACHED"
+
+
 class UserStore:
     """The users tables of the state database (blocking; CLI and worker threads)."""
 
@@ -96,15 +102,44 @@ class UserStore:
         ).fetchone()
         return row[0] if row else None
 
-    def assign(self, email: str, product: str) -> bool:
-        with self.db:
-            self.db.execute(
+    def assign(
+        self,
+        email: str,
+        product: str,
+        authority_users: frozenset[str] = frozenset(),
+        max_users: int = 0,
+    ) -> bool:
+        """Assign ``email`` to ``product``; False if it already is a user.
+
+        The places left (``max_users``, counting the authority's users too)
+        are counted and taken in one write transaction, so two admins assigning
+        at once cannot both take the last place.  UsersFull if none is left."""
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            local = {
+                r[0]
+                for r in db.execute("SELECT email FROM user_products WHERE product = ?", (product,))
+            }
+            everyone = set(authority_users) | local
+            if email in everyone:
+                db.execute("COMMIT")
+                return False
+            if max_users and len(everyone) + 1 > max_users:
+                raise UsersFull(
+                    f"{product} allows {max_users} users and has {len(everyone)};"
+                    " unassign one first"
+                )
+            db.execute(
                 "INSERT OR IGNORE INTO license_users VALUES (?, NULL, ?)", (email, time.time())
             )
-            cur = self.db.execute(
-                "INSERT OR IGNORE INTO user_products VALUES (?, ?)", (email, product)
-            )
-        return cur.rowcount == 1
+            db.execute("INSERT INTO user_products VALUES (?, ?)", (email, product))
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        return True
 
     def unassign(self, email: str, product: str) -> bool:
         with self.db:

@@ -74,17 +74,9 @@ def users_assign(config_path: Path | None, email: str, product: str) -> None:
     email = _valid_email(email)
     store = UserStore(config.database_path)
     try:
-        everyone = set(terms.users) | store.local_users(product)
-        if email in everyone:
+        if not store.assign(email, product, frozenset(terms.users), terms.max_users):
             click.echo(f"{email} is already a user of {product}")
             return
-        if terms.max_users and len(everyone) + 1 > terms.max_users:
-            _fail(
-                f"{product} allows {terms.max_users} users and has {len(everyone)}; "
-                "unassign one first",
-                1,
-            )
-        store.assign(email, product)
     finally:
         store.close()
     hint = "" if _has_password(config, email) else "; set a password with `floatd users passwd`"
