@@ -482,3 +482,30 @@ def test_a_writer_that_must_wait_for_the_lock_says_so(setup: tuple[Daemon, Path]
             watchdog.cancel()
             proc.kill()
             proc.wait(10)
+
+
+def test_a_wall_clock_stepped_under_the_real_process_expires_nobody(
+    setup: tuple[Daemon, Path],
+) -> None:
+    """The clock set 180 s ahead (120 s leases), then put right: every lease
+    keeps the time it had left, and nothing is refused as a clock turned back.
+    (FLOATD_TEST_CLOCK_OFFSET names a file of seconds added to the wall clock.)"""
+    d, _ = setup
+    offset = d.config.parent / "clock.offset"
+    offset.write_text("0")
+    d.env = {**d.env, "FLOATD_TEST_CLOCK_OFFSET": str(offset)}
+    d.start(env=d.env)
+    with client(d) as c:
+        held = acquire(c, "machine-a")
+        assert held["ok"] and held["expires_in"] == 120
+        offset.write_text("180")
+        wait_for(lambda: any(e.get("event") == "clock_stepped" for e in d.events()), "the step")
+        time.sleep(1.5)  # a timer pass or two on the stepped clock
+        assert c.request("info", product="app")["used"] == 1
+        renewed = c.request("renew", lease=held["lease"], token=held["token"])
+        assert renewed["ok"] and renewed["expires_in"] == 120, renewed
+        offset.write_text("0")  # put right
+        wait_for(lambda: sum(e.get("event") == "clock_stepped" for e in d.events()) == 2, "the fix")
+        assert c.request("renew", lease=held["lease"], token=held["token"])["ok"]
+        assert acquire(c, "machine-b")["ok"]
+        assert health(d) == (200, "ok")

@@ -3,6 +3,8 @@ the demo."""
 
 from __future__ import annotations
 
+import math
+import os
 import signal
 import sys
 import time
@@ -80,6 +82,29 @@ def check_startable(config: Config) -> str:
     return server_id
 
 
+def _wall_clock() -> Callable[[], float]:
+    """The server's wall clock: ``time.time``.  For fault tests of the real
+    process only, ``FLOATD_TEST_CLOCK_OFFSET`` names a file whose number of
+    seconds is added to it (looked at most once a second), as if an admin had
+    set the clock; unset, nothing is looked at."""
+    path = os.environ.get("FLOATD_TEST_CLOCK_OFFSET")
+    if not path:
+        return time.time
+    seen = [-math.inf, 0.0]  # when the file was read (monotonic), its offset
+
+    def stepped() -> float:
+        now = time.monotonic()
+        if now - seen[0] >= 1.0:
+            seen[0] = now
+            try:
+                seen[1] = float(Path(path).read_text() or 0)
+            except (OSError, ValueError):
+                seen[1] = 0.0
+        return time.time() + seen[1]
+
+    return stepped
+
+
 def run_server(
     config: Config,
     loader: Callable[[], Config] | None = None,
@@ -95,7 +120,9 @@ def run_server(
     store = ProcessLeaseStore(config.database_path, lease_lines=logs.write_lines)
     notifier = Notifier()
     try:
-        server = Server(config, store, server_id, config_loader=loader, notifier=notifier)
+        server = Server(
+            config, store, server_id, clock=_wall_clock(), config_loader=loader, notifier=notifier
+        )
         trio.run(_serve, server, on_listening)
     finally:
         store.close()
