@@ -37,11 +37,10 @@ async def _recovered(h: Harness) -> None:
 async def test_a_release_whose_write_fails_frees_nothing(
     tmp_path: Path, vendor_key: Ed25519PrivateKey, autojump_clock: trio.testing.MockClock
 ) -> None:
-    store = MemoryStore()
-    async with serving(tmp_path, vendor_key, _ent(vendor_key), store=store) as h:
+    async with serving(tmp_path, vendor_key, _ent(vendor_key)) as h:
         a, b = await h.connect(), await h.connect()
         held = await a.acquire("solo", "machine-a")
-        store.fail = True
+        h.store.fail = True
         got = await a.request("release", lease=held["lease"], token=held["token"])
         assert got["error"]["code"] == "UNAVAILABLE"
         # Nobody takes the seat the disk still gives to machine-a.
@@ -54,11 +53,11 @@ async def test_a_release_whose_write_fails_frees_nothing(
         got = await a.request("release", lease=held["lease"], token=held["token"])
         assert got["error"]["code"] == "UNAVAILABLE"
         assert (await b.request("info", product="solo"))["used"] == 1
-        store.fail = False
+        h.store.fail = False
         await _recovered(h)
         assert (await b.acquire("solo", "machine-b"))["error"]["code"] == "NO_FREE_SEATS"
         assert (await a.request("renew", lease=held["lease"], token=held["token"]))["ok"]
-        assert set(store.leases) == {held["lease"]}
+        assert set(h.store.leases) == {held["lease"]}
 
 
 async def test_a_seat_freed_by_a_failed_release_never_reaches_the_disk_twice(
@@ -66,9 +65,8 @@ async def test_a_seat_freed_by_a_failed_release_never_reaches_the_disk_twice(
 ) -> None:
     """The release's batch fails while the next batch, in which another client
     took the seat it freed in memory, waits: that batch must not be written."""
-    store = MemoryStore()
     gate = Gate()
-    async with serving(tmp_path, vendor_key, _ent(vendor_key), store=store, run_sync=gate) as h:
+    async with serving(tmp_path, vendor_key, _ent(vendor_key), run_sync=gate) as h:
         a, b = await h.connect(), await h.connect()
         held = await a.acquire("solo", "machine-a")
         gate.close()
@@ -76,12 +74,12 @@ async def test_a_seat_freed_by_a_failed_release_never_reaches_the_disk_twice(
         await trio.sleep(0.01)  # the release's batch is in flight, stuck at the gate
         await b.send("acquire", product="solo", fingerprint="machine-b")
         await trio.sleep(0.01)  # b's grant waits in the next batch
-        store.fail_next = 1
+        h.store.fail_next = 1
         gate.open.set()
         assert (await a.recv())["error"]["code"] == "UNAVAILABLE"
         assert (await b.recv())["error"]["code"] == "UNAVAILABLE"
         await _recovered(h)
-        assert set(store.leases) == {held["lease"]}
+        assert set(h.store.leases) == {held["lease"]}
         assert (await b.request("info", product="solo"))["used"] == 1
         assert (await a.request("renew", lease=held["lease"], token=held["token"]))["ok"]
 
@@ -116,9 +114,8 @@ async def test_a_lazily_acknowledged_renewal_survives_a_failed_write(
 async def test_a_stalled_writer_costs_seconds_not_seats(
     tmp_path: Path, vendor_key: Ed25519PrivateKey, autojump_clock: trio.testing.MockClock
 ) -> None:
-    store = MemoryStore()
     gate = Gate()
-    async with serving(tmp_path, vendor_key, _ent(vendor_key), store=store, run_sync=gate) as h:
+    async with serving(tmp_path, vendor_key, _ent(vendor_key), run_sync=gate) as h:
         c = await h.connect()
         held = await c.acquire("app", "machine-1")
         gate.close()
@@ -135,24 +132,23 @@ async def test_a_stalled_writer_costs_seconds_not_seats(
         await _recovered(h)
         assert (await c.request("renew", lease=held["lease"], token=held["token"]))["ok"]
         assert (await c.acquire("app", "machine-2"))["ok"]
-        assert len(store.leases) == 2
+        assert len(h.store.leases) == 2
 
 
 async def test_queued_acquires_are_answered_unavailable(
     tmp_path: Path, vendor_key: Ed25519PrivateKey, autojump_clock: trio.testing.MockClock
 ) -> None:
-    store = MemoryStore()
-    async with serving(tmp_path, vendor_key, _ent(vendor_key), store=store) as h:
+    async with serving(tmp_path, vendor_key, _ent(vendor_key)) as h:
         holder = await h.connect()
         held = await holder.acquire("solo", "machine-0")
         queued = await h.connect()
         await queued.send("acquire", product="solo", fingerprint="machine-q", wait=100)
         await trio.sleep(1)
-        store.fail = True
+        h.store.fail = True
         await trio.sleep(2)  # a heartbeat fails
         with trio.fail_after(1):
             assert (await queued.recv())["error"]["code"] == "UNAVAILABLE"
-        store.fail = False
+        h.store.fail = False
         await _recovered(h)
         assert h.server.service.pool.waiting("solo") == 0
         assert (await holder.request("release", lease=held["lease"], token=held["token"]))["ok"]
@@ -181,11 +177,10 @@ async def test_a_start_on_a_disk_that_refuses_writes_serves_reads(
 async def test_an_admin_revoke_is_refused_while_unavailable(
     tmp_path: Path, vendor_key: Ed25519PrivateKey, autojump_clock: trio.testing.MockClock
 ) -> None:
-    store = MemoryStore()
-    async with serving(tmp_path, vendor_key, _ent(vendor_key), store=store) as h:
+    async with serving(tmp_path, vendor_key, _ent(vendor_key)) as h:
         c: WireClient = await h.connect()
         held = await c.acquire("solo", "machine-1")
-        store.fail = True
+        h.store.fail = True
         await trio.sleep(2)
         try:
             await h.server.revoke(held["lease"])
@@ -193,26 +188,25 @@ async def test_an_admin_revoke_is_refused_while_unavailable(
             assert getattr(exc, "code", None) == "UNAVAILABLE"
         else:
             raise AssertionError("revoke succeeded while the state could not be written")
-        store.fail = False
+        h.store.fail = False
         await _recovered(h)
-        assert set(store.leases) == {held["lease"]}
+        assert set(h.store.leases) == {held["lease"]}
 
 
 async def test_a_database_replaced_while_running_stops_writes(
     tmp_path: Path, vendor_key: Ed25519PrivateKey, autojump_clock: trio.testing.MockClock
 ) -> None:
-    store = MemoryStore()
-    async with serving(tmp_path, vendor_key, _ent(vendor_key), store=store) as h:
+    async with serving(tmp_path, vendor_key, _ent(vendor_key)) as h:
         c = await h.connect()
         held = await c.acquire("app", "machine-1")
-        store.replaced = True
+        h.store.replaced = True
         await trio.sleep(1.5)  # noticed within a second or so
         assert not h.server.service.writable
         got = await c.request("renew", lease=held["lease"], token=held["token"])
         assert got["error"]["code"] == "UNAVAILABLE"
         await trio.sleep(10)
         assert not h.server.service.writable  # no recovery onto a file nobody reads
-        store.replaced = False
+        h.store.replaced = False
         await _recovered(h)
         assert (await c.request("renew", lease=held["lease"], token=held["token"]))["ok"]
 
@@ -238,13 +232,12 @@ async def test_an_answer_too_large_for_a_frame_takes_no_seat(
 async def test_an_unreadable_history_refuses_a_new_entitlement_and_the_server_lives(
     tmp_path: Path, vendor_key: Ed25519PrivateKey, autojump_clock: trio.testing.MockClock
 ) -> None:
-    store = MemoryStore()
-    async with serving(tmp_path, vendor_key, _ent(vendor_key), store=store) as h:
+    async with serving(tmp_path, vendor_key, _ent(vendor_key)) as h:
         c = await h.connect()
-        store.unreadable = True
+        h.store.unreadable = True
         h.install(sign(vendor_key, products=[product("app", seats=7)]))
         await trio.sleep(3)
         assert (await c.request("info", product="app"))["seats"] == 2  # the old one stays
-        store.unreadable = False
+        h.store.unreadable = False
         await trio.sleep(2)  # a refused file is looked at again at every poll
         assert (await c.request("info", product="app"))["seats"] == 7
