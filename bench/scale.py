@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import throughput as tp
 
-from floatd.protocol.codec import encode_frame
+from floatd.core.codec import encode_frame
 
 WINDOW = 3.0
 

@@ -34,7 +34,7 @@ import msgpack
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 
-from floatd.protocol.codec import encode_frame  # noqa: E402
+from floatd.core.codec import encode_frame  # noqa: E402
 
 TARGETS = {"renew": 0.6, "acquire": 0.4}
 # Measured too, without a target: the floor that the connection handling alone
@@ -49,7 +49,7 @@ PING = encode_frame({"op": "ping", "id": 7})
 def baseline_server(port_file: str) -> None:
     import trio
 
-    from floatd.protocol.codec import FrameDecoder
+    from floatd.core.codec import FrameDecoder
 
     async def handle(stream: trio.SocketStream) -> None:
         decoder = FrameDecoder()
@@ -238,7 +238,7 @@ def start_baseline(tmp: Path) -> tuple[subprocess.Popen[bytes], int]:
 def start_floatd(tmp: Path) -> tuple[subprocess.Popen[bytes], int]:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from floatd.entitlement import (
+    from floatd.core.entitlement import (
         format_public_key,
         product_payload,
         server_fingerprint,

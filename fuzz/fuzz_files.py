@@ -14,7 +14,7 @@ import atheris
 with atheris.instrument_imports():
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from floatd.entitlement import (
+    from floatd.core.entitlement import (
         format_public_key,
         parse_activation_request,
         trusted_keys,

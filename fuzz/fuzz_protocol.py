@@ -12,9 +12,9 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
-    from floatd.protocol.codec import encode_frame
-    from floatd.protocol.connection import Refusal, ServerConnection
-    from floatd.service import LeaseService
+    from floatd.core.codec import encode_frame
+    from floatd.core.connection import Refusal, ServerConnection
+    from floatd.core.service import LeaseService
 
 
 def one_input(data: bytes) -> None:

@@ -9,8 +9,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fuzz_files import KEY, SERVER
 
-from floatd.entitlement import ActivationRequest, product_payload, sign_entitlement
-from floatd.protocol.codec import encode_frame
+from floatd.core.codec import encode_frame
+from floatd.core.entitlement import ActivationRequest, product_payload, sign_entitlement
 
 HERE = Path(__file__).resolve().parent / "corpus"
 

@@ -13,18 +13,18 @@ import pytest
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from floatd.activation import atomic_write
 from floatd.config import Config, load_config
-from floatd.entitlement import (
+from floatd.core.codec import FrameDecoder, encode_frame
+from floatd.core.entitlement import (
     format_public_key,
     product_payload,
     server_fingerprint,
     sign_entitlement,
 )
-from floatd.pool import Lease
-from floatd.protocol.codec import FrameDecoder, encode_frame
-from floatd.server import Server
-from floatd.store import Audit, Change, DeleteLease, PruneAudit, PutLease, SetExpiry, SetMeta
+from floatd.core.pool import Lease
+from floatd.daemon.server import Server
+from floatd.store.activation import atomic_write
+from floatd.store.sqlite import Audit, Change, DeleteLease, PruneAudit, PutLease, SetExpiry, SetMeta
 
 BASE = 1_800_000_000.0  # a fixed "now" for sans-IO tests
 MACHINE_ID = "0123456789abcdef0123456789abcdef"

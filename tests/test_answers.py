@@ -14,9 +14,9 @@ import trio
 from conftest import WireClient, product, running, sign, wait_until
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from floatd.protocol.codec import encode_frame
-from floatd.server import Server
-from floatd.session import MAX_PIPELINE
+from floatd.core.codec import encode_frame
+from floatd.daemon.server import Server
+from floatd.daemon.session import MAX_PIPELINE
 
 SMALL = 4096  # socket buffer size: the kernel takes few answers at once
 PINGS = 20000  # about 0.5 MB of answers, far more than both buffers hold

@@ -8,15 +8,15 @@ from pathlib import Path
 import pytest
 from test_store import lease
 
-from floatd.audit import (
+from floatd.core.service import _audit
+from floatd.errors import StoreError
+from floatd.store.audit import (
     lease_intervals,
     open_readonly,
     read_audit,
     seat_refusals,
 )
-from floatd.errors import StoreError
-from floatd.service import _audit
-from floatd.store import Audit, DeleteLease, PruneAudit, PutLease, SQLiteLeaseStore
+from floatd.store.sqlite import Audit, DeleteLease, PruneAudit, PutLease, SQLiteLeaseStore
 
 
 def test_records_commit_with_their_change_and_survive_a_reopen(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from floatd.authority.logic import Authority, add_duration, key_hash
 from floatd.authority.store import AuthorityStore, Product, Terms
-from floatd.entitlement import (
+from floatd.core.entitlement import (
     ActivationRequest,
     format_public_key,
     trusted_keys,
@@ -232,7 +232,7 @@ def test_an_encrypted_signing_key_needs_its_passphrase(tmp_path: Path) -> None:
 def test_refresh_schedule_jitters_and_backs_off() -> None:
     import random
 
-    from floatd.online import RefreshSchedule
+    from floatd.daemon.online import RefreshSchedule
 
     s = RefreshSchedule(3600, random.Random(1))
     assert 6 <= s.first() <= 18  # soon after start, a fraction of a minute

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from floatd.authority.cli import main as authority_main
 from floatd.cli import main
-from floatd.entitlement import parse_activation_request, server_fingerprint, sign_entitlement
+from floatd.core.entitlement import parse_activation_request, server_fingerprint, sign_entitlement
 
 
 def run(*args: str) -> tuple[int, str, str]:
@@ -188,9 +188,9 @@ def test_activate_usage_errors(tmp_path: Path, vendor_key: Ed25519PrivateKey) ->
 def _scripted_history(tmp_path: Path, cfg: Path) -> None:
     """A day of leases written the way the daemon writes them."""
     from floatd.config import load_config
-    from floatd.pool import Lease, hash_token
-    from floatd.service import _audit
-    from floatd.store import Audit, DeleteLease, PutLease, SQLiteLeaseStore
+    from floatd.core.pool import Lease, hash_token
+    from floatd.core.service import _audit
+    from floatd.store.sqlite import Audit, DeleteLease, PutLease, SQLiteLeaseStore
 
     config = load_config(cfg, env={})
     store = SQLiteLeaseStore(config.database_path)

@@ -17,10 +17,10 @@ from daemon import Daemon
 from test_integration import floatd_cli
 
 import floatd.client as fc
-from floatd.activation import atomic_write
 from floatd.client.simple import SimpleClient
-from floatd.entitlement import sign_entitlement
+from floatd.core.entitlement import sign_entitlement
 from floatd.errors import NoFreeSeats, UnknownProduct
+from floatd.store.activation import atomic_write
 
 
 @pytest.fixture

@@ -12,10 +12,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from test_ops import get, http
 from test_server import Harness
 
-from floatd.activation import atomic_write
-from floatd.admin import AdminServer
-from floatd.clockguard import ClockGuard
-from floatd.server import Server
+from floatd.core.clockguard import ClockGuard
+from floatd.daemon.admin import AdminServer
+from floatd.daemon.server import Server
+from floatd.store.activation import atomic_write
 
 
 def test_the_guard_follows_the_clock_and_catches_it_going_back() -> None:
@@ -111,7 +111,7 @@ async def test_a_state_dir_copied_to_another_machine_serves_nothing(
     )
     (copy / "machine-id").write_text("another-machine-entirely\n")  # after make_config
     from floatd.config import read_machine_id
-    from floatd.entitlement import server_fingerprint
+    from floatd.core.entitlement import server_fingerprint
 
     other_id = server_fingerprint(read_machine_id(copied))
     assert other_id != SERVER_ID

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from floatd.core.codec import MAX_FRAME, FrameDecoder, encode_frame, pack
 from floatd.errors import BadFrame
-from floatd.protocol.codec import MAX_FRAME, FrameDecoder, encode_frame, pack
 
 
 def frame_of(body: bytes) -> bytes:

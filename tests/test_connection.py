@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from floatd.protocol.codec import encode_frame
-from floatd.protocol.connection import Refusal, ServerConnection
-from floatd.protocol.messages import Hello, Ping
+from floatd.core.codec import encode_frame
+from floatd.core.connection import Refusal, ServerConnection
+from floatd.core.messages import Hello, Ping
 
 HELLO = {"op": "hello", "id": 1, "versions": [1], "client": "t/1"}
 

@@ -12,8 +12,8 @@ import pytest
 from conftest import BASE, SERVER_ID, payload, product, sign
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from floatd.activation import check_history, installed_record, read_armored
-from floatd.entitlement import (
+from floatd.core.codec import encode_frame
+from floatd.core.entitlement import (
     MAX_PRODUCT_VALUES,
     ActivationRequest,
     Entitlement,
@@ -31,6 +31,8 @@ from floatd.entitlement import (
     trusted_keys,
     verify_entitlement,
 )
+from floatd.core.pool import Claim, Lease, hash_token
+from floatd.core.service import LeaseService
 from floatd.errors import (
     EntitlementError,
     GracePeriodOver,
@@ -38,9 +40,7 @@ from floatd.errors import (
     LicenseNotYetValid,
     NotActivated,
 )
-from floatd.pool import Claim, Lease, hash_token
-from floatd.protocol.codec import encode_frame
-from floatd.service import LeaseService
+from floatd.store.activation import check_history, installed_record, read_armored
 
 
 def verify(text: str, key: Ed25519PrivateKey, server: str = SERVER_ID, now: float = BASE):

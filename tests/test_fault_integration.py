@@ -31,11 +31,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from daemon import Daemon, children_of, gone, wait_for
 from test_integration import floatd_cli
 
-from floatd.activation import atomic_write
 from floatd.client.simple import SimpleClient
-from floatd.entitlement import parse_activation_request, sign_entitlement
-from floatd.protocol.codec import FrameDecoder, encode_frame
-from floatd.service import _new_lease_secrets
+from floatd.core.codec import FrameDecoder, encode_frame
+from floatd.core.entitlement import parse_activation_request, sign_entitlement
+from floatd.core.service import _new_lease_secrets
+from floatd.store.activation import atomic_write
 
 CAP = 2
 

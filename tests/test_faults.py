@@ -19,8 +19,8 @@ from conftest import BASE, MemoryStore, WireClient, product, sign
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from test_server import Gate, Harness, serving
 
-from floatd.committer import COMMIT_TIMEOUT
-from floatd.server import RECOVERY_RETRY
+from floatd.daemon.committer import COMMIT_TIMEOUT
+from floatd.daemon.server import RECOVERY_RETRY
 
 
 def _ent(key: Ed25519PrivateKey) -> str:

@@ -1,4 +1,4 @@
-"""The one frame-reading loop (floatd.frames) over a trio stream and a socket."""
+"""The one frame-reading loop (floatd.client.frames) over a trio stream and a socket."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 import trio
 import trio.testing
 
+from floatd.client.frames import receive_frame, receive_frame_blocking
+from floatd.core.codec import FrameDecoder, encode_frame
 from floatd.errors import BadFrame
-from floatd.frames import receive_frame, receive_frame_blocking
-from floatd.protocol.codec import FrameDecoder, encode_frame
 
 
 async def test_whole_frames_from_any_split_and_none_at_the_end() -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from floatd.entitlement import (
+from floatd.core.entitlement import (
     format_public_key,
     parse_activation_request,
     trusted_keys,

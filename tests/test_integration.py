@@ -22,9 +22,9 @@ from conftest import payload, product, write_config
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from daemon import Daemon, children_of, gone, wait_for
 
-from floatd.activation import atomic_write
 from floatd.client.simple import ProtocolError, SimpleClient
-from floatd.entitlement import sign_entitlement
+from floatd.core.entitlement import sign_entitlement
+from floatd.store.activation import atomic_write
 
 CAP = 8
 
@@ -210,7 +210,7 @@ def test_offline_activation_reaches_a_running_daemon(
                 ).returncode
                 == 0
             )
-            from floatd.entitlement import parse_activation_request
+            from floatd.core.entitlement import parse_activation_request
 
             nonce = parse_activation_request(req.read_text()).nonce
             resp = tmp_path / "resp.txt"

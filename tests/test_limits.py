@@ -11,8 +11,8 @@ from conftest import MemoryStore, product, sign
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from test_server import serving
 
-from floatd.limits import RateLimiter, RefusalSampler
-from floatd.service import _new_lease_secrets, limit_key
+from floatd.core.limits import RateLimiter, RefusalSampler
+from floatd.core.service import _new_lease_secrets, limit_key
 
 
 def test_the_bucket_allows_its_burst_then_its_rate() -> None:

@@ -8,8 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from floatd.errors import BadRequest, FloatdError, UnknownOp
-from floatd.protocol.messages import (
+from floatd.core.messages import (
     Acquire,
     Hello,
     Info,
@@ -19,6 +18,7 @@ from floatd.protocol.messages import (
     parse_request,
     request_id,
 )
+from floatd.errors import BadRequest, FloatdError, UnknownOp
 
 GOOD_ACQUIRE = {"op": "acquire", "id": 1, "product": "app", "fingerprint": "abcdefgh"}
 

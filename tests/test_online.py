@@ -22,7 +22,7 @@ from test_integration import floatd_cli
 
 from floatd.authority.cli import main as authority_main
 from floatd.client.simple import SimpleClient
-from floatd.entitlement import load_private_key, sign_entitlement
+from floatd.core.entitlement import load_private_key, sign_entitlement
 
 WAIT = 15.0  # bound on every "until" below
 
@@ -441,7 +441,7 @@ def test_license_models_through_both_clis(tmp_path: Path, model: str) -> None:
     import msgpack
 
     from floatd.cli import main as floatd_main
-    from floatd.entitlement import KIND_ENTITLEMENT, dearmor
+    from floatd.core.entitlement import KIND_ENTITLEMENT, dearmor
 
     vendor = Vendor(tmp_path)
     vendor.run("product", "add", "trialware", "--name", "T", "--trial-days", "30")

@@ -16,11 +16,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from prometheus_client.parser import text_string_to_metric_families
 from test_server import serving
 
-from floatd.admin import AdminClient, AdminServer
-from floatd.audit import iso
+from floatd.daemon.admin import AdminClient, AdminServer
+from floatd.daemon.status_http import StatusServer
 from floatd.errors import ConfigError
 from floatd.http11 import REQUEST_TIMEOUT
-from floatd.status_http import StatusServer
+from floatd.store.audit import iso
 
 
 @pytest.fixture

@@ -24,9 +24,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from daemon import Daemon, free_port
 from test_integration import client, entitlement, floatd_cli
 
-from floatd.activation import atomic_write
 from floatd.cli import main
 from floatd.client.simple import SimpleClient
+from floatd.store.activation import atomic_write
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "floatd.service"

@@ -9,8 +9,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from floatd.core.pool import Claim, Lease, PoolProduct, SeatPool, Waiter, hash_token
 from floatd.errors import BadRequest, LeaseNotFound, NoFreeSeats, UnknownProduct
-from floatd.pool import Claim, Lease, PoolProduct, SeatPool, Waiter, hash_token
 
 T0 = 1000.0
 _ids = itertools.count()

@@ -9,9 +9,9 @@ from pathlib import Path
 from floatd.client import machine_fingerprint as connection_fp
 from floatd.client import simple
 from floatd.client.fingerprint import fingerprint_of, machine_fingerprint
+from floatd.core.codec import FrameDecoder, encode_frame
+from floatd.core.messages import parse_request
 from floatd.errors import BadRequest
-from floatd.protocol.codec import FrameDecoder, encode_frame
-from floatd.protocol.messages import parse_request
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 PAIR = re.compile(r"```json\n(?P<json>.*?)\n```\s*```hex\n(?P<hex>.*?)\n```", re.S)

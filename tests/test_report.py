@@ -6,8 +6,8 @@ import calendar
 
 import pytest
 
-from floatd.audit import parse_when
-from floatd.report import Interval, build_report, period_bounds
+from floatd.core.report import Interval, build_report, period_bounds
+from floatd.store.audit import parse_when
 
 H = 3600.0
 DAY = 86400.0

@@ -28,11 +28,11 @@ from conftest import (
 )
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from floatd.activation import atomic_write
 from floatd.config import load_config
-from floatd.protocol.codec import encode_frame
-from floatd.server import Server
-from floatd.session import FRAME_TIMEOUT
+from floatd.core.codec import encode_frame
+from floatd.daemon.server import Server
+from floatd.daemon.session import FRAME_TIMEOUT
+from floatd.store.activation import atomic_write
 
 Connect = Callable[..., Awaitable[WireClient]]
 

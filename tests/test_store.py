@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from floatd.core.pool import Lease, hash_token
 from floatd.errors import StoreError
-from floatd.pool import Lease, hash_token
-from floatd.store import (
+from floatd.store.sqlite import (
     DeleteLease,
     PutLease,
     SetExpiry,

@@ -16,8 +16,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
 
+from floatd.daemon.server import Server
 from floatd.errors import ConfigError
-from floatd.server import Server
 
 
 def make_cert(directory: Path, name: str) -> tuple[Path, Path]:

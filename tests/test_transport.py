@@ -10,7 +10,7 @@ import trio
 import trio.testing
 from conftest import wait_until
 
-from floatd.transport import ReadinessHub, TcpStream
+from floatd.daemon.transport import ReadinessHub, TcpStream
 
 # Every test runs twice: with the server's epoll hub (Linux) and with trio's own waits.
 HUB_MODES = ["trio-wait"] + (["hub"] if ReadinessHub.create() is not None else [])

@@ -14,9 +14,9 @@ from conftest import product, sign
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from test_server import serving
 
-from floatd import users
 from floatd.cli import main
-from floatd.users import hash_password, verify_password
+from floatd.store import users
+from floatd.store.users import hash_password, verify_password
 
 
 def test_passwords_are_salted_scrypt_and_checked_in_constant_time() -> None:

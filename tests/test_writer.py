@@ -1,4 +1,4 @@
-"""The state writer process (floatd.writer) and the committer driving it."""
+"""The state writer process (floatd.store.writer) and the committer driving it."""
 
 from __future__ import annotations
 
@@ -17,12 +17,12 @@ import pytest
 import trio
 from test_store import lease
 
-from floatd.committer import LAZY_FLUSH, GroupCommitter
+from floatd.core.service import _audit
+from floatd.daemon.committer import LAZY_FLUSH, GroupCommitter
 from floatd.errors import StoreError
 from floatd.logs import lease_line
-from floatd.service import _audit
-from floatd.store import Audit, PutLease, SetExpiry, SetMeta, SQLiteLeaseStore
-from floatd.writer import ProcessLeaseStore, receive_message, send_message
+from floatd.store.sqlite import Audit, PutLease, SetExpiry, SetMeta, SQLiteLeaseStore
+from floatd.store.writer import ProcessLeaseStore, receive_message, send_message
 
 WAIT = 10.0  # seconds: the bound on every wait for a process here
 
@@ -73,7 +73,7 @@ def test_a_commit_is_in_the_database_when_apply_returns(tmp_path: Path) -> None:
         store.apply([SetExpiry(one.id, 900.0)])
         # Another connection sees it before the store is closed: committed.
         leases, meta = stored(db)
-        assert meta.pop("state_id")  # recorded at the first start (floatd.state_identity)
+        assert meta.pop("state_id")  # recorded at the first start (floatd.store.identity)
         assert (leases, meta) == ({one.id: 900.0}, {"k": "v"})
         assert store.load_leases()[0].seat == one.seat  # the reader side round-trips
     finally:
@@ -160,7 +160,7 @@ async def test_apply_async_restarts_a_dead_child(
         spawned_in.append(threading.get_ident())
         return popen(*args, **kwargs)
 
-    monkeypatch.setattr("floatd.writer.subprocess.Popen", recording)
+    monkeypatch.setattr("floatd.store.writer.subprocess.Popen", recording)
     with trio.fail_after(WAIT):
         await store.apply_async([SetMeta("k", "1")])
         proc = child_of(store)
@@ -175,7 +175,7 @@ async def test_apply_async_restarts_a_dead_child(
 def test_a_bad_message_gets_an_error_and_the_child_goes_on(tmp_path: Path) -> None:
     db = tmp_path / "floatd.sqlite3"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "floatd.writer", str(db)],
+        [sys.executable, "-m", "floatd.store.writer", str(db)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
     )

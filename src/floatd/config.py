@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from floatd.entitlement import parse_public_key
+from floatd.core.entitlement import parse_public_key
 from floatd.errors import ConfigError
 
 DEFAULT_PATH = Path("/etc/floatd/floatd.toml")

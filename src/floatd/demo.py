@@ -13,9 +13,8 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from floatd.activation import install_entitlement
 from floatd.config import Config, load_config, read_machine_id
-from floatd.entitlement import (
+from floatd.core.entitlement import (
     format_public_key,
     load_private_key,
     parse_payload,
@@ -24,6 +23,7 @@ from floatd.entitlement import (
     server_fingerprint,
     sign_entitlement,
 )
+from floatd.store.activation import install_entitlement
 
 DEMO_PRODUCTS = [
     product_payload(

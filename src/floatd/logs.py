@@ -203,7 +203,7 @@ class EventLog:
     @property
     def lease_lines_as_json(self) -> bool:
         """Whether :meth:`lease` writes JSON lines, which :func:`lease_line` can
-        also render elsewhere (the state writer does, see :mod:`floatd.writer`)."""
+        also render elsewhere (the state writer does, see :mod:`floatd.store.writer`)."""
         return self._direct and self._min <= logging.INFO
 
     def lease(

@@ -22,13 +22,13 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from floatd import __version__
-from floatd.activation import read_armored
-from floatd.audit import iso, parse_when
 from floatd.authority.logic import Authority, check_duration
 from floatd.authority.store import Activation, AuthorityStore, License, Product, Terms
 from floatd.cli import CONTEXT, HelpGroup, fail, make_guard, plural
 from floatd.config import parse_hostport
-from floatd.entitlement import format_public_key, load_private_key, private_key_pem
+from floatd.core.entitlement import format_public_key, load_private_key, private_key_pem
+from floatd.store.activation import read_armored
+from floatd.store.audit import iso, parse_when
 
 F = TypeVar("F", bound=Callable[..., Any])
 PASSPHRASE_ENV = "FLOATD_AUTHORITY_KEY_PASSPHRASE"

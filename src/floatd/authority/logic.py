@@ -26,7 +26,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from floatd.authority.store import Activation, AuthorityStore, License, Product, Terms
-from floatd.entitlement import parse_activation_request, product_payload, sign_entitlement
+from floatd.core.entitlement import parse_activation_request, product_payload, sign_entitlement
 from floatd.errors import AuthorityError, EntitlementError
 
 KEY_PREFIX = "FLT-"

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from floatd.errors import AuthorityError
-from floatd.store import migrate
+from floatd.store.sqlite import migrate
 
 _MIGRATIONS = [
     """

@@ -44,7 +44,7 @@ def activate(
     offline_response: Path | None,
 ) -> None:
     """Activate this server, offline (request/response files) or online."""
-    from floatd import activation
+    from floatd.store import activation
 
     if offline_request and offline_response:
         raise click.UsageError("give --offline-request or --offline-response, not both")
@@ -79,7 +79,7 @@ def activate(
         )
     if not config.authority_url:
         raise ConfigError("authority.url", "is empty: set it to activate online")
-    from floatd import online
+    from floatd.daemon import online
 
     record, ent = trio.run(online.activate, config, _server_id(config), key, now)
     click.echo(
@@ -94,7 +94,7 @@ def activate(
 @guarded
 def deactivate(config_path: Path | None) -> None:
     """Give the online activation back to the authority; this server stops leasing."""
-    from floatd import online
+    from floatd.daemon import online
 
     config = _load(config_path)
     record = trio.run(online.deactivate, config, _server_id(config))
@@ -102,7 +102,7 @@ def deactivate(config_path: Path | None) -> None:
 
 
 def _iso(ts: float | None) -> str:
-    from floatd.audit import iso
+    from floatd.store.audit import iso
 
     return iso(ts) or "never"
 

@@ -29,7 +29,7 @@ from floatd.cli.base import (
 @guarded
 def status(config_path: Path | None, as_json: bool) -> None:
     """Activation state and per-product seats in use."""
-    from floatd.audit import iso
+    from floatd.store.audit import iso
 
     doc = _ask(config_path, "status")
     if as_json:
@@ -163,7 +163,7 @@ def clock_reset(config_path: Path | None, yes: bool, as_json: bool) -> None:
     if as_json:
         _echo_json(result)
         return
-    from floatd.audit import iso
+    from floatd.store.audit import iso
 
     click.echo(
         f"clock mark reset from {iso(result['old_mark'])} to {iso(result['new_mark'])};"

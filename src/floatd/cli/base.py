@@ -17,7 +17,7 @@ import click
 
 from floatd import __version__
 from floatd.config import Config, load_config, read_machine_id
-from floatd.entitlement import Entitlement
+from floatd.core.entitlement import Entitlement
 from floatd.errors import AuthorityError, ConfigError, FloatdError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -113,7 +113,7 @@ def _load(config_path: Path | None, overrides: dict[str, Any] | None = None) -> 
 
 
 def _server_id(config: Config) -> str:
-    from floatd.entitlement import server_fingerprint
+    from floatd.core.entitlement import server_fingerprint
 
     return server_fingerprint(read_machine_id(config))
 
@@ -154,7 +154,7 @@ def json_option(fn: F) -> F:
 
 
 def _admin(config: Config) -> Any:
-    from floatd.admin import AdminClient
+    from floatd.daemon.admin import AdminClient
 
     if config.admin_socket is None:
         raise ConfigError("admin.socket", "is empty, so the daemon has no admin socket")
@@ -200,8 +200,8 @@ def _installed_entitlement(config: Config, now: float) -> Entitlement:
     not checked here (these commands also serve expired licenses).  Raises
     FileNotFoundError when none is installed, EntitlementError when it does not
     verify."""
-    from floatd.activation import read_armored
-    from floatd.entitlement import trusted_keys, verify_entitlement
+    from floatd.core.entitlement import trusted_keys, verify_entitlement
+    from floatd.store.activation import read_armored
 
     text = read_armored(config.entitlement_path)
     return verify_entitlement(

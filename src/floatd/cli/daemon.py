@@ -64,9 +64,9 @@ def check_startable(config: Config) -> str:
     way by ``floatd check-config``: readable TLS files, the machine id (returns
     the server's fingerprint), a state dir that can be made (private) and
     whose writer lock can be opened.  ConfigError naming the key otherwise."""
-    from floatd.server import tls_context
-    from floatd.store import make_private
-    from floatd.writer import lock_path
+    from floatd.daemon.server import tls_context
+    from floatd.store.sqlite import make_private
+    from floatd.store.writer import lock_path
 
     tls_context(config)
     tls_context(config, "status")
@@ -111,9 +111,9 @@ def run_server(
     on_listening: Callable[[], None] | None = None,
 ) -> None:
     from floatd import logs
-    from floatd.server import Server
-    from floatd.systemd import Notifier
-    from floatd.writer import ProcessLeaseStore
+    from floatd.daemon.server import Server
+    from floatd.daemon.systemd import Notifier
+    from floatd.store.writer import ProcessLeaseStore
 
     logs.configure(config.log_level, config.log_format)
     server_id = check_startable(config)

@@ -34,8 +34,8 @@ def state_reset(config_path: Path | None, yes: bool) -> None:
     leases would have expired, more seats may be in use than floatd counts."""
     import fcntl
 
-    from floatd.state_identity import StateIdentity
-    from floatd.writer import lock_path
+    from floatd.store.identity import StateIdentity
+    from floatd.store.writer import lock_path
 
     if not yes:
         raise click.UsageError("this forgets every lease in the state: add --yes to go ahead")

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import click
 
-from floatd.audit import AUDIT_EVENTS
 from floatd.cli.base import (
     _echo_json,
     _entitled_caps,
@@ -22,6 +21,7 @@ from floatd.cli.base import (
     json_option,
     main,
 )
+from floatd.store.audit import AUDIT_EVENTS
 
 # --- the audit trail ----------------------------------------------------------------
 
@@ -30,7 +30,7 @@ TABLE_LIMIT = 10_000
 
 
 def _when(text: str | None, default: float, now: float, option: str) -> float:
-    from floatd.audit import parse_when
+    from floatd.store.audit import parse_when
 
     if text is None:
         return default
@@ -65,7 +65,7 @@ def audit(
     as_json: bool,
 ) -> None:
     """Audit records: every lease granted, renewed, released, expired, revoked or refused."""
-    from floatd import audit as trail
+    from floatd.store import audit as trail
 
     config = _load(config_path)
     now = time.time()
@@ -146,8 +146,8 @@ def report(
 ) -> None:
     """Usage per product and period: peak seats, seat-hours, distinct users and
     machines, refusals for want of a seat."""
-    from floatd import audit as trail
-    from floatd.report import CSV_COLUMNS, build_report, plot_report
+    from floatd.core.report import CSV_COLUMNS, build_report, plot_report
+    from floatd.store import audit as trail
 
     if as_csv and as_json:
         raise click.UsageError("give --csv or --json, not both")

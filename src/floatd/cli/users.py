@@ -21,7 +21,7 @@ from floatd.cli.base import (
     plural,
 )
 from floatd.config import Config
-from floatd.entitlement import Entitlement
+from floatd.core.entitlement import Entitlement
 from floatd.errors import FloatdError
 
 # --- license users ----------------------------------------------------------------------
@@ -67,7 +67,7 @@ def _valid_email(email: str) -> str:
 @guarded
 def users_assign(config_path: Path | None, email: str, product: str) -> None:
     """Let EMAIL take seats of a user-authorized product (within its max_users)."""
-    from floatd.users import UserStore
+    from floatd.store.users import UserStore
 
     config = _load(config_path)
     terms = _user_product(config, product)
@@ -84,7 +84,7 @@ def users_assign(config_path: Path | None, email: str, product: str) -> None:
 
 
 def _has_password(config: Config, email: str) -> bool:
-    from floatd.users import UserStore
+    from floatd.store.users import UserStore
 
     store = UserStore(config.database_path)
     try:
@@ -100,8 +100,8 @@ def _has_password(config: Config, email: str) -> bool:
 @guarded
 def users_unassign(config_path: Path | None, email: str, product: str) -> None:
     """Remove a locally assigned user, and end their leases of the product."""
-    from floatd.admin import AdminClient
-    from floatd.users import UserStore
+    from floatd.daemon.admin import AdminClient
+    from floatd.store.users import UserStore
 
     config = _load(config_path)
     terms = _user_product(config, product)
@@ -132,7 +132,7 @@ def users_unassign(config_path: Path | None, email: str, product: str) -> None:
 @guarded
 def users_passwd(config_path: Path | None, email: str, generate: bool) -> None:
     """Set a license user's password (stored only as a salted scrypt hash)."""
-    from floatd.users import UserStore, generate_password, hash_password
+    from floatd.store.users import UserStore, generate_password, hash_password
 
     config = _load(config_path)
     ent = _entitlement_or_fail(config)
@@ -167,7 +167,7 @@ def users_passwd(config_path: Path | None, email: str, generate: bool) -> None:
 @guarded
 def users_list(config_path: Path | None, product: str | None, as_json: bool) -> None:
     """License users: e-mail, products, assigned by the authority or here, password set."""
-    from floatd.users import LicenseUser, UserStore
+    from floatd.store.users import LicenseUser, UserStore
 
     config = _load(config_path)
     ent = _entitlement_or_fail(config)

@@ -19,9 +19,9 @@ import trio
 
 from floatd import __version__
 from floatd import errors as _errors
+from floatd.client.frames import receive_frame
+from floatd.core.codec import FrameDecoder, encode_frame
 from floatd.errors import FloatdError
-from floatd.frames import receive_frame
-from floatd.protocol.codec import FrameDecoder, encode_frame
 
 
 class Unreachable(FloatdError):

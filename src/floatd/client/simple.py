@@ -12,9 +12,9 @@ import socket
 from typing import Any
 
 from floatd.client.fingerprint import machine_fingerprint
+from floatd.client.frames import receive_frame_blocking
+from floatd.core.codec import FrameDecoder, encode_frame
 from floatd.errors import FloatdError
-from floatd.frames import receive_frame_blocking
-from floatd.protocol.codec import FrameDecoder, encode_frame
 
 
 class ProtocolError(Exception):

@@ -21,8 +21,8 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from floatd.core.records import record
 from floatd.errors import BadRequest, LeaseNotFound, NoFreeSeats, RateLimited, UnknownProduct
-from floatd.records import record
 
 PER_MACHINE = "per-machine"
 PER_INSTANCE = "per-instance"

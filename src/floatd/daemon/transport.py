@@ -12,7 +12,7 @@ connection needs: a receive waits for readiness first and then reads once,
 and a send writes at once and waits only when the kernel's buffer is full.
 Every receive still passes through the scheduler, so a client that pipelines
 without pause cannot starve the others.  :meth:`TcpStream.send_nowait` is the
-synchronous write the server's answer outbox needs (see :mod:`floatd.server`).
+synchronous write the server's answer outbox needs (see :mod:`floatd.daemon.server`).
 TLS connections and the in-memory streams of the tests keep using trio's own
 streams; the connection code sees only ``trio.abc.Stream``.
 

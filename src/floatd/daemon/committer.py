@@ -9,7 +9,7 @@ always holds a prefix of the in-memory history, and that prefix never has more
 seats than the cap.
 
 ``floatd serve`` commits through a store with an async ``apply_async`` (the
-writer process of :mod:`floatd.writer`): the writer task sends each batch down a
+writer process of :mod:`floatd.store.writer`): the writer task sends each batch down a
 pipe and waits for the answer, with no thread at all.  A store that only blocks
 is called through ``run_sync`` (a worker thread by default; tests inject an
 async stand-in so that MockClock stays in charge of time).
@@ -31,7 +31,7 @@ writer commits that alone once a second.  Renewals may then be answered before
 their commit while the writer is *fresh* (its last commit was cut within
 ``lazy_window`` seconds and nothing has failed since): a crash, or a failure,
 can only lose renewals made before ``last_cut + lazy_window``, a bound recovery
-relies on (:func:`floatd.store.extend_after_crash`).  The final flush of a clean
+relies on (:func:`floatd.store.sqlite.extend_after_crash`).  The final flush of a clean
 stop writes ``clean = 1`` so that a clean restart extends nothing.
 """
 
@@ -44,7 +44,7 @@ from typing import Any, Protocol, runtime_checkable
 import trio
 
 from floatd.errors import StoreError
-from floatd.store import Change, LeaseStore, SetMeta
+from floatd.store.sqlite import Change, LeaseStore, SetMeta
 
 RunSync = Callable[..., Awaitable[Any]]
 

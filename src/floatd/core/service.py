@@ -2,7 +2,7 @@
 
 This is where the protocol meets the pool and the entitlement, still without
 I/O: each call takes ``now`` and the peer address, returns a response (or a
-queued :class:`~floatd.pool.Waiter`), and leaves behind the store changes that
+queued :class:`~floatd.core.pool.Waiter`), and leaves behind the store changes that
 must be committed before that response may be sent.  The trio server drains
 them with :meth:`LeaseService.take_changes` after every call; since a call's
 changes always land in one batch, a commit never holds half an outcome.
@@ -18,8 +18,12 @@ from collections.abc import Iterable
 from typing import Any, Protocol
 
 from floatd import __version__
-from floatd.clockguard import ClockGuard
-from floatd.entitlement import Entitlement, ProductTerms, check_license, check_product
+from floatd.core.clockguard import ClockGuard
+from floatd.core.connection import PROTOCOL_VERSION
+from floatd.core.entitlement import Entitlement, ProductTerms, check_license, check_product
+from floatd.core.limits import RateLimiter, RefusalSampler
+from floatd.core.messages import Acquire, Hello, Info, Ping, Release, Renew, Request, ok
+from floatd.core.pool import Claim, Lease, PoolProduct, SeatPool, Waiter, hash_token
 from floatd.errors import (
     AuthFailed,
     FloatdError,
@@ -32,11 +36,7 @@ from floatd.errors import (
     Unavailable,
     UnknownProduct,
 )
-from floatd.limits import RateLimiter, RefusalSampler
-from floatd.pool import Claim, Lease, PoolProduct, SeatPool, Waiter, hash_token
-from floatd.protocol.connection import PROTOCOL_VERSION
-from floatd.protocol.messages import Acquire, Hello, Info, Ping, Release, Renew, Request, ok
-from floatd.store import Audit, Change, DeleteLease, PutLease, SetExpiry
+from floatd.store.sqlite import Audit, Change, DeleteLease, PutLease, SetExpiry
 
 
 class LogFn(Protocol):
@@ -125,7 +125,7 @@ class LeaseService:
         self.entitlement: Entitlement | None = None
         self._log: LogFn = log or _NoLog()
         #: Lease events are logged by the store's writer once committed, from
-        #: their audit records (floatd serve with JSON logs; see floatd.writer),
+        #: their audit records (floatd serve with JSON logs; see floatd.store.writer),
         #: not here.  The server keeps this in step with the log settings.
         self.store_logs_leases = False
         # The static part of each product's answer, built once per entitlement.

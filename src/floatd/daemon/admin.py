@@ -28,14 +28,14 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 import trio
 
-from floatd.audit import iso
+from floatd.client.frames import receive_frame, receive_frame_blocking
+from floatd.core.codec import MAX_FRAME, FrameDecoder, encode_frame
 from floatd.errors import AdminError, ConfigError, FloatdError, InternalError
-from floatd.frames import receive_frame, receive_frame_blocking
 from floatd.logs import get_logger
-from floatd.protocol.codec import MAX_FRAME, FrameDecoder, encode_frame
+from floatd.store.audit import iso
 
 if TYPE_CHECKING:
-    from floatd.server import Server
+    from floatd.daemon.server import Server
 
 SOCKET_MODE = 0o660
 IDLE_TIMEOUT = 30.0

@@ -1,7 +1,7 @@
 """The state writer process: SQLite commits outside the server's GIL.
 
 ``floatd serve`` commits through :class:`ProcessLeaseStore`.  It reduces each
-batch to plain rows (:func:`floatd.store.prepare`, which must read the live
+batch to plain rows (:func:`floatd.store.sqlite.prepare`, which must read the live
 lease objects in the server) and sends them over a pipe to a child process
 that owns the only writing SQLite connection and runs the transaction there.
 The group committer drives it from a trio task that awaits the pipe, so the
@@ -58,12 +58,12 @@ from typing import IO, Any
 import msgpack
 import trio
 
+from floatd.core.codec import pack
+from floatd.core.pool import Lease
 from floatd.errors import StoreError
 from floatd.logs import get_logger, lease_line
-from floatd.pool import Lease
-from floatd.protocol.codec import pack
-from floatd.state_identity import META_STATE_ID, StateIdentity
-from floatd.store import Change, SetMeta, SQLiteLeaseStore, WriteSet, prepare
+from floatd.store.identity import META_STATE_ID, StateIdentity
+from floatd.store.sqlite import Change, SetMeta, SQLiteLeaseStore, WriteSet, prepare
 
 log = get_logger()
 _LENGTH = struct.Struct(">I")
@@ -111,7 +111,7 @@ def lock_path(database: Path) -> Path:
 
 
 class ProcessLeaseStore:
-    """A :class:`floatd.store.LeaseStore` whose commits run in a child process.
+    """A :class:`floatd.store.sqlite.LeaseStore` whose commits run in a child process.
 
     ``apply`` blocks (the server uses it once, before its event loop starts);
     ``apply_async`` is what the group committer awaits while serving.  Reads
@@ -138,7 +138,7 @@ class ProcessLeaseStore:
 
     def _claim(self) -> None:
         """Refuse a database that is not the one this server wrote; on a first
-        start, record its id (see floatd.state_identity)."""
+        start, record its id (see floatd.store.identity)."""
         new = self.identity.claim(self._local.load_meta())
         if new is not None:
             try:
@@ -167,7 +167,7 @@ class ProcessLeaseStore:
             env["PYTHONPATH"] = package_root + (os.pathsep + path if path else "")
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "floatd.writer", str(self._database)],
+                [sys.executable, "-m", "floatd.store.writer", str(self._database)],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 env=env,

@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from floatd.daemon.metrics import exposition, registry_for
 from floatd.http11 import HttpServer, Reply, json_reply
-from floatd.metrics import exposition, registry_for
 
 if TYPE_CHECKING:
-    from floatd.server import Server
+    from floatd.daemon.server import Server
 
 METRICS_CACHE = 0.5  # seconds a rendered /metrics is reused
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"

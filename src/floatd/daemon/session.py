@@ -3,11 +3,11 @@ answers owed (slots), writing them back, and giving back what cannot be
 delivered.
 
 A connection's reader turns bytes into requests through
-:class:`~floatd.protocol.connection.ServerConnection` and applies each one to the
+:class:`~floatd.core.connection.ServerConnection` and applies each one to the
 service at once, in arrival order, so pipelined requests see each other's
 effects.  What each owes the client is a *slot*, answered strictly in order
 and only once the batch holding its changes is durable.  The server
-(:mod:`floatd.server`) owns everything connections share: the service, the
+(:mod:`floatd.daemon.server`) owns everything connections share: the service, the
 group committer, the outbox task, the reaper of idle connections.
 """
 
@@ -22,12 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from floatd.committer import Batch
-from floatd.errors import InternalError, Unavailable
-from floatd.pool import Waiter
-from floatd.protocol.codec import MAX_FRAME, encode_frame
-from floatd.protocol.connection import Refusal, ServerConnection
-from floatd.protocol.messages import (
+from floatd.core.codec import MAX_FRAME, encode_frame
+from floatd.core.connection import Refusal, ServerConnection
+from floatd.core.messages import (
     Acquire,
     Hello,
     Info,
@@ -36,10 +33,13 @@ from floatd.protocol.messages import (
     Renew,
     failure,
 )
-from floatd.transport import TcpStream
+from floatd.core.pool import Waiter
+from floatd.daemon.committer import Batch
+from floatd.daemon.transport import TcpStream
+from floatd.errors import InternalError, Unavailable
 
 if TYPE_CHECKING:
-    from floatd.server import Server
+    from floatd.daemon.server import Server
 
 HELLO_TIMEOUT = 10.0
 #: A frame must arrive whole within this from its first byte: a client that
@@ -367,7 +367,7 @@ class _Connection:
                 response=server.service.hello_response(event, now), op="hello", started=started
             )
         result = server.service.handle(event, now, self.peer, authenticated)
-        # A renewal may be written lazily (see floatd.committer for why that is
+        # A renewal may be written lazily (see floatd.daemon.committer for why that is
         # safe); a refusal acknowledges nothing, so its audit record need not
         # hold up the answer either.
         lazy = (isinstance(event, Renew) and server.committer.fresh()) or (

@@ -24,10 +24,10 @@ from typing import Any
 import httpx
 
 from floatd import __version__
-from floatd.activation import atomic_write, install_entitlement, verify_for_this_server
 from floatd.config import Config
-from floatd.entitlement import Entitlement
+from floatd.core.entitlement import Entitlement
 from floatd.errors import AuthorityError, EntitlementError, FloatdError
+from floatd.store.activation import atomic_write, install_entitlement, verify_for_this_server
 
 
 class AuthorityUnavailable(FloatdError):

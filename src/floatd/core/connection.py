@@ -13,14 +13,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from floatd.core.codec import FrameDecoder
+from floatd.core.messages import Hello, Request, failure, parse_request, request_id
 from floatd.errors import (
     FloatdError,
     Forbidden,
     HelloRequired,
     UnsupportedVersion,
 )
-from floatd.protocol.codec import FrameDecoder
-from floatd.protocol.messages import Hello, Request, failure, parse_request, request_id
 
 PROTOCOL_VERSION = 1
 

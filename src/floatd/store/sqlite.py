@@ -4,7 +4,7 @@ The server calls ``load_leases`` and ``load_meta`` once at start and then only
 ``apply`` with a batch of changes, in order, one transaction per batch.  That
 is the whole contract a backend has to meet, which keeps a shared PostgreSQL
 backend for several floatd nodes a drop-in later.  Everything here is
-blocking; the trio side (:mod:`floatd.committer`) runs it in a worker thread.
+blocking; the trio side (:mod:`floatd.daemon.committer`) runs it in a worker thread.
 
 Lease rows keep the seat key and client metadata as msgpack blobs: they are
 packed when a batch's rows are prepared, which under ``floatd serve`` happens
@@ -27,9 +27,9 @@ from typing import Any, NamedTuple, Protocol
 
 import msgpack
 
+from floatd.core.codec import pack
+from floatd.core.pool import Lease
 from floatd.errors import StoreError
-from floatd.pool import Lease
-from floatd.protocol.codec import pack
 
 
 class PutLease(NamedTuple):
@@ -75,11 +75,11 @@ class Audit(NamedTuple):
     seat: tuple[str, ...] | None = None
     granted_at: float | None = None
     # Not stored: the writer logs this event's line once it is committed, in
-    # place of the service (see floatd.writer).  Only for the events whose line
+    # place of the service (see floatd.store.writer).  Only for the events whose line
     # carries nothing but the record's own fields.
     log: bool = False
     #: How many refusals one record stands for (a flood folded into one record,
-    #: see floatd.limits.RefusalSampler); None: just this one.
+    #: see floatd.core.limits.RefusalSampler); None: just this one.
     repeats: int | None = None
 
 
@@ -105,7 +105,7 @@ class LeaseStore(Protocol):
 
     def check_identity(self) -> None:
         """StoreError if the durable state is no longer where it was (a database
-        file deleted or replaced while running: floatd.state_identity)."""
+        file deleted or replaced while running: floatd.store.identity)."""
 
     def close(self) -> None: ...
 
@@ -357,7 +357,7 @@ def _row(lease: Lease) -> tuple[object, ...]:
 
 class WriteSet(NamedTuple):
     """A batch reduced to plain rows: what a backend writes, and what crosses
-    the pipe to the writer process (:mod:`floatd.writer`) as msgpack."""
+    the pipe to the writer process (:mod:`floatd.store.writer`) as msgpack."""
 
     deletes: list[str]
     puts: list[tuple[Any, ...]]  # lease rows, the id first

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from floatd.errors import FloatdError, StoreError
-from floatd.store import open_database
+from floatd.store.sqlite import open_database
 
 N, R, P = 2**15, 8, 1
 _MAXMEM = 64 * 1024 * 1024

@@ -1,8 +1,8 @@
 """The trio shell around the sans-IO core.
 
 A connection's reader turns bytes into requests through
-:class:`~floatd.protocol.connection.ServerConnection` and applies each one to the
-:class:`~floatd.service.LeaseService` at once, in arrival order, so pipelined
+:class:`~floatd.core.connection.ServerConnection` and applies each one to the
+:class:`~floatd.core.service.LeaseService` at once, in arrival order, so pipelined
 requests see each other's effects.  What each owes the client is a *slot*,
 answered strictly in order and only once the batch holding its changes is
 durable: in-order answers, pipelining, and durable-before-acknowledged without
@@ -13,7 +13,7 @@ the outbox (see :class:`_Connection` and :meth:`Server._send_answers`).
 
 Around the connections run the expiry timer, the entitlement watcher, the log
 flusher, the reaper of idle connections and the outbox; the group committer
-runs beside them all (:mod:`floatd.committer`).
+runs beside them all (:mod:`floatd.daemon.committer`).
 """
 
 from __future__ import annotations
@@ -30,10 +30,21 @@ from typing import Any, cast
 
 import trio
 
-from floatd import __version__, logs, online, users
-from floatd.activation import atomic_write, check_history, installed_record, read_armored
-from floatd.admin import AdminServer, bind_admin_socket, lease_row
-from floatd.committer import (
+from floatd import __version__, logs
+from floatd.client.frames import receive_frame
+from floatd.config import SCHEMA, Config
+from floatd.core.codec import FrameDecoder, encode_frame
+from floatd.core.entitlement import Entitlement, trusted_keys, verify_entitlement
+from floatd.core.messages import (
+    Acquire,
+    failure,
+    request_id,
+)
+from floatd.core.pool import Lease
+from floatd.core.service import LeaseService, limit_key
+from floatd.daemon import online
+from floatd.daemon.admin import AdminServer, bind_admin_socket, lease_row
+from floatd.daemon.committer import (
     LAZY_WINDOW,
     META_CLEAN,
     META_LAST_CUT,
@@ -41,8 +52,12 @@ from floatd.committer import (
     GroupCommitter,
     RunSync,
 )
-from floatd.config import SCHEMA, Config
-from floatd.entitlement import Entitlement, trusted_keys, verify_entitlement
+from floatd.daemon.metrics import RequestStats
+from floatd.daemon.online import ActivationRecord, AuthorityUnavailable, RefreshSchedule
+from floatd.daemon.session import _Connection, _Slot, _unavailable
+from floatd.daemon.status_http import StatusServer
+from floatd.daemon.systemd import Notifier
+from floatd.daemon.transport import ReadinessHub, TcpStream
 from floatd.errors import (
     AuthorityError,
     Busy,
@@ -53,21 +68,10 @@ from floatd.errors import (
     StoreError,
     Unavailable,
 )
-from floatd.frames import receive_frame
 from floatd.logs import event_logger, get_logger
-from floatd.metrics import RequestStats
-from floatd.online import ActivationRecord, AuthorityUnavailable, RefreshSchedule
-from floatd.pool import Lease
-from floatd.protocol.codec import FrameDecoder, encode_frame
-from floatd.protocol.messages import (
-    Acquire,
-    failure,
-    request_id,
-)
-from floatd.service import LeaseService, limit_key
-from floatd.session import _Connection, _Slot, _unavailable
-from floatd.status_http import StatusServer
-from floatd.store import (
+from floatd.store import users
+from floatd.store.activation import atomic_write, check_history, installed_record, read_armored
+from floatd.store.sqlite import (
     Audit,
     Change,
     LeaseStore,
@@ -76,9 +80,7 @@ from floatd.store import (
     SetMeta,
     extend_after_crash,
 )
-from floatd.systemd import Notifier
-from floatd.transport import ReadinessHub, TcpStream
-from floatd.writer import ProcessLeaseStore
+from floatd.store.writer import ProcessLeaseStore
 
 BUSY_WAIT = 2.0  # how long an over-limit connection may take to send its hello
 SHUTDOWN_GRACE = 3.0
@@ -237,7 +239,7 @@ class Server:
 
     def _use_log(self, level: str) -> None:
         """Log at ``level`` (after ``logs.configure``).  Lease event lines in JSON
-        are then rendered by the state writer when it can (see floatd.writer)."""
+        are then rendered by the state writer when it can (see floatd.store.writer)."""
         log = event_logger(level)
         self.service.set_log(log)
         store = self.store
@@ -880,7 +882,7 @@ class Server:
                 log.error("reload_failed", key=exc.key, reason=exc.problem)
 
     async def _refresh_online(self) -> None:
-        """Keep an online activation fresh; see :mod:`floatd.online` for the rules."""
+        """Keep an online activation fresh; see :mod:`floatd.daemon.online` for the rules."""
         schedule = RefreshSchedule(self.config.authority_refresh_interval)
         delay = schedule.first()
         while True:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from floatd import __version__
 from floatd.config import Config
-from floatd.entitlement import (
+from floatd.core.entitlement import (
     MAX_ARMORED,
     ActivationRequest,
     Entitlement,
@@ -26,7 +26,7 @@ from floatd.entitlement import (
     verify_entitlement,
 )
 from floatd.errors import EntitlementError, StoreError
-from floatd.store import open_database
+from floatd.store.sqlite import open_database
 
 #: What was installed last through floatd (the CLI, or the daemon's refresh):
 #: the armored text's SHA-256, and when the vendor issued it.

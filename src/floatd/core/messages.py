@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import field
 from typing import Any
 
+from floatd.core.records import record
 from floatd.errors import BadRequest, UnknownOp
-from floatd.records import record
 
 MAX_ID = 2**63
 MAX_WAIT = 3600.0

@@ -1,7 +1,7 @@
 """Prometheus metrics.
 
 The hot path only bumps plain counters (:class:`RequestStats` here, and the
-event counters of :class:`~floatd.service.LeaseService`); prometheus_client's
+event counters of :class:`~floatd.core.service.LeaseService`); prometheus_client's
 own metric objects take a lock per update, which at tens of thousands of
 requests a second is a cost worth avoiding.  A custom collector turns the
 counters into metric families when Prometheus scrapes, and prometheus_client
@@ -27,7 +27,7 @@ from prometheus_client.registry import Collector
 from floatd import __version__
 
 if TYPE_CHECKING:
-    from floatd.server import Server
+    from floatd.daemon.server import Server
 
 #: Request duration buckets (seconds), from a cached answer to a slow commit.
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)

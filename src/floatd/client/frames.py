@@ -1,11 +1,11 @@
 """Reading whole frames from a trio stream or a blocking socket.
 
-The one loop around the sans-IO :class:`~floatd.protocol.codec.FrameDecoder`
+The one loop around the sans-IO :class:`~floatd.core.codec.FrameDecoder`
 that every reader of the protocol's framing uses (the client library, the
 simple client, the admin socket on both sides, the server's busy refusal): the
 decoder holds what arrived, and a frame is taken out once it is whole.  The
 server's connections read through their own state machine instead
-(:class:`~floatd.protocol.connection.ServerConnection`), since they pipeline.
+(:class:`~floatd.core.connection.ServerConnection`), since they pipeline.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from floatd.protocol.codec import MAX_FRAME, FrameDecoder
+from floatd.core.codec import MAX_FRAME, FrameDecoder
 
 if TYPE_CHECKING:  # the blocking clients run without importing trio
     import trio

@@ -1,0 +1,2 @@
+"""The trio shell: the server and its connections, the committer, the admin
+socket, status and metrics, online refresh."""

@@ -1,1 +1,0 @@
-"""The lease protocol, free of I/O: framing, request validation, connection state."""
