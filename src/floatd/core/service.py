@@ -18,12 +18,14 @@ from collections.abc import Iterable
 from typing import Any, Protocol
 
 from floatd import __version__
+from floatd.core.changes import Audit, Change
 from floatd.core.clockguard import ClockGuard
 from floatd.core.connection import PROTOCOL_VERSION
 from floatd.core.entitlement import Entitlement, ProductTerms, check_license, check_product
+from floatd.core.ledger import Ledger, LocalLedger
 from floatd.core.limits import RateLimiter, RefusalSampler
 from floatd.core.messages import Acquire, Hello, Info, Ping, Release, Renew, Request, ok
-from floatd.core.pool import Claim, Lease, PoolProduct, SeatPool, Waiter, hash_token
+from floatd.core.pool import Claim, Lease, PoolProduct, Waiter, hash_token
 from floatd.errors import (
     AuthFailed,
     FloatdError,
@@ -36,7 +38,6 @@ from floatd.errors import (
     Unavailable,
     UnknownProduct,
 )
-from floatd.store.sqlite import Audit, Change, DeleteLease, PutLease, SetExpiry
 
 
 class LogFn(Protocol):
@@ -107,6 +108,7 @@ class LeaseService:
         *,
         log: LogFn | None = None,
         allowed_clock_offset: float = 60.0,
+        ledger: Ledger | None = None,
     ) -> None:
         self.server_id = server_id
         self.default_duration = default_duration
@@ -117,7 +119,8 @@ class LeaseService:
         # client renewing what it lost long ago) per address.
         self.miss_limit = RateLimiter(20.0, 1200.0)
         self.refusal_sampler = RefusalSampler()
-        self.pool = SeatPool()
+        #: Who holds which seat: every seat decision is the ledger's.
+        self.ledger: Ledger = ledger if ledger is not None else LocalLedger()
         #: False while the durable state cannot be written: every request that
         #: would change a seat is refused (UNAVAILABLE) before it touches the
         #: pool, so memory never runs ahead of a disk that stopped following.
@@ -130,7 +133,6 @@ class LeaseService:
         self.store_logs_leases = False
         # The static part of each product's answer, built once per entitlement.
         self._product_info: dict[str, dict[str, Any]] = {}
-        self._changes: list[Change] = []
         self._woken: list[Waiter] = []
         # A queued acquire's id and lease token, until it is answered.
         self._queued: dict[Waiter, tuple[int, str]] = {}
@@ -169,58 +171,44 @@ class LeaseService:
             }
             for p in products
         }
-        self.pool.set_products((self._pool_terms(p) for p in products), now)
+        self.ledger.set_products((self._pool_terms(p) for p in products), now)
         self._collect()
 
     def reset(self, now: float) -> None:
         """Forget the in-memory pool for an empty one with the same terms, to be
         filled from disk by :meth:`restore` (recovery after a failed write)."""
-        pool = SeatPool()
-        pool.max_waiters = self.pool.max_waiters
-        pool.max_leases_per_seat = self.pool.max_leases_per_seat
-        self.pool = pool
+        self.ledger.reset()
         self._queued.clear()
         self._woken.clear()
-        self._changes.clear()
         self.install(self.entitlement, now)
 
     def shift_time(self, delta: float) -> int:
         """The wall clock jumped by ``delta``: keep every lease's time left (see
         :meth:`SeatPool.shift`) and persist the moved expiries."""
-        moved = self.pool.shift(delta)
-        self._changes.extend(SetExpiry(lease.id, lease.expires_at) for lease in moved)
-        return len(moved)
+        return len(self.ledger.shift(delta))
 
     def clamp_expiries(self, now: float, slack: float) -> int:
         """After the clock mark was reset (a clock that was far ahead, now put
         right): no lease runs longer than a full duration (plus ``slack``) from
         now, whatever date it was given by the wrong clock."""
-        clamped = 0
-        for lease in self.pool.leases():
-            if lease.expires_at > now + lease.duration + slack:
-                lease.expires_at = now + lease.duration
-                self._changes.append(SetExpiry(lease.id, lease.expires_at))
-                clamped += 1
-        self.pool.shift(0.0)  # rebuild the heaps around the new times
-        return clamped
+        return len(self.ledger.clamp(now, slack))
 
     def abandon_waiters(self) -> list[tuple[Waiter, int]]:
         """Take every queued acquire out of its queue, with its request id: the
         state can no longer be written, so none of them can be granted."""
-        out = [(waiter, self._queued.pop(waiter)[0]) for waiter in self.pool.drop_waiters()]
+        out = [(waiter, self._queued.pop(waiter)[0]) for waiter in self.ledger.drop_waiters()]
         self._queued.clear()
         return out
 
     def restore(self, leases: Iterable[Lease], now: float) -> list[Lease]:
-        dead = self.pool.restore(leases, now)
-        for lease in sorted(dead, key=lambda le: le.expires_at):
-            self._changes.append(DeleteLease(lease.id))
+        dead = self.ledger.restore(leases, now)
+        for lease in dead:
             self._record("expired", lease, lease.expires_at)
             self._log("lease_expired", while_down=True, **_lease_fields(lease))
         return dead
 
     def advance(self, now: float) -> None:
-        self.pool.advance(now)
+        self.ledger.expire(now)
         self._collect()
         self._fold_refusals(now)
 
@@ -229,7 +217,7 @@ class LeaseService:
         window for the refusals the sampler only counted."""
         for (address, code, product), count, since in self.refusal_sampler.take_due(now):
             record = Audit(since, "refused", product, peer=address, code=code, repeats=count)
-            self._changes.append(record)
+            self.ledger.journal.append(record)
             self._log(
                 "lease_refusals_folded",
                 "warning",
@@ -241,13 +229,10 @@ class LeaseService:
             )
 
     def next_deadline(self) -> float | None:
-        return self.pool.next_deadline()
+        return self.ledger.next_deadline()
 
     def take_changes(self) -> list[Change]:
-        changes = self._changes
-        if changes:  # most calls change nothing: no new list for them
-            self._changes = []
-        return changes
+        return self.ledger.take_changes()
 
     def take_woken(self) -> list[Waiter]:
         woken = self._woken
@@ -268,15 +253,12 @@ class LeaseService:
         )
 
     def _collect(self) -> None:
-        """Turn what the pool did on the side (expiries, served waiters) into changes."""
-        if not self.pool.has_side_effects():
-            return
-        for lease in self.pool.take_expired():
-            self._changes.append(DeleteLease(lease.id))
+        """Audit and log what the ledger did on the side (expiries, served waiters)."""
+        ledger = self.ledger
+        for lease in ledger.take_expired():
             self._lease_event("expired", lease, lease.expires_at)
-        for waiter in self.pool.take_woken():
+        for waiter in ledger.take_woken():
             if waiter.lease is not None:
-                self._changes.append(PutLease(waiter.lease))
                 self._record("granted", waiter.lease, waiter.lease.granted_at)
                 self._log("lease_granted", waited=True, **_lease_fields(waiter.lease))
             self._woken.append(waiter)
@@ -309,7 +291,7 @@ class LeaseService:
 
     def _record(self, event: str, lease: Lease, ts: float, log: bool = False) -> None:
         """Audit a lease event; ``log``: the store's writer logs its line."""
-        self._changes.append(_audit(event, lease, ts, log))
+        self.ledger.journal.append(_audit(event, lease, ts, log))
         self.events[event, lease.product] += 1
 
     def _lease_event(self, event: str, lease: Lease, ts: float) -> None:
@@ -349,7 +331,7 @@ class LeaseService:
             self.refusals[label, code] += 1
         if not self.refusal_sampler.note((limit_key(peer), code, entitled), now):
             return  # a flood: counted, and folded into one record (_fold_refusals)
-        self._changes.append(record)
+        self.ledger.journal.append(record)
         self._log(
             "lease_refused",
             op=type(req).__name__.lower(),
@@ -400,8 +382,8 @@ class LeaseService:
         self.acquire_limit.rate, self.acquire_limit.burst = acquires_per_second, burst
         self.auth_limit.rate = auth_failures_per_minute / 60
         self.auth_limit.burst = max(1.0, auth_failures_per_minute)
-        self.pool.max_waiters = waiters
-        self.pool.max_leases_per_seat = leases_per_seat
+        self.ledger.max_waiters = waiters
+        self.ledger.max_leases_per_seat = leases_per_seat
         self.miss_limit.rate = lease_misses_per_minute / 60
         self.miss_limit.burst = max(1.0, lease_misses_per_minute)
 
@@ -453,11 +435,10 @@ class LeaseService:
             meta=req.meta,
             peer=peer,
         )
-        result = self.pool.acquire(now, claim, now + req.wait if req.wait > 0 else None)
+        result = self.ledger.claim(now, claim, now + req.wait if req.wait > 0 else None)
         if isinstance(result, Waiter):
             self._queued[result] = (req.id, token)
             return result
-        self._changes.append(PutLease(result))
         self._lease_event("granted", result, now)
         return self.grant_response(req.id, result, token, now)
 
@@ -480,19 +461,19 @@ class LeaseService:
         if waiter.lease is not None:
             return self.grant_response(rid, waiter.lease, token, now)
         product = waiter.claim.product
-        terms = self.pool.terms(product)
+        terms = self.ledger.terms(product)
         if terms is None:
             err: FloatdError = UnknownProduct(f"unknown product {product!r}")
         else:
             err = NoFreeSeats(
                 f"no seat of {product!r} came free in time",
                 seats=terms.seats,
-                used=self.pool.used(product),
+                used=self.ledger.used(product),
             )
         claim = waiter.claim
         self.events["refused", product] += 1
         self.refusals[product, err.code] += 1
-        self._changes.append(
+        self.ledger.journal.append(
             Audit(
                 now,
                 "refused",
@@ -522,10 +503,10 @@ class LeaseService:
         self._queued.pop(waiter, None)
         if not self.writable:
             return  # already abandoned; the pool is rebuilt from disk
-        if waiter.lease is None:
-            self.pool.cancel_wait(waiter)
-        elif self.pool.lease(waiter.lease.id) is waiter.lease:
-            self.revoke(waiter.lease.id, now)
+        if waiter.lease is not None and self.ledger.lease(waiter.lease.id) is waiter.lease:
+            self.revoke(waiter.lease.id, now)  # audited and logged as a revoke
+        else:
+            self.ledger.withdraw(waiter, now)
 
     def _missed(self, peer: str | None, now: float) -> None:
         """A renew or release named no lease: past a handful a second from one
@@ -538,16 +519,17 @@ class LeaseService:
         ent = self._check_server(now)
         # The token first: a refusal about the product would tell a stranger
         # that the lease exists.
+
+        def still_licensed(lease: Lease) -> None:
+            terms = ent.product(lease.product)
+            if terms is not None:
+                check_product(terms, now)
+
         try:
-            lease = self.pool.authorize(now, req.lease, hash_token(req.token))
+            lease = self.ledger.renew(now, req.lease, hash_token(req.token), still_licensed)
         except LeaseNotFound:
             self._missed(peer, now)
             raise
-        terms = ent.product(lease.product)
-        if terms is not None:
-            check_product(terms, now)
-        self.pool.extend(now, lease)
-        self._changes.append(SetExpiry(lease.id, lease.expires_at))
         self._lease_event("renewed", lease, now)
         expires_in = lease.expires_at - now
         return ok(req.id, expires_in=expires_in, renew_in=expires_in / 2)
@@ -555,18 +537,16 @@ class LeaseService:
     def _release(self, req: Release, now: float, peer: str | None) -> dict[str, Any]:
         self._check_writable()
         try:
-            lease = self.pool.release(now, req.lease, hash_token(req.token))
+            lease = self.ledger.release(now, req.lease, hash_token(req.token))
         except LeaseNotFound:
             self._missed(peer, now)
             raise
-        self._changes.append(DeleteLease(lease.id))
         self._lease_event("released", lease, now)
         return ok(req.id)
 
     def revoke(self, lease_id: str, now: float) -> Lease:
         self._check_writable()
-        lease = self.pool.revoke(now, lease_id)
-        self._changes.append(DeleteLease(lease.id))
+        lease = self.ledger.revoke(now, lease_id)
         self._lease_event("revoked", lease, now)
         self._collect()
         return lease
@@ -593,7 +573,7 @@ class LeaseService:
         ent = self.entitlement
         out = []
         for terms in ent.products if ent is not None else ():
-            used = self.pool.used(terms.code)
+            used = self.ledger.used(terms.code)
             out.append(
                 {
                     "code": terms.code,
@@ -601,7 +581,7 @@ class LeaseService:
                     "seats": terms.seats,
                     "used": used,
                     "free": None if terms.unlimited else max(0, terms.seats - used),
-                    "waiting": self.pool.waiting(terms.code),
+                    "waiting": self.ledger.waiting(terms.code),
                     "strategy": terms.strategy,
                     "lease_duration": self.duration_of(terms),
                     "not_after": _earliest(ent.not_after if ent else None, terms.not_after),
@@ -611,7 +591,7 @@ class LeaseService:
 
     def product_summary(self, terms: ProductTerms) -> dict[str, Any]:
         ent = self.entitlement
-        used = self.pool.used(terms.code)
+        used = self.ledger.used(terms.code)
         return {
             "code": terms.code,
             "name": terms.name,
