@@ -14,6 +14,7 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from floatd.config import Config, load_config
+from floatd.core.changes import Audit, Change, DeleteLease, PruneAudit, PutLease, SetExpiry, SetMeta
 from floatd.core.codec import FrameDecoder, encode_frame
 from floatd.core.entitlement import (
     format_public_key,
@@ -24,7 +25,6 @@ from floatd.core.entitlement import (
 from floatd.core.pool import Lease
 from floatd.daemon.server import Server
 from floatd.store.activation import atomic_write
-from floatd.store.sqlite import Audit, Change, DeleteLease, PruneAudit, PutLease, SetExpiry, SetMeta
 
 BASE = 1_800_000_000.0  # a fixed "now" for sans-IO tests
 MACHINE_ID = "0123456789abcdef0123456789abcdef"

@@ -291,7 +291,7 @@ async def test_nothing_sent_after_a_stop_is_applied(
         await wait_until(lambda: server._stopping and conn.receiving, "the stop")
         await waiting.send("acquire", product="free", fingerprint="machine-0003")
         await wait_until(lambda: not conn.receiving, "the late request to be read")
-        assert [lease.product for lease in server.service.pool.leases()] == ["app"]
+        assert [lease.product for lease in server.service.ledger.leases()] == ["app"]
         answer = await waiting.recv()  # the queued acquire is still answered
         assert answer["error"]["code"] == "NO_FREE_SEATS"
         assert await waiting.closed()  # ... and nothing after it

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from test_store import lease
 
+from floatd.core.changes import Audit, DeleteLease, PruneAudit, PutLease
 from floatd.core.service import _audit
 from floatd.errors import StoreError
 from floatd.store.audit import (
@@ -16,7 +17,7 @@ from floatd.store.audit import (
     read_audit,
     seat_refusals,
 )
-from floatd.store.sqlite import Audit, DeleteLease, PruneAudit, PutLease, SQLiteLeaseStore
+from floatd.store.sqlite import SQLiteLeaseStore
 
 
 def test_records_commit_with_their_change_and_survive_a_reopen(tmp_path: Path) -> None:

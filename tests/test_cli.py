@@ -188,9 +188,10 @@ def test_activate_usage_errors(tmp_path: Path, vendor_key: Ed25519PrivateKey) ->
 def _scripted_history(tmp_path: Path, cfg: Path) -> None:
     """A day of leases written the way the daemon writes them."""
     from floatd.config import load_config
+    from floatd.core.changes import Audit, DeleteLease, PutLease
     from floatd.core.pool import Lease, hash_token
     from floatd.core.service import _audit
-    from floatd.store.sqlite import Audit, DeleteLease, PutLease, SQLiteLeaseStore
+    from floatd.store.sqlite import SQLiteLeaseStore
 
     config = load_config(cfg, env={})
     store = SQLiteLeaseStore(config.database_path)

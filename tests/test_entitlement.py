@@ -278,7 +278,7 @@ def test_the_largest_allowed_product_still_answers_in_one_frame(
     service.install(ent, BASE)
     info = service.product_summary(ent.products[0])
     assert len(encode_frame({"id": 2**62, "ok": True, **info})) <= 65536 + 4
-    lease = service.pool.acquire(BASE, Claim("c" * 128, "f" * 128, "l" * 22, hash_token("t")))
+    lease = service.ledger.claim(BASE, Claim("c" * 128, "f" * 128, "l" * 22, hash_token("t")))
     assert isinstance(lease, Lease)
     answer = service.grant_response(2**62, lease, "t" * 43, BASE)
     assert len(encode_frame(answer)) <= 65536 + 4

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from test_server import Gate, Harness, serving
 
 from floatd.daemon.committer import COMMIT_TIMEOUT
-from floatd.daemon.server import RECOVERY_RETRY
+from floatd.daemon.recovery import RECOVERY_RETRY
 
 
 def _ent(key: Ed25519PrivateKey) -> str:
@@ -150,7 +150,7 @@ async def test_queued_acquires_are_answered_unavailable(
             assert (await queued.recv())["error"]["code"] == "UNAVAILABLE"
         h.store.fail = False
         await _recovered(h)
-        assert h.server.service.pool.waiting("solo") == 0
+        assert h.server.service.ledger.waiting("solo") == 0
         assert (await holder.request("release", lease=held["lease"], token=held["token"]))["ok"]
         assert (await queued.acquire("solo", "machine-q"))["ok"]
 
@@ -226,7 +226,7 @@ async def test_an_answer_too_large_for_a_frame_takes_no_seat(
         got = await c.acquire("solo", "machine-1")
         assert got["error"]["code"] == "INTERNAL"
         await trio.sleep(0.5)
-        assert h.server.service.pool.used("solo") == 0
+        assert h.server.service.ledger.used("solo") == 0
 
 
 async def test_an_unreadable_history_refuses_a_new_entitlement_and_the_server_lives(

@@ -101,11 +101,11 @@ async def test_connections_per_address_and_the_wait_queue_are_capped(
         with trio.fail_after(5):
             third = await mine[2].acquire("solo", fingerprint="machine-late", wait=60)
         assert third["error"]["code"] == "NO_FREE_SEATS"  # answered at once, not queued
-        assert h.server.service.pool.waiting("solo") == 2
+        assert h.server.service.ledger.waiting("solo") == 2
         for c in mine:  # hang up: the queued waits are given up with the connections
             await c.stream.aclose()
         await trio.sleep(1)
-        assert h.server.service.pool.waiting("solo") == 0
+        assert h.server.service.ledger.waiting("solo") == 0
 
 
 def test_lease_ids_never_start_with_a_dash_and_tokens_are_full_length() -> None:

@@ -14,10 +14,10 @@ from conftest import BASE, SERVER_ID, product, sign
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from floatd import logs
+from floatd.core.changes import Audit
 from floatd.core.entitlement import format_public_key, trusted_keys, verify_entitlement
 from floatd.core.messages import Acquire, Renew
 from floatd.core.service import LeaseService
-from floatd.store.sqlite import Audit
 
 
 @pytest.fixture

@@ -303,7 +303,7 @@ async def queued_for_solo(h: Harness) -> tuple[WireClient, dict[str, Any], WireC
     queued = await h.connect()
     await queued.send("acquire", product="solo", fingerprint="machine-q", wait=100)
     await trio.sleep(1)
-    assert h.server.service.pool.waiting("solo") == 1
+    assert h.server.service.ledger.waiting("solo") == 1
     return holder, held, queued
 
 
@@ -314,7 +314,7 @@ async def test_waiting_client_that_hangs_up_loses_its_place(
         holder, held, quitter = await queued_for_solo(h)
         await quitter.stream.aclose()
         await trio.sleep(1)
-        assert h.server.service.pool.waiting("solo") == 0
+        assert h.server.service.ledger.waiting("solo") == 0
         await holder.request("release", lease=held["lease"], token=held["token"])
         assert (await holder.request("info", product="solo"))["used"] == 0
 

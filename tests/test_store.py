@@ -8,17 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from floatd.core.pool import Lease, hash_token
-from floatd.errors import StoreError
-from floatd.store.sqlite import (
+from floatd.core.changes import (
     DeleteLease,
     PutLease,
     SetExpiry,
     SetMeta,
-    SQLiteLeaseStore,
     coalesce,
     extend_after_crash,
 )
+from floatd.core.pool import Lease, hash_token
+from floatd.errors import StoreError
+from floatd.store.sqlite import SQLiteLeaseStore
 
 _n = itertools.count()
 

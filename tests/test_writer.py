@@ -17,11 +17,12 @@ import pytest
 import trio
 from test_store import lease
 
+from floatd.core.changes import Audit, PutLease, SetExpiry, SetMeta
 from floatd.core.service import _audit
 from floatd.daemon.committer import LAZY_FLUSH, GroupCommitter
 from floatd.errors import StoreError
 from floatd.logs import lease_line
-from floatd.store.sqlite import Audit, PutLease, SetExpiry, SetMeta, SQLiteLeaseStore
+from floatd.store.sqlite import SQLiteLeaseStore
 from floatd.store.writer import ProcessLeaseStore, receive_message, send_message
 
 WAIT = 10.0  # seconds: the bound on every wait for a process here

@@ -64,7 +64,7 @@ def check_startable(config: Config) -> str:
     way by ``floatd check-config``: readable TLS files, the machine id (returns
     the server's fingerprint), a state dir that can be made (private) and
     whose writer lock can be opened.  ConfigError naming the key otherwise."""
-    from floatd.daemon.server import tls_context
+    from floatd.daemon.listeners import tls_context
     from floatd.store.sqlite import make_private
     from floatd.store.writer import lock_path
 

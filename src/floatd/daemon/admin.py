@@ -35,7 +35,7 @@ from floatd.logs import get_logger
 from floatd.store.audit import iso
 
 if TYPE_CHECKING:
-    from floatd.daemon.server import Server
+    from floatd.daemon.views import AdminOps
 
 SOCKET_MODE = 0o660
 IDLE_TIMEOUT = 30.0
@@ -90,7 +90,7 @@ def _is_live(path: Path) -> bool:
 
 
 class AdminServer:
-    def __init__(self, server: Server, path: Path) -> None:
+    def __init__(self, server: AdminOps, path: Path) -> None:
         self.server = server
         self.path = path
 

@@ -43,8 +43,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import trio
 
+from floatd.core.changes import Change, SetMeta
 from floatd.errors import StoreError
-from floatd.store.sqlite import Change, LeaseStore, SetMeta
+from floatd.store.sqlite import LeaseStore
 
 RunSync = Callable[..., Awaitable[Any]]
 

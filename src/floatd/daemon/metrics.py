@@ -27,7 +27,7 @@ from prometheus_client.registry import Collector
 from floatd import __version__
 
 if TYPE_CHECKING:
-    from floatd.daemon.server import Server
+    from floatd.daemon.views import StatusView
 
 #: Request duration buckets (seconds), from a cached answer to a slow commit.
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
@@ -59,7 +59,7 @@ class RequestStats:
 
 
 class FloatdCollector(Collector):
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: StatusView) -> None:
         self.server = server
 
     def collect(self) -> Iterator[Metric]:
@@ -111,7 +111,7 @@ class FloatdCollector(Collector):
         yield from (seats, used, free, waiting, expiry)
 
         leases = GaugeMetricFamily("floatd_leases", "Leases held (all products)")
-        leases.add_metric([], len(service.pool))
+        leases.add_metric([], len(service.ledger))
         yield leases
 
         ent = service.entitlement
@@ -175,7 +175,7 @@ class FloatdCollector(Collector):
         yield age
 
 
-def registry_for(server: Server) -> CollectorRegistry:
+def registry_for(server: StatusView) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(FloatdCollector(server))
     return registry

@@ -99,8 +99,7 @@ _OPS: dict[type, str] = {
 
 
 class _Connection:
-    """One client connection, served by one task (and, on plain TCP, by the
-    hub's handler while that task sleeps: :meth:`_on_readable`).
+    """One client connection, served by one task.
 
     The reader parses every request already buffered and applies each at once,
     in arrival order, so pipelined requests see each other's effects.  What it
@@ -150,7 +149,6 @@ class _Connection:
         # An acquire whose password the reader must check (off the event loop)
         # before it is applied, and when it was read.
         self._held: tuple[Acquire, float] | None = None
-        self._failure: Exception | None = None  # raised in the hub's handler
 
     def check_deadline(self, now: float) -> float | None:
         """Close the connection if its deadline passed; else when to look again."""
@@ -173,7 +171,7 @@ class _Connection:
         elif self._frame_started is None:
             self._frame_started = started = trio.current_time()
             if started + FRAME_TIMEOUT < self.next_check:
-                self.server._watch(self, started + FRAME_TIMEOUT)
+                self.server.reaper.watch(self, started + FRAME_TIMEOUT)
 
     def _idle_deadline(self, now: float) -> float | None:
         if not self.proto.greeted:
@@ -221,20 +219,8 @@ class _Connection:
                 nursery.cancel_scope.cancel()  # a drain task writing to nobody
 
     async def _reader(self) -> bool:
-        """Read and apply requests; True when the client hung up.
-
-        On a plain TCP connection the hub's handler (:meth:`_on_readable`) does
-        the reading and applying while that needs no waiting, and this task
-        sleeps; it wakes for what only a task can do (check a password, wait for
-        room, end the connection)."""
+        """Read and apply requests; True when the client hung up."""
         stream = self.stream
-        # The stream, when the hub's handler serves it: this task then waits and
-        # reads in two steps, since the handler may have read the data already.
-        hub_served = (
-            stream
-            if isinstance(stream, TcpStream) and stream.set_read_handler(self._on_readable)
-            else None
-        )
         while True:
             step = self._apply_buffered()
             if step is _Step.MORE:
@@ -250,54 +236,18 @@ class _Connection:
                 await self._apply_held()
                 continue
             self.receiving = True
-            data: bytes | bytearray | None
             try:
-                if hub_served is not None:
-                    await hub_served.wait_readable()
-                    data = hub_served.receive_nowait(MAX_FRAME + 4)
-                else:
-                    data = await stream.receive_some(MAX_FRAME + 4)
+                data = await stream.receive_some(MAX_FRAME + 4)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return True
             finally:
                 self.receiving = False
-            if self._failure is not None:
-                raise self._failure
-            if data is None:
-                continue  # nothing new, or the handler read it and needs this task
             if not data:
                 return True
             if self._stop_reading:
                 return False
             self.last_active = trio.current_time()
             self.proto.receive_data(bytes(data))
-
-    def _on_readable(self) -> bool:
-        """The hub's handler: read and apply what arrived, in the hub's task.
-        True if that is all done and the reader may sleep on."""
-        stream = self.stream
-        assert isinstance(stream, TcpStream)
-        if self._stop_reading:
-            return False  # the reader reads what came, and drops it
-        try:
-            data = stream.receive_nowait(MAX_FRAME + 4)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return False  # the reader's own read then finds the end (it stays there)
-        if data is None:
-            return True  # nothing there after all
-        if not data:
-            return False  # the end of the stream: the reader reads it again
-        self.last_active = trio.current_time()
-        try:
-            self.proto.receive_data(data)
-            step = self._apply_buffered()
-            while step is _Step.MORE:
-                step = self._apply_buffered()
-        except Exception as exc:  # the reader raises it, as if it had failed itself
-            self._failure = exc
-            return False
-        # After a full read more may be waiting, and the hub will not say so again.
-        return step is _Step.READ and len(data) < MAX_FRAME + 4
 
     def _apply_buffered(self) -> _Step:
         """Apply the requests already received, in order, as far as that needs no
@@ -525,7 +475,7 @@ class _Connection:
         server = self.server
         # While the state cannot be written the pool is rebuilt from disk, and
         # a grant that did reach it then expires as any unrenewed lease does.
-        if server.service.writable and server.service.pool.lease(lease_id) is not None:
+        if server.service.writable and server.service.ledger.lease(lease_id) is not None:
             server.service.revoke(lease_id, server.clock())
             server._flush()
 
@@ -538,3 +488,15 @@ class _Connection:
             self.server._flush()
         elif slot.granted is not None:
             self._give_back(slot.granted)
+
+
+def answer_unavailable(waiter: Waiter, rid: int) -> None:
+    """A queued acquire that can no longer be granted (the state cannot be
+    written): its slot is answered UNAVAILABLE, in its turn."""
+    slot = waiter.handle
+    if isinstance(slot, _Slot) and slot.waiter is waiter:
+        slot.response = _unavailable(rid)
+        slot.waiter = None
+        owner, slot.owner = slot.owner, None
+        if owner is not None:
+            owner.advance()

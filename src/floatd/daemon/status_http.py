@@ -16,7 +16,7 @@ from floatd.daemon.metrics import exposition, registry_for
 from floatd.http11 import HttpServer, Reply, json_reply
 
 if TYPE_CHECKING:
-    from floatd.daemon.server import Server
+    from floatd.daemon.views import StatusView
 
 METRICS_CACHE = 0.5  # seconds a rendered /metrics is reused
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -25,7 +25,7 @@ METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 class StatusServer(HttpServer):
     name = "status"
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: StatusView) -> None:
         super().__init__()
         self.server = server
         self._registry = registry_for(server)

@@ -1,7 +1,7 @@
 """Reading the audit trail back: what ``floatd audit`` and ``floatd report`` see.
 
 The daemon writes audit records in the same transaction as the lease changes
-they describe (:class:`floatd.store.sqlite.Audit`).  This side only reads, through a
+they describe (:class:`floatd.core.changes.Audit`).  This side only reads, through a
 read-only connection, so it works whether the daemon runs or not and can never
 disturb it: SQLite's WAL lets readers and the one writer proceed side by side.
 """

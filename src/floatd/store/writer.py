@@ -58,12 +58,13 @@ from typing import IO, Any
 import msgpack
 import trio
 
+from floatd.core.changes import Change, SetMeta
 from floatd.core.codec import pack
 from floatd.core.pool import Lease
 from floatd.errors import StoreError
 from floatd.logs import get_logger, lease_line
 from floatd.store.identity import META_STATE_ID, StateIdentity
-from floatd.store.sqlite import Change, SetMeta, SQLiteLeaseStore, WriteSet, prepare
+from floatd.store.sqlite import SQLiteLeaseStore, WriteSet, prepare
 
 log = get_logger()
 _LENGTH = struct.Struct(">I")
