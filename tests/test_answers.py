@@ -30,7 +30,7 @@ async def small_buffered_client(port: int) -> WireClient:
 
 
 def only_connection(server: Server) -> Any:
-    (conn,) = server._readers
+    (conn,) = server.port.readers
     return conn
 
 
@@ -94,8 +94,8 @@ async def test_answers_to_many_clients_go_out_in_one_pass(
             answers = [await c.recv() for _ in range(10)]
             assert [a["id"] for a in answers] == list(range(100, 110))
             assert all(a["ok"] for a in answers), answers
-        assert not server._outbox
-        assert all(not conn._out and not conn._sending for conn in server._readers)
+        assert not server.port.outbox
+        assert all(not conn._out and not conn._sending for conn in server.port.readers)
         for c in clients:
             await c.stream.aclose()
 
@@ -284,11 +284,11 @@ async def test_nothing_sent_after_a_stop_is_applied(
         assert (await waiting.hello())["ok"]
         await waiting.send("acquire", product="app", fingerprint="machine-0002", wait=2)
         await wait_until(
-            lambda: any(c._pending for c in server._readers), "the acquire to be queued"
+            lambda: any(c._pending for c in server.port.readers), "the acquire to be queued"
         )
-        (conn,) = [c for c in server._readers if c._pending]
+        (conn,) = [c for c in server.port.readers if c._pending]
         server.stop()
-        await wait_until(lambda: server._stopping and conn.receiving, "the stop")
+        await wait_until(lambda: server.port.stopping and conn.receiving, "the stop")
         await waiting.send("acquire", product="free", fingerprint="machine-0003")
         await wait_until(lambda: not conn.receiving, "the late request to be read")
         assert [lease.product for lease in server.service.ledger.leases()] == ["app"]

@@ -1,19 +1,22 @@
-"""The trio shell around the sans-IO core.
+"""The daemon: the composition root of the trio shell around the sans-IO core.
 
-A connection's reader turns bytes into requests through
-:class:`~floatd.core.connection.ServerConnection` and applies each one to the
-:class:`~floatd.core.service.LeaseService` at once, in arrival order, so pipelined
-requests see each other's effects.  What each owes the client is a *slot*,
-answered strictly in order and only once the batch holding its changes is
-durable: in-order answers, pipelining, and durable-before-acknowledged without
-a lock.  A slot is answered by whoever makes it ready (the reader, the
-completion of its batch, the wake-up of a queued acquire), never by a task
-waiting for it, and the answers of one scheduler pass are written together by
-the outbox (see :class:`_Connection` and :meth:`Server._send_answers`).
+:class:`Server` builds the parts and runs their tasks in nested nurseries, so a
+stop unwinds them in order (listeners, connections, background tasks, the
+committer's final flush):
 
-Around the connections run the expiry timer, the entitlement watcher, the log
-flusher, the reaper of idle connections and the outbox; the group committer
-runs beside them all (:mod:`floatd.daemon.committer`).
+* the lease port (:mod:`floatd.daemon.port`): connections, each a session
+  (:mod:`floatd.daemon.session`), and the outbox that writes their answers;
+* the group committer (:mod:`floatd.daemon.committer`), one batch in flight;
+* the state keeper (:mod:`floatd.daemon.recovery`): load, failure, recovery;
+* the licensing (:mod:`floatd.daemon.licensing`): the entitlement file and
+  the online refresh;
+* the expiry timer (here), the reaper of idle connections, the status endpoint
+  and the admin socket, which see the server only through the narrow views of
+  :mod:`floatd.daemon.views`.
+
+What stays here is what ties those together: the clock (watched for steps),
+``_flush`` (a service call's changes to the committer, its woken waiters to
+their sessions), the timer, reload, and the admin operations.
 """
 
 from __future__ import annotations
@@ -28,17 +31,13 @@ from typing import Any
 import trio
 
 from floatd import __version__, logs
-from floatd.client.frames import receive_frame
 from floatd.config import SCHEMA, Config
 from floatd.core.changes import SetMeta
-from floatd.core.codec import FrameDecoder, encode_frame
 from floatd.core.entitlement import trusted_keys
 from floatd.core.messages import (
     Acquire,
-    failure,
-    request_id,
 )
-from floatd.core.service import LeaseService, limit_key
+from floatd.core.service import LeaseService
 from floatd.daemon.admin import AdminServer, bind_admin_socket, lease_row
 from floatd.daemon.committer import (
     Batch,
@@ -46,27 +45,24 @@ from floatd.daemon.committer import (
     RunSync,
 )
 from floatd.daemon.licensing import Licensing
-from floatd.daemon.listeners import address, listen, malloc_trim, tls_context
+from floatd.daemon.listeners import address, listen, tls_context
 from floatd.daemon.metrics import RequestStats
 from floatd.daemon.online import ActivationRecord
+from floatd.daemon.port import LeasePort
 from floatd.daemon.reaper import Reaper
 from floatd.daemon.recovery import META_CLOCK_MARK, StateKeeper
-from floatd.daemon.session import _Connection, _Slot, answer_unavailable
+from floatd.daemon.session import _Slot, answer_unavailable
 from floatd.daemon.shared import Shared
 from floatd.daemon.status_http import StatusServer
 from floatd.daemon.systemd import Notifier
-from floatd.daemon.transport import TcpStream
 from floatd.errors import (
-    Busy,
     ConfigError,
-    FloatdError,
 )
 from floatd.logs import event_logger, get_logger
 from floatd.store import users
 from floatd.store.sqlite import LeaseStore
 from floatd.store.writer import ProcessLeaseStore
 
-BUSY_WAIT = 2.0  # how long an over-limit connection may take to send its hello
 SHUTDOWN_GRACE = 3.0
 ENTITLEMENT_POLL = 1.0
 TIMER_MAX_SLEEP = 1.0  # also how soon a wall-clock jump is noticed
@@ -77,10 +73,6 @@ WATCHDOG_COMMIT_AGE = 10.0
 #: A jump of the wall clock against the monotonic one larger than this between
 #: two readings is a step (an admin or NTP setting the clock), not a drift.
 CLOCK_STEP = 1.0
-#: Freed heap is given back to the OS once this many connections have closed
-#: (checked every TRIM_EVERY seconds): see Server._trim_memory.
-TRIM_AFTER_CLOSED = 256
-TRIM_EVERY = 5.0
 
 #: Config attributes a reload cannot change; the rest apply at once.
 RESTART_ONLY = frozenset(
@@ -131,18 +123,10 @@ class Server:
         )
         # Password checks (scrypt) run two at a time at most, off the event loop.
         self._auth_limiter = trio.CapacityLimiter(2)
-        self.connections = 0
-        self._closed_since_trim = 0
-        self._per_address: dict[str, int] = {}
         self.ports: list[tuple[str, int]] = []
-        self._readers: set[_Connection] = set()
         # Closes connections past their hello or idle deadline.
         self.reaper = Reaper()
-        # Connections with answers queued since the outbox task last ran.
-        self._outbox: list[_Connection] = []
-        self._outbox_ready = trio.Event()
         self._stop = trio.Event()
-        self._stopping = False
         self._rearm = trio.Event()
         self._armed_for = math.inf
         self._reload_request = trio.Event()
@@ -153,9 +137,11 @@ class Server:
         self._admin_listener: trio.SocketListener | None = None
         self.status_ports: list[tuple[str, int]] = []
         self.status = StatusServer(self)
-        self._tls = tls_context(config)
+        self.tls = tls_context(config)
         self.licensing = Licensing(self.shared, server_id)
-        self.licensing.tls = self._tls is not None
+        self.licensing.tls = self.tls is not None
+        #: The lease port's connections: limits, sessions, the answer outbox.
+        self.port = LeasePort(self)
         self.status.tls = tls_context(config, "status")
 
     @property
@@ -255,11 +241,11 @@ class Server:
                 background.start_soon(self._watch_entitlement)
                 background.start_soon(self._flush_logs)
                 background.start_soon(self.reaper.run)
-                background.start_soon(self._send_answers)
+                background.start_soon(self.port.send_answers)
                 background.start_soon(self.state.prune_audit)
                 background.start_soon(self.state.recover)
                 background.start_soon(self.state.watch_database)
-                background.start_soon(self._trim_memory)
+                background.start_soon(self.port.trim_memory)
                 background.start_soon(self.licensing.keep_fresh)
                 for status_listener in self._status_listeners:
                     background.start_soon(self.status.serve, status_listener)
@@ -277,7 +263,7 @@ class Server:
                         accepting.start_soon(
                             functools.partial(
                                 trio.serve_listeners,
-                                self._serve_stream,
+                                self.port.serve_stream,
                                 listeners,
                                 handler_nursery=conns,
                             )
@@ -297,9 +283,7 @@ class Server:
                         accepting.cancel_scope.cancel()
                     for listener in listeners:
                         await listener.aclose()
-                    self._stopping = True
-                    for conn in list(self._readers):
-                        conn.stop_reading()
+                    self.port.stop_reading()
                     conns.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE
                 background.cancel_scope.cancel()
             self.committer.close()
@@ -344,7 +328,7 @@ class Server:
             restart = [dotted for dotted, attr in changed if attr in RESTART_ONLY]
             applied = [dotted for dotted, attr in changed if attr not in RESTART_ONLY]
             attrs = {attr for _, attr in changed}
-            tls = tls_context(new) if attrs & {"tls_cert", "tls_key"} else self._tls
+            tls = tls_context(new) if attrs & {"tls_cert", "tls_key"} else self.tls
             status_tls = (
                 tls_context(new, "status")
                 if attrs & {"status_tls_cert", "status_tls_key"}
@@ -355,8 +339,8 @@ class Server:
             self.config = dataclasses.replace(
                 new, **{attr: getattr(old, attr) for attr in RESTART_ONLY}
             )
-            tls_changed = (tls is None) != (self._tls is None)
-            self._tls = tls
+            tls_changed = (tls is None) != (self.tls is None)
+            self.tls = tls
             self.status.tls = status_tls
             self.licensing.keys = keys
             self.licensing.tls = tls is not None
@@ -522,47 +506,6 @@ class Server:
                 self.service.advance(self.clock())
                 self._flush()
 
-    def _queue_answers(self, conn: _Connection) -> None:
-        self._outbox.append(conn)
-        if len(self._outbox) == 1:
-            self._outbox_ready.set()
-
-    async def _send_answers(self) -> None:
-        """The outbox: write the answers queued during one scheduler pass together.
-
-        A connection that has its answers ready queues them and goes back to
-        reading; this task, which runs once the tasks already runnable have had
-        their turn, writes them all back to back.  On loopback most of a
-        ``send()`` is the kernel waking the receiving side, and that is cheap
-        when the receiver is already awake for the previous answer: a steady
-        trickle of renewals, each sent as it was ready, woke the client once per
-        answer and spent twice the CPU in ``send()`` (docs/performance.md).
-        """
-        while True:
-            await self._outbox_ready.wait()
-            self._outbox_ready = trio.Event()
-            ready, self._outbox = self._outbox, []
-            for conn in ready:
-                conn.flush_answers()
-
-    async def _trim_memory(self) -> None:
-        """Give the heap that closed connections freed back to the OS.
-
-        Partial frames are held in buffers of up to 64 KiB, which glibc takes
-        from its heap and keeps when they are freed: 3,000 connections that
-        each sent most of a frame and hung up left the server 360 MiB larger
-        for good.  ``malloc_trim`` returns it; it runs in a worker thread (the
-        foreign call lets go of the GIL), at most every few seconds, and only
-        after many connections have closed."""
-        trim = malloc_trim()
-        if trim is None:
-            return
-        while True:
-            await trio.sleep(TRIM_EVERY)
-            if self._closed_since_trim >= TRIM_AFTER_CLOSED:
-                self._closed_since_trim = 0
-                await self._run_sync(trim, 0)
-
     async def _flush_logs(self) -> None:
         while True:
             await trio.sleep(logs.FLUSH_INTERVAL)
@@ -595,63 +538,10 @@ class Server:
                 log.warning("watchdog_withheld", reason="no commit completed recently")
             await trio.sleep(interval)
 
-    async def _serve_stream(self, stream: trio.SocketStream) -> None:
-        try:
-            peer = str(stream.socket.getpeername()[0])
-        except OSError:
-            await trio.aclose_forcefully(stream)
-            return
-        if self._tls is not None:
-            # The handshake runs on first use, inside the connection, so a client
-            # that never completes it is closed by the hello timeout like any other.
-            await self.handle_stream(trio.SSLStream(stream, self._tls, server_side=True), peer)
-        else:
-            await self.handle_stream(TcpStream(stream), peer)
-
     async def handle_stream(self, stream: trio.abc.Stream, peer: str | None) -> None:
-        """Serve one client connection (also the entry point for in-memory tests)."""
-        source = limit_key(peer)
-        cap = self.config.connections_per_address
-        if (
-            self.connections >= self.config.max_connections
-            or self._stopping
-            or (cap and self._per_address.get(source, 0) >= cap)
-        ):
-            await self._refuse_busy(stream)
-            return
-        self.connections += 1
-        self._per_address[source] = self._per_address.get(source, 0) + 1
-        conn = _Connection(self, stream, peer)
-        self._readers.add(conn)
-        self.reaper.watch(conn, conn.hello_deadline)
-        try:
-            await conn.run()
-        finally:
-            conn.done = True
-            conn.proto.release()  # the reaper's heap may hold conn for a while yet
-            self._readers.discard(conn)
-            self.connections -= 1
-            self._closed_since_trim += 1
-            left = self._per_address[source] - 1
-            if left:
-                self._per_address[source] = left
-            else:
-                del self._per_address[source]
-            await trio.aclose_forcefully(stream)
+        """Serve one client connection (the entry point of in-memory tests)."""
+        await self.port.handle_stream(stream, peer)
 
-    async def _refuse_busy(self, stream: trio.abc.Stream) -> None:
-        rid = None
-        with trio.move_on_after(BUSY_WAIT):
-            try:
-                frame = await receive_frame(stream, FrameDecoder())
-                rid = None if frame is None else request_id(frame)
-            except (FloatdError, trio.BrokenResourceError):
-                pass
-        try:
-            with trio.move_on_after(BUSY_WAIT):
-                await stream.send_all(
-                    encode_frame(failure(rid, Busy("too many connections").to_wire()))
-                )
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        await trio.aclose_forcefully(stream)
+    @property
+    def connections(self) -> int:
+        return self.port.connections

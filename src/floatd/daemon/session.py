@@ -397,7 +397,7 @@ class _Connection:
         self._out_granted += granted
         if not self._sending:
             self._sending = True
-            self.server._queue_answers(self)
+            self.server.port.queue_answers(self)
         return True
 
     def flush_answers(self) -> None:
