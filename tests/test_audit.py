@@ -9,7 +9,7 @@ import pytest
 from test_store import lease
 
 from floatd.core.changes import Audit, DeleteLease, PruneAudit, PutLease
-from floatd.core.service import _audit
+from floatd.core.outcomes import audit_record
 from floatd.errors import StoreError
 from floatd.store.audit import (
     lease_intervals,
@@ -24,8 +24,8 @@ def test_records_commit_with_their_change_and_survive_a_reopen(tmp_path: Path) -
     path = tmp_path / "db.sqlite3"
     store = SQLiteLeaseStore(path)
     a = lease(expires_at=200.0, duration=60.0)
-    store.apply([PutLease(a), _audit("granted", a, 140.0)])
-    store.apply([DeleteLease(a.id), _audit("released", a, 150.0)])
+    store.apply([PutLease(a), audit_record("granted", a, 140.0)])
+    store.apply([DeleteLease(a.id), audit_record("released", a, 150.0)])
     store.apply([Audit(151.0, "refused", "app", fingerprint="fp", code="NO_FREE_SEATS")])
     store.close()
     db = open_readonly(path)
@@ -52,7 +52,7 @@ def test_a_failed_batch_writes_no_audit_record_either(tmp_path: Path) -> None:
         "CREATE TRIGGER boom BEFORE INSERT ON leases BEGIN SELECT RAISE(ABORT, 'no'); END"
     )
     with pytest.raises(StoreError):
-        store.apply([PutLease(a), _audit("granted", a, 1.0)])
+        store.apply([PutLease(a), audit_record("granted", a, 1.0)])
     assert store._db.execute("SELECT count(*) FROM audit").fetchone() == (0,)
 
 
@@ -76,8 +76,8 @@ def test_intervals_come_from_end_records_and_from_leases_still_held(tmp_path: Pa
     held = lease(expires_at=5000.0, duration=60.0, granted_at=300.0, seat=("m3",))
     stale = lease(expires_at=700.0, duration=60.0, granted_at=400.0, seat=("m4",))
     store.apply([PutLease(x) for x in (old, gone, held, stale)])
-    store.apply([DeleteLease(old.id), _audit("released", old, 600.0)])
-    store.apply([DeleteLease(gone.id), _audit("expired", gone, 90.0)])
+    store.apply([DeleteLease(old.id), audit_record("released", old, 600.0)])
+    store.apply([DeleteLease(gone.id), audit_record("expired", gone, 90.0)])
     store.apply([Audit(650.0, "refused", "app", code="NO_FREE_SEATS")])
     store.apply([Audit(660.0, "refused", "app", code="AUTH_FAILED")])
     db = open_readonly(tmp_path / "db.sqlite3")

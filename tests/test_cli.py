@@ -189,8 +189,8 @@ def _scripted_history(tmp_path: Path, cfg: Path) -> None:
     """A day of leases written the way the daemon writes them."""
     from floatd.config import load_config
     from floatd.core.changes import Audit, DeleteLease, PutLease
+    from floatd.core.outcomes import audit_record
     from floatd.core.pool import Lease, hash_token
-    from floatd.core.service import _audit
     from floatd.store.sqlite import SQLiteLeaseStore
 
     config = load_config(cfg, env={})
@@ -215,11 +215,11 @@ def _scripted_history(tmp_path: Path, cfg: Path) -> None:
         )
 
     a, b = lease("alice", day + 9 * 3600), lease("bob", day + 10 * 3600)
-    store.apply([PutLease(a), _audit("granted", a, a.granted_at)])
-    store.apply([PutLease(b), _audit("granted", b, b.granted_at)])
+    store.apply([PutLease(a), audit_record("granted", a, a.granted_at)])
+    store.apply([PutLease(b), audit_record("granted", b, b.granted_at)])
     store.apply([Audit(day + 10.5 * 3600, "refused", "app", code="NO_FREE_SEATS")])
-    store.apply([DeleteLease(a.id), _audit("released", a, day + 11 * 3600)])
-    store.apply([DeleteLease(b.id), _audit("expired", b, day + 12 * 3600)])
+    store.apply([DeleteLease(a.id), audit_record("released", a, day + 11 * 3600)])
+    store.apply([DeleteLease(b.id), audit_record("expired", b, day + 12 * 3600)])
     store.close()
 
 

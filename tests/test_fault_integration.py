@@ -34,7 +34,7 @@ from test_integration import floatd_cli
 from floatd.client.simple import SimpleClient
 from floatd.core.codec import FrameDecoder, encode_frame
 from floatd.core.entitlement import parse_activation_request, sign_entitlement
-from floatd.core.service import _new_lease_secrets
+from floatd.core.secrets import new_lease_secrets
 from floatd.store.activation import atomic_write
 
 CAP = 2
@@ -243,7 +243,7 @@ def test_a_flood_grows_the_state_and_the_log_by_a_bounded_amount(
             for _ in range(20):
                 frames = []
                 for n in range(1000):
-                    lease, token = _new_lease_secrets()
+                    lease, token = new_lease_secrets()
                     frames.append(
                         encode_frame({"op": "renew", "id": 1, "lease": lease, "token": token})
                     )

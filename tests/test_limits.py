@@ -11,8 +11,8 @@ from conftest import MemoryStore, product, sign
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from test_server import serving
 
-from floatd.core.limits import RateLimiter, RefusalSampler
-from floatd.core.service import _new_lease_secrets, limit_key
+from floatd.core.limits import RateLimiter, RefusalSampler, limit_key
+from floatd.core.secrets import new_lease_secrets
 
 
 def test_the_bucket_allows_its_burst_then_its_rate() -> None:
@@ -111,7 +111,7 @@ async def test_connections_per_address_and_the_wait_queue_are_capped(
 def test_lease_ids_never_start_with_a_dash_and_tokens_are_full_length() -> None:
     """Admins paste ids into ``floatd revoke LEASE``; a leading dash would read as
     an option.  Without the redraw, about 78 of these 5,000 would start with one."""
-    drawn = [_new_lease_secrets() for _ in range(5000)]
+    drawn = [new_lease_secrets() for _ in range(5000)]
     assert not [lease_id for lease_id, _ in drawn if lease_id.startswith("-")]
     assert {len(lease_id) for lease_id, _ in drawn} == {22}  # 128 bits
     assert {len(token) for _, token in drawn} == {43}  # 256 bits
@@ -156,7 +156,7 @@ async def test_floods_of_refusals_grow_the_audit_by_a_bounded_amount(
         flooder = await h.connect(peer="10.0.0.66")
         codes: Counter[str] = Counter()
         for n in range(2000):
-            lease, token = _new_lease_secrets()
+            lease, token = new_lease_secrets()
             for op, fields in (
                 ("renew", {"lease": lease, "token": token}),
                 ("acquire", {"product": "app", "fingerprint": f"machine-{n:05d}"}),

@@ -18,7 +18,7 @@ import trio
 from test_store import lease
 
 from floatd.core.changes import Audit, PutLease, SetExpiry, SetMeta
-from floatd.core.service import _audit
+from floatd.core.outcomes import audit_record
 from floatd.daemon.committer import LAZY_FLUSH, GroupCommitter
 from floatd.errors import StoreError
 from floatd.logs import lease_line
@@ -261,12 +261,12 @@ async def test_the_child_logs_the_lease_events_it_committed(db: Path) -> None:
         store.apply(
             [
                 PutLease(a),
-                _audit("granted", a, 140.25, True),
-                _audit("renewed", a, 150.0, False),  # the service logged this one itself
+                audit_record("granted", a, 140.25, True),
+                audit_record("renewed", a, 150.0, False),  # the service logged this one itself
                 Audit(151.0, "refused", "app", code="NO_FREE_SEATS"),
             ]
         )
-        await store.apply_async([SetExpiry(a.id, 300.0), _audit("renewed", a, 160.5, True)])
+        await store.apply_async([SetExpiry(a.id, 300.0), audit_record("renewed", a, 160.5, True)])
         await store.apply_async([SetMeta("k", "v")])  # no lease event: no lines
     finally:
         store.close()

@@ -9,6 +9,7 @@ long has refilled anyway, unless a flood of distinct addresses is under way).
 
 from __future__ import annotations
 
+import ipaddress
 from collections import OrderedDict
 
 
@@ -105,3 +106,35 @@ class RefusalSampler:
         del self._windows[key]
         if entry[2]:
             self._due.append((key, int(entry[2]), entry[0]))
+
+
+_limit_keys: dict[str | None, str] = {}
+
+
+def limit_key(peer: str | None) -> str:
+    """Whom a per-address limit counts: the IPv4 address, or the IPv6 /64 (one
+    host can hold a whole /64, so counting single IPv6 addresses invites evasion).
+    Cached: parsing an address costs more than the rest of the check."""
+    key = _limit_keys.get(peer)
+    if key is None:
+        ip = peer_ip(peer)
+        if isinstance(ip, ipaddress.IPv6Address):
+            key = str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
+        else:
+            key = str(ip) if ip is not None else (peer or "")
+        if len(_limit_keys) >= 65536:
+            _limit_keys.clear()
+        _limit_keys[peer] = key
+    return key
+
+
+def peer_ip(peer: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    if not peer:
+        return None
+    try:
+        ip = ipaddress.ip_address(peer)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped  # a v4 client on a dual-stack [::] listener
+    return ip

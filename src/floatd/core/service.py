@@ -10,22 +10,20 @@ changes always land in one batch, a commit never holds half an outcome.
 
 from __future__ import annotations
 
-import base64
-import ipaddress
-import os
-from collections import Counter
 from collections.abc import Iterable
-from typing import Any, Protocol
+from typing import Any
 
 from floatd import __version__
-from floatd.core.changes import Audit, Change
+from floatd.core.changes import Change
 from floatd.core.clockguard import ClockGuard
 from floatd.core.connection import PROTOCOL_VERSION
 from floatd.core.entitlement import Entitlement, ProductTerms, check_license, check_product
 from floatd.core.ledger import Ledger, LocalLedger
-from floatd.core.limits import RateLimiter, RefusalSampler
+from floatd.core.limits import RateLimiter, limit_key, peer_ip
 from floatd.core.messages import Acquire, Hello, Info, Ping, Release, Renew, Request, ok
+from floatd.core.outcomes import LogFn, Recorder
 from floatd.core.pool import Claim, Lease, PoolProduct, Waiter, hash_token
+from floatd.core.secrets import new_lease_secrets
 from floatd.errors import (
     AuthFailed,
     FloatdError,
@@ -38,66 +36,6 @@ from floatd.errors import (
     Unavailable,
     UnknownProduct,
 )
-
-
-class LogFn(Protocol):
-    def __call__(self, event: str, level: str = "info", **fields: Any) -> None: ...
-
-    def lease(
-        self,
-        event: str,
-        lease_id: str,
-        product: str,
-        fingerprint: str,
-        instance: str | None,
-        user: str | None,
-        peer: str | None,
-        /,
-    ) -> None:
-        """A lease event with the fields every one carries (the hot path)."""
-
-
-class _NoLog:
-    def __call__(self, event: str, level: str = "info", **fields: Any) -> None:
-        return None
-
-    def lease(self, event: str, /, *fields: str | None) -> None:
-        return None
-
-
-#: The metrics label of requests for products the entitlement does not have.
-OTHER_PRODUCT = "(not entitled)"
-
-_limit_keys: dict[str | None, str] = {}
-
-
-def limit_key(peer: str | None) -> str:
-    """Whom a per-address limit counts: the IPv4 address, or the IPv6 /64 (one
-    host can hold a whole /64, so counting single IPv6 addresses invites evasion).
-    Cached: parsing an address costs more than the rest of the check."""
-    key = _limit_keys.get(peer)
-    if key is None:
-        ip = _peer_ip(peer)
-        if isinstance(ip, ipaddress.IPv6Address):
-            key = str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
-        else:
-            key = str(ip) if ip is not None else (peer or "")
-        if len(_limit_keys) >= 65536:
-            _limit_keys.clear()
-        _limit_keys[peer] = key
-    return key
-
-
-def _peer_ip(peer: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    if not peer:
-        return None
-    try:
-        ip = ipaddress.ip_address(peer)
-    except ValueError:
-        return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped  # a v4 client on a dual-stack [::] listener
-    return ip
 
 
 class LeaseService:
@@ -118,7 +56,6 @@ class LeaseService:
         # Renewals and releases of leases that do not exist (made-up ids, a
         # client renewing what it lost long ago) per address.
         self.miss_limit = RateLimiter(20.0, 1200.0)
-        self.refusal_sampler = RefusalSampler()
         #: Who holds which seat: every seat decision is the ledger's.
         self.ledger: Ledger = ledger if ledger is not None else LocalLedger()
         #: False while the durable state cannot be written: every request that
@@ -126,34 +63,27 @@ class LeaseService:
         #: pool, so memory never runs ahead of a disk that stopped following.
         self.writable = True
         self.entitlement: Entitlement | None = None
-        self._log: LogFn = log or _NoLog()
-        #: Lease events are logged by the store's writer once committed, from
-        #: their audit records (floatd serve with JSON logs; see floatd.store.writer),
-        #: not here.  The server keeps this in step with the log settings.
-        self.store_logs_leases = False
+        #: What each outcome leaves besides its answer: audit, log line, counts.
+        self.outcomes = Recorder(self.ledger, log)
         # The static part of each product's answer, built once per entitlement.
         self._product_info: dict[str, dict[str, Any]] = {}
         self._woken: list[Waiter] = []
         # A queued acquire's id and lease token, until it is answered.
         self._queued: dict[Waiter, tuple[int, str]] = {}
-        #: Lease events by (event, product), and acquire refusals by
-        #: (product, code): cheap counters the metrics endpoint reads.
-        self.events: Counter[tuple[str, str]] = Counter()
-        self.refusals: Counter[tuple[str, str]] = Counter()
+        #: The counters the metrics endpoint reads (see Recorder).
+        self.events = self.outcomes.events
+        self.refusals = self.outcomes.refusals
 
     def set_log(self, log: LogFn) -> None:
-        self._log = log
+        self.outcomes.log = log
 
-    def _log_lease(self, event: str, lease: Lease) -> None:
-        self._log.lease(
-            event,
-            lease.id,
-            lease.product,
-            lease.fingerprint,
-            lease.instance,
-            lease.user,
-            lease.peer,
-        )
+    @property
+    def store_logs_leases(self) -> bool:
+        return self.outcomes.store_logs_leases
+
+    @store_logs_leases.setter
+    def store_logs_leases(self, value: bool) -> None:
+        self.outcomes.store_logs_leases = value
 
     # --- state --------------------------------------------------------------
 
@@ -203,30 +133,13 @@ class LeaseService:
     def restore(self, leases: Iterable[Lease], now: float) -> list[Lease]:
         dead = self.ledger.restore(leases, now)
         for lease in dead:
-            self._record("expired", lease, lease.expires_at)
-            self._log("lease_expired", while_down=True, **_lease_fields(lease))
+            self.outcomes.expired_while_down(lease)
         return dead
 
     def advance(self, now: float) -> None:
         self.ledger.expire(now)
         self._collect()
-        self._fold_refusals(now)
-
-    def _fold_refusals(self, now: float) -> None:
-        """One audit record and one log line per (address, code, product) and
-        window for the refusals the sampler only counted."""
-        for (address, code, product), count, since in self.refusal_sampler.take_due(now):
-            record = Audit(since, "refused", product, peer=address, code=code, repeats=count)
-            self.ledger.journal.append(record)
-            self._log(
-                "lease_refusals_folded",
-                "warning",
-                address=address,
-                code=code,
-                product=product,
-                count=count,
-                since=since,
-            )
+        self.outcomes.fold_refusals(now)
 
     def next_deadline(self) -> float | None:
         return self.ledger.next_deadline()
@@ -256,11 +169,10 @@ class LeaseService:
         """Audit and log what the ledger did on the side (expiries, served waiters)."""
         ledger = self.ledger
         for lease in ledger.take_expired():
-            self._lease_event("expired", lease, lease.expires_at)
+            self.outcomes.lease_event("expired", lease, lease.expires_at)
         for waiter in ledger.take_woken():
             if waiter.lease is not None:
-                self._record("granted", waiter.lease, waiter.lease.granted_at)
-                self._log("lease_granted", waited=True, **_lease_fields(waiter.lease))
+                self.outcomes.granted_after_wait(waiter.lease)
             self._woken.append(waiter)
 
     # --- requests -----------------------------------------------------------
@@ -284,64 +196,10 @@ class LeaseService:
                 return ok(req.id, time=now)
             return self.hello_response(req, now)
         except FloatdError as exc:
-            self._refused(req, exc.code, now, peer)
+            self.outcomes.refused(req, exc.code, now, peer, self._product_info)
             return {"id": req.id, "ok": False, "error": exc.to_wire()}
         finally:
             self._collect()
-
-    def _record(self, event: str, lease: Lease, ts: float, log: bool = False) -> None:
-        """Audit a lease event; ``log``: the store's writer logs its line."""
-        self.ledger.journal.append(_audit(event, lease, ts, log))
-        self.events[event, lease.product] += 1
-
-    def _lease_event(self, event: str, lease: Lease, ts: float) -> None:
-        """Audit and log a lease event whose line holds the lease's fields alone."""
-        by_store = self.store_logs_leases
-        self._record(event, lease, ts, by_store)
-        if not by_store:
-            self._log_lease(f"lease_{event}", lease)
-
-    def _refused(self, req: Request, code: str, now: float, peer: str | None) -> None:
-        """Log and audit a refused lease operation (info and ping refusals are
-        not lease events)."""
-        if isinstance(req, Acquire):
-            record = Audit(
-                now,
-                "refused",
-                req.product,
-                fingerprint=req.fingerprint,
-                instance=req.instance,
-                user=req.user,
-                hostname=req.hostname,
-                peer=peer,
-                code=code,
-            )
-        elif isinstance(req, (Renew, Release)):
-            # Only the id is known: a refused renew or release never reveals
-            # whose lease the id names (it may not be the caller's).
-            record = Audit(now, "refused", None, lease=req.lease, peer=peer, code=code)
-        else:
-            return
-        entitled = record.product if record.product in self._product_info else None
-        # Counters are labelled with entitled products only: any LAN host can
-        # name made-up products, and each label is a series in the monitoring.
-        label = entitled or ("" if record.product is None else OTHER_PRODUCT)
-        self.events["refused", label] += 1
-        if record.product is not None:
-            self.refusals[label, code] += 1
-        if not self.refusal_sampler.note((limit_key(peer), code, entitled), now):
-            return  # a flood: counted, and folded into one record (_fold_refusals)
-        self.ledger.journal.append(record)
-        self._log(
-            "lease_refused",
-            op=type(req).__name__.lower(),
-            code=code,
-            lease=record.lease,
-            product=record.product,
-            fingerprint=record.fingerprint,
-            user=record.user,
-            peer=peer,
-        )
 
     def hello_response(self, req: Hello, now: float) -> dict[str, Any]:
         return ok(
@@ -413,7 +271,7 @@ class LeaseService:
             raise UnknownProduct(f"unknown product {req.product!r}")
         check_product(terms, now)
         if terms.allowed_ips:
-            ip = _peer_ip(peer)
+            ip = peer_ip(peer)
             if ip is None or not any(ip in net for net in terms.allowed_ips):
                 raise IpNotAllowed(f"address {peer} may not lease {req.product!r}")
         if terms.authorization == "user":
@@ -423,7 +281,7 @@ class LeaseService:
                 self.auth_limit.allow(source, now)
                 # One answer for an unknown user and a wrong password alike.
                 raise AuthFailed("unknown user or wrong password")
-        lease_id, token = _new_lease_secrets()
+        lease_id, token = new_lease_secrets()
         claim = Claim(
             product=req.product,
             fingerprint=req.fingerprint,
@@ -439,7 +297,7 @@ class LeaseService:
         if isinstance(result, Waiter):
             self._queued[result] = (req.id, token)
             return result
-        self._lease_event("granted", result, now)
+        self.outcomes.lease_event("granted", result, now)
         return self.grant_response(req.id, result, token, now)
 
     def grant_response(self, rid: int, lease: Lease, token: str, now: float) -> dict[str, Any]:
@@ -470,32 +328,7 @@ class LeaseService:
                 seats=terms.seats,
                 used=self.ledger.used(product),
             )
-        claim = waiter.claim
-        self.events["refused", product] += 1
-        self.refusals[product, err.code] += 1
-        self.ledger.journal.append(
-            Audit(
-                now,
-                "refused",
-                product,
-                fingerprint=claim.fingerprint,
-                instance=claim.instance,
-                user=claim.user,
-                hostname=claim.hostname,
-                peer=claim.peer,
-                code=err.code,
-            )
-        )
-        self._log(
-            "lease_refused",
-            op="acquire",
-            code=err.code,
-            product=product,
-            fingerprint=claim.fingerprint,
-            user=claim.user,
-            peer=claim.peer,
-            waited=True,
-        )
+        self.outcomes.wait_refused(waiter.claim, err.code, now)
         return {"id": rid, "ok": False, "error": err.to_wire()}
 
     def cancel_wait(self, waiter: Waiter, now: float) -> None:
@@ -530,7 +363,7 @@ class LeaseService:
         except LeaseNotFound:
             self._missed(peer, now)
             raise
-        self._lease_event("renewed", lease, now)
+        self.outcomes.lease_event("renewed", lease, now)
         expires_in = lease.expires_at - now
         return ok(req.id, expires_in=expires_in, renew_in=expires_in / 2)
 
@@ -541,13 +374,13 @@ class LeaseService:
         except LeaseNotFound:
             self._missed(peer, now)
             raise
-        self._lease_event("released", lease, now)
+        self.outcomes.lease_event("released", lease, now)
         return ok(req.id)
 
     def revoke(self, lease_id: str, now: float) -> Lease:
         self._check_writable()
         lease = self.ledger.revoke(now, lease_id)
-        self._lease_event("revoked", lease, now)
+        self.outcomes.lease_event("revoked", lease, now)
         self._collect()
         return lease
 
@@ -608,41 +441,6 @@ class LeaseService:
         }
 
 
-class _RandomBytes:
-    """OS randomness drawn in blocks: getrandom costs ~20 us a call on the VMs we
-    measured, as much as the rest of an acquire, and its cost barely grows with
-    the size asked for.  The bytes are the same; only the syscalls are fewer."""
-
-    BLOCK = 48 * 256
-
-    def __init__(self) -> None:
-        self._buf = b""
-        self._pos = 0
-
-    def take(self, n: int) -> bytes:
-        if self._pos + n > len(self._buf):
-            self._buf, self._pos = os.urandom(self.BLOCK), 0
-        out = self._buf[self._pos : self._pos + n]
-        self._pos += n
-        return out
-
-
-_random = _RandomBytes()
-
-
-def _new_lease_secrets() -> tuple[str, str]:
-    """A lease id (128 bits) and its token (256 bits).
-
-    An id never starts with "-": admins paste ids into ``floatd revoke LEASE``,
-    where a leading dash reads as an option.  One id in 64 is drawn again.
-    """
-    raw = _random.take(48)
-    lease_id = base64.urlsafe_b64encode(raw[:16]).rstrip(b"=").decode()
-    while lease_id[0] == "-":
-        lease_id = base64.urlsafe_b64encode(_random.take(16)).rstrip(b"=").decode()
-    return lease_id, base64.urlsafe_b64encode(raw[16:]).rstrip(b"=").decode()
-
-
 _STATE_OF = {
     "NOT_ACTIVATED": "not_activated",
     "LICENSE_NOT_YET_VALID": "not_yet_valid",
@@ -656,33 +454,3 @@ def _earliest(a: int | None, b: int | None) -> int | None:
     if a is None:
         return b
     return a if b is None else min(a, b)
-
-
-def _audit(event: str, lease: Lease, ts: float, log: bool = False) -> Audit:
-    # Positional: this runs for every renewal.
-    return Audit(
-        ts,
-        event,
-        lease.product,
-        lease.id,
-        lease.fingerprint,
-        lease.instance,
-        lease.user,
-        lease.hostname,
-        lease.peer,
-        None,
-        lease.seat,
-        lease.granted_at,
-        log,
-    )
-
-
-def _lease_fields(lease: Lease) -> dict[str, Any]:
-    return {
-        "lease": lease.id,
-        "product": lease.product,
-        "fingerprint": lease.fingerprint,
-        "instance": lease.instance,
-        "user": lease.user,
-        "peer": lease.peer,
-    }

@@ -17,8 +17,8 @@ import trio
 
 from floatd.client.frames import receive_frame
 from floatd.core.codec import FrameDecoder, encode_frame
+from floatd.core.limits import limit_key
 from floatd.core.messages import failure, request_id
-from floatd.core.service import limit_key
 from floatd.daemon.listeners import malloc_trim
 from floatd.daemon.session import _Connection
 from floatd.daemon.transport import TcpStream
