@@ -1,0 +1,99 @@
+"""``floatd-authority``: the group and what its commands share.
+
+Every command takes ``--db`` (default ``$FLOATD_AUTHORITY_DB``, else
+``./floatd-authority.sqlite3``); listings take ``--json``.  Exit status as
+floatd's: 0 success, 1 refused or failed (one line on stderr), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from floatd import __version__
+from floatd.authority.logic import Authority
+from floatd.authority.store import Activation, AuthorityStore
+from floatd.cli import CONTEXT, HelpGroup, fail, make_guard
+from floatd.core.entitlement import load_private_key
+from floatd.store.audit import iso
+
+F = TypeVar("F", bound=Callable[..., Any])
+PASSPHRASE_ENV = "FLOATD_AUTHORITY_KEY_PASSPHRASE"
+
+
+def die(message: str, status: int = 1) -> NoReturn:
+    fail("floatd-authority", message, status)
+
+
+guarded = make_guard("floatd-authority", remote_authority=False)
+
+
+def json_option(fn: F) -> F:
+    return click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")(fn)
+
+
+class Ctx:
+    def __init__(self, db: Path) -> None:
+        self.db = db
+        self._store: AuthorityStore | None = None
+
+    def authority(self, key: Ed25519PrivateKey | None = None) -> Authority:
+        if self._store is None:
+            self._store = AuthorityStore(self.db)
+        return Authority(self._store, key)
+
+
+pass_ctx = click.make_pass_decorator(Ctx)
+
+
+@click.group(cls=HelpGroup, context_settings=CONTEXT)
+@click.version_option(__version__, prog_name="floatd-authority")
+@click.option(
+    "--db",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar="FLOATD_AUTHORITY_DB",
+    default=Path("floatd-authority.sqlite3"),
+    show_default=True,
+    help="The authority's database ($FLOATD_AUTHORITY_DB).",
+)
+@click.pass_context
+def main(ctx: click.Context, db: Path) -> None:
+    """floatd-authority: the reference central authority (the vendor's side)."""
+    os.umask(0o077)  # the vendor's books and keys are nobody else's business
+    ctx.obj = Ctx(db)
+
+
+def echo_json(doc: Any) -> None:
+    click.echo(json.dumps(doc, indent=2, sort_keys=True))
+
+
+def load_key(path: Path) -> Ed25519PrivateKey:
+    try:
+        pem = path.read_bytes()
+    except OSError as exc:
+        die(f"cannot read key {path}: {exc.strerror}")
+    passphrase = os.environ.get(PASSPHRASE_ENV)
+    try:
+        return load_private_key(pem, passphrase.encode() if passphrase else None)
+    except (ValueError, TypeError) as exc:
+        die(f"cannot load key {path}: {exc} (encrypted keys read ${PASSPHRASE_ENV})")
+
+
+def activation_json(a: Activation) -> dict[str, Any]:
+    return {
+        "id": a.id,
+        "license": a.license_id,
+        "server": a.server,
+        "hostname": a.hostname,
+        "floatd": a.floatd,
+        "mode": a.mode,
+        "state": a.state,
+        "created_at": iso(a.created_at),
+        "refreshed_at": iso(a.refreshed_at),
+    }

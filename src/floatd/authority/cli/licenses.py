@@ -1,0 +1,302 @@
+"""floatd-authority: Licenses: issue, list, show, update, suspend, reinstate, revoke."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import click
+
+from floatd.authority.cli.base import (
+    Ctx,
+    activation_json,
+    echo_json,
+    guarded,
+    json_option,
+    main,
+    pass_ctx,
+)
+from floatd.authority.logic import Authority, check_duration
+from floatd.authority.store import License, Terms
+from floatd.store.audit import iso, parse_when
+
+# --- licenses -----------------------------------------------------------------------
+
+
+def _when_option(text: str | None, option: str) -> int | None:
+    if text is None:
+        return None
+    try:
+        return int(parse_when(text, time.time()))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint=option) from None
+
+
+def _pairs(items: tuple[str, ...], option: str, typed: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise click.BadParameter(f"{item!r} is not NAME=VALUE", param_hint=option)
+        out[name] = _typed(value) if typed else value
+    return out
+
+
+def _typed(value: str) -> bool | int | str:
+    if value in ("true", "false"):
+        return value == "true"
+    try:
+        return int(value)
+    except ValueError:
+        return value
+
+
+def _grace(text: str) -> int:
+    if text.isdigit():
+        return int(text)
+    try:
+        from floatd.authority.logic import add_duration
+
+        return add_duration(0, check_duration(text))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--grace") from None
+
+
+def _license_json(a: Authority, lic: License) -> dict[str, Any]:
+    terms = dict(lic.terms.__dict__)
+    return {
+        "id": lic.id,
+        "order": lic.order_id,
+        "order_reference": lic.order_reference,
+        "customer": lic.customer,
+        "state": lic.state,
+        "created_at": iso(lic.created_at),
+        "expires": iso(a.expiry(lic)),
+        "users": lic.users,
+        "activations": len(a.store.activations(lic.id, active_only=True)),
+        **terms,
+    }
+
+
+@main.group("license")
+def license_group() -> None:
+    """Licenses sold under orders."""
+
+
+@license_group.command("issue")
+@click.option("--order", "order_id", required=True, help="Order id (created if new).")
+@click.option("--order-ref", help="The order's reference (e.g. a PO number).")
+@click.option("--customer", help="The customer's name, shown to the site.")
+@click.option("--product", "products", multiple=True, required=True, help="Repeatable.")
+@click.option(
+    "--seats", type=int, required=True, help="allowedFloatingClients; 0 or -1: unlimited."
+)
+@click.option("--lease-duration", type=click.IntRange(min=0), help="Default: the product's.")
+@click.option(
+    "--strategy",
+    type=click.Choice(["per-machine", "per-instance"]),
+    help="Overrides the product's leasing strategy.",
+)
+@click.option("--user-locked", is_flag=True, help="Seats are also keyed by the OS user.")
+@click.option("--allowed-ip", "allowed_ips", multiple=True, help="CIDR; repeatable.")
+@click.option(
+    "--allowed-activations",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="How many servers may activate this license.",
+)
+@click.option("--interval", help="Subscription interval, ISO 8601 (P1M, P1Y).")
+@click.option("--expires", help="Explicit expiry date.")
+@click.option("--effective", help="Effective date: no lease before it.")
+@click.option(
+    "--trial", is_flag=True, help="A trial license (ends after the product's trial days)."
+)
+@click.option("--grace", default="P7D", show_default=True, help="Seconds or ISO 8601 duration.")
+@click.option(
+    "--borrow-max",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Seconds a seat may be borrowed offline (0: no borrowing).",
+)
+@click.option(
+    "--max-users",
+    type=click.IntRange(min=0),
+    default=0,
+    help="License users that may be assigned in all (0: no cap).",
+)
+@click.option("--meta", multiple=True, help="NAME=VALUE custom license value; repeatable.")
+@click.option("--feature", multiple=True, help="NAME=VALUE (true/false/int/str); repeatable.")
+@json_option
+@pass_ctx
+@guarded
+def license_issue(
+    ctx: Ctx,
+    order_id: str,
+    order_ref: str | None,
+    customer: str | None,
+    products: tuple[str, ...],
+    seats: int,
+    lease_duration: int | None,
+    strategy: str | None,
+    user_locked: bool,
+    allowed_ips: tuple[str, ...],
+    allowed_activations: int,
+    interval: str | None,
+    expires: str | None,
+    effective: str | None,
+    trial: bool,
+    grace: str,
+    borrow_max: int,
+    max_users: int,
+    meta: tuple[str, ...],
+    feature: tuple[str, ...],
+    as_json: bool,
+) -> None:
+    """Issue a license and print its key (shown this once, stored only as a hash)."""
+    import ipaddress
+
+    if seats < -1:
+        raise click.BadParameter("must be -1 or more", param_hint="--seats")
+    for cidr in allowed_ips:
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise click.BadParameter(f"{cidr!r} is not CIDR", param_hint="--allowed-ip") from None
+    if interval is not None:
+        try:
+            check_duration(interval)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--interval") from None
+    terms = Terms(
+        products=list(products),
+        seats=seats,
+        lease_duration=lease_duration,
+        strategy=strategy,
+        user_locked=user_locked,
+        allowed_ips=list(allowed_ips),
+        allowed_activations=allowed_activations,
+        interval=interval,
+        expires_at=_when_option(expires, "--expires"),
+        effective_at=_when_option(effective, "--effective"),
+        trial=trial,
+        grace_seconds=_grace(grace),
+        borrow_max=borrow_max,
+        max_users=max_users,
+        metadata=_pairs(meta, "--meta", typed=False),
+        features=_pairs(feature, "--feature", typed=True),
+    )
+    authority = ctx.authority()
+    lic, key = authority.issue_license(
+        order_id, terms, time.time(), order_reference=order_ref, customer=customer
+    )
+    if as_json:
+        echo_json({**_license_json(authority, lic), "license_key": key})
+        return
+    click.echo(key)
+    click.echo(
+        f"issued license {lic.id} under order {order_id}; the key above is shown only now",
+        err=True,
+    )
+
+
+@license_group.command("list")
+@click.option("--order", "order_id", help="Only licenses of this order.")
+@json_option
+@pass_ctx
+@guarded
+def license_list(ctx: Ctx, order_id: str | None, as_json: bool) -> None:
+    """List licenses (never their keys)."""
+    a = ctx.authority()
+    rows = [_license_json(a, lic) for lic in a.store.licenses(order_id)]
+    if as_json:
+        echo_json(rows)
+        return
+    for r in rows:
+        click.echo(
+            f"{r['id']}\t{r['order']}\t{r['state']}\t{','.join(r['products'])}\t"
+            f"seats {r['seats']}\tactivations {r['activations']}/{r['allowed_activations']}"
+            f"\texpires {r['expires'] or 'never'}"
+        )
+
+
+@license_group.command("show")
+@click.argument("license_id")
+@json_option
+@pass_ctx
+@guarded
+def license_show(ctx: Ctx, license_id: str, as_json: bool) -> None:
+    """One license with its terms, users and activations."""
+    a = ctx.authority()
+    doc = _license_json(a, a.get_license(license_id))
+    doc["activation_list"] = [activation_json(x) for x in a.store.activations(license_id)]
+    if as_json:
+        echo_json(doc)
+        return
+    for name, value in doc.items():
+        click.echo(f"{name}: {value}")
+
+
+@license_group.command("update")
+@click.argument("license_id")
+@click.option("--seats", type=int, help="New seat count; 0 or -1: unlimited.")
+@click.option("--expires", help="New explicit expiry date.")
+@click.option("--extend", is_flag=True, help="Add one subscription interval to the expiry.")
+@click.option(
+    "--allowed-activations",
+    type=click.IntRange(min=1),
+    help="New number of servers that may activate it.",
+)
+@click.option("--max-users", type=click.IntRange(min=0), help="New cap on license users (0: none).")
+@click.option(
+    "--lease-duration",
+    type=click.IntRange(min=0),
+    help="New lease duration in seconds (0: the server's default).",
+)
+@json_option
+@pass_ctx
+@guarded
+def license_update(
+    ctx: Ctx,
+    license_id: str,
+    seats: int | None,
+    expires: str | None,
+    extend: bool,
+    allowed_activations: int | None,
+    max_users: int | None,
+    lease_duration: int | None,
+    as_json: bool,
+) -> None:
+    """Change a license's terms; servers get them at their next refresh."""
+    a = ctx.authority()
+    lic = a.update_license(
+        license_id,
+        time.time(),
+        extend=extend,
+        seats=seats,
+        expires_at=_when_option(expires, "--expires"),
+        allowed_activations=allowed_activations,
+        max_users=max_users,
+        lease_duration=lease_duration,
+    )
+    if as_json:
+        echo_json(_license_json(a, lic))
+    else:
+        click.echo(
+            f"updated {lic.id}: seats {lic.terms.seats}, expires {iso(a.expiry(lic)) or 'never'}"
+        )
+
+
+def _state_command(name: str, state: str, doc: str) -> None:
+    @license_group.command(name, help=doc)
+    @click.argument("license_id")
+    @pass_ctx
+    @guarded
+    def command(ctx: Ctx, license_id: str) -> None:
+        lic = ctx.authority().set_state(license_id, state)
+        click.echo(f"license {lic.id} is {lic.state}")
+
+
+_state_command("suspend", "suspended", "Suspend: refreshes get 410, servers stop leasing.")
+_state_command("reinstate", "active", "Undo a suspension.")
+_state_command("revoke", "revoked", "Revoke for good.")

@@ -1,0 +1,90 @@
+"""floatd-authority: Products: add, list."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from floatd.authority.cli.base import Ctx, echo_json, guarded, json_option, main, pass_ctx
+from floatd.authority.store import Product
+
+# --- products -----------------------------------------------------------------------
+
+
+@main.group()
+def product() -> None:
+    """Products the vendor sells."""
+
+
+def _product_json(p: Product) -> dict[str, Any]:
+    return dict(p.__dict__)
+
+
+@product.command("add")
+@click.argument("code")
+@click.option("--name", required=True, help="The product's display name.")
+@click.option(
+    "--authorization",
+    type=click.Choice(["key", "user"]),
+    default="key",
+    show_default=True,
+    help="key: any permitted client may lease; user: license users with a password.",
+)
+@click.option(
+    "--lease-duration",
+    type=click.IntRange(min=0),
+    default=900,
+    show_default=True,
+    help="The floating timeout, seconds (0: the server's default).",
+)
+@click.option(
+    "--strategy",
+    type=click.Choice(["per-machine", "per-instance"]),
+    default="per-machine",
+    help="Seats per machine, or per process instance.",
+)
+@click.option(
+    "--trial-days",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Days a trial license of this product lasts (0: no trial length).",
+)
+@json_option
+@pass_ctx
+@guarded
+def product_add(
+    ctx: Ctx,
+    code: str,
+    name: str,
+    authorization: str,
+    lease_duration: int,
+    strategy: str,
+    trial_days: int,
+    as_json: bool,
+) -> None:
+    """Add a product."""
+    if not 1 <= len(code) <= 128:
+        raise click.BadParameter("1..128 characters", param_hint="CODE")
+    p = ctx.authority().add_product(
+        Product(code, name, authorization, lease_duration, strategy, trial_days)
+    )
+    echo_json(_product_json(p)) if as_json else click.echo(f"added product {p.code}")
+
+
+@product.command("list")
+@json_option
+@pass_ctx
+@guarded
+def product_list(ctx: Ctx, as_json: bool) -> None:
+    """List products."""
+    products = ctx.authority().store.products()
+    if as_json:
+        echo_json([_product_json(p) for p in products])
+        return
+    for p in products:
+        click.echo(
+            f"{p.code}\t{p.name}\t{p.authorization}\t{p.lease_duration}s\t{p.strategy}"
+            f"\ttrial {p.trial_days}d"
+        )
