@@ -1,6 +1,6 @@
 """Throughput of acquire and renew at 64 connections, next to a bare trio baseline.
 
-    python3 bench/throughput.py [--seconds 5] [--connections 64]
+    python3 bench/throughput.py [--seconds 5] [--connections 64] [--tls]
 
 Both servers run as separate processes on loopback and are measured in the same
 run by the same load generator: 64 connections, each with one request in flight
@@ -12,6 +12,10 @@ requests per second.  Short windows alternate between the two servers, and
 each round's ratio (floatd / baseline) compares two windows run back to back;
 the ratio reported is the median of those, which the machine's drift in speed
 moves least.  Targets (issue #2): renew >= 0.6, durable acquire >= 0.4.
+
+With ``--tls`` both servers speak TLS (a throwaway self-signed certificate,
+the same for both; trio's ``SSLStream`` in the baseline, floatd's
+``[server] tls_cert``), and so does the load generator.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import json
 import os
 import selectors
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -46,12 +51,22 @@ PING = encode_frame({"op": "ping", "id": 7})
 # --- the baseline server ----------------------------------------------------------
 
 
-def baseline_server(port_file: str) -> None:
+def baseline_server(port_file: str, tls_dir: str | None) -> None:
+    import ssl
+
     import trio
 
     from floatd.core.codec import FrameDecoder
 
-    async def handle(stream: trio.SocketStream) -> None:
+    context = None
+    if tls_dir:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(Path(tls_dir) / "bench.crt", Path(tls_dir) / "bench.key")
+
+    async def handle(plain: trio.SocketStream) -> None:
+        stream: trio.abc.Stream = plain
+        if context is not None:
+            stream = trio.SSLStream(plain, context, server_side=True)
         decoder = FrameDecoder()
         try:
             while data := await stream.receive_some(65540):
@@ -67,7 +82,7 @@ def baseline_server(port_file: str) -> None:
                             }
                         )
                     )
-        except trio.BrokenResourceError:
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
 
     async def main() -> None:
@@ -81,12 +96,19 @@ def baseline_server(port_file: str) -> None:
 # --- the load generator -------------------------------------------------------------
 
 
+#: The client side's TLS context when the servers speak TLS (--tls).
+CLIENT_TLS: ssl.SSLContext | None = None
+
+
 class Conn:
     __slots__ = ("buf", "n", "next_frame", "sock")
 
     def __init__(self, port: int, index: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port))
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if CLIENT_TLS is not None:
+            sock = CLIENT_TLS.wrap_socket(sock, server_hostname="localhost")
+        self.sock = sock
         self.buf = b""
         self.n = index * 10_000_000
         self.next_frame = b""
@@ -124,7 +146,7 @@ def run_load(conns: list[Conn], make_frame: Any, seconds: float) -> tuple[float,
             break
         for key, _ in sel.select(0.5):
             c = key.data
-            c.buf += c.sock.recv(65536)
+            c.buf += receive(c.sock)
             while len(c.buf) >= 4:
                 size = int.from_bytes(c.buf[:4], "big")
                 if len(c.buf) < 4 + size:
@@ -146,6 +168,21 @@ def run_load(conns: list[Conn], make_frame: Any, seconds: float) -> tuple[float,
                 break
             c.buf += c.sock.recv(65536)
     return done / elapsed, failures
+
+
+def receive(sock: socket.socket) -> bytes:
+    """What arrived: one read, and over TLS also what its buffer still holds
+    (decrypted records the socket's readiness no longer announces)."""
+    if not isinstance(sock, ssl.SSLSocket):
+        return sock.recv(65536)
+    data = b""
+    try:
+        data = sock.recv(65536)
+        while sock.pending():
+            data += sock.recv(65536)
+    except ssl.SSLWantReadError:
+        pass  # a partial record: the rest comes with the next readiness
+    return data
 
 
 def acquire_frame(c: Conn) -> bytes:
@@ -228,14 +265,48 @@ def wait_for(predicate: Any, what: str, timeout: float = 20.0) -> Any:
     raise SystemExit(f"timed out waiting for {what}")
 
 
-def start_baseline(tmp: Path) -> tuple[subprocess.Popen[bytes], int]:
+def make_cert(directory: Path) -> None:
+    """A throwaway self-signed certificate for localhost: bench.crt, bench.key."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    (directory / "bench.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (directory / "bench.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+
+
+def start_baseline(tmp: Path, tls: bool) -> tuple[subprocess.Popen[bytes], int]:
     port_file = tmp / "baseline.port"
-    proc = subprocess.Popen([sys.executable, __file__, "--baseline-server", str(port_file)])
+    extra = ["--baseline-tls", str(tmp)] if tls else []
+    proc = subprocess.Popen([sys.executable, __file__, "--baseline-server", str(port_file), *extra])
     port = wait_for(lambda: port_file.exists() and port_file.read_text(), "the baseline server")
     return proc, int(port)
 
 
-def start_floatd(tmp: Path) -> tuple[subprocess.Popen[bytes], int]:
+def start_floatd(tmp: Path, tls: bool) -> tuple[subprocess.Popen[bytes], int]:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from floatd.core.entitlement import (
@@ -250,7 +321,8 @@ def start_floatd(tmp: Path) -> tuple[subprocess.Popen[bytes], int]:
     (tmp / "state").mkdir()
     (tmp / "floatd.toml").write_text(
         f'[server]\nlisten = ["127.0.0.1:0"]\nmachine_id_file = "{tmp / "machine-id"}"\n'
-        f'[status]\nlisten = ""\n[state]\ndir = "{tmp / "state"}"\n'
+        + (f'tls_cert = "{tmp / "bench.crt"}"\ntls_key = "{tmp / "bench.key"}"\n' if tls else "")
+        + f'[status]\nlisten = ""\n[state]\ndir = "{tmp / "state"}"\n'
         f'[entitlement]\nvendor_keys = ["{format_public_key(key.public_key())}"]\n'
         f'[admin]\nsocket = "{tmp / "admin.sock"}"\n'
         # One loopback address stands for 64 client machines here, so the per-address
@@ -259,6 +331,7 @@ def start_floatd(tmp: Path) -> tuple[subprocess.Popen[bytes], int]:
         "[limits]\nacquires_per_second = 1000000\nacquire_burst = 1000000\n"
         "connections_per_address = 10000\n"
     )
+
     payload = {
         "v": 1,
         "id": "bench",
@@ -304,15 +377,21 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--tls", action="store_true", help="both servers over TLS")
     parser.add_argument("--baseline-server", help=argparse.SUPPRESS)
+    parser.add_argument("--baseline-tls", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.baseline_server:
-        baseline_server(args.baseline_server)
+        baseline_server(args.baseline_server, args.baseline_tls)
         return
+    global CLIENT_TLS
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
-        base_proc, base_port = start_baseline(tmp)
-        ours_proc, ours_port = start_floatd(tmp)
+        if args.tls:
+            make_cert(tmp)
+            CLIENT_TLS = ssl.create_default_context(cafile=tmp / "bench.crt")
+        base_proc, base_port = start_baseline(tmp, args.tls)
+        ours_proc, ours_port = start_floatd(tmp, args.tls)
         try:
             res = measure(
                 {"baseline": base_port, "floatd": ours_port},
@@ -353,7 +432,8 @@ def main() -> None:
         print(json.dumps(rows, indent=2))
         return
     print(
-        f"{args.connections} connections, {args.rounds} rounds of {args.seconds:g} s windows "
+        f"{'TLS, ' if args.tls else ''}{args.connections} connections, "
+        f"{args.rounds} rounds of {args.seconds:g} s windows "
         f"alternating between the servers, {os.cpu_count()} cores; medians (the ratio is "
         "the median of the rounds' ratios)"
     )

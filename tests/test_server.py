@@ -830,3 +830,34 @@ async def test_wrong_token_never_reveals_a_lease(
         assert wrong["error"]["code"] == "LEASE_NOT_FOUND"
         right = await c.request("renew", lease=got["lease"], token=got["token"])
         assert right["error"]["code"] == "LICENSE_EXPIRED"
+
+
+class _Spawns(trio.abc.Instrument):
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def task_spawned(self, task: trio.lowlevel.Task) -> None:
+        self.names.append(task.name)
+
+
+async def test_a_connection_writes_through_one_task_for_its_life(
+    tmp_path: Path, vendor_key: Ed25519PrivateKey, ent: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Over a stream that only sends async (TLS, memory), answers that become
+    ready elsewhere (a grant, once its batch is durable) are written by one
+    writer task per connection, woken for each write; one task started per
+    write cost more than the rest of a renewal."""
+    spawns = _Spawns()
+    async with serving(tmp_path, vendor_key, ent) as h:
+        c = await h.connect()
+        trio.lowlevel.add_instrument(spawns)
+        try:
+            for n in range(20):
+                got = await c.acquire(product="free", fingerprint=f"machine-{n}")
+                assert got["ok"], got
+                renewed = await c.request("renew", lease=got["lease"], token=got["token"])
+                assert renewed["ok"], renewed
+        finally:
+            trio.lowlevel.remove_instrument(spawns)
+    writers = [name for name in spawns.names if "_writer" in name or "_drain" in name]
+    assert len(writers) == 1, writers

@@ -136,9 +136,12 @@ class GroupCommitter:
             self._wakeup.set()
         return batch
 
-    def fresh(self) -> bool:
-        """Whether a renewal may be answered before its commit (see module doc)."""
-        return self.failure is None and self._clock() - self.last_cut <= LAZY_WINDOW
+    def fresh(self, now: float | None = None) -> bool:
+        """Whether a renewal may be answered before its commit (see module doc);
+        ``now``: the caller's reading of the clock, if it has one."""
+        if now is None:
+            now = self._clock()
+        return self.failure is None and now - self.last_cut <= LAZY_WINDOW
 
     def close(self) -> None:
         """Ask the writer to flush what is pending, mark the stop clean, and end."""

@@ -143,6 +143,14 @@ class _Connection:
         self._out_granted: list[str] = []
         self._sending = False  # in the outbox, or a drain task is writing
         self._draining = False
+        # The connection's writer task (started at its first use) and its cue.
+        self._writer_running = False
+        self._writer_wake: trio.Event | None = None
+        # The reader's task, and whether it owes answers it queued itself: on
+        # a stream that only sends async it writes them before it next reads,
+        # with no other task woken (see _queue).
+        self._task: trio.lowlevel.Task | None = None
+        self._own_answers = False
         self._lost = False  # a write failed: the client is gone
         self._progress: trio.Event | None = None  # the reader waits for room
         self._closing = False  # a refusal that ends the connection was read
@@ -202,7 +210,8 @@ class _Connection:
             self._cancel()  # nothing owed: just go
 
     async def run(self) -> None:
-        async with trio.open_nursery() as nursery:  # for drain tasks
+        self._task = trio.lowlevel.current_task()
+        async with trio.open_nursery() as nursery:  # for the writer task
             self._scope = nursery.cancel_scope
             self._nursery = nursery
             try:
@@ -223,6 +232,13 @@ class _Connection:
         stream = self.stream
         while True:
             step = self._apply_buffered()
+            if self._own_answers:
+                self._own_answers = False
+                if step is _Step.READ and not self._draining and self._out:
+                    self._draining = True
+                    await self._drain()  # before it reads again: one task, no wake-up
+                    continue
+                self.flush_answers()  # anything else: the writer task writes them
             if step is _Step.MORE:
                 continue
             if step is _Step.CLOSE:
@@ -320,7 +336,7 @@ class _Connection:
         # A renewal may be written lazily (see floatd.daemon.committer for why that is
         # safe); a refusal acknowledges nothing, so its audit record need not
         # hold up the answer either.
-        lazy = (isinstance(event, Renew) and server.committer.fresh()) or (
+        lazy = (isinstance(event, Renew) and server.committer.fresh(now)) or (
             type(result) is dict and not result["ok"]
         )
         batch = server._flush(urgent=not lazy)
@@ -397,12 +413,18 @@ class _Connection:
         self._out_granted += granted
         if not self._sending:
             self._sending = True
-            self.server.port.queue_answers(self)
+            if isinstance(self.stream, TcpStream):
+                self.server.port.queue_answers(self)  # written with the pass's others
+            elif trio.lowlevel.current_task() is self._task:
+                self._own_answers = True  # the reader writes them (see _reader)
+            else:
+                self.flush_answers()  # the writer task's turn, without the outbox's
         return True
 
     def flush_answers(self) -> None:
-        """The outbox's turn: write what is queued, or start a drain task for what
-        the kernel will not take now (and for streams that only send async)."""
+        """The outbox's turn: write what is queued, or hand to the connection's
+        writer task what the kernel will not take now (and everything, for
+        streams that only send async: TLS, the tests' memory streams)."""
         if self._draining or not self._out:
             return  # a drain task writes them, or the reader already did
         if self.done or self._nursery is None:
@@ -423,7 +445,27 @@ class _Connection:
                 return
             self._out = [data[sent:]]
         self._draining = True
-        self._nursery.start_soon(self._drain)
+        if self._writer_wake is not None:
+            self._writer_wake.set()
+        elif not self._writer_running:
+            self._writer_running = True
+            self._nursery.start_soon(self._writer)
+
+    async def _writer(self) -> None:
+        """Write what flush_answers hands over, for the connection's life: one
+        task woken per write, where starting a task per write cost more than
+        the rest of a renewal over TLS."""
+        try:
+            while not self._lost:
+                await self._drain()
+                if self._lost:
+                    return
+                self._writer_wake = wake = trio.Event()
+                await wake.wait()
+                self._writer_wake = None
+        finally:
+            self._writer_running = False
+            self._writer_wake = None
 
     async def _drain(self) -> None:
         """Write queued answers, waiting for the client to read as needed."""
