@@ -298,7 +298,7 @@ def make_cert(directory: Path) -> None:
     )
 
 
-def start_baseline(tmp: Path, tls: bool) -> tuple[subprocess.Popen[bytes], int]:
+def start_baseline(tmp: Path, tls: bool = False) -> tuple[subprocess.Popen[bytes], int]:
     port_file = tmp / "baseline.port"
     extra = ["--baseline-tls", str(tmp)] if tls else []
     proc = subprocess.Popen([sys.executable, __file__, "--baseline-server", str(port_file), *extra])
@@ -306,7 +306,7 @@ def start_baseline(tmp: Path, tls: bool) -> tuple[subprocess.Popen[bytes], int]:
     return proc, int(port)
 
 
-def start_floatd(tmp: Path, tls: bool) -> tuple[subprocess.Popen[bytes], int]:
+def start_floatd(tmp: Path, tls: bool = False) -> tuple[subprocess.Popen[bytes], int]:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from floatd.core.entitlement import (

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from floatd import logs
 from floatd.core.changes import Audit
 from floatd.core.entitlement import format_public_key, trusted_keys, verify_entitlement
-from floatd.core.messages import Acquire, Renew
+from floatd.core.messages import Acquire, Answer, Renew
 from floatd.core.service import LeaseService
 
 
@@ -133,15 +133,18 @@ def test_the_service_leaves_lease_lines_to_the_store_when_told(out: io.StringIO)
     def audit() -> list[tuple[str, bool]]:
         return [(c.event, c.log) for c in svc.take_changes() if isinstance(c, Audit)]
 
-    got = svc.handle(Acquire(1, "app", "fp-1"), BASE, "127.0.0.1")
-    assert isinstance(got, dict) and got["ok"]
+    result = svc.handle(Acquire(1, "app", "fp-1"), BASE, "127.0.0.1")
+    assert isinstance(result, Answer) and result.code is None
+    got = result.wire
     assert audit() == [("granted", False)]
     svc.store_logs_leases = True
     renew = Renew(2, got["lease"], got["token"])
-    assert svc.handle(renew, BASE + 1, "127.0.0.1")["ok"]  # type: ignore[index]
+    renewed = svc.handle(renew, BASE + 1, "127.0.0.1")
+    assert isinstance(renewed, Answer) and renewed.wire["ok"]
     assert audit() == [("renewed", True)]
     refused = svc.handle(Renew(3, got["lease"], "wrong"), BASE + 2, "127.0.0.1")
-    assert not refused["ok"]  # type: ignore[index]
+    assert isinstance(refused, Answer) and refused.code == "LEASE_NOT_FOUND"
+    assert not refused.wire["ok"]
     assert audit() == [("refused", False)]  # its line has fields of its own: logged here
     assert [json.loads(x)["event"] for x in lines(out)] == ["lease_granted", "lease_refused"]
 

@@ -31,6 +31,7 @@ class Refusal:
 
     response: dict[str, Any]
     close: bool
+    code: str
 
 
 Event = Request | Refusal
@@ -104,4 +105,4 @@ class ServerConnection:
     def _refuse(self, rid: int | None, exc: FloatdError) -> Refusal:
         if exc.closes:
             self.closed = True
-        return Refusal(failure(rid, exc.to_wire()), exc.closes)
+        return Refusal(failure(rid, exc.to_wire()), exc.closes, exc.code)

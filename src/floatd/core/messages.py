@@ -15,7 +15,7 @@ from dataclasses import field
 from typing import Any
 
 from floatd.core.records import record
-from floatd.errors import BadRequest, UnknownOp
+from floatd.errors import BadRequest, FloatdError, UnknownOp
 
 MAX_ID = 2**63
 MAX_WAIT = 3600.0
@@ -211,3 +211,22 @@ def ok(rid: int, **fields: Any) -> dict[str, Any]:
 
 def failure(rid: int | None, error: dict[str, Any]) -> dict[str, Any]:
     return {"id": rid, "ok": False, "error": error}
+
+
+@record
+class Answer:
+    """The service's answer to one request: the map that goes on the wire, and
+    what the shell needs to know of it without looking inside (the refusal's
+    code, the lease a grant created, to give back if the answer cannot be sent)."""
+
+    wire: dict[str, Any]
+    code: str | None = None
+    granted: str | None = None
+
+
+def answer(rid: int, **fields: Any) -> Answer:
+    return Answer(ok(rid, **fields))
+
+
+def refusal(rid: int | None, error: FloatdError) -> Answer:
+    return Answer(failure(rid, error.to_wire()), error.code)

@@ -20,7 +20,19 @@ from floatd.core.connection import PROTOCOL_VERSION
 from floatd.core.entitlement import Entitlement, ProductTerms, check_license, check_product
 from floatd.core.ledger import Ledger, LocalLedger
 from floatd.core.limits import RateLimiter, limit_key, peer_ip
-from floatd.core.messages import Acquire, Hello, Info, Ping, Release, Renew, Request, ok
+from floatd.core.messages import (
+    Acquire,
+    Answer,
+    Hello,
+    Info,
+    Ping,
+    Release,
+    Renew,
+    Request,
+    answer,
+    ok,
+    refusal,
+)
 from floatd.core.outcomes import LogFn, Recorder
 from floatd.core.pool import Claim, Lease, PoolProduct, Waiter, hash_token
 from floatd.core.secrets import new_lease_secrets
@@ -179,7 +191,7 @@ class LeaseService:
 
     def handle(
         self, req: Request, now: float, peer: str | None, authenticated: bool = False
-    ) -> dict[str, Any] | Waiter:
+    ) -> Answer | Waiter:
         """Answer one request.  Refusals come back as error responses, not raised.
         ``authenticated``: the shell has checked this acquire's license user and
         password (off the event loop; see :meth:`needs_password_check`)."""
@@ -193,16 +205,16 @@ class LeaseService:
             if isinstance(req, Info):
                 return self._info(req, now)
             if isinstance(req, Ping):
-                return ok(req.id, time=now)
+                return answer(req.id, time=now)
             return self.hello_response(req, now)
         except FloatdError as exc:
             self.outcomes.refused(req, exc.code, now, peer, self._product_info)
-            return {"id": req.id, "ok": False, "error": exc.to_wire()}
+            return refusal(req.id, exc)
         finally:
             self._collect()
 
-    def hello_response(self, req: Hello, now: float) -> dict[str, Any]:
-        return ok(
+    def hello_response(self, req: Hello, now: float) -> Answer:
+        return answer(
             req.id,
             version=PROTOCOL_VERSION,
             server=f"floatd/{__version__}",
@@ -260,7 +272,7 @@ class LeaseService:
 
     def _acquire(
         self, req: Acquire, now: float, peer: str | None, authenticated: bool = False
-    ) -> dict[str, Any] | Waiter:
+    ) -> Answer | Waiter:
         self._check_writable()
         ent = self._check_server(now)
         source = limit_key(peer)
@@ -300,10 +312,10 @@ class LeaseService:
         self.outcomes.lease_event("granted", result, now)
         return self.grant_response(req.id, result, token, now)
 
-    def grant_response(self, rid: int, lease: Lease, token: str, now: float) -> dict[str, Any]:
+    def grant_response(self, rid: int, lease: Lease, token: str, now: float) -> Answer:
         expires_in = max(0.0, lease.expires_at - now)
         product = self._product_info.get(lease.product, {"code": lease.product})
-        return ok(
+        wire = ok(
             rid,
             lease=lease.id,
             token=token,
@@ -312,8 +324,9 @@ class LeaseService:
             lease_duration=int(lease.duration),
             product=product,
         )
+        return Answer(wire, granted=lease.id)
 
-    def waiter_response(self, waiter: Waiter, now: float) -> dict[str, Any]:
+    def waiter_response(self, waiter: Waiter, now: float) -> Answer:
         """The answer to a queued acquire once the pool has finished with it."""
         rid, token = self._queued.pop(waiter)
         if waiter.lease is not None:
@@ -329,7 +342,7 @@ class LeaseService:
                 used=self.ledger.used(product),
             )
         self.outcomes.wait_refused(waiter.claim, err.code, now)
-        return {"id": rid, "ok": False, "error": err.to_wire()}
+        return refusal(rid, err)
 
     def cancel_wait(self, waiter: Waiter, now: float) -> None:
         """The queued client went away: give up its place, or its seat if it got one."""
@@ -347,7 +360,7 @@ class LeaseService:
         if not self.miss_limit.allow(limit_key(peer), now):
             raise RateLimited("too many renewals or releases of unknown leases; slow down")
 
-    def _renew(self, req: Renew, now: float, peer: str | None) -> dict[str, Any]:
+    def _renew(self, req: Renew, now: float, peer: str | None) -> Answer:
         self._check_writable()
         ent = self._check_server(now)
         # The token first: a refusal about the product would tell a stranger
@@ -365,9 +378,9 @@ class LeaseService:
             raise
         self.outcomes.lease_event("renewed", lease, now)
         expires_in = lease.expires_at - now
-        return ok(req.id, expires_in=expires_in, renew_in=expires_in / 2)
+        return answer(req.id, expires_in=expires_in, renew_in=expires_in / 2)
 
-    def _release(self, req: Release, now: float, peer: str | None) -> dict[str, Any]:
+    def _release(self, req: Release, now: float, peer: str | None) -> Answer:
         self._check_writable()
         try:
             lease = self.ledger.release(now, req.lease, hash_token(req.token))
@@ -375,7 +388,7 @@ class LeaseService:
             self._missed(peer, now)
             raise
         self.outcomes.lease_event("released", lease, now)
-        return ok(req.id)
+        return answer(req.id)
 
     def revoke(self, lease_id: str, now: float) -> Lease:
         self._check_writable()
@@ -384,14 +397,14 @@ class LeaseService:
         self._collect()
         return lease
 
-    def _info(self, req: Info, now: float) -> dict[str, Any]:
+    def _info(self, req: Info, now: float) -> Answer:
         ent = self.entitlement
         check_license(ent, now)
         assert ent is not None
         terms = ent.product(req.product)
         if terms is None:
             raise UnknownProduct(f"unknown product {req.product!r}")
-        return ok(req.id, **self.product_summary(terms))
+        return answer(req.id, **self.product_summary(terms))
 
     def activation_state(self, now: float) -> str:
         """The ``activation.state`` of the status endpoint."""

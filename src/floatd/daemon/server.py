@@ -461,10 +461,9 @@ class Server:
             for waiter in woken:
                 slot = waiter.handle
                 if isinstance(slot, _Slot) and slot.waiter is waiter:
-                    slot.response = service.waiter_response(waiter, now)
+                    slot.answer = answer = service.waiter_response(waiter, now)
                     slot.waiter = None
-                    if waiter.lease is not None:
-                        slot.granted = waiter.lease.id
+                    slot.granted = answer.granted
                     slots.append(slot)
             changes += service.take_changes()  # a timed-out wait's audit record
         batch = self.committer.submit(changes, urgent or bool(woken)) if changes else None

@@ -26,12 +26,14 @@ from floatd.core.codec import MAX_FRAME, encode_frame
 from floatd.core.connection import Refusal, ServerConnection
 from floatd.core.messages import (
     Acquire,
+    Answer,
     Hello,
     Info,
     Ping,
     Release,
     Renew,
     failure,
+    refusal,
 )
 from floatd.core.pool import Waiter
 from floatd.daemon.committer import Batch
@@ -53,7 +55,7 @@ class _Slot:
     """One answer owed to the client, in request order.  It may be sent once it
     has a response, is not waiting for a seat, and its batch (if any) is durable."""
 
-    response: dict[str, Any] | None = None
+    answer: Answer | None = None
     batch: Batch | None = None
     waiter: Waiter | None = None  # queued for a seat (``wait``) until woken
     owner: _Connection | None = None  # set while waiting: whom to tell
@@ -81,11 +83,11 @@ def _joined(chunks: list[bytes]) -> bytes:
 
 _UNAVAILABLE = Unavailable(
     "the server cannot write its state right now; nothing was changed, try again"
-).to_wire()
+)
 
 
-def _unavailable(rid: int | None) -> dict[str, Any]:
-    return failure(rid, _UNAVAILABLE)
+def _unavailable(rid: int | None) -> Answer:
+    return refusal(rid, _UNAVAILABLE)
 
 
 _OPS: dict[type, str] = {
@@ -326,18 +328,19 @@ class _Connection:
     ) -> _Slot:
         server = self.server
         if isinstance(event, Refusal):
-            return _Slot(response=event.response, close=event.close, started=started)
+            answer = Answer(event.response, event.code)
+            return _Slot(answer=answer, close=event.close, started=started)
         now = server.clock()
         if isinstance(event, Hello):
             return _Slot(
-                response=server.service.hello_response(event, now), op="hello", started=started
+                answer=server.service.hello_response(event, now), op="hello", started=started
             )
         result = server.service.handle(event, now, self.peer, authenticated)
         # A renewal may be written lazily (see floatd.daemon.committer for why that is
         # safe); a refusal acknowledges nothing, so its audit record need not
         # hold up the answer either.
         lazy = (isinstance(event, Renew) and server.committer.fresh(now)) or (
-            type(result) is dict and not result["ok"]
+            type(result) is Answer and result.code is not None
         )
         batch = server._flush(urgent=not lazy)
         if lazy:
@@ -348,8 +351,7 @@ class _Connection:
             result.handle = slot
             server._check_deadline()
             return slot
-        granted = result.get("lease") if isinstance(event, Acquire) and result.get("ok") else None
-        return _Slot(response=result, batch=batch, granted=granted, op=op, started=started)
+        return _Slot(answer=result, batch=batch, granted=result.granted, op=op, started=started)
 
     def advance(self) -> None:
         """Queue, as one write, the answers now ready at the head of ``_pending``.
@@ -365,8 +367,8 @@ class _Connection:
         answered: list[tuple[_Slot, str]] = []
         while pending:
             slot = pending[0]
-            response = slot.response
-            if response is None or slot.waiter is not None:
+            answer = slot.answer
+            if answer is None or slot.waiter is not None:
                 break  # still queued for a seat
             batch = slot.batch
             if batch is not None:
@@ -379,19 +381,19 @@ class _Connection:
                     # Never durable, so nothing to give back: the pool is
                     # rebuilt from disk before anything is written again.
                     slot.granted = None
-                    response = _unavailable(response.get("id"))
+                    answer = _unavailable(answer.wire.get("id"))
             pending.popleft()
             try:
-                frames.append(encode_frame(response))
+                frames.append(encode_frame(answer.wire))
             except ValueError:
                 error = InternalError("response too large").to_wire()
-                frames.append(encode_frame(failure(response.get("id"), error)))
+                frames.append(encode_frame(failure(answer.wire.get("id"), error)))
                 if slot.granted is not None:  # nobody got its token: no seat for it
                     give_back.append(slot.granted)
                     slot.granted = None
             if slot.granted is not None:
                 granted.append(slot.granted)
-            answered.append((slot, "ok" if response["ok"] else response["error"]["code"]))
+            answered.append((slot, answer.code or "ok"))
         if frames:
             if self._queue(_joined(frames), granted):
                 done = time.perf_counter()
@@ -537,7 +539,7 @@ def answer_unavailable(waiter: Waiter, rid: int) -> None:
     written): its slot is answered UNAVAILABLE, in its turn."""
     slot = waiter.handle
     if isinstance(slot, _Slot) and slot.waiter is waiter:
-        slot.response = _unavailable(rid)
+        slot.answer = _unavailable(rid)
         slot.waiter = None
         owner, slot.owner = slot.owner, None
         if owner is not None:
