@@ -129,6 +129,9 @@ class MemoryStore:
         # Reads fail (a damaged or vanished database).
         self.unreadable = False
 
+    def renders_lease_lines(self) -> bool:
+        return False
+
     def load_leases(self) -> list[Lease]:
         return [dataclasses.replace(lease) for lease in self.leases.values()]
 

@@ -28,6 +28,9 @@ class MemoryStore:
     def __init__(self) -> None:
         self.leases: dict[str, Lease] = {}
 
+    def renders_lease_lines(self) -> bool:
+        return False
+
     def load_leases(self) -> list[Lease]:
         return [dataclasses.replace(lease) for lease in self.leases.values()]
 

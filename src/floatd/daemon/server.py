@@ -61,7 +61,6 @@ from floatd.errors import (
 from floatd.logs import event_logger, get_logger
 from floatd.store import users
 from floatd.store.sqlite import LeaseStore
-from floatd.store.writer import ProcessLeaseStore
 
 SHUTDOWN_GRACE = 3.0
 ENTITLEMENT_POLL = 1.0
@@ -193,11 +192,8 @@ class Server:
         are then rendered by the state writer when it can (see floatd.store.writer)."""
         log = event_logger(level)
         self.service.set_log(log)
-        store = self.store
         self.service.store_logs_leases = (
-            log.lease_lines_as_json
-            and isinstance(store, ProcessLeaseStore)
-            and store.renders_lease_lines()
+            log.lease_lines_as_json and self.store.renders_lease_lines()
         )
 
     def _apply_limits(self, config: Config) -> None:

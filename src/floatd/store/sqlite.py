@@ -47,6 +47,11 @@ class LeaseStore(Protocol):
         """StoreError if the durable state is no longer where it was (a database
         file deleted or replaced while running: floatd.store.identity)."""
 
+    def renders_lease_lines(self) -> bool:
+        """Whether the store logs the lease events it commits (from their audit
+        records), so the service need not (see floatd.store.writer)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -398,6 +403,9 @@ class SQLiteLeaseStore:
             rows.pop(lease_id, None)
         rows.update(fresh)
         self._next_row += len(fresh)
+
+    def renders_lease_lines(self) -> bool:
+        return False
 
     def close(self) -> None:
         self._db.close()
