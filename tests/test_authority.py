@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from floatd.authority.logic import Authority, add_duration, key_hash
+from floatd.authority.logic import Authority, BadTerms, add_duration, key_hash
 from floatd.authority.store import AuthorityStore, Product, Terms
 from floatd.core.entitlement import (
     ActivationRequest,
@@ -245,3 +245,86 @@ def test_refresh_schedule_jitters_and_backs_off() -> None:
     assert 3240 <= s.after(True) <= 3960 and s.failures == 0  # a success resets it
     quick = RefreshSchedule(1, random.Random(2))
     assert all(0.5 <= quick.after(False) <= 1 for _ in range(20))  # never beyond the interval
+
+
+def test_terms_no_server_could_use_are_refused_on_issue_and_update(
+    authority: Authority,
+) -> None:
+    """Before, `license update --seats -5` was accepted and every refresh failed
+    afterwards; a product named twice made a license that could never be
+    installed; an empty interval, a zero grace, an effective date after the
+    expiry were all taken."""
+    bad_terms = [
+        ("--seats", Terms(products=["cad"], seats=-5)),
+        ("--product", Terms(products=["cad", "cad"], seats=1)),
+        ("--product", Terms(products=[], seats=1)),
+        ("--interval", Terms(products=["cad"], seats=1, interval="P0D")),
+        ("--grace", Terms(products=["cad"], seats=1, grace_seconds=0)),
+        ("--allowed-ip", Terms(products=["cad"], seats=1, allowed_ips=["10.0.0.0/33"])),
+        (
+            "--effective",
+            Terms(
+                products=["cad"], seats=1, effective_at=int(NOW) + 7 * 86400, expires_at=int(NOW)
+            ),
+        ),
+    ]
+    for option, terms in bad_terms:
+        with pytest.raises(BadTerms) as refused:
+            authority.issue_license("o-bad", terms, NOW)
+        assert refused.value.option == option and refused.value.error_code == "BAD_REQUEST"
+    assert authority.store.licenses(None) == []
+    lic, _ = authority.issue_license("o-1", Terms(products=["cad"], seats=3), NOW)
+    for change in ({"seats": -5}, {"allowed_activations": 0}, {"lease_duration": -1}):
+        with pytest.raises(BadTerms):
+            authority.update_license(lic.id, NOW, **change)
+    assert authority.get_license(lic.id).terms.seats == 3  # nothing was written
+
+
+def test_an_order_keeps_its_customer_and_reference(authority: Authority) -> None:
+    first, _ = authority.issue_license(
+        "o-7", Terms(products=["cad"], seats=1), NOW, order_reference="PO-1", customer="Acme"
+    )
+    with pytest.raises(AuthorityError) as refused:
+        authority.issue_license(
+            "o-7", Terms(products=["cad"], seats=1), NOW, customer="Someone Else"
+        )
+    assert refused.value.status == 409 and refused.value.error_code == "ORDER_CONFLICT"
+    second, _ = authority.issue_license("o-7", Terms(products=["cad"], seats=2), NOW)
+    again, _ = authority.issue_license(
+        "o-7", Terms(products=["cad"], seats=2), NOW, order_reference="PO-1", customer="Acme"
+    )
+    for lic in (first, second, again):
+        got = authority.get_license(lic.id)
+        assert (got.customer, got.order_reference) == ("Acme", "PO-1")
+
+
+def test_vendor_cli_dates_from_now_point_ahead_and_bad_terms_are_usage_errors(
+    tmp_path: Path,
+) -> None:
+    import json
+    import time
+
+    from click.testing import CliRunner
+
+    from floatd.authority.cli import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        result = CliRunner().invoke(main, ["--db", str(tmp_path / "a.db"), *args])
+        return result.exit_code, result.stdout, result.stderr
+
+    assert run("product", "add", "cad", "--name", "C")[0] == 0
+    issue = ("license", "issue", "--order", "o", "--product", "cad", "--seats", "2", "--json")
+    code, out, err = run(*issue, "--expires", "30d", "--effective", "1d")
+    assert code == 0, err
+    doc = json.loads(out)
+    expires = doc["expires_at"]
+    assert abs(expires - (time.time() + 30 * 86400)) < 120  # ahead, not thirty days ago
+    assert doc["effective_at"] > time.time()
+    code, _, err = run(*issue, "--expires", "3d", "--effective", "7d")
+    assert code == 2 and "--effective" in err
+    code, _, err = run(*issue, "--grace", "0")
+    assert code == 2 and "--grace" in err
+    code, _, err = run("license", "update", doc["id"], "--seats", "-5")
+    assert code == 2 and "--seats" in err
+    code, out, _ = run("license", "show", doc["id"], "--json")
+    assert json.loads(out)["seats"] == 2

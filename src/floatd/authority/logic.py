@@ -17,6 +17,7 @@ from __future__ import annotations
 import calendar
 import hashlib
 import hmac
+import ipaddress
 import re
 import secrets
 from collections.abc import Sequence
@@ -69,6 +70,61 @@ def add_duration(ts: float, text: str) -> int:
     return int(when.timestamp())
 
 
+STRATEGIES = ("per-machine", "per-instance")
+
+
+class BadTerms(AuthorityError):
+    """Terms no server could use (BAD_REQUEST), naming the CLI option of the
+    term at fault so the vendor's CLI can answer it as a usage error."""
+
+    def __init__(self, option: str, message: str) -> None:
+        super().__init__(400, "BAD_REQUEST", message)
+        self.option = option
+
+
+def check_terms(terms: Terms, now: float) -> None:
+    """Refuse terms no server could use, the same for issue and update (and for
+    the management API): BAD_REQUEST naming the term.  Without this, a license
+    updated to -5 seats was accepted and every refresh failed afterwards."""
+
+    if not terms.products:
+        raise BadTerms("--product", "a license needs at least one product")
+    twice = sorted({code for code in terms.products if terms.products.count(code) > 1})
+    if twice:
+        raise BadTerms("--product", f"product {twice[0]!r} is named twice")
+    if terms.seats < -1:
+        raise BadTerms("--seats", "must be -1 or more (0 and -1: unlimited)")
+    if terms.lease_duration is not None and terms.lease_duration < 0:
+        raise BadTerms("--lease-duration", "must be 0 or more")
+    if terms.strategy is not None and terms.strategy not in STRATEGIES:
+        raise BadTerms("--strategy", f"must be one of {', '.join(STRATEGIES)}")
+    if terms.allowed_activations < 1:
+        raise BadTerms("--allowed-activations", "must be 1 or more")
+    if terms.max_users < 0:
+        raise BadTerms("--max-users", "must be 0 or more")
+    if terms.borrow_max < 0:
+        raise BadTerms("--borrow-max", "must be 0 or more")
+    if terms.grace_seconds <= 0:
+        raise BadTerms("--grace", "the grace period must be longer than 0")
+    for cidr in terms.allowed_ips:
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise BadTerms("--allowed-ip", f"{cidr!r} is not CIDR") from None
+    if terms.interval is not None:
+        try:
+            if add_duration(now, terms.interval) <= now:
+                raise BadTerms("--interval", f"the interval {terms.interval} is empty")
+        except ValueError as exc:
+            raise BadTerms("--interval", str(exc)) from None
+    if (
+        terms.effective_at is not None
+        and terms.expires_at is not None
+        and terms.effective_at >= terms.expires_at
+    ):
+        raise BadTerms("--effective", "the effective date must come before the expiry")
+
+
 def _new_id(prefix: str) -> str:
     return prefix + secrets.token_hex(8)
 
@@ -100,11 +156,10 @@ class Authority:
         customer: str | None = None,
     ) -> tuple[License, str]:
         """A new license and its key (the only time the key is seen)."""
+        check_terms(terms, now)
         for code in terms.products:
             if self.store.product(code) is None:
                 raise AuthorityError(404, "PRODUCT_NOT_FOUND", f"no product {code!r}")
-        if not terms.products:
-            raise AuthorityError(400, "BAD_REQUEST", "a license needs at least one product")
         if terms.interval is not None and terms.expires_at is None:
             terms.expires_at = add_duration(terms.effective_at or now, terms.interval)
         key = new_license_key()
@@ -139,6 +194,7 @@ class Authority:
                 )
             base = terms.expires_at if terms.expires_at and terms.expires_at > now else now
             terms.expires_at = add_duration(base, terms.interval)
+        check_terms(terms, now)
         self.store.set_terms(license_id, terms)
         return self.get_license(license_id)
 

@@ -166,13 +166,25 @@ class AuthorityStore:
     # --- orders and licenses ------------------------------------------------------
 
     def ensure_order(self, order_id: str, reference: str | None, customer: str | None) -> None:
-        row = self.db.execute("SELECT 1 FROM orders WHERE id = ?", (order_id,)).fetchone()
+        row = self.db.execute(
+            "SELECT reference, customer FROM orders WHERE id = ?", (order_id,)
+        ).fetchone()
         if row is None:
             self.db.execute("INSERT INTO orders VALUES (?, ?, ?)", (order_id, reference, customer))
-        elif reference is not None or customer is not None:
+            return
+        # A license issued under an existing order takes the order as it is; a
+        # different customer or reference would rewrite every license under it.
+        for name, given, held in (("reference", reference, row[0]), ("customer", customer, row[1])):
+            if given is not None and held is not None and given != held:
+                raise AuthorityError(
+                    409,
+                    "ORDER_CONFLICT",
+                    f"order {order_id!r} has {name} {held!r}, not {given!r}",
+                )
+        if (reference is not None and row[0] is None) or (customer is not None and row[1] is None):
             self.db.execute(
-                "UPDATE orders SET reference = coalesce(?, reference),"
-                " customer = coalesce(?, customer) WHERE id = ?",
+                "UPDATE orders SET reference = coalesce(reference, ?),"
+                " customer = coalesce(customer, ?) WHERE id = ?",
                 (reference, customer, order_id),
             )
 

@@ -37,13 +37,16 @@ _RELATIVE = re.compile(r"^(\d+)([smhdw])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
-def parse_when(text: str, now: float) -> float:
+def parse_when(text: str, now: float, *, ahead: bool = False) -> float:
     """A point in time from the command line: an ISO date or date-time (UTC
-    unless it names an offset), or an age such as ``90m``, ``24h``, ``7d``."""
+    unless it names an offset), or a span such as ``90m``, ``24h``, ``7d``:
+    that long ago (an age, for audit and report), or from now with ``ahead``
+    (an expiry or an effective date)."""
     text = text.strip()
     match = _RELATIVE.match(text)
     if match:
-        return now - int(match.group(1)) * _UNITS[match.group(2)]
+        span = int(match.group(1)) * _UNITS[match.group(2)]
+        return now + span if ahead else now - span
     try:
         when = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:

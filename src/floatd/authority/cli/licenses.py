@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import click
@@ -16,7 +18,7 @@ from floatd.authority.cli.base import (
     main,
     pass_ctx,
 )
-from floatd.authority.logic import Authority, check_duration
+from floatd.authority.logic import Authority, BadTerms, check_duration
 from floatd.authority.store import License, Terms
 from floatd.store.audit import iso, parse_when
 
@@ -24,12 +26,23 @@ from floatd.store.audit import iso, parse_when
 
 
 def _when_option(text: str | None, option: str) -> int | None:
+    """A license date: ISO, or a span from now (``30d``: thirty days ahead)."""
     if text is None:
         return None
     try:
-        return int(parse_when(text, time.time()))
+        return int(parse_when(text, time.time(), ahead=True))
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint=option) from None
+
+
+@contextlib.contextmanager
+def _usage_errors() -> Iterator[None]:
+    """Terms the authority refuses are the command line's fault: exit 2,
+    naming the option."""
+    try:
+        yield
+    except BadTerms as exc:
+        raise click.BadParameter(exc.message, param_hint=exc.option) from None
 
 
 def _pairs(items: tuple[str, ...], option: str, typed: bool) -> dict[str, Any]:
@@ -107,8 +120,8 @@ def license_group() -> None:
     help="How many servers may activate this license.",
 )
 @click.option("--interval", help="Subscription interval, ISO 8601 (P1M, P1Y).")
-@click.option("--expires", help="Explicit expiry date.")
-@click.option("--effective", help="Effective date: no lease before it.")
+@click.option("--expires", help="Explicit expiry: a date, or a span from now (30d, 12h).")
+@click.option("--effective", help="Effective date (no lease before it): a date, or 7d from now.")
 @click.option(
     "--trial", is_flag=True, help="A trial license (ends after the product's trial days)."
 )
@@ -154,20 +167,6 @@ def license_issue(
     as_json: bool,
 ) -> None:
     """Issue a license and print its key (shown this once, stored only as a hash)."""
-    import ipaddress
-
-    if seats < -1:
-        raise click.BadParameter("must be -1 or more", param_hint="--seats")
-    for cidr in allowed_ips:
-        try:
-            ipaddress.ip_network(cidr, strict=False)
-        except ValueError:
-            raise click.BadParameter(f"{cidr!r} is not CIDR", param_hint="--allowed-ip") from None
-    if interval is not None:
-        try:
-            check_duration(interval)
-        except ValueError as exc:
-            raise click.BadParameter(str(exc), param_hint="--interval") from None
     terms = Terms(
         products=list(products),
         seats=seats,
@@ -187,9 +186,10 @@ def license_issue(
         features=_pairs(feature, "--feature", typed=True),
     )
     authority = ctx.authority()
-    lic, key = authority.issue_license(
-        order_id, terms, time.time(), order_reference=order_ref, customer=customer
-    )
+    with _usage_errors():
+        lic, key = authority.issue_license(
+            order_id, terms, time.time(), order_reference=order_ref, customer=customer
+        )
     if as_json:
         echo_json({**_license_json(authority, lic), "license_key": key})
         return
@@ -240,7 +240,7 @@ def license_show(ctx: Ctx, license_id: str, as_json: bool) -> None:
 @license_group.command("update")
 @click.argument("license_id")
 @click.option("--seats", type=int, help="New seat count; 0 or -1: unlimited.")
-@click.option("--expires", help="New explicit expiry date.")
+@click.option("--expires", help="New explicit expiry: a date, or a span from now (30d).")
 @click.option("--extend", is_flag=True, help="Add one subscription interval to the expiry.")
 @click.option(
     "--allowed-activations",
@@ -269,16 +269,17 @@ def license_update(
 ) -> None:
     """Change a license's terms; servers get them at their next refresh."""
     a = ctx.authority()
-    lic = a.update_license(
-        license_id,
-        time.time(),
-        extend=extend,
-        seats=seats,
-        expires_at=_when_option(expires, "--expires"),
-        allowed_activations=allowed_activations,
-        max_users=max_users,
-        lease_duration=lease_duration,
-    )
+    with _usage_errors():
+        lic = a.update_license(
+            license_id,
+            time.time(),
+            extend=extend,
+            seats=seats,
+            expires_at=_when_option(expires, "--expires"),
+            allowed_activations=allowed_activations,
+            max_users=max_users,
+            lease_duration=lease_duration,
+        )
     if as_json:
         echo_json(_license_json(a, lic))
     else:
