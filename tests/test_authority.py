@@ -328,3 +328,16 @@ def test_vendor_cli_dates_from_now_point_ahead_and_bad_terms_are_usage_errors(
     assert code == 2 and "--seats" in err
     code, out, _ = run("license", "show", doc["id"], "--json")
     assert json.loads(out)["seats"] == 2
+
+
+def test_a_revoked_license_gives_its_activation_places_back(authority: Authority) -> None:
+    lic, key = authority.issue_license(
+        "o-1", Terms(products=["cad"], seats=1, allowed_activations=2), NOW
+    )
+    authority.activate(key, SERVER, "a", "floatd/1", NOW)
+    authority.activate(key, "f" * 32, "b", "floatd/1", NOW)
+    authority.set_state(lic.id, "suspended")  # kept: they come back with the license
+    assert len(authority.store.activations(lic.id, active_only=True)) == 2
+    authority.set_state(lic.id, "revoked")
+    assert authority.store.activations(lic.id, active_only=True) == []
+    assert {a.state for a in authority.store.activations(lic.id)} == {"revoked"}

@@ -187,6 +187,28 @@ def test_activation_limit_and_deactivate(tmp_path: Path, vendor: Vendor) -> None
     assert wrong.returncode == 1 and "LICENSE_NOT_FOUND" in wrong.stderr
 
 
+def test_deactivate_after_a_suspension_frees_the_place_at_the_authority(
+    tmp_path: Path, vendor: Vendor
+) -> None:
+    """A suspended license's refresh is refused (410) and the server stops
+    leasing; `floatd deactivate` then must still tell the authority, or the
+    reinstated license finds its one place taken by a server that let go."""
+    license_id, key = vendor.issue("--product", "cad", "--seats", "1")
+    one, two = site(tmp_path, vendor, "one"), site(tmp_path, vendor, "two")
+    assert floatd_cli("activate", "--license-key", key, "--config", str(one)).returncode == 0
+    vendor.run("license", "suspend", license_id)
+    with Daemon(one, tmp_path / "one.log") as d:
+        d.start()
+        until(lambda: "activation_revoked" in names(d), "the refused refresh")
+    gone = floatd_cli("deactivate", "--config", str(one))
+    assert gone.returncode == 0, gone.stderr
+    vendor.run("license", "reinstate", license_id)
+    done = floatd_cli("activate", "--license-key", key, "--config", str(two))
+    assert done.returncode == 0, done.stderr
+    states = {a["state"] for a in json.loads(vendor.run("activations", "list", "--json"))}
+    assert states == {"released", "active"}
+
+
 def test_offline_round_trip_through_both_clis(tmp_path: Path, vendor: Vendor) -> None:
     _, key = vendor.issue("--product", "cad", "--seats", "3")
     config = site(tmp_path, vendor)

@@ -204,7 +204,13 @@ class Authority:
         lic = self.get_license(license_id)
         if lic.state == "revoked" and state != "revoked":
             raise AuthorityError(409, "LICENSE_REVOKED", "a revoked license cannot come back")
-        self.store.set_state(license_id, state)
+        with self.store.transaction():
+            self.store.set_state(license_id, state)
+            if state == "revoked":
+                # For good: its activations no longer hold places (a suspended
+                # license keeps them, to have them back when reinstated).
+                for activation in self.store.activations(license_id, active_only=True):
+                    self.store.set_activation(activation.id, state="revoked")
         return self.get_license(license_id)
 
     def assign_user(self, license_id: str, email: str) -> License:

@@ -165,15 +165,17 @@ async def deactivate(config: Config, server_id: str) -> ActivationRecord:
     record = ActivationRecord.read(config)
     if record is None:
         raise AuthorityError(0, "NOT_ACTIVATED", "this server has no online activation")
-    if not record.revoked:
-        async with client(config) as http:
-            try:
-                await call(
-                    http, "DELETE", f"/v1/activations/{record.activation_id}", {"server": server_id}
-                )
-            except AuthorityError as exc:
-                if exc.status not in (404, 410):  # already gone there: finish here
-                    raise
+    # Also after the activation was refused (410: a suspension, say): the
+    # authority still counts it until told, and a reinstated license would
+    # then find this server's place taken.
+    async with client(config) as http:
+        try:
+            await call(
+                http, "DELETE", f"/v1/activations/{record.activation_id}", {"server": server_id}
+            )
+        except AuthorityError as exc:
+            if exc.status not in (404, 410):  # already gone there: finish here
+                raise
     config.entitlement_path.unlink(missing_ok=True)
     ActivationRecord.path(config).unlink(missing_ok=True)
     return record
