@@ -548,3 +548,35 @@ def test_the_authority_through_an_http_proxy(tmp_path: Path, vendor: Vendor) -> 
     finally:
         proxy.shutdown()
         proxy.server_close()
+
+
+def test_an_activation_the_server_cannot_use_is_given_back(tmp_path: Path, vendor: Vendor) -> None:
+    """A failed check on the server (here: it does not trust the vendor's key)
+    used to leave the activation counted at the authority."""
+    _, key = vendor.issue("--product", "cad", "--seats", "1")
+    other = Vendor.__new__(Vendor)  # only a key: a site trusting someone else
+    other.key = Ed25519PrivateKey.generate()
+    other.process = vendor.process
+    config = site(tmp_path, other, "wrong")
+    refused = floatd_cli("activate", "--license-key", key, "--config", str(config))
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr
+    assert not (tmp_path / "wrong" / "state" / "entitlement.txt").exists()
+    states = [a["state"] for a in json.loads(vendor.run("activations", "list", "--json"))]
+    assert states == ["released"]
+    right = site(tmp_path, vendor, "right")
+    done = floatd_cli("activate", "--license-key", key, "--config", str(right))
+    assert done.returncode == 0, done.stderr  # the one place was free
+
+
+def test_activating_another_license_gives_the_first_back(tmp_path: Path, vendor: Vendor) -> None:
+    first_id, first = vendor.issue("--product", "cad", "--seats", "1")
+    _, second = vendor.issue("--product", "cad", "--seats", "2")
+    config = site(tmp_path, vendor)
+    assert floatd_cli("activate", "--license-key", first, "--config", str(config)).returncode == 0
+    done = floatd_cli("activate", "--license-key", second, "--config", str(config))
+    assert done.returncode == 0, done.stderr
+    assert f"of license {first_id}, given back" in done.stdout
+    held = {
+        a["license"]: a["state"] for a in json.loads(vendor.run("activations", "list", "--json"))
+    }
+    assert held[first_id] == "released" and sorted(held.values()) == ["active", "released"]

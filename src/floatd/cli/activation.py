@@ -81,12 +81,17 @@ def activate(
         raise ConfigError("authority.url", "is empty: set it to activate online")
     from floatd.daemon import online
 
-    record, ent = trio.run(online.activate, config, _server_id(config), key, now)
+    record, ent, replaced = trio.run(online.activate, config, _server_id(config), key, now)
     click.echo(
         f"activated online: activation {record.activation_id}, entitlement {ent.id} "
         f"for license {ent.license}: {_products_line(ent)}; refresh due by "
         f"{_iso(ent.refresh_by)}"
     )
+    if replaced is not None:
+        click.echo(
+            f"replaced activation {replaced.activation_id} of license {replaced.license}, "
+            "given back to the authority"
+        )
 
 
 @main.command()

@@ -14,6 +14,7 @@ optional CA bundle and proxy, and a timeout on every call.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import socket
@@ -120,8 +121,10 @@ def _entitlement_text(doc: dict[str, Any]) -> str:
 
 async def activate(
     config: Config, server_id: str, license_key: str, now: float
-) -> tuple[ActivationRecord, Entitlement]:
-    """Activate, verify what came back, and install it (entitlement, then record)."""
+) -> tuple[ActivationRecord, Entitlement, ActivationRecord | None]:
+    """Activate, verify what came back, and install it (entitlement, then record).
+    Also returns the activation this one replaced (another license's), which
+    is given back to the authority, or None."""
     if not config.authority_url:
         raise AuthorityError(0, "NO_AUTHORITY", "[authority] url is not set")
     body = {
@@ -130,17 +133,37 @@ async def activate(
         "hostname": socket.gethostname(),
         "floatd": __version__,
     }
+    previous = ActivationRecord.read(config)
     async with client(config) as http:
         status, doc = await call(http, "POST", "/v1/activations", body)
-    activation_id = doc.get("activation_id")
-    if status != 201 or not isinstance(activation_id, str) or not activation_id:
-        raise AuthorityUnavailable(f"unexpected answer to an activation (HTTP {status})")
-    text = _entitlement_text(doc)
-    ent = verify_for_this_server(config, server_id, text, now)
-    record = ActivationRecord(activation_id, config.authority_url, ent.license, now)
-    install_entitlement(config, ent)
-    record.write(config)
-    return record, ent
+        activation_id = doc.get("activation_id")
+        if status != 201 or not isinstance(activation_id, str) or not activation_id:
+            raise AuthorityUnavailable(f"unexpected answer to an activation (HTTP {status})")
+        fresh = previous is None or previous.activation_id != activation_id
+        try:
+            text = _entitlement_text(doc)
+            ent = verify_for_this_server(config, server_id, text, now)
+            record = ActivationRecord(activation_id, config.authority_url, ent.license, now)
+            install_entitlement(config, ent)
+            record.write(config)
+        except BaseException:
+            # Not activated here after all (say, the vendor's key is not
+            # trusted): a place taken just now goes back at once.
+            if fresh:
+                await _give_back(http, activation_id, server_id)
+            raise
+        replaced = previous if fresh else None
+        if replaced is not None:
+            # This server held another activation (another license): it is
+            # replaced here, so it is given back there.
+            await _give_back(http, replaced.activation_id, server_id)
+    return record, ent, replaced
+
+
+async def _give_back(http: httpx.AsyncClient, activation_id: str, server_id: str) -> None:
+    """Best effort DELETE of an activation (it may be gone there already)."""
+    with contextlib.suppress(AuthorityError, AuthorityUnavailable):
+        await call(http, "DELETE", f"/v1/activations/{activation_id}", {"server": server_id})
 
 
 async def refresh(
