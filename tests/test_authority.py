@@ -341,3 +341,31 @@ def test_a_revoked_license_gives_its_activation_places_back(authority: Authority
     authority.set_state(lic.id, "revoked")
     assert authority.store.activations(lic.id, active_only=True) == []
     assert {a.state for a in authority.store.activations(lic.id)} == {"revoked"}
+
+
+def test_trials_end_per_product_and_a_trial_that_would_never_end_is_refused(
+    authority: Authority, vendor_key: Ed25519PrivateKey
+) -> None:
+    """'try' has 14 trial days, 'cad' none: a trial of cad alone would never end;
+    with two trial lengths each product ends at its own, not both at the longer."""
+    authority.add_product(Product("long", "Long trial", trial_days=30))
+    with pytest.raises(BadTerms) as refused:
+        authority.issue_license("o-t", Terms(products=["cad"], seats=1, trial=True), NOW)
+    assert refused.value.option == "--trial" and "never" in refused.value.message
+    lic, _ = authority.issue_license(
+        "o-t", Terms(products=["try", "long"], seats=1, trial=True), NOW
+    )
+    assert authority.expiry(lic) == int(NOW) + 30 * 86400
+    text = authority.entitlement(lic, SERVER, NOW, online=True)
+    keys = trusted_keys([format_public_key(vendor_key.public_key())])
+    ent = verify_entitlement(text, keys, SERVER, NOW, 60)
+    ends = {p.code: (p.not_after, p.trial) for p in ent.products}
+    assert ends == {
+        "try": (int(NOW) + 14 * 86400, True),
+        "long": (int(NOW) + 30 * 86400, True),
+    }
+    # An explicit expiry rules, trial length or not.
+    ok, _ = authority.issue_license(
+        "o-t", Terms(products=["cad"], seats=1, trial=True, expires_at=int(NOW) + 86400), NOW
+    )
+    assert authority.expiry(ok) == int(NOW) + 86400

@@ -861,3 +861,17 @@ async def test_a_connection_writes_through_one_task_for_its_life(
             trio.lowlevel.remove_instrument(spawns)
     writers = [name for name in spawns.names if "_writer" in name or "_drain" in name]
     assert len(writers) == 1, writers
+
+
+async def test_a_trial_is_shown_as_such_to_admins(
+    tmp_path: Path, vendor_key: Ed25519PrivateKey, autojump_clock: trio.testing.MockClock
+) -> None:
+    """In the status document (floatd status, /status); the wire answers keep
+    the contract's fields (protocol.md lists no trial flag in them)."""
+    trial = sign(vendor_key, products=[product("app", trial=True), product("full")])
+    async with serving(tmp_path, vendor_key, trial) as h:
+        c = await h.connect()
+        got = await c.acquire()
+        assert got["ok"] and "trial" not in got["product"]
+        products = {p["code"]: p["trial"] for p in h.server.status_document()["products"]}
+        assert products == {"app": True, "full": False}

@@ -160,6 +160,14 @@ class Authority:
         for code in terms.products:
             if self.store.product(code) is None:
                 raise AuthorityError(404, "PRODUCT_NOT_FOUND", f"no product {code!r}")
+        if terms.trial and terms.expires_at is None and terms.interval is None:
+            endless = [p.code for p in self._products(terms.products) if not p.trial_days]
+            if endless:
+                raise BadTerms(
+                    "--trial",
+                    f"product {endless[0]!r} has no trial length: a trial of it would never "
+                    "end (give --expires, or the product --trial-days)",
+                )
         if terms.interval is not None and terms.expires_at is None:
             terms.expires_at = add_duration(terms.effective_at or now, terms.interval)
         key = new_license_key()
@@ -331,14 +339,24 @@ class Authority:
     # --- entitlements -------------------------------------------------------------------
 
     def expiry(self, lic: License) -> int | None:
+        """The license's end: its explicit expiry, else (a trial) the end of
+        its longest product trial, else None (perpetual)."""
         terms = lic.terms
         if terms.expires_at is not None:
             return terms.expires_at
         if terms.trial:
-            days = max((p.trial_days for p in self._products(terms.products)), default=0)
-            if days:
-                return int((terms.effective_at or lic.created_at) + days * 86400)
+            ends = [self._trial_end(lic, p) for p in self._products(terms.products)]
+            return max((end for end in ends if end is not None), default=None)
         return None
+
+    def _trial_end(self, lic: License, product: Product) -> int | None:
+        """When a trial of ``product`` ends (each product its own trial length,
+        from the effective or issue date); None when there is no trial of it
+        or an explicit expiry rules."""
+        terms = lic.terms
+        if not terms.trial or terms.expires_at is not None or not product.trial_days:
+            return None
+        return int((terms.effective_at or lic.created_at) + product.trial_days * 86400)
 
     def _products(self, codes: Sequence[str]) -> list[Product]:
         out = []
@@ -370,6 +388,7 @@ class Authority:
                     max_users=t.max_users,
                     allowed_ips=list(t.allowed_ips),
                     trial=t.trial,
+                    not_after=self._trial_end(lic, p),
                     borrow_max=t.borrow_max,
                     metadata=dict(t.metadata),
                     features=dict(t.features),

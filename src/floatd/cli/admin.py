@@ -59,7 +59,7 @@ def status(config_path: Path | None, as_json: bool) -> None:
                 ["PRODUCT", "SEATS", "USED", "FREE", "WAITING", "STRATEGY", "LEASE", "ENDS"],
                 [
                     [
-                        p["code"],
+                        f"{p['code']} (trial)" if p.get("trial") else p["code"],
                         p["seats"] if p["seats"] > 0 else "unlimited",
                         p["used"],
                         p["free"],

@@ -431,6 +431,7 @@ class LeaseService:
                     "strategy": terms.strategy,
                     "lease_duration": self.duration_of(terms),
                     "not_after": _earliest(ent.not_after if ent else None, terms.not_after),
+                    "trial": terms.trial,
                 }
             )
         return out
