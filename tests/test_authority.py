@@ -369,3 +369,25 @@ def test_trials_end_per_product_and_a_trial_that_would_never_end_is_refused(
         "o-t", Terms(products=["cad"], seats=1, trial=True, expires_at=int(NOW) + 86400), NOW
     )
     assert authority.expiry(ok) == int(NOW) + 86400
+
+
+def test_users_are_assigned_only_where_they_can_lease_and_as_floatd_names_them(
+    authority: Authority,
+) -> None:
+    keyed, _ = authority.issue_license("o-u", Terms(products=["cad"], seats=1), NOW)
+    with pytest.raises(AuthorityError) as refused:
+        authority.assign_user(keyed.id, "ann@example.com")
+    assert refused.value.error_code == "NOT_USER_AUTHORIZED"
+    named, _ = authority.issue_license("o-u", Terms(products=["sim"], seats=1), NOW)
+    for bad in (
+        "ann",
+        "@example.com",
+        "ann@",
+        "ann smith@example.com",
+        "a\x00@b",
+        "a" * 251 + "@b.c",
+    ):
+        with pytest.raises(AuthorityError) as refused:
+            authority.assign_user(named.id, bad)
+        assert refused.value.error_code == "BAD_REQUEST", bad
+    assert authority.assign_user(named.id, "ann@example.com").users == ["ann@example.com"]

@@ -27,7 +27,12 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from floatd.authority.store import Activation, AuthorityStore, License, Product, Terms
-from floatd.core.entitlement import parse_activation_request, product_payload, sign_entitlement
+from floatd.core.entitlement import (
+    check_email,
+    parse_activation_request,
+    product_payload,
+    sign_entitlement,
+)
 from floatd.errors import AuthorityError, EntitlementError
 
 KEY_PREFIX = "FLT-"
@@ -223,8 +228,16 @@ class Authority:
 
     def assign_user(self, license_id: str, email: str) -> License:
         lic = self.get_license(license_id)
-        if "@" not in email or len(email) > 254:
-            raise AuthorityError(400, "BAD_REQUEST", f"{email!r} is not an e-mail address")
+        try:
+            check_email(email)
+        except ValueError as exc:
+            raise AuthorityError(400, "BAD_REQUEST", str(exc)) from None
+        if not any(p.authorization == "user" for p in self._products(lic.terms.products)):
+            raise AuthorityError(
+                409,
+                "NOT_USER_AUTHORIZED",
+                f"license {lic.id} has no user-authorized product: users would lease nothing",
+            )
         cap = lic.terms.max_users
         if email not in lic.users and cap > 0 and len(lic.users) >= cap:
             raise AuthorityError(409, "MAX_USERS_REACHED", f"all {cap} user places are taken")

@@ -53,9 +53,12 @@ def _user_product(config: Config, code: str) -> Any:
 
 
 def _valid_email(email: str) -> str:
-    if "@" not in email or len(email) > 254 or any(c.isspace() for c in email):
-        raise click.BadParameter(f"{email!r} is not an e-mail address", param_hint="EMAIL")
-    return email
+    from floatd.core.entitlement import check_email
+
+    try:
+        return check_email(email)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="EMAIL") from None
 
 
 @users_group.command("assign")

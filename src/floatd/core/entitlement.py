@@ -349,6 +349,22 @@ def parse_payload(payload: Mapping[str, Any], kid: str = "", text: str = "") -> 
     )
 
 
+def check_email(email: str) -> str:
+    """A license user's e-mail as both sides accept it: the authority when it
+    assigns one, floatd when a site does (a name one side took and the other
+    refused would be a user nobody can manage).  Returns it; ValueError if not."""
+    local, at, domain = email.rpartition("@")
+    if (
+        not at
+        or not local
+        or not domain
+        or len(email) > 254
+        or any(c.isspace() or not c.isprintable() for c in email)
+    ):
+        raise ValueError(f"{email!r} is not an e-mail address")
+    return email
+
+
 def product_payload(code: str, name: str, seats: int, **fields: Any) -> dict[str, Any]:
     """A complete product map for a payload: every key of the contract, defaults
     filled in, so what the vendor side writes never depends on reader defaults."""
