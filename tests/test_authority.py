@@ -4,6 +4,7 @@ entitlement payloads, keys, limits, durations."""
 from __future__ import annotations
 
 import calendar
+import json
 from pathlib import Path
 from typing import Any
 
@@ -391,3 +392,35 @@ def test_users_are_assigned_only_where_they_can_lease_and_as_floatd_names_them(
             authority.assign_user(named.id, bad)
         assert refused.value.error_code == "BAD_REQUEST", bad
     assert authority.assign_user(named.id, "ann@example.com").users == ["ann@example.com"]
+
+
+def test_the_vendor_cli_never_starts_empty_books_unnoticed(tmp_path: Path) -> None:
+    import os
+
+    from click.testing import CliRunner
+
+    from floatd.authority.cli import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        result = CliRunner().invoke(main, list(args), env={"FLOATD_AUTHORITY_DB": None})
+        return result.exit_code, result.stdout, result.stderr
+
+    books = tmp_path / "books.sqlite3"
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        code, _, err = run("license", "list")  # the default ./floatd-authority.sqlite3
+        assert code == 1 and "no authority database" in err and err.count("\n") == 1
+        assert not (tmp_path / "floatd-authority.sqlite3").exists()
+    finally:
+        os.chdir(cwd)
+    code, _, err = run("product", "add", "cad", "--name", "C", "--db", str(books))
+    assert code == 0 and "created a new authority database" in err  # --db after the command
+    assert books.stat().st_mode & 0o777 == 0o600
+    code, out, _ = run("product", "list", "--json", f"--db={books}")
+    assert code == 0 and [p["code"] for p in json.loads(out)] == ["cad"]
+    code, _, err = run(
+        "--db", str(tmp_path / "no" / "such" / "dir.db"), "product", "add", "x", "--name", "X"
+    )
+    assert code == 1 and "no directory" in err
+    assert not (tmp_path / "no").exists()

@@ -43,16 +43,55 @@ class Ctx:
         self.db = db
         self._store: AuthorityStore | None = None
 
-    def authority(self, key: Ed25519PrivateKey | None = None) -> Authority:
+    def authority(self, key: Ed25519PrivateKey | None = None, *, create: bool = False) -> Authority:
+        """The authority on ``--db``.  Only ``create`` (the first product added)
+        makes a new database, and says so: a command run in the wrong directory,
+        or with ``--db`` mistyped, must not start empty books unnoticed."""
         if self._store is None:
+            fresh = not self.db.exists()
+            if fresh and not create:
+                die(
+                    f"no authority database at {self.db}: give --db or set "
+                    "$FLOATD_AUTHORITY_DB (`product add` creates a new one)"
+                )
+            if fresh and not self.db.parent.is_dir():
+                die(f"no directory {self.db.parent} for the authority database")
             self._store = AuthorityStore(self.db)
+            if fresh:
+                click.echo(f"created a new authority database at {self.db}", err=True)
         return Authority(self._store, key)
 
 
 pass_ctx = click.make_pass_decorator(Ctx)
 
 
-@click.group(cls=HelpGroup, context_settings=CONTEXT)
+class _DbAnywhere(HelpGroup):
+    """Takes ``--db`` after the command as well (``floatd-authority license
+    list --db books.sqlite3``): an option given there used to be refused, and
+    the command fell back to the default database."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        front: list[str] = []
+        rest: list[str] = []
+        i = 0
+        while i < len(args):
+            arg = args[i]
+            if arg == "--":
+                rest += args[i:]
+                break
+            if arg == "--db" and i + 1 < len(args):
+                front += args[i : i + 2]
+                i += 2
+                continue
+            if arg.startswith("--db="):
+                front.append(arg)
+            else:
+                rest.append(arg)
+            i += 1
+        return super().parse_args(ctx, front + rest)
+
+
+@click.group(cls=_DbAnywhere, context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="floatd-authority")
 @click.option(
     "--db",

@@ -67,7 +67,7 @@ def product_add(
     """Add a product."""
     if not 1 <= len(code) <= 128:
         raise click.BadParameter("1..128 characters", param_hint="CODE")
-    p = ctx.authority().add_product(
+    p = ctx.authority(create=True).add_product(
         Product(code, name, authorization, lease_duration, strategy, trial_days)
     )
     echo_json(_product_json(p)) if as_json else click.echo(f"added product {p.code}")
