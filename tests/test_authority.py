@@ -424,3 +424,42 @@ def test_the_vendor_cli_never_starts_empty_books_unnoticed(tmp_path: Path) -> No
     )
     assert code == 1 and "no directory" in err
     assert not (tmp_path / "no").exists()
+
+
+def test_vendor_cli_listings_have_headers_and_show_reads_as_text(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from floatd.authority.cli import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        result = CliRunner().invoke(main, ["--db", str(tmp_path / "a.db"), *args])
+        return result.exit_code, result.stdout, result.stderr
+
+    assert run("product", "add", "cad", "--name", "CAD Pro", "--trial-days", "14")[0] == 0
+    assert run("product", "list")[1].splitlines()[0].split()[:2] == ["CODE", "NAME"]
+    code, out, _ = run(
+        "license",
+        "issue",
+        "--order",
+        "o",
+        "--product",
+        "cad",
+        "--seats",
+        "3",
+        "--json",
+        "--expires",
+        "2030-01-01",
+        "--meta",
+        "tier=gold",
+    )
+    lic = json.loads(out)["id"]
+    listing = run("license", "list")[1].splitlines()
+    assert listing[0].split()[:3] == ["ID", "ORDER", "STATE"] and lic in listing[1]
+    assert run("activations", "list")[1].strip() == "no activations"
+    shown = run("license", "show", lic)[1]
+    assert "expires_at: 2030-01-01T00:00:00Z" in shown and "created_at: 20" in shown
+    assert "products: cad" in shown and "metadata: tier=gold" in shown
+    assert "[" not in shown and "{" not in shown  # no Python reprs
+    assert run("license", "revoke", lic)[0] == 0
+    code, _, err = run("license", "suspend", lic)
+    assert code == 1 and "is revoked: it cannot be suspended" in err

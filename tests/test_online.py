@@ -401,6 +401,7 @@ def test_https_authority_with_a_private_ca(tmp_path: Path) -> None:
         untrusted = site(tmp_path, vendor, "plain")
         refused = floatd_cli("activate", "--license-key", license_key, "--config", str(untrusted))
         assert refused.returncode == 1 and "cannot reach the authority" in refused.stderr
+        assert "CERTIFICATE_VERIFY_FAILED" in refused.stderr, refused.stderr  # says why
         assert refused.stderr.count("\n") == 1
         trusting = site(tmp_path, vendor, "trusting", authority__ca_bundle=str(cert))
         done = floatd_cli("activate", "--license-key", license_key, "--config", str(trusting))

@@ -216,7 +216,10 @@ class Authority:
             raise AuthorityError(400, "BAD_REQUEST", f"state must be one of {', '.join(STATES)}")
         lic = self.get_license(license_id)
         if lic.state == "revoked" and state != "revoked":
-            raise AuthorityError(409, "LICENSE_REVOKED", "a revoked license cannot come back")
+            what = "reinstated" if state == "active" else "suspended"
+            raise AuthorityError(
+                409, "LICENSE_REVOKED", f"license {lic.id} is revoked: it cannot be {what}"
+            )
         with self.store.transaction():
             self.store.set_state(license_id, state)
             if state == "revoked":

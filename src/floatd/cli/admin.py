@@ -14,12 +14,12 @@ from floatd.cli.base import (
     _echo_json,
     _fail,
     _load,
-    _table,
     config_option,
     guarded,
     json_option,
     main,
     plural,
+    table,
 )
 
 
@@ -55,7 +55,7 @@ def status(config_path: Path | None, as_json: bool) -> None:
     if products:
         click.echo()
         click.echo(
-            _table(
+            table(
                 ["PRODUCT", "SEATS", "USED", "FREE", "WAITING", "STRATEGY", "LEASE", "ENDS"],
                 [
                     [
@@ -91,7 +91,7 @@ def leases(config_path: Path | None, product: str | None, as_json: bool) -> None
         return
     columns = ["id", "product", "fingerprint", "instance", "user", "hostname", "address"]
     click.echo(
-        _table(
+        table(
             [c.upper() for c in columns] + ["GRANTED", "EXPIRES"],
             [[row[c] for c in columns] + [row["granted"], row["expires"]] for row in rows],
         )

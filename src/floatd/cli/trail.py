@@ -15,11 +15,11 @@ from floatd.cli.base import (
     _entitled_caps,
     _fail,
     _load,
-    _table,
     config_option,
     guarded,
     json_option,
     main,
+    table,
 )
 from floatd.store.audit import AUDIT_EVENTS
 
@@ -106,7 +106,7 @@ def audit(
         click.echo("no audit records in that range")
         return
     headers = ["TIME", "EVENT", "PRODUCT", "LEASE", "FINGERPRINT", "USER", "HOSTNAME", "ADDRESS"]
-    click.echo(_table([*headers, "CODE"], rows))
+    click.echo(table([*headers, "CODE"], rows))
     if limit is None and len(rows) == TABLE_LIMIT:
         click.echo(
             f"(the first {TABLE_LIMIT} records; narrow --since/--until/--event, "
@@ -187,7 +187,7 @@ def report(
             out.writerow([row[c] for c in CSV_COLUMNS])
     else:
         click.echo(
-            _table(
+            table(
                 ["PRODUCT", "PERIOD", "PEAK", "CAP", "SEAT-HOURS", "USERS", "MACHINES", "REFUSED"],
                 [
                     [

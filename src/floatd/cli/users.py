@@ -13,12 +13,12 @@ from floatd.cli.base import (
     _fail,
     _installed_entitlement,
     _load,
-    _table,
     config_option,
     guarded,
     json_option,
     main,
     plural,
+    table,
 )
 from floatd.config import Config
 from floatd.core.entitlement import Entitlement
@@ -209,7 +209,7 @@ def users_list(config_path: Path | None, product: str | None, as_json: bool) -> 
         click.echo("no license users")
         return
     click.echo(
-        _table(
+        table(
             ["EMAIL", "PRODUCTS", "PASSWORD"],
             [
                 [

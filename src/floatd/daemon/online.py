@@ -78,6 +78,21 @@ def client(config: Config) -> httpx.AsyncClient:
     )
 
 
+def _reason(exc: BaseException) -> str:
+    """Why a request failed, in words: the innermost cause that has some (an
+    untrusted certificate surfaces as an httpx error with an empty message,
+    the SSL error that says why only among its causes)."""
+    words = f"{exc.__class__.__name__}: {exc}" if str(exc) else exc.__class__.__name__
+    seen = {id(exc)}
+    cause = exc.__cause__ or exc.__context__
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if str(cause):
+            words = f"{cause.__class__.__name__}: {cause}"
+        cause = cause.__cause__ or cause.__context__
+    return words
+
+
 async def call(
     http: httpx.AsyncClient, method: str, path: str, body: dict[str, Any]
 ) -> tuple[int, dict[str, Any]]:
@@ -87,7 +102,7 @@ async def call(
         response = await http.request(method, path, json=body)
     except httpx.HTTPError as exc:
         raise AuthorityUnavailable(
-            f"cannot reach the authority at {http.base_url}: {exc.__class__.__name__}: {exc}"
+            f"cannot reach the authority at {http.base_url}: {_reason(exc)}"
         ) from None
     if response.status_code == 204:
         return 204, {}

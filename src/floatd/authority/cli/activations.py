@@ -17,6 +17,7 @@ from floatd.authority.cli.base import (
     main,
     pass_ctx,
 )
+from floatd.cli.base import table
 from floatd.store.activation import read_armored
 
 # --- activations ------------------------------------------------------------------------
@@ -25,6 +26,9 @@ from floatd.store.activation import read_armored
 @main.group()
 def activations() -> None:
     """Which servers hold which license."""
+
+
+ACTIVATION_COLUMNS = ("id", "license", "server", "hostname", "mode", "state", "refreshed_at")
 
 
 @activations.command("list")
@@ -38,11 +42,29 @@ def activations_list(ctx: Ctx, license_id: str | None, as_json: bool) -> None:
     if as_json:
         echo_json(rows)
         return
-    for r in rows:
-        click.echo(
-            f"{r['id']}\t{r['license']}\t{r['server']}\t{r['hostname']}\t{r['mode']}"
-            f"\t{r['state']}\trefreshed {r['refreshed_at']}"
+    if not rows:
+        click.echo("no activations")
+        return
+    click.echo(
+        table(
+            ["ID", "LICENSE", "SERVER", "HOSTNAME", "MODE", "STATE", "REFRESHED"],
+            [
+                [
+                    r[k]
+                    for k in (
+                        "id",
+                        "license",
+                        "server",
+                        "hostname",
+                        "mode",
+                        "state",
+                        "refreshed_at",
+                    )
+                ]
+                for r in rows
+            ],
         )
+    )
 
 
 @activations.command("revoke")

@@ -20,6 +20,7 @@ from floatd.authority.cli.base import (
 )
 from floatd.authority.logic import Authority, BadTerms, check_duration
 from floatd.authority.store import License, Terms
+from floatd.cli.base import table
 from floatd.store.audit import iso, parse_when
 
 # --- licenses -----------------------------------------------------------------------
@@ -212,12 +213,26 @@ def license_list(ctx: Ctx, order_id: str | None, as_json: bool) -> None:
     if as_json:
         echo_json(rows)
         return
-    for r in rows:
-        click.echo(
-            f"{r['id']}\t{r['order']}\t{r['state']}\t{','.join(r['products'])}\t"
-            f"seats {r['seats']}\tactivations {r['activations']}/{r['allowed_activations']}"
-            f"\texpires {r['expires'] or 'never'}"
+    if not rows:
+        click.echo("no licenses")
+        return
+    click.echo(
+        table(
+            ["ID", "ORDER", "STATE", "PRODUCTS", "SEATS", "ACTIVATIONS", "EXPIRES"],
+            [
+                [
+                    r["id"],
+                    r["order"],
+                    r["state"],
+                    ",".join(r["products"]),
+                    r["seats"] if r["seats"] > 0 else "unlimited",
+                    f"{r['activations']}/{r['allowed_activations']}",
+                    r["expires"] or "never",
+                ]
+                for r in rows
+            ],
         )
+    )
 
 
 @license_group.command("show")
@@ -234,7 +249,32 @@ def license_show(ctx: Ctx, license_id: str, as_json: bool) -> None:
         echo_json(doc)
         return
     for name, value in doc.items():
-        click.echo(f"{name}: {value}")
+        click.echo(f"{name}: {_shown(name, value)}")
+
+
+def _shown(name: str, value: Any) -> str:
+    """One value of `license show` as people read it: dates in ISO like the
+    rest, lists and maps as plain text, not Python's reprs."""
+    if value is None:
+        return "-"
+    if name.endswith("_at") and isinstance(value, int | float) and not isinstance(value, bool):
+        return iso(value) or "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list):
+        if value and isinstance(value[0], dict):  # the activations
+            return (
+                "".join(
+                    f"\n  {a['id']} {a['state']} {a['mode']} server {a['server']}"
+                    f" ({a['hostname'] or '-'}), since {a['created_at']}"
+                    for a in value
+                )
+                or "none"
+            )
+        return ", ".join(str(v) for v in value) or "none"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in sorted(value.items())) or "none"
+    return str(value)
 
 
 @license_group.command("update")

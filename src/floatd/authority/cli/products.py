@@ -8,6 +8,7 @@ import click
 
 from floatd.authority.cli.base import Ctx, echo_json, guarded, json_option, main, pass_ctx
 from floatd.authority.store import Product
+from floatd.cli.base import table
 
 # --- products -----------------------------------------------------------------------
 
@@ -83,8 +84,22 @@ def product_list(ctx: Ctx, as_json: bool) -> None:
     if as_json:
         echo_json([_product_json(p) for p in products])
         return
-    for p in products:
-        click.echo(
-            f"{p.code}\t{p.name}\t{p.authorization}\t{p.lease_duration}s\t{p.strategy}"
-            f"\ttrial {p.trial_days}d"
+    if not products:
+        click.echo("no products")
+        return
+    click.echo(
+        table(
+            ["CODE", "NAME", "AUTHORIZATION", "LEASE", "STRATEGY", "TRIAL"],
+            [
+                [
+                    p.code,
+                    p.name,
+                    p.authorization,
+                    f"{p.lease_duration}s",
+                    p.strategy,
+                    f"{p.trial_days}d" if p.trial_days else None,
+                ]
+                for p in products
+            ],
         )
+    )
