@@ -463,3 +463,90 @@ def test_vendor_cli_listings_have_headers_and_show_reads_as_text(tmp_path: Path)
     assert run("license", "revoke", lic)[0] == 0
     code, _, err = run("license", "suspend", lic)
     assert code == 1 and "is revoked: it cannot be suspended" in err
+
+
+def test_license_update_changes_every_term_issue_sets(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from floatd.authority.cli import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        result = CliRunner().invoke(main, ["--db", str(tmp_path / "a.db"), *args])
+        return result.exit_code, result.stdout, result.stderr
+
+    for code in ("cad", "sim"):
+        assert run("product", "add", code, "--name", code.upper())[0] == 0
+    _, out, _ = run(
+        "license",
+        "issue",
+        "--order",
+        "o",
+        "--product",
+        "cad",
+        "--seats",
+        "2",
+        "--json",
+        "--expires",
+        "2030-01-01",
+        "--allowed-ip",
+        "10.0.0.0/8",
+        "--meta",
+        "tier=gold",
+    )
+    lic = json.loads(out)["id"]
+    code, out, err = run(
+        "license",
+        "update",
+        lic,
+        "--json",
+        "--product",
+        "cad",
+        "--product",
+        "sim",
+        "--strategy",
+        "per-instance",
+        "--user-locked",
+        "--allowed-ip",
+        "192.168.0.0/16",
+        "--effective",
+        "2029-01-01",
+        "--grace",
+        "P1D",
+        "--borrow-max",
+        "3600",
+        "--meta",
+        "tier=silver",
+        "--feature",
+        "export=true",
+    )
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["products"] == ["cad", "sim"] and doc["strategy"] == "per-instance"
+    assert doc["user_locked"] is True and doc["allowed_ips"] == ["192.168.0.0/16"]
+    assert doc["grace_seconds"] == 86400 and doc["borrow_max"] == 3600
+    assert doc["metadata"] == {"tier": "silver"} and doc["features"] == {"export": True}
+    code, out, err = run(
+        "license",
+        "update",
+        lic,
+        "--json",
+        "--expires",
+        "never",
+        "--effective",
+        "none",
+        "--strategy",
+        "product",
+        "--not-user-locked",
+        "--any-ip",
+        "--clear-meta",
+    )
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["expires"] is None and doc["expires_at"] is None and doc["effective_at"] is None
+    assert doc["strategy"] is None and doc["user_locked"] is False and doc["allowed_ips"] == []
+    assert doc["metadata"] == {} and doc["features"] == {"export": True}
+    code, _, err = run("license", "update", lic, "--product", "nope")
+    assert code == 1 and "no product" in err
+    code, _, err = run("license", "update", lic, "--trial")  # cad has no trial length
+    assert code == 2 and "--trial" in err
+    assert json.loads(run("license", "show", lic, "--json")[1])["trial"] is False

@@ -165,14 +165,7 @@ class Authority:
         for code in terms.products:
             if self.store.product(code) is None:
                 raise AuthorityError(404, "PRODUCT_NOT_FOUND", f"no product {code!r}")
-        if terms.trial and terms.expires_at is None and terms.interval is None:
-            endless = [p.code for p in self._products(terms.products) if not p.trial_days]
-            if endless:
-                raise BadTerms(
-                    "--trial",
-                    f"product {endless[0]!r} has no trial length: a trial of it would never "
-                    "end (give --expires, or the product --trial-days)",
-                )
+        self._check_trial(terms)
         if terms.interval is not None and terms.expires_at is None:
             terms.expires_at = add_duration(terms.effective_at or now, terms.interval)
         key = new_license_key()
@@ -184,6 +177,18 @@ class Authority:
         assert lic is not None
         return lic, key
 
+    def _check_trial(self, terms: Terms) -> None:
+        """A trial must end: each of its products needs a trial length, unless
+        the license has an expiry of its own."""
+        if terms.trial and terms.expires_at is None and terms.interval is None:
+            endless = [p.code for p in self._products(terms.products) if not p.trial_days]
+            if endless:
+                raise BadTerms(
+                    "--trial",
+                    f"product {endless[0]!r} has no trial length: a trial of it would never "
+                    "end (give --expires, or the product --trial-days)",
+                )
+
     def get_license(self, license_id: str) -> License:
         lic = self.store.license(license_id)
         if lic is None:
@@ -191,15 +196,35 @@ class Authority:
         return lic
 
     def update_license(
-        self, license_id: str, now: float, *, extend: bool = False, **changes: Any
+        self,
+        license_id: str,
+        now: float,
+        *,
+        extend: bool = False,
+        clear: Sequence[str] = (),
+        **changes: Any,
     ) -> License:
         """Change terms; the next refresh of each activation carries them.
-        ``extend`` adds one subscription interval to the expiry."""
+        A change of None keeps the term; ``clear`` names terms to drop (an
+        expiry, an effective date, an interval, a strategy of the license's
+        own); ``extend`` adds one subscription interval to the expiry."""
         lic = self.get_license(license_id)
         terms = lic.terms
+        known = set(terms.__dict__)
+        for name in [*changes, *clear]:
+            if name not in known:
+                raise AuthorityError(400, "BAD_REQUEST", f"no license term {name!r}")
+        for name in clear:
+            if name not in ("expires_at", "effective_at", "interval", "strategy", "lease_duration"):
+                raise AuthorityError(400, "BAD_REQUEST", f"license term {name!r} cannot be dropped")
+            setattr(terms, name, None)
         for name, value in changes.items():
             if value is not None:
                 setattr(terms, name, value)
+        for code in terms.products:
+            if self.store.product(code) is None:
+                raise AuthorityError(404, "PRODUCT_NOT_FOUND", f"no product {code!r}")
+        self._check_trial(terms)
         if extend:
             if terms.interval is None:
                 raise AuthorityError(

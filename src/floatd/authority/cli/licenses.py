@@ -280,7 +280,12 @@ def _shown(name: str, value: Any) -> str:
 @license_group.command("update")
 @click.argument("license_id")
 @click.option("--seats", type=int, help="New seat count; 0 or -1: unlimited.")
-@click.option("--expires", help="New explicit expiry: a date, or a span from now (30d).")
+@click.option(
+    "--product", "products", multiple=True, help="Repeatable; given, replaces the products."
+)
+@click.option("--expires", help="New expiry: a date, a span from now (30d), or 'never'.")
+@click.option("--effective", help="New effective date: a date, a span from now, or 'none'.")
+@click.option("--interval", help="New subscription interval (P1M, P1Y), or 'none'.")
 @click.option("--extend", is_flag=True, help="Add one subscription interval to the expiry.")
 @click.option(
     "--allowed-activations",
@@ -293,6 +298,23 @@ def _shown(name: str, value: Any) -> str:
     type=click.IntRange(min=0),
     help="New lease duration in seconds (0: the server's default).",
 )
+@click.option(
+    "--strategy",
+    type=click.Choice(["per-machine", "per-instance", "product"]),
+    help="New leasing strategy ('product': each product's own).",
+)
+@click.option("--user-locked/--not-user-locked", default=None, help="Key seats by OS user too.")
+@click.option("--trial/--not-trial", default=None, help="Mark or unmark as a trial.")
+@click.option(
+    "--allowed-ip", "allowed_ips", multiple=True, help="CIDR; repeatable; replaces the list."
+)
+@click.option("--any-ip", is_flag=True, help="Drop the address restriction.")
+@click.option("--grace", help="New grace period: seconds or ISO 8601 duration.")
+@click.option("--borrow-max", type=click.IntRange(min=0), help="New borrowing limit (seconds).")
+@click.option("--meta", multiple=True, help="NAME=VALUE; repeatable; replaces the values.")
+@click.option("--feature", multiple=True, help="NAME=VALUE; repeatable; replaces the features.")
+@click.option("--clear-meta", is_flag=True, help="Drop every custom license value.")
+@click.option("--clear-features", is_flag=True, help="Drop every feature.")
 @json_option
 @pass_ctx
 @guarded
@@ -300,26 +322,71 @@ def license_update(
     ctx: Ctx,
     license_id: str,
     seats: int | None,
+    products: tuple[str, ...],
     expires: str | None,
+    effective: str | None,
+    interval: str | None,
     extend: bool,
     allowed_activations: int | None,
     max_users: int | None,
     lease_duration: int | None,
+    strategy: str | None,
+    user_locked: bool | None,
+    trial: bool | None,
+    allowed_ips: tuple[str, ...],
+    any_ip: bool,
+    grace: str | None,
+    borrow_max: int | None,
+    meta: tuple[str, ...],
+    feature: tuple[str, ...],
+    clear_meta: bool,
+    clear_features: bool,
     as_json: bool,
 ) -> None:
-    """Change a license's terms; servers get them at their next refresh."""
+    """Change a license's terms (every term issue sets); servers get them at
+    their next refresh.  Options not given keep their value."""
+    if any_ip and allowed_ips:
+        raise click.UsageError("--any-ip and --allowed-ip contradict each other")
+    changes: dict[str, Any] = {
+        "seats": seats,
+        "products": list(products) or None,
+        "allowed_activations": allowed_activations,
+        "max_users": max_users,
+        "lease_duration": lease_duration,
+        "user_locked": user_locked,
+        "trial": trial,
+        "allowed_ips": list(allowed_ips) or None,
+        "grace_seconds": None if grace is None else _grace(grace),
+        "borrow_max": borrow_max,
+        "metadata": _pairs(meta, "--meta", typed=False) or None,
+        "features": _pairs(feature, "--feature", typed=True) or None,
+    }
+    clear: list[str] = []
+    for value, option, term in (
+        (expires, "--expires", "expires_at"),
+        (effective, "--effective", "effective_at"),
+    ):
+        if value in ("never", "none"):
+            clear.append(term)
+        else:
+            changes[term] = _when_option(value, option)
+    if interval in ("none", "never"):
+        clear.append("interval")
+    else:
+        changes["interval"] = interval
+    if strategy == "product":
+        clear.append("strategy")
+    else:
+        changes["strategy"] = strategy
+    if any_ip:
+        changes["allowed_ips"] = []
+    if clear_meta:
+        changes["metadata"] = {}
+    if clear_features:
+        changes["features"] = {}
     a = ctx.authority()
     with _usage_errors():
-        lic = a.update_license(
-            license_id,
-            time.time(),
-            extend=extend,
-            seats=seats,
-            expires_at=_when_option(expires, "--expires"),
-            allowed_activations=allowed_activations,
-            max_users=max_users,
-            lease_duration=lease_duration,
-        )
+        lic = a.update_license(license_id, time.time(), extend=extend, clear=clear, **changes)
     if as_json:
         echo_json(_license_json(a, lic))
     else:
