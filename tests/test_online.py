@@ -229,6 +229,49 @@ def test_offline_round_trip_through_both_clis(tmp_path: Path, vendor: Vendor) ->
         assert acquire(d)["ok"]
 
 
+def test_an_offline_response_over_an_online_activation_stays(
+    tmp_path: Path, vendor: Vendor
+) -> None:
+    """The online activation's next refresh used to put its own entitlement
+    back over the offline one just installed (its nonce and an activation spent)."""
+    _, online_key = vendor.issue("--product", "cad", "--seats", "1")
+    _, offline_key = vendor.issue("--product", "cad", "--seats", "4")
+    config = site(tmp_path, vendor)
+    assert (
+        floatd_cli("activate", "--license-key", online_key, "--config", str(config)).returncode == 0
+    )
+    request, response = tmp_path / "request.txt", tmp_path / "response.txt"
+    made = floatd_cli(
+        "activate",
+        "--offline-request",
+        str(request),
+        "--license-key",
+        offline_key,
+        "--config",
+        str(config),
+    )
+    assert made.returncode == 0, made.stderr
+    vendor.run(
+        "offline", "sign", str(request), "--out", str(response), "--key", str(vendor.key_path)
+    )
+    installed = floatd_cli("activate", "--offline-response", str(response), "--config", str(config))
+    assert installed.returncode == 0 and "no longer refreshed" in installed.stderr, installed.stderr
+    with Daemon(config, tmp_path / "floatd.log") as d:
+        d.start()
+        time.sleep(3)  # the refresh interval is 1 s: a refresh would have run by now
+        assert info(d)["seats"] == 4
+        assert "refreshed" not in names(d)
+        status = json.loads(floatd_cli("status", "--json", "--config", str(config)).stdout)
+        assert status["activation"]["mode"] == "offline"
+    gone = floatd_cli("deactivate", "--config", str(config))
+    assert gone.returncode == 0, gone.stderr
+    assert (tmp_path / "site" / "state" / "entitlement.txt").exists()  # the offline one stays
+    states = {
+        a["mode"]: a["state"] for a in json.loads(vendor.run("activations", "list", "--json"))
+    }
+    assert states == {"online": "released", "offline": "active"}
+
+
 def api(vendor: Vendor, method: str, path: str, body: bytes | None = None) -> tuple[int, Any]:
     conn = http.client.HTTPConnection("127.0.0.1", vendor.process.port, timeout=10)
     try:

@@ -56,6 +56,7 @@ def activate(
         except OSError as exc:
             _fail(f"cannot read {offline_response}: {exc.strerror}", 1)
         ent = activation.install_offline_response(config, _server_id(config), text, now)
+        _supersede_online(config)
         click.echo(
             f"installed entitlement {ent.id} for license {ent.license}: {_products_line(ent)}"
         )
@@ -104,6 +105,25 @@ def deactivate(config_path: Path | None) -> None:
     config = _load(config_path)
     record = trio.run(online.deactivate, config, _server_id(config))
     click.echo(f"deactivated: activation {record.activation_id} is free for another server")
+
+
+def _supersede_online(config: Any) -> None:
+    """An offline response installed over an online activation: that one must
+    not be refreshed any more (its next refresh would put its own entitlement
+    back over this one)."""
+    import dataclasses
+
+    from floatd.daemon.online import ActivationRecord
+
+    record = ActivationRecord.read(config)
+    if record is None or not record.in_force:
+        return
+    dataclasses.replace(record, superseded=True).write(config)
+    click.echo(
+        f"the online activation {record.activation_id} (license {record.license}) is no longer "
+        "refreshed; `floatd deactivate` gives it back to the authority, once reachable",
+        err=True,
+    )
 
 
 def _iso(ts: float | None) -> str:

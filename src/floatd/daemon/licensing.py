@@ -95,7 +95,7 @@ class Licensing:
         # `floatd activate` writes the activation record with the file: say at
         # once whether this one is online or offline.
         record = await self.shared.run_sync(ActivationRecord.read, self.shared.config)
-        self.online = record is not None and not record.revoked
+        self.online = record is not None and record.in_force
         return None
 
     def _reject(self, exc: Exception, at_once: bool = True) -> None:
@@ -161,8 +161,8 @@ class Licensing:
             await trio.sleep(delay)
             schedule.interval = self.shared.config.authority_refresh_interval  # reloadable
             record = await self.shared.run_sync(ActivationRecord.read, self.shared.config)
-            self.online = record is not None and not record.revoked
-            if record is None or record.revoked or not self.shared.config.authority_url:
+            self.online = record is not None and record.in_force
+            if record is None or not record.in_force or not self.shared.config.authority_url:
                 delay = min(schedule.interval, 5.0)  # watch for a new activation
                 continue
             delay = schedule.after(await self._refresh_once(record))

@@ -47,6 +47,14 @@ class ActivationRecord:
     license: str
     activated_at: float
     revoked: bool = False
+    #: An offline response was installed over it: it is no longer refreshed,
+    #: and giving it back (floatd deactivate) leaves that entitlement alone.
+    superseded: bool = False
+
+    @property
+    def in_force(self) -> bool:
+        """Whether this activation is refreshed (neither revoked nor superseded)."""
+        return not (self.revoked or self.superseded)
 
     @staticmethod
     def path(config: Config) -> Path:
@@ -214,7 +222,8 @@ async def deactivate(config: Config, server_id: str) -> ActivationRecord:
         except AuthorityError as exc:
             if exc.status not in (404, 410):  # already gone there: finish here
                 raise
-    config.entitlement_path.unlink(missing_ok=True)
+    if not record.superseded:
+        config.entitlement_path.unlink(missing_ok=True)
     ActivationRecord.path(config).unlink(missing_ok=True)
     return record
 

@@ -181,7 +181,7 @@ class Server:
         now = self.clock()
         self.licensing.load(now)
         record = ActivationRecord.read(self.config)
-        self.licensing.online = record is not None and not record.revoked
+        self.licensing.online = record is not None and record.in_force
         self.state.load(now)
 
     async def reset_clock(self) -> dict[str, Any]:
