@@ -550,3 +550,23 @@ def test_license_update_changes_every_term_issue_sets(tmp_path: Path) -> None:
     code, _, err = run("license", "update", lic, "--trial")  # cad has no trial length
     assert code == 2 and "--trial" in err
     assert json.loads(run("license", "show", lic, "--json")[1])["trial"] is False
+
+
+def test_a_cloned_server_shows_as_two_addresses_on_one_activation(
+    authority: Authority, tmp_path: Path
+) -> None:
+    """A byte-for-byte clone keeps the machine id, so its refreshes name the
+    same server; the vendor tells the two apart by where refreshes come from."""
+    from click.testing import CliRunner
+
+    from floatd.authority.cli import main
+
+    _, key = authority.issue_license("o-c", Terms(products=["cad"], seats=1), NOW)
+    activation_id, _ = authority.activate(key, SERVER, "host", "floatd/1", NOW)
+    for n in range(30):  # the newest are kept, not all
+        authority.refresh(activation_id, SERVER, NOW + n, "10.0.0.5", "floatd/1")
+    authority.refresh(activation_id, SERVER, NOW + 31, "10.0.0.9", "floatd/1")
+    kept = authority.store.refreshes(activation_id)
+    assert len(kept) == 20 and kept[0][1:] == ("10.0.0.9", "floatd/1")
+    out = CliRunner().invoke(main, ["--db", str(tmp_path / "a.db"), "activations", "list"]).stdout
+    assert "10.0.0.9, 10.0.0.5 (several servers: a clone?)" in out

@@ -7,6 +7,7 @@ import calendar
 import http.client
 import http.server
 import json
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from daemon import AuthorityProcess, Daemon, free_port
 from test_integration import floatd_cli
 
+from floatd import __version__
 from floatd.authority.cli import main as authority_main
 from floatd.client.simple import SimpleClient
 from floatd.core.entitlement import load_private_key, sign_entitlement
@@ -143,6 +145,10 @@ def test_activate_lease_and_follow_the_license_through_refreshes(
         assert status["activation"]["mode"] == "online"  # at once, with the new entitlement
     activations = json.loads(vendor.run("activations", "list", "--json"))
     assert len(activations) == 1 and activations[0]["refreshed_at"]
+    assert activations[0]["addresses"] == ["127.0.0.1"]  # where the refreshes came from
+    with sqlite3.connect(vendor.db) as db:
+        versions = {v for (v,) in db.execute("SELECT floatd FROM refreshes")}
+    assert versions == {__version__}
 
 
 def test_grace_period_without_the_authority_then_recovery(tmp_path: Path, vendor: Vendor) -> None:

@@ -11,6 +11,7 @@ on accept).  Subclasses only say how to answer one request.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import ssl
 from http import HTTPStatus
@@ -54,6 +55,11 @@ REASONS = {
 }
 
 
+#: The address of the client whose request is being answered (each connection
+#: is served in a task of its own, so each sees its own).
+peer: contextvars.ContextVar[str | None] = contextvars.ContextVar("peer", default=None)
+
+
 class HttpServer:
     max_body = 8 * 1024
     max_connections = 32
@@ -80,6 +86,10 @@ class HttpServer:
     async def _admit(self, stream: trio.SocketStream) -> None:
         """Serve a new connection, unless all places are taken by connections
         in the middle of a request; an idle one makes room for it."""
+        try:
+            peer.set(str(stream.socket.getpeername()[0]))
+        except OSError:
+            peer.set(None)
         if self.connections >= self.max_connections:
             if not self._waiting:
                 await trio.aclose_forcefully(stream)

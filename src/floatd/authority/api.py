@@ -23,7 +23,7 @@ import trio
 
 from floatd.authority.logic import Authority
 from floatd.errors import AuthorityError
-from floatd.http11 import HttpServer, Reply, json_reply
+from floatd.http11 import HttpServer, Reply, json_reply, peer
 from floatd.logs import get_logger
 
 log = get_logger()
@@ -121,7 +121,11 @@ class AuthorityApi(HttpServer):
 
     async def _refresh(self, activation_id: str, body: dict[str, Any]) -> Reply:
         server = _field(body, "server")
-        entitlement = await self._run(self.authority.refresh, activation_id, server, self.clock())
+        floatd = _field(body, "floatd", required=False)
+        address = peer.get()
+        entitlement = await self._run(
+            self.authority.refresh, activation_id, server, self.clock(), address, floatd
+        )
         return json_reply(200, {"entitlement": entitlement})
 
     async def _deactivate(self, activation_id: str, body: dict[str, Any]) -> Reply:

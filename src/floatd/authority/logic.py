@@ -326,7 +326,14 @@ class Authority:
                 self.store.set_activation(mine.id, refreshed_at=now)
         return mine.id, self.entitlement(lic, server, now, online=True)
 
-    def refresh(self, activation_id: str, server: str, now: float) -> str:
+    def refresh(
+        self,
+        activation_id: str,
+        server: str,
+        now: float,
+        address: str | None = None,
+        floatd: str | None = None,
+    ) -> str:
         activation = self.store.activation(activation_id)
         if activation is None or not hmac.compare_digest(activation.server, server):
             raise AuthorityError(404, "ACTIVATION_NOT_FOUND", "no such activation for this server")
@@ -335,7 +342,9 @@ class Authority:
             raise AuthorityError(410, "ACTIVATION_REVOKED", "the activation was revoked")
         if lic.state != "active":
             raise AuthorityError(410, "ACTIVATION_REVOKED", f"the license is {lic.state}")
-        self.store.set_activation(activation_id, refreshed_at=now)
+        with self.store.transaction():
+            self.store.set_activation(activation_id, refreshed_at=now)
+            self.store.add_refresh(activation_id, now, address, floatd)
         return self.entitlement(lic, server, now, online=True)
 
     def deactivate(self, activation_id: str, server: str) -> None:

@@ -58,7 +58,21 @@ _MIGRATIONS = [
     );
     CREATE INDEX activations_license ON activations (license_id, state);
     """,
+    # Where each activation's refreshes came from: two servers refreshing one
+    # activation (a cloned VM keeps its machine id) show up as two addresses.
+    """
+    CREATE TABLE refreshes (
+        activation_id TEXT NOT NULL REFERENCES activations(id),
+        at REAL NOT NULL,
+        address TEXT,
+        floatd TEXT
+    );
+    CREATE INDEX refreshes_activation ON refreshes (activation_id, at);
+    """,
 ]
+
+#: Refreshes kept per activation (the newest).
+REFRESHES_KEPT = 20
 
 
 @dataclass
@@ -282,6 +296,26 @@ class AuthorityStore:
         if active_only:
             sql += " AND state = 'active'"
         return [Activation(*r) for r in self.db.execute(sql + " ORDER BY created_at", args)]
+
+    def add_refresh(
+        self, activation_id: str, at: float, address: str | None, floatd: str | None
+    ) -> None:
+        self.db.execute(
+            "INSERT INTO refreshes VALUES (?, ?, ?, ?)", (activation_id, at, address, floatd)
+        )
+        self.db.execute(
+            "DELETE FROM refreshes WHERE activation_id = ? AND rowid NOT IN (SELECT rowid FROM"
+            " refreshes WHERE activation_id = ? ORDER BY at DESC LIMIT ?)",
+            (activation_id, activation_id, REFRESHES_KEPT),
+        )
+
+    def refreshes(self, activation_id: str) -> list[tuple[float, str | None, str | None]]:
+        """(at, address, floatd) of the newest refreshes, newest first."""
+        rows = self.db.execute(
+            "SELECT at, address, floatd FROM refreshes WHERE activation_id = ? ORDER BY at DESC",
+            (activation_id,),
+        ).fetchall()
+        return [(float(a), b, c) for a, b, c in rows]
 
     def set_activation(
         self, activation_id: str, state: str | None = None, refreshed_at: float | None = None

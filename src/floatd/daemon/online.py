@@ -195,7 +195,10 @@ async def refresh(
     """A fresh entitlement, verified (never installed here: the daemon does)."""
     async with client(config) as http:
         _, doc = await call(
-            http, "POST", f"/v1/activations/{record.activation_id}/refresh", {"server": server_id}
+            http,
+            "POST",
+            f"/v1/activations/{record.activation_id}/refresh",
+            {"server": server_id, "floatd": __version__},
         )
     text = _entitlement_text(doc)
     try:

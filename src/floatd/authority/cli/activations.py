@@ -37,8 +37,9 @@ ACTIVATION_COLUMNS = ("id", "license", "server", "hostname", "mode", "state", "r
 @pass_ctx
 @guarded
 def activations_list(ctx: Ctx, license_id: str | None, as_json: bool) -> None:
-    """List activations."""
-    rows = [activation_json(x) for x in ctx.authority().store.activations(license_id)]
+    """List activations (FROM: the addresses of their recent refreshes)."""
+    a = ctx.authority()
+    rows = [activation_json(x, a) for x in a.store.activations(license_id)]
     if as_json:
         echo_json(rows)
         return
@@ -47,24 +48,16 @@ def activations_list(ctx: Ctx, license_id: str | None, as_json: bool) -> None:
         return
     click.echo(
         table(
-            ["ID", "LICENSE", "SERVER", "HOSTNAME", "MODE", "STATE", "REFRESHED"],
-            [
-                [
-                    r[k]
-                    for k in (
-                        "id",
-                        "license",
-                        "server",
-                        "hostname",
-                        "mode",
-                        "state",
-                        "refreshed_at",
-                    )
-                ]
-                for r in rows
-            ],
+            ["ID", "LICENSE", "SERVER", "HOSTNAME", "MODE", "STATE", "REFRESHED", "FROM"],
+            [[*(r[k] for k in ACTIVATION_COLUMNS), _seen_from(r["addresses"])] for r in rows],
         )
     )
+
+
+def _seen_from(addresses: list[str]) -> str | None:
+    if len(addresses) > 1:
+        return f"{', '.join(addresses)} (several servers: a clone?)"
+    return addresses[0] if addresses else None
 
 
 @activations.command("revoke")

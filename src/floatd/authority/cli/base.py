@@ -124,7 +124,14 @@ def load_key(path: Path) -> Ed25519PrivateKey:
         die(f"cannot load key {path}: {exc} (encrypted keys read ${PASSPHRASE_ENV})")
 
 
-def activation_json(a: Activation) -> dict[str, Any]:
+def activation_json(a: Activation, authority: Authority) -> dict[str, Any]:
+    """One activation; ``addresses`` are where its recent refreshes came from,
+    newest first: more than one at once is two servers (a cloned VM keeps its
+    machine id, and so its fingerprint) sharing one activation."""
+    addresses: list[str] = []
+    for _, address, _ in authority.store.refreshes(a.id):
+        if address is not None and address not in addresses:
+            addresses.append(address)
     return {
         "id": a.id,
         "license": a.license_id,
@@ -135,4 +142,5 @@ def activation_json(a: Activation) -> dict[str, Any]:
         "state": a.state,
         "created_at": iso(a.created_at),
         "refreshed_at": iso(a.refreshed_at),
+        "addresses": addresses,
     }
