@@ -570,3 +570,29 @@ def test_a_cloned_server_shows_as_two_addresses_on_one_activation(
     assert len(kept) == 20 and kept[0][1:] == ("10.0.0.9", "floatd/1")
     out = CliRunner().invoke(main, ["--db", str(tmp_path / "a.db"), "activations", "list"]).stdout
     assert "10.0.0.9, 10.0.0.5 (several servers: a clone?)" in out
+
+
+def test_site_users_are_shown_and_counted_against_max_users(authority: Authority) -> None:
+    lic, key = authority.issue_license("o-m", Terms(products=["sim"], seats=1, max_users=3), NOW)
+    activation_id, _ = authority.activate(key, SERVER, "h", "floatd/1", NOW)
+    authority.assign_user(lic.id, "ann@example.com")
+    authority.refresh(
+        activation_id,
+        SERVER,
+        NOW + 1,
+        "10.0.0.5",
+        "floatd/1",
+        {"sim": ["bob@example.com", "cy@example.com"]},
+    )
+    assert authority.store.local_users(lic.id) == {"sim": ["bob@example.com", "cy@example.com"]}
+    with pytest.raises(AuthorityError) as refused:  # 1 here + 2 at the site = 3 of 3
+        authority.assign_user(lic.id, "dee@example.com")
+    assert refused.value.error_code == "MAX_USERS_REACHED"
+    assert "2 assigned by the site" in refused.value.message
+    authority.refresh(activation_id, SERVER, NOW + 2, "10.0.0.5", "floatd/1", {"sim": []})
+    assert authority.assign_user(lic.id, "dee@example.com").users == [
+        "ann@example.com",
+        "dee@example.com",
+    ]
+    authority.refresh(activation_id, SERVER, NOW + 3)  # an older server: reports nothing
+    assert authority.store.local_users(lic.id) == {}

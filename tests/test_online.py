@@ -278,6 +278,52 @@ def test_an_offline_response_over_an_online_activation_stays(
     assert states == {"online": "released", "offline": "active"}
 
 
+def test_license_users_across_the_two_sides(tmp_path: Path, vendor: Vendor) -> None:
+    """The site's own users are reported at each refresh and counted with the
+    authority's against max_users; a user the authority unassigns loses their
+    lease at the server's next refresh."""
+    vendor.run("product", "add", "sim", "--name", "Sim", "--authorization", "user")
+    license_id, key = vendor.issue("--product", "sim", "--seats", "5", "--max-users", "2")
+    vendor.run("users", "assign", license_id, "ann@example.com")
+    config = site(tmp_path, vendor)
+    assert floatd_cli("activate", "--license-key", key, "--config", str(config)).returncode == 0
+    local = floatd_cli(
+        "users", "assign", "bob@example.com", "--product", "sim", "--config", str(config)
+    )
+    assert local.returncode == 0, local.stderr
+    password = floatd_cli(
+        "users", "passwd", "ann@example.com", "--generate", "--config", str(config)
+    )
+    assert password.returncode == 0, password.stderr
+    with Daemon(config, tmp_path / "floatd.log") as d:
+        d.start()
+
+        def shown() -> Any:
+            return json.loads(vendor.run("license", "show", license_id, "--json"))["local_users"]
+
+        until(lambda: shown() == {"sim": ["bob@example.com"]}, "the site's users at the authority")
+        refused = CliRunner().invoke(
+            authority_main,
+            ["--db", str(vendor.db), "users", "assign", license_id, "cy@example.com"],
+        )
+        assert refused.exit_code == 1
+        assert "1 assigned by the site" in refused.stderr
+        with SimpleClient("127.0.0.1", d.port, timeout=10) as c:
+            assert c.hello()["ok"]
+            got = c.request(
+                "acquire",
+                product="sim",
+                fingerprint="machine-0001",
+                user="ann@example.com",
+                password=password.stdout.strip(),
+            )
+            assert got["ok"], got
+            vendor.run("users", "unassign", license_id, "ann@example.com")
+            until(lambda: "license_user_unassigned" in names(d), "the unassignment at a refresh")
+            renewed = c.request("renew", lease=got["lease"], token=got["token"])
+            assert renewed["error"]["code"] == "LEASE_NOT_FOUND"
+
+
 def api(vendor: Vendor, method: str, path: str, body: bytes | None = None) -> tuple[int, Any]:
     conn = http.client.HTTPConnection("127.0.0.1", vendor.process.port, timeout=10)
     try:

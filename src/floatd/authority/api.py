@@ -22,6 +22,7 @@ from typing import Any
 import trio
 
 from floatd.authority.logic import Authority
+from floatd.core.entitlement import check_email
 from floatd.errors import AuthorityError
 from floatd.http11 import HttpServer, Reply, json_reply, peer
 from floatd.logs import get_logger
@@ -50,6 +51,38 @@ def _field(body: dict[str, Any], name: str, required: bool = True) -> str | None
     if not isinstance(value, str) or not 1 <= len(value) <= 512:
         raise AuthorityError(400, "BAD_REQUEST", f"field {name!r} must be a non-empty string")
     return value
+
+
+#: Bounds of a refresh's local_users (the body is 64 KiB at most anyway).
+MAX_LOCAL_PRODUCTS = 256
+MAX_LOCAL_USERS = 10_000
+
+
+def _local_users(value: Any) -> dict[str, list[str]] | None:
+    """The refresh body's ``local_users``: {product: [e-mail, ...]}, or None
+    when a (older) server sends none; BAD_REQUEST when it is malformed."""
+    if value is None:
+        return None
+    bad = AuthorityError(400, "BAD_REQUEST", "local_users must map product codes to e-mails")
+    if not isinstance(value, dict) or len(value) > MAX_LOCAL_PRODUCTS:
+        raise bad
+    out: dict[str, list[str]] = {}
+    total = 0
+    for product, emails in value.items():
+        if not isinstance(product, str) or not 1 <= len(product) <= 128:
+            raise bad
+        if not isinstance(emails, list):
+            raise bad
+        total += len(emails)
+        if total > MAX_LOCAL_USERS:
+            raise bad
+        try:
+            out[product] = sorted({check_email(e) for e in emails if isinstance(e, str)})
+        except ValueError:
+            raise bad from None
+        if len(out[product]) != len(set(emails)):
+            raise bad  # a value that is not a string
+    return out
 
 
 class AuthorityApi(HttpServer):
@@ -122,9 +155,10 @@ class AuthorityApi(HttpServer):
     async def _refresh(self, activation_id: str, body: dict[str, Any]) -> Reply:
         server = _field(body, "server")
         floatd = _field(body, "floatd", required=False)
+        local = _local_users(body.get("local_users"))
         address = peer.get()
         entitlement = await self._run(
-            self.authority.refresh, activation_id, server, self.clock(), address, floatd
+            self.authority.refresh, activation_id, server, self.clock(), address, floatd, local
         )
         return json_reply(200, {"entitlement": entitlement})
 

@@ -267,8 +267,16 @@ class Authority:
                 f"license {lic.id} has no user-authorized product: users would lease nothing",
             )
         cap = lic.terms.max_users
-        if email not in lic.users and cap > 0 and len(lic.users) >= cap:
-            raise AuthorityError(409, "MAX_USERS_REACHED", f"all {cap} user places are taken")
+        # The site's own assignments count too: each side alone let the total
+        # pass the cap.
+        everyone = set(lic.users).union(*self.store.local_users(lic.id).values())
+        if email not in everyone and cap > 0 and len(everyone) >= cap:
+            raise AuthorityError(
+                409,
+                "MAX_USERS_REACHED",
+                f"all {cap} user places are taken ({len(lic.users)} here, "
+                f"{len(everyone) - len(lic.users)} assigned by the site)",
+            )
         self.store.add_user(license_id, email)
         return self.get_license(license_id)
 
@@ -333,7 +341,11 @@ class Authority:
         now: float,
         address: str | None = None,
         floatd: str | None = None,
+        local_users: dict[str, list[str]] | None = None,
     ) -> str:
+        """A fresh entitlement for an activation.  ``local_users``: the license
+        users the site assigned on its own server ({product: [e-mail]}), kept
+        until the next refresh to be shown and counted against max_users."""
         activation = self.store.activation(activation_id)
         if activation is None or not hmac.compare_digest(activation.server, server):
             raise AuthorityError(404, "ACTIVATION_NOT_FOUND", "no such activation for this server")
@@ -345,6 +357,8 @@ class Authority:
         with self.store.transaction():
             self.store.set_activation(activation_id, refreshed_at=now)
             self.store.add_refresh(activation_id, now, address, floatd)
+            if local_users is not None:
+                self.store.set_local_users(activation_id, local_users)
         return self.entitlement(lic, server, now, online=True)
 
     def deactivate(self, activation_id: str, server: str) -> None:

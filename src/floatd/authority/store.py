@@ -69,6 +69,16 @@ _MIGRATIONS = [
     );
     CREATE INDEX refreshes_activation ON refreshes (activation_id, at);
     """,
+    # The license users a site assigned on its own server, as its last refresh
+    # reported them: shown with the license, counted against max_users.
+    """
+    CREATE TABLE local_users (
+        activation_id TEXT NOT NULL REFERENCES activations(id),
+        product TEXT NOT NULL,
+        email TEXT NOT NULL,
+        PRIMARY KEY (activation_id, product, email)
+    );
+    """,
 ]
 
 #: Refreshes kept per activation (the newest).
@@ -316,6 +326,30 @@ class AuthorityStore:
             (activation_id,),
         ).fetchall()
         return [(float(a), b, c) for a, b, c in rows]
+
+    def set_local_users(self, activation_id: str, users: dict[str, list[str]]) -> None:
+        self.db.execute("DELETE FROM local_users WHERE activation_id = ?", (activation_id,))
+        self.db.executemany(
+            "INSERT OR IGNORE INTO local_users VALUES (?, ?, ?)",
+            [
+                (activation_id, product, email)
+                for product, emails in users.items()
+                for email in emails
+            ],
+        )
+
+    def local_users(self, license_id: str) -> dict[str, list[str]]:
+        """{product: [e-mail, ...]} the license's active activations reported."""
+        rows = self.db.execute(
+            "SELECT DISTINCT u.product, u.email FROM local_users u JOIN activations a"
+            " ON a.id = u.activation_id WHERE a.license_id = ? AND a.state = 'active'"
+            " ORDER BY u.product, u.email",
+            (license_id,),
+        ).fetchall()
+        out: dict[str, list[str]] = {}
+        for product, email in rows:
+            out.setdefault(product, []).append(email)
+        return out
 
     def set_activation(
         self, activation_id: str, state: str | None = None, refreshed_at: float | None = None

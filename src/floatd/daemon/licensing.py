@@ -11,6 +11,8 @@ rules (signature, time windows, history) are the core's and the store's.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
 
@@ -21,6 +23,7 @@ from floatd.daemon.online import ActivationRecord, AuthorityUnavailable, Refresh
 from floatd.daemon.shared import Shared
 from floatd.errors import AuthorityError, EntitlementError, StoreError
 from floatd.logs import get_logger
+from floatd.store import users
 from floatd.store.activation import atomic_write, check_history, installed_record, read_armored
 
 log = get_logger()
@@ -47,6 +50,8 @@ class Licensing:
         #: Why the last refresh failed (the authority's code and words), until
         #: one succeeds: shown by status, not only logged.
         self.refresh_problem: str | None = None
+        #: Ends a license user's leases of a product (Server.end_user).
+        self.end_user: Callable[[str, str], Awaitable[list[dict[str, Any]]]] | None = None
 
     def read(self, now: float) -> Entitlement | None:
         path = self.shared.config.entitlement_path
@@ -170,9 +175,12 @@ class Licensing:
     async def _refresh_once(self, record: ActivationRecord) -> bool:
         ent = self.shared.service.entitlement
         refresh_by = ent.refresh_by if ent is not None else None
+        local = await self.shared.run_sync(
+            users.local_assignments, self.shared.config.database_path
+        )
         try:
             text, fresh = await online.refresh(
-                self.shared.config, self.server_id, record, self.shared.clock()
+                self.shared.config, self.server_id, record, self.shared.clock(), local
             )
         except AuthorityError as exc:
             if exc.status == 410:
@@ -197,7 +205,28 @@ class Licensing:
         self.install(fresh, self.shared.clock())
         self.shared.flush()
         log.info("refreshed", entitlement=fresh.id, refresh_by=fresh.refresh_by)
+        await self._end_unassigned(ent, fresh, local)
         return True
+
+    async def _end_unassigned(
+        self, old: Entitlement | None, new: Entitlement, local: dict[str, list[str]]
+    ) -> None:
+        """A license user the authority unassigned loses their leases now, as
+        `floatd users unassign` does here; not one the site assigned itself."""
+        if old is None or self.end_user is None:
+            return
+        for terms in old.products:
+            kept = new.product(terms.code)
+            still = set(kept.users) if kept is not None else set()
+            for email in set(terms.users) - still - set(local.get(terms.code, ())):
+                ended = await self.end_user(email, terms.code)
+                log.warning(
+                    "license_user_unassigned",
+                    user=email,
+                    product=terms.code,
+                    leases_ended=len(ended),
+                    by="authority",
+                )
 
     async def _activation_revoked(self, record: ActivationRecord, exc: AuthorityError) -> None:
         """A 410: stop leasing now, and remember it across restarts."""

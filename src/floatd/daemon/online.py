@@ -190,16 +190,20 @@ async def _give_back(http: httpx.AsyncClient, activation_id: str, server_id: str
 
 
 async def refresh(
-    config: Config, server_id: str, record: ActivationRecord, now: float
+    config: Config,
+    server_id: str,
+    record: ActivationRecord,
+    now: float,
+    local_users: dict[str, list[str]] | None = None,
 ) -> tuple[str, Entitlement]:
-    """A fresh entitlement, verified (never installed here: the daemon does)."""
+    """A fresh entitlement, verified (never installed here: the daemon does).
+    ``local_users``: the license users assigned on this server, which the
+    authority shows and counts against max_users."""
+    body: dict[str, Any] = {"server": server_id, "floatd": __version__}
+    if local_users is not None:
+        body["local_users"] = local_users
     async with client(config) as http:
-        _, doc = await call(
-            http,
-            "POST",
-            f"/v1/activations/{record.activation_id}/refresh",
-            {"server": server_id, "floatd": __version__},
-        )
+        _, doc = await call(http, "POST", f"/v1/activations/{record.activation_id}/refresh", body)
     text = _entitlement_text(doc)
     try:
         ent = verify_for_this_server(config, server_id, text, now)

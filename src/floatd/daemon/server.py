@@ -138,6 +138,7 @@ class Server:
         self.status = StatusServer(self)
         self.tls = tls_context(config)
         self.licensing = Licensing(self.shared, server_id)
+        self.licensing.end_user = self.end_user
         self.licensing.tls = self.tls is not None
         #: The lease port's connections: limits, sessions, the answer outbox.
         self.port = LeasePort(self)

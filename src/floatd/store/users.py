@@ -92,6 +92,15 @@ class UserStore:
         rows = self.db.execute("SELECT email FROM user_products WHERE product = ?", (product,))
         return {r[0] for r in rows}
 
+    def by_product(self) -> dict[str, list[str]]:
+        """Every local assignment: {product: [e-mail, ...]}, sorted."""
+        out: dict[str, list[str]] = {}
+        for email, product in self.db.execute(
+            "SELECT email, product FROM user_products ORDER BY product, email"
+        ):
+            out.setdefault(product, []).append(email)
+        return out
+
     def products_of(self, email: str) -> set[str]:
         rows = self.db.execute("SELECT product FROM user_products WHERE email = ?", (email,))
         return {r[0] for r in rows}
@@ -194,3 +203,18 @@ def generate_password() -> str:
         password = secrets.token_urlsafe(15)
         if not password.startswith("-"):
             return password
+
+
+def local_assignments(database: Path) -> dict[str, list[str]]:
+    """Blocking: this server's own license user assignments ({} if there is
+    no state database yet)."""
+    try:
+        store = UserStore(database, readonly=True)
+    except StoreError:
+        return {}
+    try:
+        return store.by_product()
+    except sqlite3.Error:
+        return {}
+    finally:
+        store.close()

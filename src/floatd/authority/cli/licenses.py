@@ -87,6 +87,7 @@ def _license_json(a: Authority, lic: License) -> dict[str, Any]:
         "created_at": iso(lic.created_at),
         "expires": iso(a.expiry(lic)),
         "users": lic.users,
+        "local_users": a.store.local_users(lic.id),
         "activations": len(a.store.activations(lic.id, active_only=True)),
         **terms,
     }
