@@ -596,3 +596,41 @@ def test_site_users_are_shown_and_counted_against_max_users(authority: Authority
     ]
     authority.refresh(activation_id, SERVER, NOW + 3)  # an older server: reports nothing
     assert authority.store.local_users(lic.id) == {}
+
+
+def test_every_vendor_change_is_in_the_trail_with_who_and_before_after(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from floatd.authority.cli import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        result = CliRunner().invoke(main, ["--db", str(tmp_path / "a.db"), *args])
+        return result.exit_code, result.stdout, result.stderr
+
+    assert run("product", "add", "sim", "--name", "Sim", "--authorization", "user")[0] == 0
+    _, out, _ = run(
+        "license", "issue", "--order", "o", "--product", "sim", "--seats", "2", "--json"
+    )
+    lic = json.loads(out)["id"]
+    assert run("license", "update", lic, "--seats", "5")[0] == 0
+    assert run("users", "assign", lic, "ann@example.com")[0] == 0
+    assert run("users", "unassign", lic, "ann@example.com")[0] == 0
+    assert run("license", "suspend", lic)[0] == 0
+    assert run("license", "update", lic, "--seats", "-5")[0] == 2  # refused: not in the trail
+    _, out, _ = run("history", "--json")
+    trail = json.loads(out)
+    assert [c["action"] for c in trail] == [
+        "license.suspended",
+        "user.unassign",
+        "user.assign",
+        "license.update",
+        "license.issue",
+        "product.add",
+    ]
+    assert all(c["actor"].startswith("cli:") and c["at"].endswith("Z") for c in trail)
+    update = trail[3]
+    assert update["before"]["terms"]["seats"] == 2 and update["after"]["terms"]["seats"] == 5
+    _, text, _ = run("history", "--subject", f"license:{lic}")
+    assert text.splitlines()[0].split()[:3] == ["AT", "ACTOR", "ACTION"]
+    assert "seats: 2 -> 5" in text and "state: active -> suspended" in text
+    assert "product.add" not in text

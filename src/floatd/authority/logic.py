@@ -20,7 +20,8 @@ import hmac
 import ipaddress
 import re
 import secrets
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -135,9 +136,33 @@ def _new_id(prefix: str) -> str:
 
 
 class Authority:
-    def __init__(self, store: AuthorityStore, key: Ed25519PrivateKey | None = None) -> None:
+    def __init__(
+        self,
+        store: AuthorityStore,
+        key: Ed25519PrivateKey | None = None,
+        *,
+        actor: str = "cli",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.store = store
         self.key = key
+        #: Who makes the changes this instance records ("cli:alice", "api:key-1").
+        self.actor = actor
+        self._clock = clock
+
+    def _changed(
+        self,
+        action: str,
+        subject: str,
+        before: dict[str, Any] | None,
+        after: dict[str, Any] | None,
+    ) -> None:
+        """Record a change in the vendor's trail (in the caller's transaction)."""
+        self.store.add_change(self._clock(), self.actor, action, subject, before, after)
+
+    def _license_state(self, license_id: str) -> dict[str, Any]:
+        lic = self.get_license(license_id)
+        return {"state": lic.state, "users": list(lic.users), "terms": dict(lic.terms.__dict__)}
 
     # --- vendor operations ------------------------------------------------------------
 
@@ -148,7 +173,9 @@ class Authority:
             raise AuthorityError(400, "BAD_REQUEST", "strategy must be per-machine or per-instance")
         if product.lease_duration < 0 or product.trial_days < 0:
             raise AuthorityError(400, "BAD_REQUEST", "durations must not be negative")
-        self.store.add_product(product)
+        with self.store.transaction():
+            self.store.add_product(product)
+            self._changed("product.add", f"product:{product.code}", None, dict(product.__dict__))
         return product
 
     def issue_license(
@@ -173,6 +200,12 @@ class Authority:
         with self.store.transaction():
             self.store.ensure_order(order_id, order_reference, customer)
             self.store.add_license(license_id, order_id, key_hash(key), terms, now)
+            self._changed(
+                "license.issue",
+                f"license:{license_id}",
+                None,
+                {"order": order_id, **self._license_state(license_id)},
+            )
         lic = self.store.license(license_id)
         assert lic is not None
         return lic, key
@@ -209,6 +242,7 @@ class Authority:
         expiry, an effective date, an interval, a strategy of the license's
         own); ``extend`` adds one subscription interval to the expiry."""
         lic = self.get_license(license_id)
+        before = self._license_state(license_id)
         terms = lic.terms
         known = set(terms.__dict__)
         for name in [*changes, *clear]:
@@ -233,7 +267,11 @@ class Authority:
             base = terms.expires_at if terms.expires_at and terms.expires_at > now else now
             terms.expires_at = add_duration(base, terms.interval)
         check_terms(terms, now)
-        self.store.set_terms(license_id, terms)
+        with self.store.transaction():
+            self.store.set_terms(license_id, terms)
+            self._changed(
+                "license.update", f"license:{license_id}", before, self._license_state(license_id)
+            )
         return self.get_license(license_id)
 
     def set_state(self, license_id: str, state: str) -> License:
@@ -245,6 +283,7 @@ class Authority:
             raise AuthorityError(
                 409, "LICENSE_REVOKED", f"license {lic.id} is revoked: it cannot be {what}"
             )
+        before = self._license_state(license_id)
         with self.store.transaction():
             self.store.set_state(license_id, state)
             if state == "revoked":
@@ -252,6 +291,9 @@ class Authority:
                 # license keeps them, to have them back when reinstated).
                 for activation in self.store.activations(license_id, active_only=True):
                     self.store.set_activation(activation.id, state="revoked")
+            self._changed(
+                f"license.{state}", f"license:{license_id}", before, self._license_state(license_id)
+            )
         return self.get_license(license_id)
 
     def assign_user(self, license_id: str, email: str) -> License:
@@ -277,19 +319,33 @@ class Authority:
                 f"all {cap} user places are taken ({len(lic.users)} here, "
                 f"{len(everyone) - len(lic.users)} assigned by the site)",
             )
-        self.store.add_user(license_id, email)
+        with self.store.transaction():
+            if self.store.add_user(license_id, email):
+                self._changed(
+                    "user.assign", f"license:{license_id}", {"user": None}, {"user": email}
+                )
         return self.get_license(license_id)
 
     def unassign_user(self, license_id: str, email: str) -> License:
-        if not self.store.remove_user(self.get_license(license_id).id, email):
-            raise AuthorityError(404, "USER_NOT_FOUND", f"{email} is not assigned")
+        lic = self.get_license(license_id)
+        with self.store.transaction():
+            if not self.store.remove_user(lic.id, email):
+                raise AuthorityError(404, "USER_NOT_FOUND", f"{email} is not assigned")
+            self._changed("user.unassign", f"license:{lic.id}", {"user": email}, {"user": None})
         return self.get_license(license_id)
 
     def revoke_activation(self, activation_id: str) -> Activation:
         activation = self.store.activation(activation_id)
         if activation is None:
             raise AuthorityError(404, "ACTIVATION_NOT_FOUND", "no such activation")
-        self.store.set_activation(activation_id, state="revoked")
+        with self.store.transaction():
+            self.store.set_activation(activation_id, state="revoked")
+            self._changed(
+                "activation.revoke",
+                f"activation:{activation_id}",
+                {"state": activation.state},
+                {"state": "revoked"},
+            )
         return activation
 
     # --- the API ----------------------------------------------------------------------

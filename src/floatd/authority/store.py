@@ -79,10 +79,36 @@ _MIGRATIONS = [
         PRIMARY KEY (activation_id, product, email)
     );
     """,
+    # Every change the vendor's side made (CLI or API): who, what, when,
+    # before and after, as JSON.
+    """
+    CREATE TABLE changes (
+        id INTEGER PRIMARY KEY,
+        at REAL NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        before TEXT,
+        after TEXT
+    );
+    CREATE INDEX changes_subject ON changes (subject, id);
+    """,
 ]
 
 #: Refreshes kept per activation (the newest).
 REFRESHES_KEPT = 20
+
+
+@dataclass
+class Change:
+    """One entry of the vendor's change trail."""
+
+    at: float
+    actor: str
+    action: str
+    subject: str
+    before: dict[str, Any] | None
+    after: dict[str, Any] | None
 
 
 @dataclass
@@ -326,6 +352,48 @@ class AuthorityStore:
             (activation_id,),
         ).fetchall()
         return [(float(a), b, c) for a, b, c in rows]
+
+    def add_change(
+        self,
+        at: float,
+        actor: str,
+        action: str,
+        subject: str,
+        before: dict[str, Any] | None,
+        after: dict[str, Any] | None,
+    ) -> None:
+        self.db.execute(
+            "INSERT INTO changes (at, actor, action, subject, before, after)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                at,
+                actor,
+                action,
+                subject,
+                None if before is None else json.dumps(before, sort_keys=True),
+                None if after is None else json.dumps(after, sort_keys=True),
+            ),
+        )
+
+    def changes(self, subject: str | None = None, limit: int = 100) -> list[Change]:
+        """The newest changes first (of ``subject``, or of everything)."""
+        where, args = ("WHERE subject = ?", [subject]) if subject else ("", [])
+        rows = self.db.execute(
+            f"SELECT at, actor, action, subject, before, after FROM changes {where}"
+            " ORDER BY id DESC LIMIT ?",
+            [*args, limit],
+        ).fetchall()
+        return [
+            Change(
+                at,
+                actor,
+                action,
+                subject,
+                None if b is None else json.loads(b),
+                None if a is None else json.loads(a),
+            )
+            for at, actor, action, subject, b, a in rows
+        ]
 
     def set_local_users(self, activation_id: str, users: dict[str, list[str]]) -> None:
         self.db.execute("DELETE FROM local_users WHERE activation_id = ?", (activation_id,))

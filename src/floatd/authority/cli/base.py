@@ -7,6 +7,7 @@ floatd's: 0 success, 1 refused or failed (one line on stderr), 2 usage error.
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 from collections.abc import Callable
@@ -59,7 +60,7 @@ class Ctx:
             self._store = AuthorityStore(self.db)
             if fresh:
                 click.echo(f"created a new authority database at {self.db}", err=True)
-        return Authority(self._store, key)
+        return Authority(self._store, key, actor=f"cli:{_who()}")
 
 
 pass_ctx = click.make_pass_decorator(Ctx)
@@ -144,3 +145,11 @@ def activation_json(a: Activation, authority: Authority) -> dict[str, Any]:
         "refreshed_at": iso(a.refreshed_at),
         "addresses": addresses,
     }
+
+
+def _who() -> str:
+    """The OS user running the vendor's CLI (the trail's actor)."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid {os.getuid()}"
