@@ -324,6 +324,43 @@ def test_license_users_across_the_two_sides(tmp_path: Path, vendor: Vendor) -> N
             assert renewed["error"]["code"] == "LEASE_NOT_FOUND"
 
 
+def test_an_unassignment_that_cannot_be_written_waits_for_the_next_refresh(
+    tmp_path: Path, vendor: Vendor
+) -> None:
+    """Ending the leases of a user the authority unassigned is a state change:
+    while the state cannot be written it is refused (the daemon goes on), and
+    the next refresh after recovery ends them."""
+    vendor.run("product", "add", "sim", "--name", "Sim", "--authorization", "user")
+    license_id, key = vendor.issue("--product", "sim", "--seats", "5")
+    vendor.run("users", "assign", license_id, "ann@example.com")
+    config = site(tmp_path, vendor)
+    assert floatd_cli("activate", "--license-key", key, "--config", str(config)).returncode == 0
+    pw = floatd_cli("users", "passwd", "ann@example.com", "--generate", "--config", str(config))
+    assert pw.returncode == 0, pw.stderr
+    fault = tmp_path / "disk-fault"
+    with Daemon(config, tmp_path / "floatd.log") as d:
+        d.start(env={"FLOATD_TEST_WRITE_FAULT": str(fault)})
+        with SimpleClient("127.0.0.1", d.port, timeout=10) as c:
+            assert c.hello()["ok"]
+            got = c.request(
+                "acquire",
+                product="sim",
+                fingerprint="machine-0001",
+                user="ann@example.com",
+                password=pw.stdout.strip(),
+            )
+            assert got["ok"], got
+            fault.touch()
+            until(lambda: "state_unavailable" in names(d), "the failed write")
+            vendor.run("users", "unassign", license_id, "ann@example.com")
+            until(lambda: "license_user_not_ended" in names(d), "the refused ending")
+            fault.unlink()
+            until(lambda: "license_user_unassigned" in names(d), "the ending after recovery")
+            renewed = c.request("renew", lease=got["lease"], token=got["token"])
+            assert renewed["error"]["code"] == "LEASE_NOT_FOUND"
+        assert d.proc is not None and d.proc.poll() is None  # it never stopped
+
+
 def api(vendor: Vendor, method: str, path: str, body: bytes | None = None) -> tuple[int, Any]:
     conn = http.client.HTTPConnection("127.0.0.1", vendor.process.port, timeout=10)
     try:

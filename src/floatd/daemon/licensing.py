@@ -21,7 +21,7 @@ from floatd.core.entitlement import Entitlement, trusted_keys, verify_entitlemen
 from floatd.daemon import online
 from floatd.daemon.online import ActivationRecord, AuthorityUnavailable, RefreshSchedule
 from floatd.daemon.shared import Shared
-from floatd.errors import AuthorityError, EntitlementError, StoreError
+from floatd.errors import AuthorityError, EntitlementError, FloatdError, StoreError
 from floatd.logs import get_logger
 from floatd.store import users
 from floatd.store.activation import atomic_write, check_history, installed_record, read_armored
@@ -205,21 +205,36 @@ class Licensing:
         self.install(fresh, self.shared.clock())
         self.shared.flush()
         log.info("refreshed", entitlement=fresh.id, refresh_by=fresh.refresh_by)
-        await self._end_unassigned(ent, fresh, local)
+        await self._end_unassigned(fresh)
         return True
 
-    async def _end_unassigned(
-        self, old: Entitlement | None, new: Entitlement, local: dict[str, list[str]]
-    ) -> None:
-        """A license user the authority unassigned loses their leases now, as
-        `floatd users unassign` does here; not one the site assigned itself."""
-        if old is None or self.end_user is None:
+    async def _end_unassigned(self, ent: Entitlement) -> None:
+        """End the leases of license users who are no longer assigned: neither
+        in the entitlement (the authority unassigned them) nor on this server
+        (the site's own users stay the site's to end).  Checked at each
+        refresh against the leases held, so one missed (the state could not
+        be written) is ended at the next."""
+        if self.end_user is None:
             return
-        for terms in old.products:
-            kept = new.product(terms.code)
-            still = set(kept.users) if kept is not None else set()
-            for email in set(terms.users) - still - set(local.get(terms.code, ())):
-                ended = await self.end_user(email, terms.code)
+        local = await self.shared.run_sync(
+            users.local_assignments, self.shared.config.database_path
+        )
+        held = list(self.shared.service.ledger.leases())
+        for terms in ent.products:
+            if terms.authorization != "user":
+                continue
+            allowed = set(terms.users) | set(local.get(terms.code, ()))
+            gone = {
+                lease.user
+                for lease in held
+                if lease.product == terms.code and lease.user and lease.user not in allowed
+            }
+            for email in sorted(gone):
+                try:
+                    ended = await self.end_user(email, terms.code)
+                except FloatdError as exc:  # UNAVAILABLE: tried again at the next refresh
+                    log.warning("license_user_not_ended", user=email, reason=exc.message)
+                    return
                 log.warning(
                     "license_user_unassigned",
                     user=email,
