@@ -9,7 +9,6 @@ import click
 
 from floatd.authority.cli.base import (
     Ctx,
-    activation_json,
     echo_json,
     guarded,
     json_option,
@@ -17,6 +16,7 @@ from floatd.authority.cli.base import (
     main,
     pass_ctx,
 )
+from floatd.authority.documents import activation_doc
 from floatd.cli.base import table
 from floatd.store.activation import read_armored
 
@@ -39,7 +39,7 @@ ACTIVATION_COLUMNS = ("id", "license", "server", "hostname", "mode", "state", "r
 def activations_list(ctx: Ctx, license_id: str | None, as_json: bool) -> None:
     """List activations (FROM: the addresses of their recent refreshes)."""
     a = ctx.authority()
-    rows = [activation_json(x, a) for x in a.store.activations(license_id)]
+    rows = [activation_doc(x, a) for x in a.store.activations(license_id)]
     if as_json:
         echo_json(rows)
         return

@@ -19,10 +19,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from floatd import __version__
 from floatd.authority.logic import Authority
-from floatd.authority.store import Activation, AuthorityStore
+from floatd.authority.store import AuthorityStore
 from floatd.cli import CONTEXT, HelpGroup, fail, make_guard
 from floatd.core.entitlement import load_private_key
-from floatd.store.audit import iso
 
 F = TypeVar("F", bound=Callable[..., Any])
 PASSPHRASE_ENV = "FLOATD_AUTHORITY_KEY_PASSPHRASE"
@@ -123,28 +122,6 @@ def load_key(path: Path) -> Ed25519PrivateKey:
         return load_private_key(pem, passphrase.encode() if passphrase else None)
     except (ValueError, TypeError) as exc:
         die(f"cannot load key {path}: {exc} (encrypted keys read ${PASSPHRASE_ENV})")
-
-
-def activation_json(a: Activation, authority: Authority) -> dict[str, Any]:
-    """One activation; ``addresses`` are where its recent refreshes came from,
-    newest first: more than one at once is two servers (a cloned VM keeps its
-    machine id, and so its fingerprint) sharing one activation."""
-    addresses: list[str] = []
-    for _, address, _ in authority.store.refreshes(a.id):
-        if address is not None and address not in addresses:
-            addresses.append(address)
-    return {
-        "id": a.id,
-        "license": a.license_id,
-        "server": a.server,
-        "hostname": a.hostname,
-        "floatd": a.floatd,
-        "mode": a.mode,
-        "state": a.state,
-        "created_at": iso(a.created_at),
-        "refreshed_at": iso(a.refreshed_at),
-        "addresses": addresses,
-    }
 
 
 def _who() -> str:

@@ -7,6 +7,7 @@ from typing import Any
 import click
 
 from floatd.authority.cli.base import Ctx, echo_json, guarded, json_option, main, pass_ctx
+from floatd.authority.documents import change_doc
 from floatd.cli.base import table
 from floatd.store.audit import iso
 
@@ -24,19 +25,7 @@ def history(ctx: Ctx, subject: str | None, limit: int, as_json: bool) -> None:
     first, with the state before and after."""
     changes = ctx.authority().store.changes(subject, limit)
     if as_json:
-        echo_json(
-            [
-                {
-                    "at": iso(c.at),
-                    "actor": c.actor,
-                    "action": c.action,
-                    "subject": c.subject,
-                    "before": c.before,
-                    "after": c.after,
-                }
-                for c in changes
-            ]
-        )
+        echo_json([change_doc(c) for c in changes])
         return
     if not changes:
         click.echo("no changes")

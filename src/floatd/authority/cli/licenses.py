@@ -11,15 +11,15 @@ import click
 
 from floatd.authority.cli.base import (
     Ctx,
-    activation_json,
     echo_json,
     guarded,
     json_option,
     main,
     pass_ctx,
 )
-from floatd.authority.logic import Authority, BadTerms, check_duration
-from floatd.authority.store import License, Terms
+from floatd.authority.documents import activation_doc, license_doc
+from floatd.authority.logic import BadTerms, check_duration
+from floatd.authority.store import Terms
 from floatd.cli.base import table
 from floatd.store.audit import iso, parse_when
 
@@ -74,23 +74,6 @@ def _grace(text: str) -> int:
         return add_duration(0, check_duration(text))
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--grace") from None
-
-
-def _license_json(a: Authority, lic: License) -> dict[str, Any]:
-    terms = dict(lic.terms.__dict__)
-    return {
-        "id": lic.id,
-        "order": lic.order_id,
-        "order_reference": lic.order_reference,
-        "customer": lic.customer,
-        "state": lic.state,
-        "created_at": iso(lic.created_at),
-        "expires": iso(a.expiry(lic)),
-        "users": lic.users,
-        "local_users": a.store.local_users(lic.id),
-        "activations": len(a.store.activations(lic.id, active_only=True)),
-        **terms,
-    }
 
 
 @main.group("license")
@@ -193,7 +176,7 @@ def license_issue(
             order_id, terms, time.time(), order_reference=order_ref, customer=customer
         )
     if as_json:
-        echo_json({**_license_json(authority, lic), "license_key": key})
+        echo_json({**license_doc(authority, lic), "license_key": key})
         return
     click.echo(key)
     click.echo(
@@ -210,7 +193,7 @@ def license_issue(
 def license_list(ctx: Ctx, order_id: str | None, as_json: bool) -> None:
     """List licenses (never their keys)."""
     a = ctx.authority()
-    rows = [_license_json(a, lic) for lic in a.store.licenses(order_id)]
+    rows = [license_doc(a, lic) for lic in a.store.licenses(order_id)]
     if as_json:
         echo_json(rows)
         return
@@ -244,8 +227,8 @@ def license_list(ctx: Ctx, order_id: str | None, as_json: bool) -> None:
 def license_show(ctx: Ctx, license_id: str, as_json: bool) -> None:
     """One license with its terms, users and activations."""
     a = ctx.authority()
-    doc = _license_json(a, a.get_license(license_id))
-    doc["activation_list"] = [activation_json(x, a) for x in a.store.activations(license_id)]
+    doc = license_doc(a, a.get_license(license_id))
+    doc["activation_list"] = [activation_doc(x, a) for x in a.store.activations(license_id)]
     if as_json:
         echo_json(doc)
         return
@@ -389,7 +372,7 @@ def license_update(
     with _usage_errors():
         lic = a.update_license(license_id, time.time(), extend=extend, clear=clear, **changes)
     if as_json:
-        echo_json(_license_json(a, lic))
+        echo_json(license_doc(a, lic))
     else:
         click.echo(
             f"updated {lic.id}: seats {lic.terms.seats}, expires {iso(a.expiry(lic)) or 'never'}"

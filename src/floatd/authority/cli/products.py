@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import click
 
 from floatd.authority.cli.base import Ctx, echo_json, guarded, json_option, main, pass_ctx
+from floatd.authority.documents import product_doc
 from floatd.authority.store import Product
 from floatd.cli.base import table
 
@@ -16,10 +15,6 @@ from floatd.cli.base import table
 @main.group()
 def product() -> None:
     """Products the vendor sells."""
-
-
-def _product_json(p: Product) -> dict[str, Any]:
-    return dict(p.__dict__)
 
 
 @product.command("add")
@@ -71,7 +66,7 @@ def product_add(
     p = ctx.authority(create=True).add_product(
         Product(code, name, authorization, lease_duration, strategy, trial_days)
     )
-    echo_json(_product_json(p)) if as_json else click.echo(f"added product {p.code}")
+    echo_json(product_doc(p)) if as_json else click.echo(f"added product {p.code}")
 
 
 @product.command("list")
@@ -82,7 +77,7 @@ def product_list(ctx: Ctx, as_json: bool) -> None:
     """List products."""
     products = ctx.authority().store.products()
     if as_json:
-        echo_json([_product_json(p) for p in products])
+        echo_json([product_doc(p) for p in products])
         return
     if not products:
         click.echo("no products")
