@@ -713,3 +713,96 @@ def test_activating_another_license_gives_the_first_back(tmp_path: Path, vendor:
         a["license"]: a["state"] for a in json.loads(vendor.run("activations", "list", "--json"))
     }
     assert held[first_id] == "released" and sorted(held.values()) == ["active", "released"]
+
+
+def admin(
+    vendor: Vendor, method: str, path: str, key: str | None, doc: Any = None
+) -> tuple[int, Any]:
+    conn = http.client.HTTPConnection("127.0.0.1", vendor.process.port, timeout=10)
+    try:
+        headers = {"content-type": "application/json"}
+        if key is not None:
+            headers["authorization"] = f"Bearer {key}"
+        body = None if doc is None else json.dumps(doc).encode()
+        conn.request(method, path, body=body, headers=headers)
+        resp = conn.getresponse()
+        raw = resp.read()
+        return resp.status, json.loads(raw) if raw else None
+    finally:
+        conn.close()
+
+
+def test_the_management_api_over_http(vendor: Vendor) -> None:
+    from floatd.authority.admin_api import ROUTES
+
+    assert admin(vendor, "GET", "/v1/admin/products", None)[0] == 401
+    assert admin(vendor, "GET", "/v1/admin/products", "FLA-made-up")[0] == 401
+    key = vendor.run("api-keys", "create", "ops").strip()
+    status, doc = admin(
+        vendor,
+        "POST",
+        "/v1/admin/products",
+        key,
+        {"code": "sim", "name": "Sim", "authorization": "user"},
+    )
+    assert status == 201 and doc["code"] == "sim"
+    codes = [p["code"] for p in admin(vendor, "GET", "/v1/admin/products", key)[1]]
+    assert codes == ["cad", "sim"]
+    status, doc = admin(
+        vendor,
+        "POST",
+        "/v1/admin/licenses",
+        key,
+        {"order": "o-api", "products": ["sim"], "seats": 2, "max_users": 1},
+    )
+    assert status == 201 and doc["license_key"].startswith("FLT-"), doc
+    lic = doc["id"]
+    assert admin(vendor, "POST", "/v1/admin/licenses", key, {"order": "o", "seats": 1})[0] == 400
+    bad = admin(
+        vendor,
+        "POST",
+        "/v1/admin/licenses",
+        key,
+        {"order": "o", "products": ["sim"], "seats": 1, "seeats": 2},
+    )
+    assert bad[0] == 400 and "seeats" in bad[1]["error"]["message"]
+    status, doc = admin(vendor, "PATCH", f"/v1/admin/licenses/{lic}", key, {"seats": 9})
+    assert status == 200 and doc["seats"] == 9
+    assert admin(vendor, "PATCH", f"/v1/admin/licenses/{lic}", key, {"seats": -5})[0] == 400
+    path = f"/v1/admin/licenses/{lic}/users/ann%40example.com"
+    status, doc = admin(vendor, "PUT", path, key)
+    assert status == 200 and doc["users"] == ["ann@example.com"]
+    full = admin(vendor, "PUT", f"/v1/admin/licenses/{lic}/users/bob%40example.com", key)
+    assert full[0] == 409 and full[1]["error"]["code"] == "MAX_USERS_REACHED"
+    assert admin(vendor, "DELETE", path, key)[1]["users"] == []
+    status, doc = admin(vendor, "POST", f"/v1/admin/licenses/{lic}/suspend", key)
+    assert status == 200 and doc["state"] == "suspended"
+    assert admin(vendor, "GET", f"/v1/admin/licenses/{lic}", key)[1]["state"] == "suspended"
+    assert admin(vendor, "GET", "/v1/admin/licenses?order=o-api", key)[1][0]["id"] == lic
+    trail = admin(vendor, "GET", f"/v1/admin/changes?subject=license:{lic}", key)[1]
+    assert [c["action"] for c in trail] == [
+        "license.suspended",
+        "user.unassign",
+        "user.assign",
+        "license.update",
+        "license.issue",
+    ]
+    assert {c["actor"] for c in trail} == {"api:ops"}
+    _, cad_key = vendor.issue("--product", "cad", "--seats", "1")
+    body = {"license_key": cad_key, "server": "f" * 32, "hostname": "h", "floatd": "test"}
+    status, done = api(vendor, "POST", "/v1/activations", json.dumps(body).encode())
+    assert status == 201
+    held = admin(vendor, "GET", "/v1/admin/activations", key)[1]
+    assert [a["id"] for a in held] == [done["activation_id"]] and held[0]["state"] == "active"
+    status, doc = admin(
+        vendor, "POST", f"/v1/admin/activations/{done['activation_id']}/revoke", key
+    )
+    assert status == 200 and doc["state"] == "revoked"
+    assert admin(vendor, "DELETE", "/v1/admin/products", key)[0] == 405
+    assert admin(vendor, "GET", "/v1/admin/nothing", key)[0] == 404
+    status, spec = admin(vendor, "GET", "/v1/openapi.json", None)
+    assert status == 200 and spec["openapi"] == "3.1.0"
+    for route in ROUTES:
+        assert route.method.lower() in spec["paths"][route.path], route
+    vendor.run("api-keys", "revoke", "ops")
+    assert admin(vendor, "GET", "/v1/admin/products", key)[0] == 401

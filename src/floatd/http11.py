@@ -58,6 +58,9 @@ REASONS = {
 #: The address of the client whose request is being answered (each connection
 #: is served in a task of its own, so each sees its own).
 peer: contextvars.ContextVar[str | None] = contextvars.ContextVar("peer", default=None)
+#: The headers of the request being answered (lower-case names; a repeated
+#: header keeps its last value).
+headers: contextvars.ContextVar[dict[str, bytes]] = contextvars.ContextVar("headers")
 
 
 class HttpServer:
@@ -122,6 +125,7 @@ class HttpServer:
             if got is None:
                 return
             request, body = got
+            headers.set({name.decode("latin-1"): value for name, value in request.headers})
             reply = await self.respond(request.method, request.target, body)
             await self._send(stream, conn, request.method, reply)
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:

@@ -21,6 +21,7 @@ from typing import Any
 
 import trio
 
+from floatd.authority.admin_api import admin_reply, openapi
 from floatd.authority.logic import Authority
 from floatd.core.entitlement import check_email
 from floatd.errors import AuthorityError
@@ -107,8 +108,16 @@ class AuthorityApi(HttpServer):
         return _error(status, code, code.lower().replace("_", " "), **headers)
 
     async def respond(self, method: bytes, target: bytes, body: bytes) -> Reply:
-        path = target.split(b"?", 1)[0].decode("ascii", "replace")
+        text = target.decode("ascii", "replace")
+        path = text.split("?", 1)[0]
         try:
+            if path.startswith("/v1/admin/"):
+                doc = _json_body(body) if body else {}
+                return await admin_reply(self.authority, self._run, method.decode(), text, doc)
+            if path == "/v1/openapi.json":
+                if method not in (b"GET", b"HEAD"):
+                    return self._not_allowed("GET, HEAD")
+                return json_reply(200, openapi())
             if path == "/v1/health":
                 if method not in (b"GET", b"HEAD"):
                     return self._not_allowed("GET, HEAD")

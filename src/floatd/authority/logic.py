@@ -45,6 +45,9 @@ _DURATION = re.compile(
 )
 
 
+API_KEY_PREFIX = "FLA-"
+
+
 def new_license_key() -> str:
     """192 random bits, URL-safe; shown once, stored only as a hash."""
     return KEY_PREFIX + secrets.token_urlsafe(24)
@@ -347,6 +350,33 @@ class Authority:
                 {"state": "revoked"},
             )
         return activation
+
+    def create_api_key(self, name: str) -> str:
+        """A key for the management API (shown once, stored as a hash)."""
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+            raise AuthorityError(400, "BAD_REQUEST", "an API key name is 1-64 of A-Z a-z 0-9 _ . -")
+        key = API_KEY_PREFIX + secrets.token_urlsafe(32)
+        with self.store.transaction():
+            self.store.add_api_key(name, key_hash(key), self._clock())
+            self._changed("api_key.create", f"api_key:{name}", None, {"name": name})
+        return key
+
+    def revoke_api_key(self, name: str) -> None:
+        with self.store.transaction():
+            if not self.store.revoke_api_key(name):
+                raise AuthorityError(404, "API_KEY_NOT_FOUND", f"no active API key {name!r}")
+            self._changed(
+                "api_key.revoke", f"api_key:{name}", {"revoked": False}, {"revoked": True}
+            )
+
+    def api_actor(self, key: str) -> str | None:
+        """``api:<name>`` for a live key, else None."""
+        name = self.store.api_key_name(key_hash(key))
+        return None if name is None else f"api:{name}"
+
+    def as_actor(self, actor: str) -> Authority:
+        """The same books, with changes recorded as ``actor``'s."""
+        return Authority(self.store, self.key, actor=actor, clock=self._clock)
 
     # --- the API ----------------------------------------------------------------------
 

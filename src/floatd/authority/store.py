@@ -93,6 +93,15 @@ _MIGRATIONS = [
     );
     CREATE INDEX changes_subject ON changes (subject, id);
     """,
+    # Keys of the management API (/v1/admin/...), stored only as hashes.
+    """
+    CREATE TABLE api_keys (
+        name TEXT PRIMARY KEY,
+        key_hash BLOB NOT NULL UNIQUE,
+        created_at REAL NOT NULL,
+        revoked INTEGER NOT NULL DEFAULT 0
+    );
+    """,
 ]
 
 #: Refreshes kept per activation (the newest).
@@ -394,6 +403,31 @@ class AuthorityStore:
             )
             for at, actor, action, subject, b, a in rows
         ]
+
+    def add_api_key(self, name: str, key_hash: bytes, now: float) -> None:
+        try:
+            self.db.execute(
+                "INSERT INTO api_keys (name, key_hash, created_at) VALUES (?, ?, ?)",
+                (name, key_hash, now),
+            )
+        except sqlite3.IntegrityError:
+            raise AuthorityError(409, "API_KEY_EXISTS", f"an API key {name!r} exists") from None
+
+    def api_key_name(self, key_hash: bytes) -> str | None:
+        row = self.db.execute(
+            "SELECT name FROM api_keys WHERE key_hash = ? AND revoked = 0", (key_hash,)
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    def api_keys(self) -> list[tuple[str, float, bool]]:
+        rows = self.db.execute("SELECT name, created_at, revoked FROM api_keys ORDER BY name")
+        return [(str(n), float(c), bool(r)) for n, c, r in rows]
+
+    def revoke_api_key(self, name: str) -> bool:
+        cur = self.db.execute(
+            "UPDATE api_keys SET revoked = 1 WHERE name = ? AND revoked = 0", (name,)
+        )
+        return cur.rowcount == 1
 
     def set_local_users(self, activation_id: str, users: dict[str, list[str]]) -> None:
         self.db.execute("DELETE FROM local_users WHERE activation_id = ?", (activation_id,))
