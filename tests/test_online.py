@@ -361,10 +361,16 @@ def test_an_unassignment_that_cannot_be_written_waits_for_the_next_refresh(
         assert d.proc is not None and d.proc.poll() is None  # it never stopped
 
 
-def api(vendor: Vendor, method: str, path: str, body: bytes | None = None) -> tuple[int, Any]:
+def api(
+    vendor: Vendor, method: str, path: str, body: bytes | None = None, key: str | None = None
+) -> tuple[int, Any]:
+    """One request to the authority; ``key``: an API key, sent as Bearer."""
     conn = http.client.HTTPConnection("127.0.0.1", vendor.process.port, timeout=10)
     try:
-        conn.request(method, path, body=body, headers={"content-type": "application/json"})
+        headers = {"content-type": "application/json"}
+        if key is not None:
+            headers["authorization"] = f"Bearer {key}"
+        conn.request(method, path, body=body, headers=headers)
         resp = conn.getresponse()
         raw = resp.read()
         return resp.status, json.loads(raw) if raw else None
@@ -718,18 +724,7 @@ def test_activating_another_license_gives_the_first_back(tmp_path: Path, vendor:
 def admin(
     vendor: Vendor, method: str, path: str, key: str | None, doc: Any = None
 ) -> tuple[int, Any]:
-    conn = http.client.HTTPConnection("127.0.0.1", vendor.process.port, timeout=10)
-    try:
-        headers = {"content-type": "application/json"}
-        if key is not None:
-            headers["authorization"] = f"Bearer {key}"
-        body = None if doc is None else json.dumps(doc).encode()
-        conn.request(method, path, body=body, headers=headers)
-        resp = conn.getresponse()
-        raw = resp.read()
-        return resp.status, json.loads(raw) if raw else None
-    finally:
-        conn.close()
+    return api(vendor, method, path, None if doc is None else json.dumps(doc).encode(), key)
 
 
 def test_the_management_api_over_http(vendor: Vendor) -> None:
