@@ -11,7 +11,7 @@ from floatd.store.audit import iso
 
 @main.group("api-keys")
 def api_keys() -> None:
-    """Keys of the management API: each change made with one is recorded as its."""
+    """Keys of the management API; what a key changes is recorded under its name."""
 
 
 @api_keys.command("create")
