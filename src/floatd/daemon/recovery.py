@@ -125,7 +125,7 @@ class StateKeeper:
 
     def failed(self, error: StoreError) -> None:
         """A commit failed or is overdue: stop changing state until a reload from
-        disk succeeds (:meth:`_recover`).
+        disk succeeds (:meth:`recover`).
 
         Memory may now hold changes the disk never got (a release, a grant), and
         the committer writes nothing more, so nothing that depends on them can

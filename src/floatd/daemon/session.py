@@ -113,11 +113,12 @@ class _Connection:
     completion, the wake-up of a waiter), so no task waits for an answer and the
     reader never stops reading for one.
 
-    Ready answers are queued as one write for the server's outbox
-    (:meth:`Server._send_answers`).  They belong to the connection until the
-    kernel has taken them (``_out``).  The outbox writes them without blocking;
-    what the kernel does not take at once (a client that stops reading) is
-    written by a drain task.  The reader reads nothing more while a drain runs
+    Ready answers are queued as one write: on plain TCP for the lease port's
+    outbox (:meth:`LeasePort.send_answers`), on other streams for the reader
+    itself or the connection's writer task.  They belong to the connection
+    until the kernel has taken them (``_out``).  The outbox writes them without
+    blocking; what the kernel does not take at once (a client that stops
+    reading) is written by the writer task.  The reader reads nothing more while a drain runs
     or ``MAX_PIPELINE`` answers are owed, so a client that never reads cannot
     make the server hold its answers in memory.
     """
