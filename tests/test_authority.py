@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import calendar
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from floatd.authority.cli import main as authority_main
 from floatd.authority.logic import Authority, BadTerms, add_duration, key_hash
 from floatd.authority.store import AuthorityStore, Product, Terms
 from floatd.core.entitlement import (
@@ -23,6 +26,16 @@ from floatd.errors import AuthorityError
 
 NOW = float(calendar.timegm((2026, 1, 31, 12, 0, 0)))
 SERVER = "0123456789abcdef0123456789abcdef"
+
+
+def vendor_cli(db: Path) -> Callable[..., tuple[int, str, str]]:
+    """The vendor's CLI on ``db``: ``run(*args)`` gives (exit code, stdout, stderr)."""
+
+    def run(*args: str) -> tuple[int, str, str]:
+        result = CliRunner().invoke(authority_main, ["--db", str(db), *args])
+        return result.exit_code, result.stdout, result.stderr
+
+    return run
 
 
 @pytest.fixture
@@ -171,24 +184,18 @@ def test_offline_signing_binds_the_request_nonce(
 
 
 def test_vendor_cli_refusals_are_one_line(tmp_path: Path) -> None:
-    from click.testing import CliRunner
-
-    from floatd.authority.cli import main
-
-    def run(*args: str) -> tuple[int, str]:
-        result = CliRunner().invoke(main, ["--db", str(tmp_path / "a.db"), *args])
-        return result.exit_code, result.stderr
+    run = vendor_cli(tmp_path / "a.db")
 
     key = str(tmp_path / "k.pem")
     assert run("keys", "generate", "--out", key)[0] == 0
-    code, err = run("keys", "generate", "--out", key)
+    code, _, err = run("keys", "generate", "--out", key)
     assert code == 1 and "not overwriting" in err
     assert run("product", "add", "cad", "--name", "C")[0] == 0
-    code, err = run("product", "add", "cad", "--name", "C")
+    code, _, err = run("product", "add", "cad", "--name", "C")
     assert code == 1 and err.count("\n") == 1 and "exists" in err
-    code, err = run("license", "issue", "--order", "o", "--product", "nope", "--seats", "1")
+    code, _, err = run("license", "issue", "--order", "o", "--product", "nope", "--seats", "1")
     assert code == 1 and "no product" in err
-    code, err = run(
+    code, _, err = run(
         "license",
         "issue",
         "--order",
@@ -201,31 +208,29 @@ def test_vendor_cli_refusals_are_one_line(tmp_path: Path) -> None:
         "monthly",
     )
     assert code == 2 and "--interval" in err
-    code, err = run("license", "show", "lic-missing")
+    code, _, err = run("license", "show", "lic-missing")
     assert code == 1 and err.count("\n") == 1
-    code, err = run("license", "suspend", "lic-missing")
+    code, _, err = run("license", "suspend", "lic-missing")
     assert code == 1
     for group in ("keys", "product", "license", "users", "activations", "offline", "serve"):
         assert run(group, "--help")[0] == 0
 
 
 def test_an_encrypted_signing_key_needs_its_passphrase(tmp_path: Path) -> None:
-    from click.testing import CliRunner
-
-    from floatd.authority.cli import PASSPHRASE_ENV, main
+    from floatd.authority.cli import PASSPHRASE_ENV
 
     db = ["--db", str(tmp_path / "a.db")]
     key = str(tmp_path / "k.pem")
     env = {PASSPHRASE_ENV: "correct horse"}
     made = CliRunner().invoke(
-        main, [*db, "keys", "generate", "--out", key, "--passphrase"], env=env
+        authority_main, [*db, "keys", "generate", "--out", key, "--passphrase"], env=env
     )
     assert made.exit_code == 0 and made.stdout.startswith("ed25519:")
     assert b"ENCRYPTED" in Path(key).read_bytes()
-    shown = CliRunner().invoke(main, [*db, "keys", "public", "--key", key], env=env)
+    shown = CliRunner().invoke(authority_main, [*db, "keys", "public", "--key", key], env=env)
     assert shown.stdout == made.stdout
     locked = CliRunner().invoke(
-        main, [*db, "keys", "public", "--key", key], env={PASSPHRASE_ENV: ""}
+        authority_main, [*db, "keys", "public", "--key", key], env={PASSPHRASE_ENV: ""}
     )
     assert locked.exit_code == 1 and PASSPHRASE_ENV in locked.stderr
 
@@ -305,13 +310,7 @@ def test_vendor_cli_dates_from_now_point_ahead_and_bad_terms_are_usage_errors(
     import json
     import time
 
-    from click.testing import CliRunner
-
-    from floatd.authority.cli import main
-
-    def run(*args: str) -> tuple[int, str, str]:
-        result = CliRunner().invoke(main, ["--db", str(tmp_path / "a.db"), *args])
-        return result.exit_code, result.stdout, result.stderr
+    run = vendor_cli(tmp_path / "a.db")
 
     assert run("product", "add", "cad", "--name", "C")[0] == 0
     issue = ("license", "issue", "--order", "o", "--product", "cad", "--seats", "2", "--json")
@@ -397,12 +396,8 @@ def test_users_are_assigned_only_where_they_can_lease_and_as_floatd_names_them(
 def test_the_vendor_cli_never_starts_empty_books_unnoticed(tmp_path: Path) -> None:
     import os
 
-    from click.testing import CliRunner
-
-    from floatd.authority.cli import main
-
     def run(*args: str) -> tuple[int, str, str]:
-        result = CliRunner().invoke(main, list(args), env={"FLOATD_AUTHORITY_DB": None})
+        result = CliRunner().invoke(authority_main, list(args), env={"FLOATD_AUTHORITY_DB": None})
         return result.exit_code, result.stdout, result.stderr
 
     books = tmp_path / "books.sqlite3"
@@ -427,13 +422,7 @@ def test_the_vendor_cli_never_starts_empty_books_unnoticed(tmp_path: Path) -> No
 
 
 def test_vendor_cli_listings_have_headers_and_show_reads_as_text(tmp_path: Path) -> None:
-    from click.testing import CliRunner
-
-    from floatd.authority.cli import main
-
-    def run(*args: str) -> tuple[int, str, str]:
-        result = CliRunner().invoke(main, ["--db", str(tmp_path / "a.db"), *args])
-        return result.exit_code, result.stdout, result.stderr
+    run = vendor_cli(tmp_path / "a.db")
 
     assert run("product", "add", "cad", "--name", "CAD Pro", "--trial-days", "14")[0] == 0
     assert run("product", "list")[1].splitlines()[0].split()[:2] == ["CODE", "NAME"]
@@ -466,13 +455,7 @@ def test_vendor_cli_listings_have_headers_and_show_reads_as_text(tmp_path: Path)
 
 
 def test_license_update_changes_every_term_issue_sets(tmp_path: Path) -> None:
-    from click.testing import CliRunner
-
-    from floatd.authority.cli import main
-
-    def run(*args: str) -> tuple[int, str, str]:
-        result = CliRunner().invoke(main, ["--db", str(tmp_path / "a.db"), *args])
-        return result.exit_code, result.stdout, result.stderr
+    run = vendor_cli(tmp_path / "a.db")
 
     for code in ("cad", "sim"):
         assert run("product", "add", code, "--name", code.upper())[0] == 0
@@ -557,10 +540,6 @@ def test_a_cloned_server_shows_as_two_addresses_on_one_activation(
 ) -> None:
     """A byte-for-byte clone keeps the machine id, so its refreshes name the
     same server; the vendor tells the two apart by where refreshes come from."""
-    from click.testing import CliRunner
-
-    from floatd.authority.cli import main
-
     _, key = authority.issue_license("o-c", Terms(products=["cad"], seats=1), NOW)
     activation_id, _ = authority.activate(key, SERVER, "host", "floatd/1", NOW)
     for n in range(30):  # the newest are kept, not all
@@ -568,7 +547,7 @@ def test_a_cloned_server_shows_as_two_addresses_on_one_activation(
     authority.refresh(activation_id, SERVER, NOW + 31, "10.0.0.9", "floatd/1")
     kept = authority.store.refreshes(activation_id)
     assert len(kept) == 20 and kept[0][1:] == ("10.0.0.9", "floatd/1")
-    out = CliRunner().invoke(main, ["--db", str(tmp_path / "a.db"), "activations", "list"]).stdout
+    out = vendor_cli(tmp_path / "a.db")("activations", "list")[1]
     assert "10.0.0.9, 10.0.0.5 (several servers: a clone?)" in out
 
 
@@ -599,13 +578,7 @@ def test_site_users_are_shown_and_counted_against_max_users(authority: Authority
 
 
 def test_every_vendor_change_is_in_the_trail_with_who_and_before_after(tmp_path: Path) -> None:
-    from click.testing import CliRunner
-
-    from floatd.authority.cli import main
-
-    def run(*args: str) -> tuple[int, str, str]:
-        result = CliRunner().invoke(main, ["--db", str(tmp_path / "a.db"), *args])
-        return result.exit_code, result.stdout, result.stderr
+    run = vendor_cli(tmp_path / "a.db")
 
     assert run("product", "add", "sim", "--name", "Sim", "--authorization", "user")[0] == 0
     _, out, _ = run(

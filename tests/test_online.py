@@ -94,6 +94,13 @@ def acquire(d: Daemon, fingerprint: str = "machine-0001") -> dict[str, Any]:
         return c.request("acquire", product="cad", fingerprint=fingerprint)
 
 
+def acquire_as(c: SimpleClient, user: str, password: str) -> dict[str, Any]:
+    """A license user's acquire of the user-authorized product "sim"."""
+    return c.request(
+        "acquire", product="sim", fingerprint="machine-0001", user=user, password=password
+    )
+
+
 def healthz(d: Daemon) -> tuple[int, Any]:
     status, body = d.http("/healthz")
     return status, json.loads(body)
@@ -310,13 +317,7 @@ def test_license_users_across_the_two_sides(tmp_path: Path, vendor: Vendor) -> N
         assert "1 assigned by the site" in refused.stderr
         with SimpleClient("127.0.0.1", d.port, timeout=10) as c:
             assert c.hello()["ok"]
-            got = c.request(
-                "acquire",
-                product="sim",
-                fingerprint="machine-0001",
-                user="ann@example.com",
-                password=password.stdout.strip(),
-            )
+            got = acquire_as(c, "ann@example.com", password.stdout.strip())
             assert got["ok"], got
             vendor.run("users", "unassign", license_id, "ann@example.com")
             until(lambda: "license_user_unassigned" in names(d), "the unassignment at a refresh")
@@ -342,13 +343,7 @@ def test_an_unassignment_that_cannot_be_written_waits_for_the_next_refresh(
         d.start(env={"FLOATD_TEST_WRITE_FAULT": str(fault)})
         with SimpleClient("127.0.0.1", d.port, timeout=10) as c:
             assert c.hello()["ok"]
-            got = c.request(
-                "acquire",
-                product="sim",
-                fingerprint="machine-0001",
-                user="ann@example.com",
-                password=pw.stdout.strip(),
-            )
+            got = acquire_as(c, "ann@example.com", pw.stdout.strip())
             assert got["ok"], got
             fault.touch()
             until(lambda: "state_unavailable" in names(d), "the failed write")

@@ -121,7 +121,7 @@ def _unassign(call: Call) -> Any:
 
 def _activations(call: Call) -> Any:
     a = call.authority
-    return [activation_doc(x, a) for x in a.store.activations(call.query.get("license"))]
+    return [activation_doc(a, x) for x in a.store.activations(call.query.get("license"))]
 
 
 def _revoke_activation(call: Call) -> Any:
@@ -129,7 +129,7 @@ def _revoke_activation(call: Call) -> Any:
     a.revoke_activation(call.params[0])
     activation = a.store.activation(call.params[0])
     assert activation is not None
-    return activation_doc(activation, a)
+    return activation_doc(a, activation)
 
 
 def _changes(call: Call) -> Any:

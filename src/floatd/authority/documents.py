@@ -31,7 +31,7 @@ def license_doc(a: Authority, lic: License) -> dict[str, Any]:
     }
 
 
-def activation_doc(x: Activation, a: Authority) -> dict[str, Any]:
+def activation_doc(a: Authority, x: Activation) -> dict[str, Any]:
     """One activation; ``addresses`` are where its recent refreshes came from,
     newest first: more than one at once is two servers (a cloned VM keeps its
     machine id, and so its fingerprint) sharing one activation."""

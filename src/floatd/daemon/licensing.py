@@ -216,6 +216,8 @@ class Licensing:
         be written) is ended at the next."""
         if self.end_user is None:
             return
+        # Read again, not the list sent with the refresh: a user the site
+        # assigned while the authority was answering may already hold a seat.
         local = await self.shared.run_sync(
             users.local_assignments, self.shared.config.database_path
         )

@@ -39,7 +39,7 @@ ACTIVATION_COLUMNS = ("id", "license", "server", "hostname", "mode", "state", "r
 def activations_list(ctx: Ctx, license_id: str | None, as_json: bool) -> None:
     """List activations (FROM: the addresses of their recent refreshes)."""
     a = ctx.authority()
-    rows = [activation_doc(x, a) for x in a.store.activations(license_id)]
+    rows = [activation_doc(a, x) for x in a.store.activations(license_id)]
     if as_json:
         echo_json(rows)
         return

@@ -228,7 +228,7 @@ def license_show(ctx: Ctx, license_id: str, as_json: bool) -> None:
     """One license with its terms, users and activations."""
     a = ctx.authority()
     doc = license_doc(a, a.get_license(license_id))
-    doc["activation_list"] = [activation_doc(x, a) for x in a.store.activations(license_id)]
+    doc["activation_list"] = [activation_doc(a, x) for x in a.store.activations(license_id)]
     if as_json:
         echo_json(doc)
         return
