@@ -3,7 +3,7 @@ own stream checks, and what the daemon relies on besides."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import pytest
@@ -125,6 +125,39 @@ async def test_close_wakes_a_blocked_receive() -> None:
                 await trio.testing.wait_all_tasks_blocked()
                 await server.aclose()
             assert outcome == ["closed"]
+
+
+@pytest.mark.parametrize("kind", ["receive_owed", "receive_answered"])
+async def test_both_receive_kinds_read_wait_and_close_like_receive_some(kind: str) -> None:
+    """The connection's two ways of reading (wait first, or read first) keep
+    receive_some's contract: the data, a wait until data comes, a checkpoint
+    that cancellation reaches, the closed and busy errors, and b"" at hang-up."""
+    with trio.fail_after(10):
+        async with pair() as (server, client):
+            receive = getattr(server, kind)
+            await client.send_all(b"ready")
+            await trio.sleep(0.05)  # arrived before the read: owed or not, it is read
+            assert await receive(100) == b"ready"
+            with trio.move_on_after(0.05) as scope:
+                await receive(10)  # nothing sent: waits, and is cancelled
+            assert scope.cancelled_caught
+            got: list[bytes] = []
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_append, got, receive)
+                await trio.testing.wait_all_tasks_blocked()
+                with pytest.raises(trio.BusyResourceError):
+                    await server.receive_some(10)
+                await client.send_all(b"later")
+            assert got == [b"later"]
+            await client.aclose()
+            assert await receive(100) == b""
+            await server.aclose()
+            with pytest.raises(trio.ClosedResourceError):
+                await receive(10)
+
+
+async def _append(into: list[bytes], receive: Callable[[int], Awaitable[bytes]]) -> None:
+    into.append(await receive(100))
 
 
 async def test_receive_is_a_cancellation_point_and_sends_do_not_overlap() -> None:

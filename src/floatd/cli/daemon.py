@@ -3,6 +3,7 @@ the demo."""
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import signal
@@ -129,11 +130,30 @@ def run_server(
         notifier.close()
 
 
+#: The cyclic collector's thresholds while serving (Python's default: 700, 10, 10).
+#: Every request allocates a few short-lived containers (the parsed request, its
+#: answer, the journal's change records, trio's wake-ups) that reference counting
+#: frees; at the default the collector ran a young-generation pass every few
+#: dozen requests and an older one every few hundred, and ``bench/throughput.py``
+#: measured acquires about 9% and renewals about 5% faster with these.  Cycles
+#: are still collected, only in larger steps.
+GC_THRESHOLDS = (10_000, 50, 50)
+
+
+def tune_gc() -> None:
+    """Move what start-up built (the loaded leases, config, modules) out of the
+    collector's sight, and collect the young generations less often."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 async def _serve(server: Any, on_listening: Callable[[], None] | None = None) -> None:
     # Bind first: a port in use ends the start before the state is touched
     # (load_state marks it in use, so a failed start would look like a crash).
     await server.bind()
     server.load_state()
+    tune_gc()
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(server.run)

@@ -10,11 +10,11 @@ re-check sizes.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import field
 from typing import Any
 
-from floatd.core.records import record
+from floatd.core.records import NO_META, no_meta, record
 from floatd.errors import BadRequest, FloatdError, UnknownOp
 
 MAX_ID = 2**63
@@ -45,7 +45,7 @@ class Acquire:
     user: str | None = None
     password: str | None = None
     hostname: str | None = None
-    meta: dict[str, str] = field(default_factory=dict)
+    meta: Mapping[str, str] = field(default_factory=no_meta)
     wait: float = 0.0
 
 
@@ -115,10 +115,10 @@ def _wait(obj: dict[str, Any]) -> float:
     return float(value)
 
 
-def _meta(obj: dict[str, Any]) -> dict[str, str]:
+def _meta(obj: dict[str, Any]) -> Mapping[str, str]:
     value = obj.get("meta")
-    if value is None:
-        return {}
+    if value is None or value == {}:
+        return NO_META
     if not isinstance(value, dict):
         raise BadRequest("field 'meta' must be a map", field="meta")
     if len(value) > MAX_META_KEYS:

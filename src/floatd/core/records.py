@@ -14,10 +14,21 @@ Equality and hashing are what a frozen dataclass has (same type, same fields).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import TypeVar, dataclass_transform
 
 _T = TypeVar("_T")
+
+#: The metadata of every request and lease that has none (most of them): one
+#: shared, read-only map rather than an empty dict each.
+NO_META: Mapping[str, str] = MappingProxyType({})
+
+
+def no_meta() -> Mapping[str, str]:
+    """NO_META as a field's default (a dataclass refuses an unhashable one)."""
+    return NO_META
 
 
 @dataclass_transform(frozen_default=True, field_specifiers=(field,))

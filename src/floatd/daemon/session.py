@@ -256,7 +256,13 @@ class _Connection:
                 continue
             self.receiving = True
             try:
-                data = await stream.receive_some(MAX_FRAME + 4)
+                data: bytes | bytearray
+                if isinstance(stream, TcpStream):
+                    # A client owed an answer is waiting for it, not sending.
+                    receive = stream.receive_owed if self._pending else stream.receive_answered
+                    data = await receive(MAX_FRAME + 4)
+                else:
+                    data = await stream.receive_some(MAX_FRAME + 4)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return True
             finally:

@@ -33,6 +33,7 @@ from floatd.core.changes import (
 )
 from floatd.core.codec import pack
 from floatd.core.pool import Lease
+from floatd.core.records import NO_META
 from floatd.errors import StoreError
 
 
@@ -324,7 +325,7 @@ class SQLiteLeaseStore:
                 instance=r[5],
                 user=r[6],
                 hostname=r[7],
-                meta=msgpack.unpackb(r[8]),
+                meta=msgpack.unpackb(r[8]) if r[8] != _EMPTY_MAP else NO_META,
                 peer=r[9],
                 granted_at=r[10],
                 expires_at=r[11],
