@@ -20,6 +20,8 @@ from urllib.parse import parse_qs, unquote
 
 from floatd.authority.documents import activation_doc, change_doc, license_doc, product_doc
 from floatd.authority.logic import Authority
+from floatd.authority.manager_api import DOCUMENTED
+from floatd.authority.managers import Managers
 from floatd.authority.store import Product, Terms
 from floatd.errors import AuthorityError
 from floatd.http11 import Reply, headers, json_reply
@@ -138,6 +140,27 @@ def _changes(call: Call) -> Any:
     return [change_doc(c) for c in changes]
 
 
+def _managers(call: Call) -> Any:
+    return [m.__dict__ for m in Managers(call.authority).all()]
+
+
+def _appoint(call: Call) -> Any:
+    order, email = unquote(call.params[0]), _text(call.body, "email")
+    token = Managers(call.authority).appoint(order, email)
+    return {"order": order, "manager": email, "enrolment_token": token}
+
+
+def _dismiss(call: Call) -> Any:
+    order = unquote(call.params[0])
+    Managers(call.authority).dismiss(order)
+    return {"order": order, "manager": None}
+
+
+def _reset_manager(call: Call) -> Any:
+    email = unquote(call.params[0])
+    return {"email": email, "enrolment_token": Managers(call.authority).reset(email)}
+
+
 LICENSE = "/v1/admin/licenses/{license_id}"
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/admin/products", "List products", _products),
@@ -159,6 +182,20 @@ ROUTES: tuple[Route, ...] = (
         _revoke_activation,
     ),
     Route("GET", "/v1/admin/changes", "The change trail (?subject=, ?limit=)", _changes),
+    Route("GET", "/v1/admin/managers", "License managers and their orders", _managers),
+    Route(
+        "PUT",
+        "/v1/admin/orders/{order_id}/manager",
+        "Name an order's license manager (an enrolment token if they have no password)",
+        _appoint,
+    ),
+    Route("DELETE", "/v1/admin/orders/{order_id}/manager", "The order has no manager", _dismiss),
+    Route(
+        "POST",
+        "/v1/admin/managers/{email}/reset",
+        "A new enrolment token (the password and sessions end)",
+        _reset_manager,
+    ),
 )
 _COMPILED = [(route, route.pattern) for route in ROUTES]
 
@@ -196,9 +233,12 @@ async def admin_reply(
         if route.method != method:
             allowed.append(route.method)
             continue
-        actor = await run(authority.api_actor, _bearer())
-        if actor is None:
+        found = await run(authority.api_actor, _bearer())
+        if found is None:
             raise AuthorityError(401, "UNAUTHORIZED", "a valid API key is required (Bearer)")
+        actor, rights = found
+        if rights != "all" and method != "GET":
+            raise AuthorityError(403, "FORBIDDEN", "this API key may only read")
         call = Call(authority.as_actor(actor), match.groups(), _query(query), body)
         return json_reply(route.status, await run(route.handler, call))
     if allowed:
@@ -262,9 +302,11 @@ def openapi() -> dict[str, Any]:
         ("GET", "/v1/health", "Health", 200),
         ("GET", "/v1/openapi.json", "This document", 200),
     ]
-    entries = [(m, p, s, st, False) for m, p, s, st in server_routes]
-    entries += [(r.method, r.path, r.summary, r.status, True) for r in ROUTES]
-    for method, path, summary, status, secured in entries:
+    entries: list[tuple[str, str, str, int, str | None]]
+    entries = [(m, p, s, st, None) for m, p, s, st in server_routes]
+    entries += [(m, p, s, st, "managerSession" if on else None) for m, p, s, st, on in DOCUMENTED]
+    entries += [(r.method, r.path, r.summary, r.status, "apiKey") for r in ROUTES]
+    for method, path, summary, status, scheme in entries:
         op: dict[str, Any] = {
             "summary": summary,
             "parameters": [
@@ -284,15 +326,18 @@ def openapi() -> dict[str, Any]:
                 "required": method != "PUT",
                 "content": {"application/json": {"schema": {"type": "object"}}},
             }
-        if secured:
-            op["security"] = [{"apiKey": []}]
+        if scheme is not None:
+            op["security"] = [{scheme: []}]
         paths.setdefault(path, {})[method.lower()] = op
     return {
         "openapi": "3.1.0",
         "info": {"title": "floatd reference authority", "version": "1"},
         "paths": paths,
         "components": {
-            "securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {
+                "apiKey": {"type": "http", "scheme": "bearer"},
+                "managerSession": {"type": "http", "scheme": "bearer"},
+            },
             "schemas": {
                 "Error": {
                     "type": "object",

@@ -23,6 +23,9 @@ import trio
 
 from floatd.authority.admin_api import admin_reply, openapi
 from floatd.authority.logic import Authority
+from floatd.authority.manager_api import manager_reply
+from floatd.authority.managers import Managers
+from floatd.authority.portal import Portal
 from floatd.core.entitlement import check_email
 from floatd.errors import AuthorityError
 from floatd.http11 import HttpServer, Reply, json_reply, peer
@@ -102,6 +105,8 @@ class AuthorityApi(HttpServer):
         self.authority = authority
         self.clock = clock
         self._limiter = trio.CapacityLimiter(1)
+        self.managers = Managers(authority)
+        self.portal = Portal(self.managers, self._run, secure=tls is not None)
 
     def error_reply(self, status: int, **headers: str) -> Reply:
         code = _CODES.get(status, "BAD_REQUEST")
@@ -111,6 +116,11 @@ class AuthorityApi(HttpServer):
         text = target.decode("ascii", "replace")
         path = text.split("?", 1)[0]
         try:
+            if path.startswith("/v1/manager/"):
+                doc = _json_body(body) if body else {}
+                return await manager_reply(self.managers, self._run, method.decode(), path, doc)
+            if path == "/portal" or path.startswith("/portal/"):
+                return await self.portal.respond(method.decode(), text, body)
             if path.startswith("/v1/admin/"):
                 doc = _json_body(body) if body else {}
                 return await admin_reply(self.authority, self._run, method.decode(), text, doc)

@@ -46,6 +46,8 @@ _DURATION = re.compile(
 
 
 API_KEY_PREFIX = "FLA-"
+#: What a management API key may do: everything, or only read.
+API_RIGHTS = ("all", "read")
 
 
 def new_license_key() -> str:
@@ -153,7 +155,7 @@ class Authority:
         self.actor = actor
         self._clock = clock
 
-    def _changed(
+    def record_change(
         self,
         action: str,
         subject: str,
@@ -178,7 +180,9 @@ class Authority:
             raise AuthorityError(400, "BAD_REQUEST", "durations must not be negative")
         with self.store.transaction():
             self.store.add_product(product)
-            self._changed("product.add", f"product:{product.code}", None, dict(product.__dict__))
+            self.record_change(
+                "product.add", f"product:{product.code}", None, dict(product.__dict__)
+            )
         return product
 
     def issue_license(
@@ -203,7 +207,7 @@ class Authority:
         with self.store.transaction():
             self.store.ensure_order(order_id, order_reference, customer)
             self.store.add_license(license_id, order_id, key_hash(key), terms, now)
-            self._changed(
+            self.record_change(
                 "license.issue",
                 f"license:{license_id}",
                 None,
@@ -272,7 +276,7 @@ class Authority:
         check_terms(terms, now)
         with self.store.transaction():
             self.store.set_terms(license_id, terms)
-            self._changed(
+            self.record_change(
                 "license.update", f"license:{license_id}", before, self._license_state(license_id)
             )
         return self.get_license(license_id)
@@ -294,7 +298,7 @@ class Authority:
                 # license keeps them, to have them back when reinstated).
                 for activation in self.store.activations(license_id, active_only=True):
                     self.store.set_activation(activation.id, state="revoked")
-            self._changed(
+            self.record_change(
                 f"license.{state}", f"license:{license_id}", before, self._license_state(license_id)
             )
         return self.get_license(license_id)
@@ -324,7 +328,7 @@ class Authority:
             )
         with self.store.transaction():
             if self.store.add_user(license_id, email):
-                self._changed(
+                self.record_change(
                     "user.assign", f"license:{license_id}", {"user": None}, {"user": email}
                 )
         return self.get_license(license_id)
@@ -334,7 +338,9 @@ class Authority:
         with self.store.transaction():
             if not self.store.remove_user(lic.id, email):
                 raise AuthorityError(404, "USER_NOT_FOUND", f"{email} is not assigned")
-            self._changed("user.unassign", f"license:{lic.id}", {"user": email}, {"user": None})
+            self.record_change(
+                "user.unassign", f"license:{lic.id}", {"user": email}, {"user": None}
+            )
         return self.get_license(license_id)
 
     def revoke_activation(self, activation_id: str) -> Activation:
@@ -343,7 +349,7 @@ class Authority:
             raise AuthorityError(404, "ACTIVATION_NOT_FOUND", "no such activation")
         with self.store.transaction():
             self.store.set_activation(activation_id, state="revoked")
-            self._changed(
+            self.record_change(
                 "activation.revoke",
                 f"activation:{activation_id}",
                 {"state": activation.state},
@@ -351,28 +357,37 @@ class Authority:
             )
         return activation
 
-    def create_api_key(self, name: str) -> str:
-        """A key for the management API (shown once, stored as a hash)."""
+    def create_api_key(self, name: str, rights: str = "all") -> str:
+        """A key for the management API (shown once, stored as a hash).  ``rights``:
+        "all", or "read" for a key that may only read (GET routes)."""
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
             raise AuthorityError(400, "BAD_REQUEST", "an API key name is 1-64 of A-Z a-z 0-9 _ . -")
+        if rights not in API_RIGHTS:
+            raise AuthorityError(400, "BAD_REQUEST", f"rights are one of {', '.join(API_RIGHTS)}")
         key = API_KEY_PREFIX + secrets.token_urlsafe(32)
         with self.store.transaction():
-            self.store.add_api_key(name, key_hash(key), self._clock())
-            self._changed("api_key.create", f"api_key:{name}", None, {"name": name})
+            self.store.add_api_key(name, key_hash(key), self._clock(), rights)
+            self.record_change(
+                "api_key.create", f"api_key:{name}", None, {"name": name, "rights": rights}
+            )
         return key
 
     def revoke_api_key(self, name: str) -> None:
         with self.store.transaction():
             if not self.store.revoke_api_key(name):
                 raise AuthorityError(404, "API_KEY_NOT_FOUND", f"no active API key {name!r}")
-            self._changed(
+            self.record_change(
                 "api_key.revoke", f"api_key:{name}", {"revoked": False}, {"revoked": True}
             )
 
-    def api_actor(self, key: str) -> str | None:
-        """``api:<name>`` for a live key, else None."""
-        name = self.store.api_key_name(key_hash(key))
-        return None if name is None else f"api:{name}"
+    def api_actor(self, key: str) -> tuple[str, str] | None:
+        """(``api:<name>``, its rights) for a live key, else None."""
+        found = self.store.api_key(key_hash(key))
+        return None if found is None else (f"api:{found[0]}", found[1])
+
+    def now(self) -> float:
+        """The authority's clock (injected in tests)."""
+        return self._clock()
 
     def as_actor(self, actor: str) -> Authority:
         """The same books, with changes recorded as ``actor``'s."""

@@ -102,6 +102,30 @@ _MIGRATIONS = [
         revoked INTEGER NOT NULL DEFAULT 0
     );
     """,
+    # License managers: people on the customer's side who assign the users of
+    # the licenses under the orders that name them.  Passwords as scrypt
+    # hashes; the one-time enrolment token and the sessions only as SHA-256.
+    """
+    ALTER TABLE orders ADD COLUMN manager TEXT;
+    CREATE TABLE managers (
+        email TEXT PRIMARY KEY,
+        password_hash TEXT,
+        enrol_hash BLOB UNIQUE,
+        enrol_expires REAL,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE manager_sessions (
+        token_hash BLOB PRIMARY KEY,
+        email TEXT NOT NULL REFERENCES managers(email),
+        csrf TEXT NOT NULL,
+        expires_at REAL NOT NULL
+    );
+    CREATE INDEX manager_sessions_expiry ON manager_sessions (expires_at);
+    """,
+    # What an API key may do: "all", or "read" (GET routes only).
+    """
+    ALTER TABLE api_keys ADD COLUMN rights TEXT NOT NULL DEFAULT 'all';
+    """,
 ]
 
 #: Refreshes kept per activation (the newest).
@@ -228,7 +252,10 @@ class AuthorityStore:
             "SELECT reference, customer FROM orders WHERE id = ?", (order_id,)
         ).fetchone()
         if row is None:
-            self.db.execute("INSERT INTO orders VALUES (?, ?, ?)", (order_id, reference, customer))
+            self.db.execute(
+                "INSERT INTO orders (id, reference, customer) VALUES (?, ?, ?)",
+                (order_id, reference, customer),
+            )
             return
         # A license issued under an existing order takes the order as it is; a
         # different customer or reference would rewrite every license under it.
@@ -404,24 +431,27 @@ class AuthorityStore:
             for at, actor, action, subject, b, a in rows
         ]
 
-    def add_api_key(self, name: str, key_hash: bytes, now: float) -> None:
+    def add_api_key(self, name: str, key_hash: bytes, now: float, rights: str = "all") -> None:
         try:
             self.db.execute(
-                "INSERT INTO api_keys (name, key_hash, created_at) VALUES (?, ?, ?)",
-                (name, key_hash, now),
+                "INSERT INTO api_keys (name, key_hash, created_at, rights) VALUES (?, ?, ?, ?)",
+                (name, key_hash, now, rights),
             )
         except sqlite3.IntegrityError:
             raise AuthorityError(409, "API_KEY_EXISTS", f"an API key {name!r} exists") from None
 
-    def api_key_name(self, key_hash: bytes) -> str | None:
+    def api_key(self, key_hash: bytes) -> tuple[str, str] | None:
+        """(name, rights) of a live key."""
         row = self.db.execute(
-            "SELECT name FROM api_keys WHERE key_hash = ? AND revoked = 0", (key_hash,)
+            "SELECT name, rights FROM api_keys WHERE key_hash = ? AND revoked = 0", (key_hash,)
         ).fetchone()
-        return None if row is None else str(row[0])
+        return None if row is None else (str(row[0]), str(row[1]))
 
-    def api_keys(self) -> list[tuple[str, float, bool]]:
-        rows = self.db.execute("SELECT name, created_at, revoked FROM api_keys ORDER BY name")
-        return [(str(n), float(c), bool(r)) for n, c, r in rows]
+    def api_keys(self) -> list[tuple[str, float, bool, str]]:
+        rows = self.db.execute(
+            "SELECT name, created_at, revoked, rights FROM api_keys ORDER BY name"
+        )
+        return [(str(n), float(c), bool(r), str(g)) for n, c, r, g in rows]
 
     def revoke_api_key(self, name: str) -> bool:
         cur = self.db.execute(

@@ -16,13 +16,17 @@ def api_keys() -> None:
 
 @api_keys.command("create")
 @click.argument("name")
+@click.option(
+    "--read-only", is_flag=True, help="The key may only read (GET); changes get 403 FORBIDDEN."
+)
 @pass_ctx
 @guarded
-def api_keys_create(ctx: Ctx, name: str) -> None:
+def api_keys_create(ctx: Ctx, name: str, read_only: bool) -> None:
     """Make a key and print it (shown this once, stored only as a hash)."""
-    key = ctx.authority().create_api_key(name)
+    key = ctx.authority().create_api_key(name, "read" if read_only else "all")
     click.echo(key)
-    click.echo(f"API key {name!r} made; the key above is shown only now", err=True)
+    kind = "read-only API key" if read_only else "API key"
+    click.echo(f"{kind} {name!r} made; the key above is shown only now", err=True)
 
 
 @api_keys.command("list")
@@ -33,15 +37,17 @@ def api_keys_list(ctx: Ctx, as_json: bool) -> None:
     """The keys' names (never the keys)."""
     rows = ctx.authority().store.api_keys()
     if as_json:
-        echo_json([{"name": n, "created_at": iso(c), "revoked": r} for n, c, r in rows])
+        echo_json(
+            [{"name": n, "created_at": iso(c), "revoked": r, "rights": g} for n, c, r, g in rows]
+        )
         return
     if not rows:
         click.echo("no API keys")
         return
     click.echo(
         table(
-            ["NAME", "CREATED", "STATE"],
-            [[n, iso(c), "revoked" if r else "active"] for n, c, r in rows],
+            ["NAME", "RIGHTS", "CREATED", "STATE"],
+            [[n, g, iso(c), "revoked" if r else "active"] for n, c, r, g in rows],
         )
     )
 

@@ -1,0 +1,184 @@
+"""License managers at the real authority over HTTP: appointed by the vendor,
+enrolled with a one-time token, signed in, and kept to their own orders."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_online import Vendor, admin
+
+MIA = "mia@customer.example"
+OTTO = "otto@other.example"
+PASSWORD = "correct horse battery"
+
+
+@pytest.fixture
+def books(tmp_path: Path) -> Iterator[Vendor]:
+    """A running authority with a user-authorized product and two orders."""
+    v = Vendor(tmp_path)
+    v.run("product", "add", "sim", "--name", "Sim", "--authorization", "user")
+    v.process.start()
+    try:
+        yield v
+    finally:
+        v.process.stop()
+
+
+def _issue(vendor: Vendor, order: str, *terms: str) -> str:
+    """A license of the user-authorized product under ``order``: its id."""
+    doc = json.loads(
+        vendor.run("license", "issue", "--order", order, "--product", "sim", "--json", *terms)
+    )
+    return str(doc["id"])
+
+
+def manager_call(
+    vendor: Vendor, method: str, path: str, session: str | None, doc: Any = None
+) -> tuple[int, Any]:
+    return admin(vendor, method, path, session, doc)
+
+
+def signed_in(vendor: Vendor, token: str, email: str = MIA) -> str:
+    assert manager_call(
+        vendor, "POST", "/v1/manager/enrol", None, {"token": token, "password": PASSWORD}
+    ) == (200, {"email": email})
+    status, doc = manager_call(
+        vendor, "POST", "/v1/manager/session", None, {"email": email, "password": PASSWORD}
+    )
+    assert status == 201, doc
+    return str(doc["token"])
+
+
+def test_a_license_manager_enrols_signs_in_and_assigns_within_their_orders(
+    books: Vendor,
+) -> None:
+    mine = _issue(books, "o-1", "--seats", "5", "--max-users", "2")
+    theirs = _issue(books, "o-2", "--seats", "5", "--max-users", "2")
+    key = books.run("api-keys", "create", "ops").strip()
+
+    status, doc = admin(books, "PUT", "/v1/admin/orders/o-1/manager", key, {"email": MIA})
+    assert status == 200 and doc["manager"] == MIA
+    token = doc["enrolment_token"]
+    assert token.startswith("FLE-")
+
+    # Enrolment: a made-up token, a short password, then the real one, once.
+    bad = {"token": "FLE-made-up", "password": PASSWORD}
+    assert manager_call(books, "POST", "/v1/manager/enrol", None, bad)[1]["error"]["code"] == (
+        "ENROLMENT_INVALID"
+    )
+    short = {"token": token, "password": "short"}
+    assert manager_call(books, "POST", "/v1/manager/enrol", None, short)[0] == 400
+    session = signed_in(books, token)
+    again = {"token": token, "password": PASSWORD}
+    assert manager_call(books, "POST", "/v1/manager/enrol", None, again)[0] == 403
+
+    # A wrong password and an unknown e-mail get the same answer.
+    for who, password in ((MIA, "wrong password"), ("nobody@x.example", PASSWORD)):
+        status, doc = manager_call(
+            books, "POST", "/v1/manager/session", None, {"email": who, "password": password}
+        )
+        assert (status, doc["error"]["code"]) == (401, "UNAUTHORIZED")
+
+    # A bad or missing session is refused.
+    assert manager_call(books, "GET", "/v1/manager/licenses", None)[0] == 401
+    assert manager_call(books, "GET", "/v1/manager/licenses", "FLS-made-up")[0] == 401
+
+    status, docs = manager_call(books, "GET", "/v1/manager/licenses", session)
+    assert status == 200
+    assert [d["id"] for d in docs] == [mine]  # never the other order's license
+    assert docs[0]["not_assigned"] is True and docs[0]["places_free"] == 2
+
+    user = f"/v1/manager/licenses/{mine}/users/ann@customer.example"
+    status, doc = manager_call(books, "POST", user, session)
+    assert status == 200, doc
+    assert doc["users"] == ["ann@customer.example"]
+    assert doc["not_assigned"] is False and doc["places_free"] == 1
+    manager_call(books, "POST", f"/v1/manager/licenses/{mine}/users/bo@customer.example", session)
+    status, doc = manager_call(
+        books, "POST", f"/v1/manager/licenses/{mine}/users/cy@customer.example", session
+    )
+    assert (status, doc["error"]["code"]) == (409, "MAX_USERS_REACHED")
+    assert manager_call(books, "DELETE", user, session)[1]["users"] == ["bo@customer.example"]
+
+    # The other order's license answers as if it did not exist, for reading and writing.
+    status, doc = manager_call(
+        books, "POST", f"/v1/manager/licenses/{theirs}/users/ann@customer.example", session
+    )
+    assert (status, doc["error"]["code"]) == (404, "LICENSE_NOT_FOUND")
+    assert admin(books, "GET", f"/v1/admin/licenses/{theirs}", key)[1]["users"] == []
+    # A manager's session is not an API key.
+    assert admin(books, "GET", "/v1/admin/licenses", session)[0] == 401
+
+    # The trail says who did what.
+    status, changes = admin(books, "GET", f"/v1/admin/changes?subject=license:{mine}", key)
+    actors = {(c["actor"], c["action"]) for c in changes}
+    assert (f"manager:{MIA}", "user.assign") in actors
+    assert (f"manager:{MIA}", "user.unassign") in actors
+
+    # Signing out ends the session.
+    assert manager_call(books, "DELETE", "/v1/manager/session", session)[0] == 204
+    assert manager_call(books, "GET", "/v1/manager/licenses", session)[0] == 401
+
+
+def test_the_vendor_manages_the_managers(books: Vendor) -> None:
+    _issue(books, "o-1", "--seats", "1", "--max-users", "1")
+    _issue(books, "o-2", "--seats", "1", "--max-users", "1")
+    token = books.run("managers", "appoint", "o-1", MIA).strip()
+    assert token.startswith("FLE-")
+    session = signed_in(books, token)
+    # An enrolled manager named on a second order needs no new token.
+    out = books.run("managers", "appoint", "o-2", MIA)
+    assert "already enrolled" in out
+    listed = books.run("managers", "list")
+    assert MIA in listed and "o-1, o-2" in listed and "yes" in listed
+    status, docs = manager_call(books, "GET", "/v1/manager/licenses", session)
+    assert status == 200 and {d["order"] for d in docs} == {"o-1", "o-2"}
+
+    books.run("managers", "dismiss", "o-2")
+    docs = manager_call(books, "GET", "/v1/manager/licenses", session)[1]
+    assert {d["order"] for d in docs} == {"o-1"}
+
+    # A reset ends the password and the sessions, and gives a new token.
+    new = books.run("managers", "reset", MIA).strip()
+    assert manager_call(books, "GET", "/v1/manager/licenses", session)[0] == 401
+    status, _ = manager_call(
+        books, "POST", "/v1/manager/session", None, {"email": MIA, "password": PASSWORD}
+    )
+    assert status == 401
+    signed_in(books, new)
+
+    books.run("managers", "appoint", "o-9", OTTO, code=1)  # no such order
+    books.run("managers", "appoint", "o-1", "not-an-email", code=1)
+    trail = books.run("history", "--subject", "order:o-1")
+    assert "order.manager" in trail
+
+
+def test_a_read_only_key_reads_and_changes_nothing(books: Vendor) -> None:
+    lic = _issue(books, "o-1", "--seats", "1", "--max-users", "1")
+    key = books.run("api-keys", "create", "monitor", "--read-only").strip()
+    assert admin(books, "GET", f"/v1/admin/licenses/{lic}", key)[0] == 200
+    for method, path, doc in (
+        ("POST", f"/v1/admin/licenses/{lic}/suspend", {}),
+        ("PUT", "/v1/admin/orders/o-1/manager", {"email": MIA}),
+        ("PUT", f"/v1/admin/licenses/{lic}/users/ann@customer.example", None),
+    ):
+        status, body = admin(books, method, path, key, doc)
+        assert (status, body["error"]["code"]) == (403, "FORBIDDEN"), path
+    assert admin(books, "GET", f"/v1/admin/licenses/{lic}", key)[1]["state"] == "active"
+    assert "read" in books.run("api-keys", "list")
+
+
+def test_the_openapi_document_covers_the_manager_routes(books: Vendor) -> None:
+    status, doc = admin(books, "GET", "/v1/openapi.json", None)
+    assert status == 200
+    paths = doc["paths"]
+    assert paths["/v1/manager/session"].keys() == {"post", "delete"}
+    assert "get" in paths["/v1/manager/licenses"]
+    assert paths["/v1/manager/licenses/{license_id}/users/{email}"].keys() == {"post", "delete"}
+    assert paths["/v1/admin/orders/{order_id}/manager"].keys() == {"put", "delete"}
+    assert paths["/v1/manager/licenses"]["get"]["security"] == [{"managerSession": []}]
+    assert "security" not in paths["/v1/manager/enrol"]["post"]
