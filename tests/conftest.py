@@ -255,3 +255,18 @@ async def wait_until(predicate: Callable[[], bool], what: str) -> None:
             return
         await trio.sleep(0.01)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def books(tmp_path: Path) -> Any:
+    """A running reference authority (``test_online.Vendor``) that also sells the
+    user-authorized product "sim": the license managers' tests work on it."""
+    from test_online import Vendor  # a test module that itself imports this one
+
+    vendor = Vendor(tmp_path)
+    vendor.run("product", "add", "sim", "--name", "Sim", "--authorization", "user")
+    vendor.process.start()
+    try:
+        yield vendor
+    finally:
+        vendor.process.stop()

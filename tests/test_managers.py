@@ -4,11 +4,8 @@ enrolled with a one-time token, signed in, and kept to their own orders."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import pytest
 from test_online import Vendor, admin
 
 MIA = "mia@customer.example"
@@ -16,19 +13,7 @@ OTTO = "otto@other.example"
 PASSWORD = "correct horse battery"
 
 
-@pytest.fixture
-def books(tmp_path: Path) -> Iterator[Vendor]:
-    """A running authority with a user-authorized product and two orders."""
-    v = Vendor(tmp_path)
-    v.run("product", "add", "sim", "--name", "Sim", "--authorization", "user")
-    v.process.start()
-    try:
-        yield v
-    finally:
-        v.process.stop()
-
-
-def _issue(vendor: Vendor, order: str, *terms: str) -> str:
+def issue_under(vendor: Vendor, order: str, *terms: str) -> str:
     """A license of the user-authorized product under ``order``: its id."""
     doc = json.loads(
         vendor.run("license", "issue", "--order", order, "--product", "sim", "--json", *terms)
@@ -56,8 +41,8 @@ def signed_in(vendor: Vendor, token: str, email: str = MIA) -> str:
 def test_a_license_manager_enrols_signs_in_and_assigns_within_their_orders(
     books: Vendor,
 ) -> None:
-    mine = _issue(books, "o-1", "--seats", "5", "--max-users", "2")
-    theirs = _issue(books, "o-2", "--seats", "5", "--max-users", "2")
+    mine = issue_under(books, "o-1", "--seats", "5", "--max-users", "2")
+    theirs = issue_under(books, "o-2", "--seats", "5", "--max-users", "2")
     key = books.run("api-keys", "create", "ops").strip()
 
     status, doc = admin(books, "PUT", "/v1/admin/orders/o-1/manager", key, {"email": MIA})
@@ -125,8 +110,8 @@ def test_a_license_manager_enrols_signs_in_and_assigns_within_their_orders(
 
 
 def test_the_vendor_manages_the_managers(books: Vendor) -> None:
-    _issue(books, "o-1", "--seats", "1", "--max-users", "1")
-    _issue(books, "o-2", "--seats", "1", "--max-users", "1")
+    issue_under(books, "o-1", "--seats", "1", "--max-users", "1")
+    issue_under(books, "o-2", "--seats", "1", "--max-users", "1")
     token = books.run("managers", "appoint", "o-1", MIA).strip()
     assert token.startswith("FLE-")
     session = signed_in(books, token)
@@ -158,7 +143,7 @@ def test_the_vendor_manages_the_managers(books: Vendor) -> None:
 
 
 def test_a_read_only_key_reads_and_changes_nothing(books: Vendor) -> None:
-    lic = _issue(books, "o-1", "--seats", "1", "--max-users", "1")
+    lic = issue_under(books, "o-1", "--seats", "1", "--max-users", "1")
     key = books.run("api-keys", "create", "monitor", "--read-only").strip()
     assert admin(books, "GET", f"/v1/admin/licenses/{lic}", key)[0] == 200
     for method, path, doc in (

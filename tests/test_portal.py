@@ -4,28 +4,16 @@ assign, unassign, a refused form, sign out."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from browser import start_browser
+from test_managers import issue_under
 from test_online import Vendor, admin
 
 MIA = "mia@customer.example"
 PASSWORD = "correct horse battery"
-
-
-@pytest.fixture
-def books(tmp_path: Path) -> Iterator[Vendor]:
-    v = Vendor(tmp_path)
-    v.run("product", "add", "sim", "--name", "Sim", "--authorization", "user")
-    v.process.start()
-    try:
-        yield v
-    finally:
-        v.process.stop()
 
 
 @pytest.fixture(scope="module")
@@ -35,13 +23,6 @@ def browser() -> Iterator[Any]:
         yield driver
     finally:
         driver.quit()
-
-
-def _issue(vendor: Vendor, order: str, *terms: str) -> str:
-    doc = json.loads(
-        vendor.run("license", "issue", "--order", order, "--product", "sim", "--json", *terms)
-    )
-    return str(doc["id"])
 
 
 def fill(driver: Any, **fields: str) -> None:
@@ -87,8 +68,8 @@ def test_a_manager_works_in_the_portal(books: Vendor, browser: Any) -> None:
     from selenium.webdriver.common.by import By
 
     url = books.process.url
-    mine = _issue(books, "o-1", "--seats", "3", "--max-users", "1")
-    other = _issue(books, "o-2", "--seats", "3", "--max-users", "1")
+    mine = issue_under(books, "o-1", "--seats", "3", "--max-users", "1")
+    other = issue_under(books, "o-2", "--seats", "3", "--max-users", "1")
     token = books.run("managers", "appoint", "o-1", MIA).strip()
 
     browser.delete_all_cookies()
@@ -148,7 +129,7 @@ def test_a_manager_works_in_the_portal(books: Vendor, browser: Any) -> None:
 
 
 def test_a_wrong_password_and_a_forged_sign_in_are_refused(books: Vendor, browser: Any) -> None:
-    _issue(books, "o-1", "--seats", "1", "--max-users", "1")
+    issue_under(books, "o-1", "--seats", "1", "--max-users", "1")
     token = books.run("managers", "appoint", "o-1", MIA).strip()
     url = books.process.url
     browser.delete_all_cookies()
