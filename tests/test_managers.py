@@ -4,6 +4,7 @@ enrolled with a one-time token, signed in, and kept to their own orders."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from test_online import Vendor, admin
@@ -167,3 +168,34 @@ def test_the_openapi_document_covers_the_manager_routes(books: Vendor) -> None:
     assert paths["/v1/admin/orders/{order_id}/manager"].keys() == {"put", "delete"}
     assert paths["/v1/manager/licenses"]["get"]["security"] == [{"managerSession": []}]
     assert "security" not in paths["/v1/manager/enrol"]["post"]
+
+
+def test_failed_sign_ins_are_limited_per_e_mail_and_per_address(tmp_path: Path) -> None:
+    from floatd.authority.logic import Authority
+    from floatd.authority.managers import FAILED_BURST, Managers
+    from floatd.authority.store import AuthorityStore, Product, Terms
+    from floatd.errors import AuthorityError
+
+    now = [1_000_000.0]
+    authority = Authority(AuthorityStore(tmp_path / "a.sqlite3"), clock=lambda: now[0])
+    authority.add_product(Product("sim", "Sim", authorization="user"))
+    authority.issue_license("o-1", Terms(products=["sim"], seats=1, max_users=1), now[0])
+    managers = Managers(authority)
+    managers.enrol(str(managers.appoint("o-1", MIA)), PASSWORD)
+
+    def code(email: str, password: str, address: str | None = "10.0.0.1") -> str:
+        try:
+            managers.sign_in(email, password, address)
+        except AuthorityError as exc:
+            return exc.error_code
+        return "ok"
+
+    for _ in range(FAILED_BURST):
+        assert code(MIA, "wrong password") == "UNAUTHORIZED"
+    # Now the right password too is refused, from that address and from any other.
+    assert code(MIA, PASSWORD) == "RATE_LIMITED"
+    assert code(MIA, PASSWORD, "10.0.0.2") == "RATE_LIMITED"
+    # The address is held back for other accounts as well.
+    assert code("nobody@x.example", PASSWORD) == "RATE_LIMITED"
+    now[0] += 61  # one failure's worth refilled
+    assert code(MIA, PASSWORD, "10.0.0.2") == "ok"

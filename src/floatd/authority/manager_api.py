@@ -17,7 +17,7 @@ from urllib.parse import unquote
 from floatd.authority.managers import Managers
 from floatd.authority.store import License
 from floatd.errors import AuthorityError
-from floatd.http11 import Reply, headers, json_reply
+from floatd.http11 import Reply, headers, json_reply, peer
 from floatd.store.audit import iso
 
 Run = Callable[..., Awaitable[Any]]
@@ -104,7 +104,7 @@ async def manager_reply(managers: Managers, run: Run, method: str, path: str, bo
     if path == "/v1/manager/session":
         if method == "POST":
             token, session = await run(
-                managers.sign_in, _text(body, "email"), _text(body, "password")
+                managers.sign_in, _text(body, "email"), _text(body, "password"), peer.get()
             )
             return json_reply(201, {"token": token, "expires_at": iso(session.expires_at)})
         if method == "DELETE":

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from floatd.authority.logic import Authority
 from floatd.authority.store import License
 from floatd.core.entitlement import check_email
+from floatd.core.limits import RateLimiter, limit_key
 from floatd.errors import AuthorityError
 from floatd.store.users import hash_password, verify_password
 
@@ -34,6 +35,11 @@ ENROL_PREFIX = "FLE-"
 SESSION_PREFIX = "FLS-"
 #: Shortest password a manager may set.
 MIN_PASSWORD = 10
+#: Failed sign-ins allowed per e-mail and per address: this many at once, then
+#: one a minute.  Past that, sign-ins (right or wrong) get 429 until it refills,
+#: so guessing costs a guesser far more than scrypt costs the authority.
+FAILED_BURST = 10
+FAILED_PER_SECOND = 1 / 60
 
 
 def _digest(token: str) -> bytes:
@@ -64,6 +70,9 @@ class Managers:
         self.authority = authority
         self.db = authority.store.db
         self._clock = authority.now
+        #: Failed sign-ins by e-mail and by address (kept by the one instance the
+        #: HTTP server holds; sign-ins run one at a time in its database thread).
+        self.failures = RateLimiter(FAILED_PER_SECOND, FAILED_BURST, max_keys=10_000)
 
     # --- the vendor's side ---------------------------------------------------------
 
@@ -171,15 +180,25 @@ class Managers:
             self.authority.record_change("manager.enrol", f"manager:{row[0]}", None, None)
         return str(row[0])
 
-    def sign_in(self, email: str, password: str) -> tuple[str, Session]:
+    def sign_in(self, email: str, password: str, address: str | None = None) -> tuple[str, Session]:
         """A new session token (shown once) and its session; 401 for an unknown
-        e-mail and a wrong password alike."""
+        e-mail and a wrong password alike, 429 after too many failures from
+        the e-mail or the address."""
+        now = self._clock()
+        keys = [f"email:{email.strip().lower()}"]
+        if address is not None:
+            keys.append(f"address:{limit_key(address)}")
+        if any(self.failures.blocked(key, now) for key in keys):
+            raise AuthorityError(
+                429, "RATE_LIMITED", "too many failed sign-ins: wait a minute and try again"
+            )
         account = self._account(email)
         # An unknown e-mail checks a dummy hash: as slow as a wrong password.
         if not verify_password(password, account[0] if account is not None else None):
+            for key in keys:
+                self.failures.allow(key, now)
             raise _unauthorized("unknown e-mail or wrong password")
         token = SESSION_PREFIX + secrets.token_urlsafe(32)
-        now = self._clock()
         session = Session(email, secrets.token_urlsafe(24), now + SESSION_TTL)
         with self.authority.store.transaction():
             self.db.execute("DELETE FROM manager_sessions WHERE expires_at <= ?", (now,))

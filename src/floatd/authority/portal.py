@@ -22,7 +22,7 @@ from urllib.parse import parse_qs, quote
 from floatd.authority.manager_api import managed_license_doc
 from floatd.authority.managers import SESSION_TTL, Managers, Session
 from floatd.errors import AuthorityError
-from floatd.http11 import Reply, headers
+from floatd.http11 import Reply, headers, peer
 
 Run = Callable[..., Awaitable[Any]]
 
@@ -232,7 +232,10 @@ class Portal:
             return self._csrf_refused()
         try:
             token, _ = await self.run(
-                self.managers.sign_in, form.get("email", "").strip(), form.get("password", "")
+                self.managers.sign_in,
+                form.get("email", "").strip(),
+                form.get("password", ""),
+                peer.get(),
             )
         except AuthorityError as exc:
             return self._sign_in_form(error=exc.message, status=exc.status)
