@@ -49,6 +49,14 @@ def test_a_license_manager_enrols_signs_in_and_assigns_within_their_orders(
     status, doc = admin(books, "PUT", "/v1/admin/orders/o-1/manager", key, {"email": MIA})
     assert status == 200 and doc["manager"] == MIA
     token = doc["enrolment_token"]
+    orders = admin(books, "GET", "/v1/admin/orders", key)[1]
+    assert [(o["id"], o["manager"], o["licenses"]) for o in orders] == [
+        ("o-1", MIA, 1),
+        ("o-2", None, 1),
+    ]
+    status, order = admin(books, "GET", "/v1/admin/orders/o-1", key)
+    assert status == 200 and [lic["id"] for lic in order["licenses"]] == [mine]
+    assert admin(books, "GET", "/v1/admin/orders/o-9", key)[0] == 404
     assert token.startswith("FLE-")
 
     # Enrolment: a made-up token, a short password, then the real one, once.

@@ -140,6 +140,25 @@ def _changes(call: Call) -> Any:
     return [change_doc(c) for c in changes]
 
 
+def _orders(call: Call) -> Any:
+    db = call.authority.store.db
+    rows = db.execute(
+        "SELECT o.id, o.reference, o.customer, o.manager, count(l.id) FROM orders o"
+        " LEFT JOIN licenses l ON l.order_id = o.id GROUP BY o.id ORDER BY o.id"
+    ).fetchall()
+    keys = ("id", "reference", "customer", "manager", "licenses")
+    return [dict(zip(keys, row, strict=True)) for row in rows]
+
+
+def _order(call: Call) -> Any:
+    order = unquote(call.params[0])
+    found = [doc for doc in _orders(call) if doc["id"] == order]
+    if not found:
+        raise AuthorityError(404, "ORDER_NOT_FOUND", f"no order {order!r}")
+    a = call.authority
+    return {**found[0], "licenses": [license_doc(a, lic) for lic in a.store.licenses(order)]}
+
+
 def _managers(call: Call) -> Any:
     return [m.__dict__ for m in Managers(call.authority).all()]
 
@@ -182,6 +201,8 @@ ROUTES: tuple[Route, ...] = (
         _revoke_activation,
     ),
     Route("GET", "/v1/admin/changes", "The change trail (?subject=, ?limit=)", _changes),
+    Route("GET", "/v1/admin/orders", "Orders: customer, reference, manager", _orders),
+    Route("GET", "/v1/admin/orders/{order_id}", "One order with its licenses", _order),
     Route("GET", "/v1/admin/managers", "License managers and their orders", _managers),
     Route(
         "PUT",
