@@ -207,3 +207,67 @@ def test_failed_sign_ins_are_limited_per_e_mail_and_per_address(tmp_path: Path) 
     assert code("nobody@x.example", PASSWORD) == "RATE_LIMITED"
     now[0] += 61  # one failure's worth refilled
     assert code(MIA, PASSWORD, "10.0.0.2") == "ok"
+
+
+def test_a_managers_assignments_reach_the_site_and_count_its_own_users(
+    tmp_path: Path, books: Vendor
+) -> None:
+    """End to end with a real floatd: a user the manager assigns can lease on the
+    customer's server, the site's own users take places the manager sees, and a
+    user the manager unassigns loses their lease at the next refresh."""
+    from daemon import Daemon
+    from test_integration import floatd_cli
+    from test_online import acquire_as, names, site, until
+
+    from floatd.client.simple import SimpleClient
+
+    doc = json.loads(
+        books.run(
+            "license",
+            "issue",
+            "--order",
+            "o-1",
+            "--product",
+            "sim",
+            "--seats",
+            "5",
+            "--max-users",
+            "2",
+            "--json",
+        )
+    )
+    lic, key = doc["id"], doc["license_key"]
+    session = signed_in(books, books.run("managers", "appoint", "o-1", MIA).strip())
+    ann = f"/v1/manager/licenses/{lic}/users/ann@customer.example"
+    assert manager_call(books, "POST", ann, session)[0] == 200
+
+    config = site(tmp_path, books)
+    assert floatd_cli("activate", "--license-key", key, "--config", str(config)).returncode == 0
+    assert (
+        floatd_cli(
+            "users", "assign", "bob@customer.example", "--product", "sim", "--config", str(config)
+        ).returncode
+        == 0
+    )
+    password = floatd_cli(
+        "users", "passwd", "ann@customer.example", "--generate", "--config", str(config)
+    )
+    assert password.returncode == 0, password.stderr
+    with Daemon(config, tmp_path / "floatd.log") as d:
+        d.start()
+
+        def mine() -> dict[str, Any]:
+            return dict(manager_call(books, "GET", "/v1/manager/licenses", session)[1][0])
+
+        until(lambda: mine()["local_users"] == {"sim": ["bob@customer.example"]}, "bob shown")
+        assert mine()["places_free"] == 0
+        cy = f"/v1/manager/licenses/{lic}/users/cy@customer.example"
+        assert manager_call(books, "POST", cy, session)[1]["error"]["code"] == "MAX_USERS_REACHED"
+        with SimpleClient("127.0.0.1", d.port, timeout=10) as c:
+            assert c.hello()["ok"]
+            got = acquire_as(c, "ann@customer.example", password.stdout.strip())
+            assert got["ok"], got
+            assert manager_call(books, "DELETE", ann, session)[0] == 200
+            until(lambda: "license_user_unassigned" in names(d), "the unassignment at a refresh")
+            renewed = c.request("renew", lease=got["lease"], token=got["token"])
+            assert renewed["error"]["code"] == "LEASE_NOT_FOUND"
