@@ -134,9 +134,10 @@ def run_server(
 #: Every request allocates a few short-lived containers (the parsed request, its
 #: answer, the journal's change records, trio's wake-ups) that reference counting
 #: frees; at the default the collector ran a young-generation pass every few
-#: dozen requests and an older one every few hundred, and ``bench/throughput.py``
-#: measured acquires about 9% and renewals about 5% faster with these.  Cycles
-#: are still collected, only in larger steps.
+#: dozen requests and an older one every few hundred.  Under
+#: ``bench/throughput.py``'s load (docs/performance.md) acquires ran about 9%
+#: and renewals about 5% faster with these.  Cycles are still collected, only
+#: in larger steps.
 GC_THRESHOLDS = (10_000, 50, 50)
 
 
