@@ -271,3 +271,38 @@ def test_a_managers_assignments_reach_the_site_and_count_its_own_users(
             until(lambda: "license_user_unassigned" in names(d), "the unassignment at a refresh")
             renewed = c.request("renew", lease=got["lease"], token=got["token"])
             assert renewed["error"]["code"] == "LEASE_NOT_FOUND"
+
+
+def test_the_managers_admin_routes_over_http(books: Vendor) -> None:
+    issue_under(books, "o-1", "--seats", "1", "--max-users", "1")
+    key = books.run("api-keys", "create", "ops").strip()
+    token = admin(books, "PUT", "/v1/admin/orders/o-1/manager", key, {"email": MIA})[1][
+        "enrolment_token"
+    ]
+    session = signed_in(books, token)
+    status, listed = admin(books, "GET", "/v1/admin/managers", key)
+    assert (status, listed) == (200, [{"email": MIA, "enrolled": True, "orders": ["o-1"]}])
+    assert admin(books, "PUT", "/v1/admin/orders/o-9/manager", key, {"email": MIA})[0] == 404
+    assert admin(books, "PUT", "/v1/admin/orders/o-1/manager", key, {"email": "x"})[0] == 400
+
+    status, doc = admin(books, "POST", f"/v1/admin/managers/{MIA}/reset", key, {})
+    assert status == 200 and doc["enrolment_token"].startswith("FLE-")
+    assert manager_call(books, "GET", "/v1/manager/licenses", session)[0] == 401
+    assert admin(books, "POST", "/v1/admin/managers/nobody@x.example/reset", key, {})[0] == 404
+
+    assert admin(books, "DELETE", "/v1/admin/orders/o-1/manager", key) == (
+        200,
+        {"order": "o-1", "manager": None},
+    )
+    status, doc = admin(books, "DELETE", "/v1/admin/orders/o-1/manager", key)
+    assert (status, doc["error"]["code"]) == (404, "MANAGER_NOT_FOUND")
+    assert admin(books, "GET", "/v1/admin/managers", key)[1][0]["orders"] == []
+    # Without a key, every one of them is refused.
+    for method, path in (
+        ("GET", "/v1/admin/managers"),
+        ("GET", "/v1/admin/orders"),
+        ("PUT", "/v1/admin/orders/o-1/manager"),
+        ("DELETE", "/v1/admin/orders/o-1/manager"),
+        ("POST", f"/v1/admin/managers/{MIA}/reset"),
+    ):
+        assert admin(books, method, path, None, {})[0] == 401, path
