@@ -248,7 +248,8 @@ def test_expiry_heap_stays_bounded_under_churn() -> None:
 
 class PoolMachine(RuleBasedStateMachine):
     """Random acquires, renews, releases, waits and time steps; the seat cap and
-    per-machine sharing must hold after every step."""
+    per-machine (per machine and user, when user-locked) sharing must hold after
+    every step."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -259,6 +260,7 @@ class PoolMachine(RuleBasedStateMachine):
             [
                 PoolProduct("m", seats=3, duration=10),
                 PoolProduct("i", seats=2, duration=10, strategy="per-instance"),
+                PoolProduct("u", seats=2, duration=10, user_locked=True),
             ],
             self.now,
         )
@@ -267,17 +269,20 @@ class PoolMachine(RuleBasedStateMachine):
 
     @rule(
         fp=st.sampled_from(["a-machine", "b-machine", "c-machine", "d-machine", "e-machine"]),
-        product=st.sampled_from(["m", "i"]),
+        product=st.sampled_from(["m", "i", "u"]),
         instance=st.sampled_from(["1", "2", "3"]),
+        user=st.sampled_from(["ann", "bob"]),
         wait=st.sampled_from([0, 0, 5]),
     )
-    def acquire(self, fp: str, product: str, instance: str, wait: int) -> None:
-        c = claim(product=product, fp=fp, instance=instance)
+    def acquire(self, fp: str, product: str, instance: str, user: str, wait: int) -> None:
+        # A user rides on every claim: only the user-locked product "u" may heed it.
+        c = claim(product=product, fp=fp, instance=instance, user=user)
         used_before = self.pool.used(product)
         shared = any(
             le.product == product
             and le.fingerprint == fp
-            and (product == "m" or le.instance == instance)
+            and (product != "i" or le.instance == instance)
+            and (product != "u" or le.user == user)
             and self.pool.lease(le.id) is not None
             for le in self.held
         )
@@ -324,6 +329,7 @@ class PoolMachine(RuleBasedStateMachine):
     def never_over_cap(self) -> None:
         assert self.pool.used("m") <= 3
         assert self.pool.used("i") <= 2
+        assert self.pool.used("u") <= 2
 
     @invariant()
     def consistent(self) -> None:
@@ -335,6 +341,8 @@ class PoolMachine(RuleBasedStateMachine):
     def one_seat_per_machine(self) -> None:
         machines = {le.fingerprint for le in self.pool.leases() if le.product == "m"}
         assert self.pool.used("m") == len(machines)
+        pairs = {(le.fingerprint, le.user) for le in self.pool.leases() if le.product == "u"}
+        assert self.pool.used("u") == len(pairs)
 
 
 PoolMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
