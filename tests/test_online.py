@@ -242,6 +242,39 @@ def test_offline_round_trip_through_both_clis(tmp_path: Path, vendor: Vendor) ->
         assert acquire(d)["ok"]
 
 
+def test_an_air_gapped_site_activated_through_the_management_api(
+    tmp_path: Path, vendor: Vendor
+) -> None:
+    """The vendor signs the site's request file through the API, not the CLI, and
+    the trail keeps it as the vendor's act."""
+    license_id, key = vendor.issue("--product", "cad", "--seats", "2")
+    config = site(tmp_path, vendor)
+    request, response = tmp_path / "request.txt", tmp_path / "entitlement.txt"
+    made = floatd_cli(
+        "activate", "--offline-request", str(request), "--license-key", key, "--config", str(config)
+    )
+    assert made.returncode == 0, made.stderr
+    api_key = vendor.run("api-keys", "create", "ops").strip()
+    body = {"request": request.read_text()}
+    status, doc = admin(vendor, "POST", "/v1/admin/offline-activations", api_key, body)
+    assert status == 201, doc
+    response.write_text(doc["entitlement"])
+    installed = floatd_cli("activate", "--offline-response", str(response), "--config", str(config))
+    assert installed.returncode == 0 and "cad (2)" in installed.stdout, installed.stderr
+    status, bad = admin(
+        vendor, "POST", "/v1/admin/offline-activations", api_key, {"request": "not a request"}
+    )
+    assert (status, bad["error"]["code"]) == (400, "BAD_REQUEST")
+    trail = admin(vendor, "GET", f"/v1/admin/changes?subject=license:{license_id}", api_key)[1]
+    assert (trail[0]["actor"], trail[0]["action"]) == (
+        "api:ops",
+        "activation.offline",
+    )  # newest first
+    with Daemon(config, tmp_path / "floatd.log") as d:
+        d.start()
+        assert acquire(d)["ok"]
+
+
 def test_an_offline_response_over_an_online_activation_stays(
     tmp_path: Path, vendor: Vendor
 ) -> None:

@@ -134,6 +134,13 @@ def _revoke_activation(call: Call) -> Any:
     return activation_doc(a, activation)
 
 
+def _sign_offline(call: Call) -> Any:
+    activation_id, entitlement = call.authority.sign_offline(
+        _text(call.body, "request"), time.time()
+    )
+    return {"activation_id": activation_id, "entitlement": entitlement}
+
+
 def _changes(call: Call) -> Any:
     limit = int(call.query.get("limit", "100")) if call.query.get("limit", "").isdigit() else 100
     changes = call.authority.store.changes(call.query.get("subject"), min(limit, 1000))
@@ -199,6 +206,13 @@ ROUTES: tuple[Route, ...] = (
         "/v1/admin/activations/{activation_id}/revoke",
         "Revoke an activation",
         _revoke_activation,
+    ),
+    Route(
+        "POST",
+        "/v1/admin/offline-activations",
+        "Sign an air-gapped site's activation request (the file's text)",
+        _sign_offline,
+        201,
     ),
     Route("GET", "/v1/admin/changes", "The change trail (?subject=, ?limit=)", _changes),
     Route("GET", "/v1/admin/orders", "Orders: customer, reference, manager", _orders),

@@ -497,6 +497,13 @@ class Authority:
                 if old.server == request.server:
                     self.store.set_activation(old.id, state="replaced")
             self.store.add_activation(activation)
+            # The vendor's own act (an online activation is the server's).
+            self.record_change(
+                "activation.offline",
+                f"license:{lic.id}",
+                None,
+                {"activation": activation.id, "server": request.server},
+            )
         return activation.id, self.entitlement(
             lic, request.server, now, online=False, nonce=request.nonce
         )
