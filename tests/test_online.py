@@ -222,14 +222,21 @@ def test_deactivate_after_a_suspension_frees_the_place_at_the_authority(
     assert states == {"released", "active"}
 
 
-def test_offline_round_trip_through_both_clis(tmp_path: Path, vendor: Vendor) -> None:
-    _, key = vendor.issue("--product", "cad", "--seats", "3")
+def offline_request(tmp_path: Path, vendor: Vendor, key: str) -> tuple[Path, Path]:
+    """(config, request file): a site that wrote an offline activation request."""
     config = site(tmp_path, vendor)
-    request, response = tmp_path / "request.txt", tmp_path / "entitlement.txt"
+    request = tmp_path / "request.txt"
     made = floatd_cli(
         "activate", "--offline-request", str(request), "--license-key", key, "--config", str(config)
     )
     assert made.returncode == 0, made.stderr
+    return config, request
+
+
+def test_offline_round_trip_through_both_clis(tmp_path: Path, vendor: Vendor) -> None:
+    _, key = vendor.issue("--product", "cad", "--seats", "3")
+    config, request = offline_request(tmp_path, vendor, key)
+    response = tmp_path / "entitlement.txt"
     vendor.run(
         "offline", "sign", str(request), "--out", str(response), "--key", str(vendor.key_path)
     )
@@ -248,12 +255,8 @@ def test_an_air_gapped_site_activated_through_the_management_api(
     """The vendor signs the site's request file through the API, not the CLI, and
     the trail keeps it as the vendor's act."""
     license_id, key = vendor.issue("--product", "cad", "--seats", "2")
-    config = site(tmp_path, vendor)
-    request, response = tmp_path / "request.txt", tmp_path / "entitlement.txt"
-    made = floatd_cli(
-        "activate", "--offline-request", str(request), "--license-key", key, "--config", str(config)
-    )
-    assert made.returncode == 0, made.stderr
+    config, request = offline_request(tmp_path, vendor, key)
+    response = tmp_path / "entitlement.txt"
     api_key = vendor.run("api-keys", "create", "ops").strip()
     body = {"request": request.read_text()}
     status, doc = admin(vendor, "POST", "/v1/admin/offline-activations", api_key, body)
