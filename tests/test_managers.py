@@ -306,3 +306,54 @@ def test_the_managers_admin_routes_over_http(books: Vendor) -> None:
         ("POST", f"/v1/admin/managers/{MIA}/reset"),
     ):
         assert admin(books, method, path, None, {})[0] == 401, path
+
+
+async def test_a_failure_inside_a_route_costs_one_answer_not_the_server(tmp_path: Path) -> None:
+    from floatd.authority.api import AuthorityApi
+    from floatd.authority.logic import Authority
+    from floatd.authority.store import AuthorityStore
+
+    api = AuthorityApi(Authority(AuthorityStore(tmp_path / "a.sqlite3")))
+
+    async def broken(*_: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    api.portal.respond = broken  # type: ignore[method-assign]
+    reply = await api.respond(b"GET", b"/portal/", b"")
+    assert reply.status == 500
+    assert json.loads(reply.body)["error"]["code"] == "INTERNAL"
+    health = await api.respond(b"GET", b"/v1/health", b"")
+    assert health.status == 200
+
+
+def test_hostile_requests_to_the_manager_routes_and_the_portal(books: Vendor) -> None:
+    """Malformed input gets a 4xx answer, never a 500, and the authority lives on."""
+    import http.client
+
+    cases: list[tuple[str, str, bytes, dict[str, str]]] = [
+        ("POST", "/v1/manager/session", b"[1, 2]", {}),
+        ("POST", "/v1/manager/session", b'{"email": 5, "password": null}', {}),
+        ("POST", "/v1/manager/enrol", b'{"token": "' + b"x" * 5000 + b'"}', {}),
+        ("GET", "/v1/manager/licenses", b"", {"authorization": "Bearer \u00ff"}),
+        ("POST", "/v1/manager/licenses/%00/users/%ff", b"", {"authorization": "Bearer x"}),
+        ("PUT", "/v1/manager/licenses", b"", {}),
+        ("GET", "/v1/manager/nothing", b"", {}),
+        ("POST", "/portal/sign-in", b"\xff\xfe", {"cookie": "floatd_portal_csrf=a"}),
+        ("POST", "/portal/sign-in", b"&".join([b"a=b"] * 50), {}),
+        ("POST", "/portal/licenses//assign", b"csrf=x", {"cookie": 'floatd_portal="\\'}),
+        ("POST", "/portal/licenses/x/y/z", b"", {"cookie": "floatd_portal=nonsense"}),
+        ("GET", "/portal/enrol?token=%3Cscript%3E", b"", {}),
+        ("DELETE", "/portal/", b"", {}),
+        ("GET", "/portal/../v1/health", b"", {}),
+    ]
+    for method, path, body, extra in cases:
+        conn = http.client.HTTPConnection("127.0.0.1", books.process.port, timeout=10)
+        try:
+            conn.request(method, path, body=body, headers=extra)
+            response = conn.getresponse()
+            page = response.read()
+        finally:
+            conn.close()
+        assert 400 <= response.status < 500 or response.status == 200, (path, response.status)
+        assert b"<script>" not in page, path  # reflected input is escaped
+    assert admin(books, "GET", "/v1/health", None) == (200, {"status": "ok"})

@@ -149,6 +149,9 @@ class AuthorityApi(HttpServer):
             return await self._deactivate(activation_id, _json_body(body))
         except AuthorityError as exc:
             return json_reply(exc.status, exc.body())
+        except Exception as exc:  # a bug must cost one request, never the server
+            log.error("authority_request_failed", path=path[:100], error=repr(exc)[:500])
+            return _error(500, "INTERNAL", "the authority failed to answer; see its log")
 
     def _not_allowed(self, allow: str) -> Reply:
         return _error(405, "METHOD_NOT_ALLOWED", f"use {allow}", allow=allow)
