@@ -61,6 +61,12 @@ class Manager:
     orders: list[str]
 
 
+def _normal(email: str) -> str:
+    """A manager's e-mail as stored and looked up: people type their address in
+    any case when they sign in, and expect it to work."""
+    return email.strip().lower()
+
+
 def _unauthorized(message: str = "sign in first") -> AuthorityError:
     return AuthorityError(401, "UNAUTHORIZED", message)
 
@@ -81,7 +87,7 @@ class Managers:
         any other).  Returns an enrolment token when the account has no password
         yet, else None (the manager signs in as before)."""
         try:
-            email = check_email(email)
+            email = _normal(check_email(email))
         except ValueError as exc:
             raise AuthorityError(400, "BAD_REQUEST", str(exc)) from None
         row = self.db.execute("SELECT manager FROM orders WHERE id = ?", (order_id,)).fetchone()
@@ -120,6 +126,7 @@ class Managers:
     def reset(self, email: str) -> str:
         """A new enrolment token (a forgotten password): the old password and every
         session end now."""
+        email = _normal(email)
         with self.authority.store.transaction():
             if self._account(email) is None:
                 raise AuthorityError(404, "MANAGER_NOT_FOUND", f"no license manager {email!r}")
@@ -185,7 +192,8 @@ class Managers:
         e-mail and a wrong password alike, 429 after too many failures from
         the e-mail or the address."""
         now = self._clock()
-        keys = [f"email:{email.strip().lower()}"]
+        email = _normal(email)
+        keys = [f"email:{email}"]
         if address is not None:
             keys.append(f"address:{limit_key(address)}")
         if any(self.failures.blocked(key, now) for key in keys):
