@@ -335,6 +335,9 @@ def test_hostile_requests_to_the_manager_routes_and_the_portal(books: Vendor) ->
     """Malformed input gets a 4xx answer, never a 500, and the authority lives on."""
     import http.client
 
+    issue_under(books, "o-1", "--seats", "1", "--max-users", "1")
+    session = signed_in(books, books.run("managers", "appoint", "o-1", MIA).strip())
+
     cases: list[tuple[str, str, bytes, dict[str, str]]] = [
         ("POST", "/v1/manager/session", b"[1, 2]", {}),
         ("POST", "/v1/manager/session", b'{"email": 5, "password": null}', {}),
@@ -350,6 +353,9 @@ def test_hostile_requests_to_the_manager_routes_and_the_portal(books: Vendor) ->
         ("GET", "/portal/enrol?token=%3Cscript%3E", b"", {}),
         ("DELETE", "/portal/", b"", {}),
         ("GET", "/portal/../v1/health", b"", {}),
+        ("GET", "/portal/?" + "&".join(f"a{i}=b" for i in range(30)), b"", {}),
+        ("POST", "/portal/sign-in", "csrf=é&email=x".encode(), {"cookie": "floatd_portal_csrf=a"}),
+        ("POST", "/portal/sign-out", "csrf=é".encode(), {"cookie": f"floatd_portal={session}"}),
     ]
     for method, path, body, extra in cases:
         conn = http.client.HTTPConnection("127.0.0.1", books.process.port, timeout=10)

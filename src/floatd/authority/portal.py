@@ -76,6 +76,12 @@ def _redirect(location: str) -> Reply:
     return reply
 
 
+def _same(given: str, expected: str) -> bool:
+    """Constant-time equality of a form's token and ours (as bytes: a token a
+    browser sends may hold any character, which compare_digest refuses in str)."""
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
 def _hidden(name: str, value: str) -> str:
     return f'<input type="hidden" name="{name}" value="{escape(value)}">'
 
@@ -127,7 +133,10 @@ class Portal:
 
     async def respond(self, method: str, target: str, body: bytes) -> Reply:
         path, _, query = target.partition("?")
-        args = {k: v[-1] for k, v in parse_qs(query, max_num_fields=10).items()}
+        try:
+            args = {k: v[-1] for k, v in parse_qs(query, max_num_fields=10).items()}
+        except ValueError:  # more fields than any page of ours has
+            return _page("Bad request", "<p>The address could not be read.</p>", 400)
         if path in ("/portal", "/portal/"):
             if method not in ("GET", "HEAD"):
                 return _page("Not allowed", "<p>Use GET.</p>", 405)
@@ -153,7 +162,7 @@ class Portal:
         if found is None:
             return self._sign_in_form("Your session has ended: sign in again.", status=401)
         token, session = found
-        if not hmac.compare_digest(form.get("csrf", ""), session.csrf):
+        if not _same(form.get("csrf", ""), session.csrf):
             return self._csrf_refused()
         if path == "/portal/sign-out":
             await self.run(self.managers.sign_out, token)
@@ -194,7 +203,7 @@ class Portal:
 
     def _pre_session_csrf_ok(self, form: dict[str, str]) -> bool:
         expected = self._cookies().get(CSRF_COOKIE, "")
-        return bool(expected) and hmac.compare_digest(form.get("csrf", ""), expected)
+        return bool(expected) and _same(form.get("csrf", ""), expected)
 
     def _sign_in_form(self, error: str = "", notice: str = "", status: int = 200) -> Reply:
         fields = (
