@@ -147,19 +147,25 @@ def _changes(call: Call) -> Any:
     return [change_doc(c) for c in changes]
 
 
-def _orders(call: Call) -> Any:
-    db = call.authority.store.db
-    rows = db.execute(
+def _order_rows(call: Call, order: str | None = None) -> list[dict[str, Any]]:
+    """Orders (all, or the one named) with their manager and license count."""
+    where, args = ("WHERE o.id = ?", (order,)) if order is not None else ("", ())
+    rows = call.authority.store.db.execute(
         "SELECT o.id, o.reference, o.customer, o.manager, count(l.id) FROM orders o"
-        " LEFT JOIN licenses l ON l.order_id = o.id GROUP BY o.id ORDER BY o.id"
+        f" LEFT JOIN licenses l ON l.order_id = o.id {where} GROUP BY o.id ORDER BY o.id",
+        args,
     ).fetchall()
     keys = ("id", "reference", "customer", "manager", "licenses")
     return [dict(zip(keys, row, strict=True)) for row in rows]
 
 
+def _orders(call: Call) -> Any:
+    return _order_rows(call)
+
+
 def _order(call: Call) -> Any:
     order = unquote(call.params[0])
-    found = [doc for doc in _orders(call) if doc["id"] == order]
+    found = _order_rows(call, order)
     if not found:
         raise AuthorityError(404, "ORDER_NOT_FOUND", f"no order {order!r}")
     a = call.authority

@@ -14,8 +14,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import unquote
 
+from floatd.authority.documents import managed_license_doc
 from floatd.authority.managers import Managers
-from floatd.authority.store import License
 from floatd.errors import AuthorityError
 from floatd.http11 import Reply, headers, json_reply, peer
 from floatd.store.audit import iso
@@ -45,40 +45,6 @@ DOCUMENTED: tuple[tuple[str, str, str, int, bool], ...] = (
         True,
     ),
 )
-
-
-def managed_license_doc(managers: Managers, lic: License) -> dict[str, Any]:
-    """A license as its manager sees it: who holds its user places, and how many
-    are left.  ``not_assigned``: nobody holds one yet (the seed's "Not Assigned")."""
-    authority = managers.authority
-    local = authority.store.local_users(lic.id)
-    everyone = set(lic.users).union(*local.values())
-    cap = lic.terms.max_users
-    products = []
-    for code in lic.terms.products:
-        product = authority.store.product(code)
-        products.append(
-            {
-                "code": code,
-                "name": product.name if product else code,
-                "authorization": product.authorization if product else "key",
-            }
-        )
-    return {
-        "id": lic.id,
-        "order": lic.order_id,
-        "order_reference": lic.order_reference,
-        "customer": lic.customer,
-        "state": lic.state,
-        "expires": iso(authority.expiry(lic)),
-        "seats": lic.terms.seats,
-        "products": products,
-        "max_users": cap,
-        "users": lic.users,
-        "local_users": local,
-        "places_free": None if cap <= 0 else max(0, cap - len(everyone)),
-        "not_assigned": not everyone,
-    }
 
 
 def bearer() -> str:
@@ -119,7 +85,9 @@ async def manager_reply(managers: Managers, run: Run, method: str, path: str, bo
         session = await run(managers.session, bearer())
 
         def listing() -> list[dict[str, Any]]:
-            return [managed_license_doc(managers, x) for x in managers.licenses(session.email)]
+            return [
+                managed_license_doc(managers.authority, x) for x in managers.licenses(session.email)
+            ]
 
         return json_reply(200, await run(listing))
     match = _LICENSE_USER.match(path)
@@ -132,6 +100,6 @@ async def manager_reply(managers: Managers, run: Run, method: str, path: str, bo
     change = managers.assign if method == "POST" else managers.unassign
 
     def apply() -> dict[str, Any]:
-        return managed_license_doc(managers, change(session.email, license_id, user))
+        return managed_license_doc(managers.authority, change(session.email, license_id, user))
 
     return json_reply(200, await run(apply))

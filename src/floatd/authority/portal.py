@@ -19,7 +19,7 @@ from http.cookies import CookieError, SimpleCookie
 from typing import Any
 from urllib.parse import parse_qs, quote
 
-from floatd.authority.manager_api import managed_license_doc
+from floatd.authority.documents import managed_license_doc
 from floatd.authority.managers import SESSION_TTL, Managers, Session
 from floatd.errors import AuthorityError
 from floatd.http11 import Reply, headers, peer
@@ -270,7 +270,9 @@ class Portal:
     ) -> Reply:
         def docs() -> list[dict[str, Any]]:
             managers = self.managers
-            return [managed_license_doc(managers, x) for x in managers.licenses(session.email)]
+            return [
+                managed_license_doc(managers.authority, x) for x in managers.licenses(session.email)
+            ]
 
         rows = []
         for doc in await self.run(docs):

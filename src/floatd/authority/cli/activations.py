@@ -12,6 +12,7 @@ from floatd.authority.cli.base import (
     echo_json,
     guarded,
     json_option,
+    key_option,
     load_key,
     main,
     pass_ctx,
@@ -86,13 +87,7 @@ def offline() -> None:
     required=True,
     help="Where to write the signed entitlement.",
 )
-@click.option(
-    "--key",
-    "key_path",
-    type=click.Path(path_type=Path),
-    required=True,
-    help="The signing key (PEM).",
-)
+@key_option
 @pass_ctx
 @guarded
 def offline_sign(ctx: Ctx, request: Path, out: Path, key_path: Path) -> None:

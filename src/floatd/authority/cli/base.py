@@ -38,6 +38,17 @@ def json_option(fn: F) -> F:
     return click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")(fn)
 
 
+def key_option(fn: F) -> F:
+    """``--key PATH`` (as ``key_path``): the vendor's signing key, required."""
+    return click.option(
+        "--key",
+        "key_path",
+        type=click.Path(path_type=Path),
+        required=True,
+        help="The signing key (PEM).",
+    )(fn)
+
+
 class Ctx:
     def __init__(self, db: Path) -> None:
         self.db = db

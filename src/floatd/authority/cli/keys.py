@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from floatd.authority.cli.base import PASSPHRASE_ENV, die, guarded, load_key, main
+from floatd.authority.cli.base import PASSPHRASE_ENV, die, guarded, key_option, load_key, main
 from floatd.core.entitlement import format_public_key, private_key_pem
 
 # --- keys ---------------------------------------------------------------------------
@@ -48,13 +48,7 @@ def keys_generate(out: Path, passphrase: bool) -> None:
 
 
 @keys.command("public")
-@click.option(
-    "--key",
-    "key_path",
-    type=click.Path(path_type=Path),
-    required=True,
-    help="The signing key (PEM).",
-)
+@key_option
 @guarded
 def keys_public(key_path: Path) -> None:
     """Print the public key of a signing key."""

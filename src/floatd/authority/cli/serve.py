@@ -10,7 +10,7 @@ from typing import Any
 import click
 import trio
 
-from floatd.authority.cli.base import Ctx, die, guarded, load_key, main, pass_ctx
+from floatd.authority.cli.base import Ctx, die, guarded, key_option, load_key, main, pass_ctx
 from floatd.config import parse_hostport
 
 # --- serve --------------------------------------------------------------------------------
@@ -20,13 +20,7 @@ from floatd.config import parse_hostport
 @click.option(
     "--listen", default="127.0.0.1:7500", show_default=True, help="host:port to serve the API on."
 )
-@click.option(
-    "--key",
-    "key_path",
-    type=click.Path(path_type=Path),
-    required=True,
-    help="The signing key (PEM).",
-)
+@key_option
 @click.option(
     "--tls-cert",
     type=click.Path(path_type=Path),
