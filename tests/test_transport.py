@@ -127,7 +127,7 @@ async def test_close_wakes_a_blocked_receive() -> None:
             assert outcome == ["closed"]
 
 
-@pytest.mark.parametrize("kind", ["receive_owed", "receive_answered"])
+@pytest.mark.parametrize("kind", ["receive_owed", "receive_some"])
 async def test_both_receive_kinds_read_wait_and_close_like_receive_some(kind: str) -> None:
     """The connection's two ways of reading (wait first, or read first) keep
     receive_some's contract: the data, a wait until data comes, a checkpoint

@@ -259,7 +259,7 @@ class _Connection:
                 data: bytes | bytearray
                 if isinstance(stream, TcpStream):
                     # A client owed an answer is waiting for it, not sending.
-                    receive = stream.receive_owed if self._pending else stream.receive_answered
+                    receive = stream.receive_owed if self._pending else stream.receive_some
                     data = await receive(MAX_FRAME + 4)
                 else:
                     data = await stream.receive_some(MAX_FRAME + 4)

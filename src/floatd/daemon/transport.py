@@ -8,11 +8,11 @@ raises ``ClosedResourceError`` and a peer gone ``BrokenResourceError``.  It
 differs in two places, both for a request/answer exchange:
 
 * Receiving comes in two kinds, chosen by the connection (which knows whether
-  it still owes the client an answer).  ``receive_answered`` (and plain
-  ``receive_some``, as trio's own stream does) lets the tasks already runnable
-  go first and then tries ``recv()``: under load the client has usually sent
-  its next request by then, and the read costs no readiness wait (trio's
-  epoll registers the socket again for every wait, one syscall each).
+  it still owes the client an answer).  ``receive_some``, as trio's own
+  stream does, lets the tasks already runnable go first and then tries
+  ``recv()``: under load the client has usually sent its next request by then,
+  and the read costs no readiness wait (trio's epoll registers the socket
+  again for every wait, one syscall each).
   ``receive_owed`` waits for readiness first: a client still waiting for its
   answer (an acquire not yet committed) has not sent anything, and a read
   tried first would fail with EAGAIN and raise.  Measured with
@@ -69,12 +69,8 @@ class TcpStream(trio.abc.Stream):
         return self._sock
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        return await self._receive(max_bytes, wait_first=False)
-
-    async def receive_answered(self, max_bytes: int | None = None) -> bytes:
-        """``receive_some`` for a peer that was answered before it was read from,
-        and so may well have spoken already: let the tasks already runnable go
-        first, then try to read before asking trio to wait."""
+        """Let the tasks already runnable go first, then try to read before asking
+        trio to wait: a peer that was answered may well have spoken already."""
         return await self._receive(max_bytes, wait_first=False)
 
     async def receive_owed(self, max_bytes: int | None = None) -> bytes:
