@@ -95,9 +95,7 @@ class Managers:
             raise AuthorityError(404, "ORDER_NOT_FOUND", f"no order {order_id!r}")
         token = None
         with self.authority.store.transaction():
-            known = self.db.execute(
-                "SELECT password_hash FROM managers WHERE email = ?", (email,)
-            ).fetchone()
+            known = self._account(email)
             if known is None:
                 self.db.execute(
                     "INSERT INTO managers (email, created_at) VALUES (?, ?)", (email, self._clock())
@@ -157,6 +155,7 @@ class Managers:
         return token
 
     def _account(self, email: str) -> tuple[str | None] | None:
+        """(password hash or None before enrolment,) of a manager; None: no such account."""
         row = self.db.execute(
             "SELECT password_hash FROM managers WHERE email = ?", (email,)
         ).fetchone()
