@@ -22,7 +22,7 @@ from floatd.core.entitlement import (
     server_fingerprint,
     sign_entitlement,
 )
-from floatd.core.pool import Lease
+from floatd.core.seats import Lease
 from floatd.daemon.server import Server
 from floatd.store.activation import atomic_write
 

@@ -19,12 +19,14 @@ from typing import Protocol
 import pytest
 
 from floatd.core.ledger import Ledger
-from floatd.core.pool import PER_INSTANCE, Claim, Lease, PoolProduct, Waiter, hash_token
+from floatd.core.policy_file import load_policy
+from floatd.core.seats import PER_INSTANCE, Claim, Lease, PoolProduct, Waiter, hash_token
 from floatd.errors import (
     BadRequest,
     LeaseNotFound,
     LicenseExpired,
     NoFreeSeats,
+    PolicyDenied,
     RateLimited,
     UnknownProduct,
 )
@@ -352,3 +354,52 @@ class LedgerContract:
         again = harness.open(T + 1)
         with pytest.raises(NoFreeSeats):
             again.claim(T + 1, claim("duo", "c"))
+
+    # --- the site policy (policy.md): decided with the claim -------------------
+
+    def test_the_policy_decides_with_the_claim(self, ledger: Ledger) -> None:
+        ledger.set_policy(load_policy(POLICY, "policy.toml"), T)
+        with pytest.raises(PolicyDenied) as denied:
+            ledger.claim(T, claim("duo", "k", user="kiosk"))
+        assert denied.value.details == {"rule": "exclude", "product": "duo"}
+        granted(ledger, T, claim("duo", "a", user="cat"))
+        with pytest.raises(PolicyDenied) as capped:
+            ledger.claim(T, claim("duo", "b", user="cat"), T + 10)  # a max: no queue
+        assert capped.value.details["rule"] == "max" and ledger.waiting("duo") == 0
+        with pytest.raises(NoFreeSeats) as kept:
+            ledger.claim(T, claim("duo", "c", user="dan"))
+        assert kept.value.details == {"reserved": 1, "seats": 2, "used": 1}
+        granted(ledger, T, claim("duo", "d", user="ann"))
+        assert ledger.reservations("duo") == [
+            {"rule": 2, "seats": 1, "held": 1, "free": 0, "for": ["user:ann"]}
+        ]
+        assert ledger.explain(T, claim("duo", "k", user="kiosk"))["result"] == "POLICY_DENIED"
+
+    def test_the_policy_counts_what_was_held_before_a_restart(self, harness: Harness) -> None:
+        policy = load_policy(POLICY, "policy.toml")
+        ledger = harness.open(T)
+        ledger.set_policy(policy, T)
+        granted(ledger, T, claim("duo", "a", user="cat"))
+        harness.commit(ledger)
+        again = harness.open(T + 1)
+        again.set_policy(policy, T + 1)
+        with pytest.raises(PolicyDenied):
+            again.claim(T + 1, claim("duo", "b", user="cat"))
+        with pytest.raises(NoFreeSeats):
+            again.claim(T + 1, claim("duo", "c", user="dan"))
+        granted(again, T + 1, claim("duo", "d", user="ann"))
+
+
+POLICY = """
+[[rule]]
+product = "*"
+exclude = ["user:kiosk"]
+[[rule]]
+product = "duo"
+reserve = 1
+for = ["user:ann"]
+[[rule]]
+product = "duo"
+max = 1
+per = "user"
+"""

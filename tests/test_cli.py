@@ -190,7 +190,7 @@ def _scripted_history(tmp_path: Path, cfg: Path) -> None:
     from floatd.config import load_config
     from floatd.core.changes import Audit, DeleteLease, PutLease
     from floatd.core.outcomes import audit_record
-    from floatd.core.pool import Lease, hash_token
+    from floatd.core.seats import Lease, hash_token
     from floatd.store.sqlite import SQLiteLeaseStore
 
     config = load_config(cfg, env={})

@@ -31,7 +31,7 @@ from floatd.core.entitlement import (
     trusted_keys,
     verify_entitlement,
 )
-from floatd.core.pool import Claim, Lease, hash_token
+from floatd.core.seats import Claim, Lease, hash_token
 from floatd.core.service import LeaseService
 from floatd.errors import (
     EntitlementError,

@@ -15,7 +15,7 @@ from ledger_contract import PRODUCTS, Harness, LedgerContract, T, claim
 
 from floatd.core.changes import Change, coalesce
 from floatd.core.ledger import Ledger, LocalLedger
-from floatd.core.pool import Lease, Waiter
+from floatd.core.seats import Lease, Waiter
 from floatd.errors import FloatdError
 from floatd.store.sqlite import LeaseStore, SQLiteLeaseStore
 from floatd.store.writer import ProcessLeaseStore

@@ -9,7 +9,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from floatd.core.pool import Claim, Lease, PoolProduct, SeatPool, Waiter, hash_token
+from floatd.core.pool import SeatPool
+from floatd.core.seats import Claim, Lease, PoolProduct, Waiter, hash_token
 from floatd.errors import BadRequest, LeaseNotFound, NoFreeSeats, UnknownProduct
 
 T0 = 1000.0

@@ -16,7 +16,7 @@ from floatd.core.changes import (
     coalesce,
     extend_after_crash,
 )
-from floatd.core.pool import Lease, hash_token
+from floatd.core.seats import Lease, hash_token
 from floatd.errors import StoreError
 from floatd.store.sqlite import SQLiteLeaseStore
 

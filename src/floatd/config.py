@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from floatd.core.entitlement import parse_public_key
-from floatd.errors import ConfigError
+from floatd.core.policy import Policy
+from floatd.core.policy_file import load_policy
+from floatd.errors import ConfigError, PolicyError
 
 DEFAULT_PATH = Path("/etc/floatd/floatd.toml")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -77,6 +79,7 @@ class Config:
     max_waiters: int = 1000
     leases_per_seat: int = 1024
     lease_misses_per_minute: float = 1200.0
+    policy_file: Path | None = None
     #: Where the file came from, for messages; not a config key.
     source: str = "<defaults>"
 
@@ -215,6 +218,7 @@ SCHEMA: dict[str, dict[str, tuple[str, Check]]] = {
         "leases_per_seat": ("leases_per_seat", _number(1, integer=True)),
         "lease_misses_per_minute": ("lease_misses_per_minute", _number(0)),
     },
+    "policy": {"file": ("policy_file", _optional_path)},
 }
 
 
@@ -309,6 +313,20 @@ def _check_env_names(env: Mapping[str, str]) -> None:
             and any(name.startswith(prefix) for prefix in sections)
         ):
             raise ConfigError(name, "unknown key in the environment (no such config key)")
+
+
+def read_policy(path: Path | None) -> Policy | None:
+    """The site policy in ``path`` (``[policy] file``), checked; None for no
+    file.  PolicyError (a ConfigError: exit 2) naming the file, line and key."""
+    if path is None:
+        return None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PolicyError(str(path), "", "the policy file does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PolicyError(str(path), "", f"cannot read the policy file: {exc}") from None
+    return load_policy(text, str(path))
 
 
 def read_machine_id(config: Config) -> str:

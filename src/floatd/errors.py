@@ -105,6 +105,13 @@ class LeaseNotFound(FloatdError):
     code = "LEASE_NOT_FOUND"
 
 
+class PolicyDenied(FloatdError):
+    """The site's policy (floatd.core.policy) keeps this requester from the
+    product; details ``rule`` (exclude, include, max) and ``product``."""
+
+    code = "POLICY_DENIED"
+
+
 # --- the server's own license --------------------------------------------------
 
 
@@ -144,6 +151,14 @@ class ConfigError(FloatdError):
         super().__init__(f"{key}: {problem}")
         self.key = key
         self.problem = problem
+
+
+class PolicyError(ConfigError):
+    """A policy file that cannot be used: ``where`` is ``FILE:LINE`` (or the
+    file alone), ``key`` the key at fault (``rule 3.max``)."""
+
+    def __init__(self, where: str, key: str, problem: str) -> None:
+        super().__init__(where, f"{key}: {problem}" if key else problem)
 
 
 class EntitlementError(FloatdError):

@@ -4,7 +4,7 @@ Exit status: 0 success, 1 refused or failed, 2 usage or config error; a failure
 is one line on stderr (or, with ``--json``, a JSON document), never a traceback.
 """
 
-from floatd.cli import activation, admin, daemon, maintenance, probe, trail, users
+from floatd.cli import activation, admin, daemon, maintenance, policy, probe, trail, users
 from floatd.cli.base import CONTEXT, HelpGroup, fail, main, make_guard, plural
 from floatd.cli.daemon import check_startable, run_server
 
@@ -20,6 +20,7 @@ __all__ = [
     "maintenance",
     "make_guard",
     "plural",
+    "policy",
     "probe",
     "run_server",
     "trail",

@@ -72,6 +72,15 @@ def status(config_path: Path | None, as_json: bool) -> None:
                 ],
             )
         )
+    for p in products:
+        for r in p.get("reserved") or ():
+            click.echo(
+                f"{p['code']}: {r['seats']} reserved for {', '.join(r['for'])}"
+                f" (rule {r['rule']}): {r['held']} held, {r['free']} kept free"
+            )
+    policy = doc.get("policy") or {}
+    if policy.get("file"):
+        click.echo(f"policy: {policy['file']} ({plural(policy['rules'], 'rule')})")
 
 
 @main.command()

@@ -23,7 +23,7 @@ from floatd.cli.base import (
     guarded,
     main,
 )
-from floatd.config import Config, load_config
+from floatd.config import Config, load_config, read_policy
 from floatd.errors import ConfigError
 
 
@@ -71,6 +71,7 @@ def check_startable(config: Config) -> str:
 
     tls_context(config)
     tls_context(config, "status")
+    read_policy(config.policy_file)
     server_id = _server_id(config)
     try:
         make_private(config.state_dir)

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from floatd.core.pool import Lease
+from floatd.core.seats import Lease
 
 
 class PutLease(NamedTuple):
@@ -64,6 +64,8 @@ class Audit(NamedTuple):
     #: How many refusals one record stands for (a flood folded into one record,
     #: see floatd.core.limits.RefusalSampler); None: just this one.
     repeats: int | None = None
+    #: Which kind of policy rule refused (exclude, include, max), for POLICY_DENIED.
+    rule: str | None = None
 
 
 class PruneAudit(NamedTuple):

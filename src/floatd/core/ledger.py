@@ -28,7 +28,9 @@ from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from floatd.core.changes import Change, DeleteLease, PutLease, SetExpiry
-from floatd.core.pool import Claim, Lease, PoolProduct, SeatPool, Waiter
+from floatd.core.policy import Policy
+from floatd.core.pool import SeatPool
+from floatd.core.seats import Claim, Lease, PoolProduct, Waiter
 
 #: A check of a lease about to be renewed (say, its product is past its end):
 #: raises the refusal, or returns.
@@ -80,6 +82,11 @@ class Ledger(Protocol):
         """New terms; no lease is dropped (above a lowered cap, seats drain)."""
         ...
 
+    def set_policy(self, policy: Policy | None, now: float) -> None:
+        """The site's rules from now on (floatd.core.policy), decided with every
+        claim; no lease is dropped, and waiters the new rules admit are served."""
+        ...
+
     # --- what happened on the side ----------------------------------------
 
     def take_expired(self) -> list[Lease]:
@@ -103,6 +110,14 @@ class Ledger(Protocol):
     def used(self, product: str) -> int: ...
 
     def waiting(self, product: str) -> int: ...
+
+    def reservations(self, product: str) -> list[dict[str, object]]:
+        """The policy's reserves of ``product``: seats, held, free, for whom."""
+        ...
+
+    def explain(self, now: float, claim: Claim) -> dict[str, object]:
+        """What ``claim`` would get now and why, deciding nothing (for the admin)."""
+        ...
 
     def lease(self, lease_id: str) -> Lease | None: ...
 
@@ -139,6 +154,7 @@ class LocalLedger:
 
     def __init__(self) -> None:
         self._pool = SeatPool()
+        self._policy: Policy | None = None
         self.journal: list[Change] = []
         self._expired: list[Lease] = []
         self._woken: list[Waiter] = []
@@ -215,6 +231,11 @@ class LocalLedger:
         self._pool.set_products(products, now)
         self._settle()
 
+    def set_policy(self, policy: Policy | None, now: float) -> None:
+        self._policy = policy
+        self._pool.set_policy(policy, now)
+        self._settle()
+
     def _settle(self) -> None:
         """Journal what the pool did on the side (expiries, grants to waiters)."""
         pool = self._pool
@@ -262,6 +283,15 @@ class LocalLedger:
     def waiting(self, product: str) -> int:
         return self._pool.waiting(product)
 
+    def reservations(self, product: str) -> list[dict[str, object]]:
+        return self._pool.reservations(product)
+
+    def explain(self, now: float, claim: Claim) -> dict[str, object]:
+        try:
+            return self._pool.explain(now, claim)
+        finally:
+            self._settle()  # what expired on the way is journalled like any expiry
+
     def lease(self, lease_id: str) -> Lease | None:
         return self._pool.lease(lease_id)
 
@@ -286,6 +316,7 @@ class LocalLedger:
         self._pool = SeatPool()
         self._pool.max_waiters = old.max_waiters
         self._pool.max_leases_per_seat = old.max_leases_per_seat
+        self._pool.set_policy(self._policy, 0.0)  # nothing held yet: nothing served
         self.journal = []
         self._expired = []
         self._woken = []

@@ -19,7 +19,7 @@ from floatd.core.changes import Audit
 from floatd.core.ledger import Ledger
 from floatd.core.limits import RefusalSampler, limit_key
 from floatd.core.messages import Acquire, Release, Renew, Request
-from floatd.core.pool import Claim, Lease
+from floatd.core.seats import Claim, Lease
 
 #: The metrics label of requests for products the entitlement does not have.
 OTHER_PRODUCT = "(not entitled)"
@@ -66,6 +66,8 @@ class Recorder:
         #: (product, code): cheap counters the metrics endpoint reads.
         self.events: Counter[tuple[str, str]] = Counter()
         self.refusals: Counter[tuple[str, str]] = Counter()
+        #: POLICY_DENIED refusals by (product, rule).
+        self.policy_refusals: Counter[tuple[str, str]] = Counter()
 
     # --- lease events --------------------------------------------------------
 
@@ -100,10 +102,17 @@ class Recorder:
     # --- refusals -------------------------------------------------------------
 
     def refused(
-        self, req: Request, code: str, now: float, peer: str | None, entitled: Container[str]
+        self,
+        req: Request,
+        code: str,
+        now: float,
+        peer: str | None,
+        entitled: Container[str],
+        rule: str | None = None,
     ) -> None:
         """Log and audit a refused lease operation (info and ping refusals are
-        not lease events); ``entitled``: the products the entitlement has."""
+        not lease events); ``entitled``: the products the entitlement has;
+        ``rule``: the kind of policy rule behind a POLICY_DENIED."""
         if isinstance(req, Acquire):
             record = Audit(
                 now,
@@ -115,6 +124,7 @@ class Recorder:
                 hostname=req.hostname,
                 peer=peer,
                 code=code,
+                rule=rule,
             )
         elif isinstance(req, (Renew, Release)):
             # Only the id is known: a refused renew or release never reveals
@@ -130,6 +140,8 @@ class Recorder:
         self.events["refused", label] += 1
         if product is not None:
             self.refusals[label, code] += 1
+        if rule is not None:
+            self.policy_refusals[label, rule] += 1
         if not self.refusal_sampler.note((limit_key(peer), code, known), now):
             return  # a flood: counted, and folded into one record (fold_refusals)
         self.ledger.journal.append(record)
@@ -142,6 +154,7 @@ class Recorder:
             fingerprint=record.fingerprint,
             user=record.user,
             peer=peer,
+            **({"rule": rule} if rule is not None else {}),
         )
 
     def wait_refused(self, claim: Claim, code: str, now: float) -> None:

@@ -14,80 +14,23 @@ the waiters they satisfy or time out are collected for the caller to drain with
 
 from __future__ import annotations
 
-import hashlib
 import heapq
 import hmac
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from floatd.core.records import no_meta, record
-from floatd.errors import BadRequest, LeaseNotFound, NoFreeSeats, RateLimited, UnknownProduct
-
-PER_MACHINE = "per-machine"
-PER_INSTANCE = "per-instance"
-
-SeatKey = tuple[str, ...]
-
-
-def hash_token(token: str) -> bytes:
-    """Lease tokens are kept only as digests, so the state dir never holds one."""
-    return hashlib.sha256(token.encode()).digest()
-
-
-@dataclass(frozen=True, slots=True)
-class PoolProduct:
-    """What the pool needs to know of a product's terms."""
-
-    code: str
-    seats: int | None  # None: unlimited
-    duration: float
-    strategy: str = PER_MACHINE
-    user_locked: bool = False
-
-
-@record
-class Claim:
-    """An acquire request as the pool sees it, with the lease id and token chosen."""
-
-    product: str
-    fingerprint: str
-    lease_id: str
-    token_hash: bytes
-    instance: str | None = None
-    user: str | None = None
-    hostname: str | None = None
-    meta: Mapping[str, str] = field(default_factory=no_meta)
-    peer: str | None = None
-
-
-@dataclass(slots=True, eq=False)
-class Lease:
-    id: str
-    token_hash: bytes
-    product: str
-    seat: SeatKey
-    fingerprint: str
-    instance: str | None
-    user: str | None
-    hostname: str | None
-    meta: Mapping[str, str]
-    peer: str | None
-    granted_at: float
-    expires_at: float
-    duration: float
-
-
-@dataclass(slots=True, eq=False)
-class Waiter:
-    """A queued acquire.  ``done`` with ``lease`` None means it timed out."""
-
-    claim: Claim
-    deadline: float
-    lease: Lease | None = None
-    done: bool = False
-    #: Free for the I/O shell to hang its wake-up primitive on.
-    handle: object = None
+from floatd.core.limits import peer_ip
+from floatd.core.policy import NO_CHARGE, Book, Charge, Policy, ProductRules, Requester
+from floatd.core.seats import Claim, Lease, PoolProduct, SeatKey, Waiter, seat_key
+from floatd.errors import (
+    BadRequest,
+    LeaseNotFound,
+    NoFreeSeats,
+    PolicyDenied,
+    RateLimited,
+    UnknownProduct,
+)
 
 
 @dataclass(slots=True)
@@ -99,30 +42,25 @@ class _ProductState:
     seats: dict[SeatKey, int] = field(default_factory=dict)
     queue: deque[Waiter] = field(default_factory=deque)
     waiting: int = 0  # live waiters in ``queue``
+    #: The site policy's rules for this product and what its seats are charged
+    #: to (floatd.core.policy); None: no rule applies, the fast path.
+    book: Book | None = None
+    charges: dict[SeatKey, Charge] = field(default_factory=dict)
 
     def has_free_seat(self) -> bool:
         assert self.terms is not None
         cap = self.terms.seats
         return cap is None or len(self.seats) < cap
 
+    def free(self) -> int | None:
+        """Free seats (None: unlimited); negative above a lowered cap."""
+        assert self.terms is not None
+        cap = self.terms.seats
+        return None if cap is None else cap - len(self.seats)
 
-def seat_key(
-    terms: PoolProduct, fingerprint: str, instance: str | None, user: str | None
-) -> SeatKey:
-    """The key two leases must share to share a seat, per the product's strategy."""
-    if terms.strategy == PER_INSTANCE:
-        if instance is None:
-            raise BadRequest(
-                "this product is leased per instance: 'instance' is required", field="instance"
-            )
-        key: SeatKey = (fingerprint, instance)
-    else:
-        key = (fingerprint,)
-    if terms.user_locked:
-        if user is None:
-            raise BadRequest("this product is user-locked: 'user' is required", field="user")
-        key += (user,)
-    return key
+
+def requester(claim: Claim) -> Requester:
+    return Requester.of(claim.user, claim.hostname, claim.fingerprint, peer_ip(claim.peer))
 
 
 class SeatPool:
@@ -140,6 +78,7 @@ class SeatPool:
         #: process of the machine); more get RATE_LIMITED, so a client that
         #: leaks leases cannot grow the state without bound.
         self.max_leases_per_seat = 1024
+        self._policy: Policy | None = None
 
     # --- configuration -----------------------------------------------------
 
@@ -150,7 +89,10 @@ class SeatPool:
         for code, state in self._products.items():
             state.terms = new.get(code)
         for code, terms in new.items():
-            self._products.setdefault(code, _ProductState(terms)).terms = terms
+            if code not in self._products:
+                self._products[code] = state = _ProductState(terms)
+                self._use_rules(code, state)
+            self._products[code].terms = terms
         self.advance(now)
         for state in self._products.values():
             if state.terms is None:
@@ -168,11 +110,82 @@ class SeatPool:
             if lease.expires_at <= now:
                 dead.append(lease)
                 continue
-            state = self._products.setdefault(lease.product, _ProductState(None))
-            state.seats[lease.seat] = state.seats.get(lease.seat, 0) + 1
+            state = self._products.get(lease.product)
+            if state is None:
+                self._products[lease.product] = state = _ProductState(None)
+                self._use_rules(lease.product, state)
+            holders = state.seats.get(lease.seat)
+            state.seats[lease.seat] = (holders or 0) + 1
+            if holders is None and state.book is not None:
+                self._recharge(state, lease)
             self._leases[lease.id] = lease
             heapq.heappush(self._expiry, (lease.expires_at, lease.id))
         return dead
+
+    # --- the site policy ---------------------------------------------------
+
+    def set_policy(self, policy: Policy | None, now: float) -> None:
+        """Use ``policy`` (None: none) from now on.  No lease ends: the seats
+        held are charged again under the new rules, in the order their leases
+        were granted, even where that is over a new cap.  O(leases), for a
+        rare admin action; then the queues are served under the new rules."""
+        self._policy = policy
+        for code, state in self._products.items():
+            state.charges.clear()
+            self._use_rules(code, state)
+        for lease in sorted(self._leases.values(), key=lambda le: le.granted_at):
+            state = self._products[lease.product]
+            if state.book is not None and lease.seat not in state.charges:
+                self._recharge(state, lease)
+        for state in self._products.values():
+            if state.terms is not None:
+                self._serve_queue(state, now)
+
+    def rules(self, product: str) -> ProductRules | None:
+        state = self._products.get(product)
+        return None if state is None or state.book is None else state.book.rules
+
+    def reservations(self, product: str) -> list[dict[str, object]]:
+        """The product's reserves: seats, held out of them, free, for whom."""
+        state = self._products.get(product)
+        return [] if state is None or state.book is None else state.book.reservations()
+
+    def explain(self, now: float, claim: Claim) -> dict[str, object]:
+        """What an acquire of ``claim`` would get now, and which rule decided;
+        nothing changes.  For the admin (``floatd policy explain``), so it may
+        name rules; never for the wire."""
+        self.advance(now)
+        state = self._products.get(claim.product)
+        if state is None or state.terms is None:
+            return {"result": "UNKNOWN_PRODUCT"}
+        out: dict[str, object] = {"seats": state.terms.seats, "used": len(state.seats)}
+        try:
+            key = seat_key(state.terms, claim.fingerprint, claim.instance, claim.user)
+            if state.book is not None:
+                state.book.rules.admit(requester(claim), claim.product)
+            if key in state.seats:
+                return {**out, "result": "granted", "why": "re-acquire onto a seat it holds"}
+            if state.book is not None:
+                charge = state.book.decide(requester(claim), state.free(), claim.product)
+                if charge.reserve >= 0:
+                    number = state.book.rules.reserves[charge.reserve].number
+                    return {**out, "result": "granted", "why": "reserved seat", "rule": number}
+            elif not state.has_free_seat() or state.waiting:
+                raise NoFreeSeats("every seat is in use")
+        except (PolicyDenied, NoFreeSeats, BadRequest) as refusal:
+            return {**out, "result": refusal.code, "why": refusal.message, **refusal.details}
+        return {**out, "result": "granted", "why": "a free seat"}
+
+    def _use_rules(self, code: str, state: _ProductState) -> None:
+        rules = None if self._policy is None else self._policy.for_product(code)
+        state.book = None if rules is None else Book(rules)
+
+    def _recharge(self, state: _ProductState, lease: Lease) -> None:
+        assert state.book is not None
+        who = Requester.of(lease.user, lease.hostname, lease.fingerprint, peer_ip(lease.peer))
+        charge = state.book.recharge(who)
+        if charge is not NO_CHARGE:
+            state.charges[lease.seat] = charge
 
     # --- queries -----------------------------------------------------------
 
@@ -218,8 +231,46 @@ class SeatPool:
             raise RateLimited(
                 f"this seat already holds {holders} leases; release some before taking more"
             )
+        book = state.book
+        if book is not None:
+            return self._acquire_by_policy(state, book, key, claim, now, wait_until)
         if holders is not None or (state.has_free_seat() and not state.waiting):
             return self._grant(state, key, claim, now)
+        return self._wait_or_refuse(state, claim, now, wait_until)
+
+    def _acquire_by_policy(
+        self,
+        state: _ProductState,
+        book: Book,
+        key: SeatKey,
+        claim: Claim,
+        now: float,
+        wait_until: float | None,
+    ) -> Lease | Waiter:
+        """The policy's steps (policy.md): exclude and include for everyone; a
+        re-acquire onto a seat held passes max and reserve.  Waiters are not
+        jumped: any still queued cannot take a seat now (the queue is served
+        whenever one comes free), so a seat this claim may take is one they
+        may not (a reserved one)."""
+        who = requester(claim)
+        book.rules.admit(who, claim.product)
+        if key in state.seats:
+            return self._grant(state, key, claim, now)
+        try:
+            charge = book.decide(who, state.free(), claim.product)
+        except NoFreeSeats as refusal:
+            return self._wait_or_refuse(state, claim, now, wait_until, refusal)
+        return self._grant(state, key, claim, now, charge)
+
+    def _wait_or_refuse(
+        self,
+        state: _ProductState,
+        claim: Claim,
+        now: float,
+        wait_until: float | None,
+        refusal: NoFreeSeats | None = None,
+    ) -> Waiter:
+        assert state.terms is not None
         if wait_until is not None and wait_until > now and state.waiting < self.max_waiters:
             waiter = Waiter(claim, wait_until)
             state.queue.append(waiter)
@@ -227,11 +278,10 @@ class SeatPool:
             self._wait_seq += 1
             heapq.heappush(self._waits, (wait_until, self._wait_seq, waiter))
             return waiter
-        raise NoFreeSeats(
-            f"all {state.terms.seats} seats of {claim.product!r} are in use",
-            seats=state.terms.seats,
-            used=len(state.seats),
-        )
+        if refusal is None:
+            refusal = NoFreeSeats(f"all {state.terms.seats} seats of {claim.product!r} are in use")
+        refusal.details.update(seats=state.terms.seats, used=len(state.seats))
+        raise refusal
 
     def authorize(self, now: float, lease_id: str, token_hash: bytes) -> Lease:
         """The live lease that ``token_hash`` opens, else LeaseNotFound."""
@@ -359,7 +409,14 @@ class SeatPool:
             raise LeaseNotFound("no such lease")
         return lease
 
-    def _grant(self, state: _ProductState, key: SeatKey, claim: Claim, now: float) -> Lease:
+    def _grant(
+        self,
+        state: _ProductState,
+        key: SeatKey,
+        claim: Claim,
+        now: float,
+        charge: Charge = NO_CHARGE,
+    ) -> Lease:
         assert state.terms is not None
         if claim.lease_id in self._leases:
             raise ValueError(f"duplicate lease id {claim.lease_id!r}")
@@ -380,6 +437,10 @@ class SeatPool:
             duration=duration,
         )
         state.seats[key] = state.seats.get(key, 0) + 1
+        if charge is not NO_CHARGE:
+            assert state.book is not None
+            state.book.charge(charge)
+            state.charges[key] = charge
         self._leases[lease.id] = lease
         heapq.heappush(self._expiry, (lease.expires_at, lease.id))
         return lease
@@ -392,6 +453,10 @@ class SeatPool:
             state.seats[lease.seat] = holders
         else:
             del state.seats[lease.seat]
+            if state.charges:
+                charge = state.charges.pop(lease.seat, None)
+                if charge is not None and state.book is not None:
+                    state.book.uncharge(charge)
             if state.terms is not None:
                 self._serve_queue(state, now)
         if len(self._expiry) > 64 and len(self._expiry) > 2 * len(self._leases):
@@ -401,6 +466,9 @@ class SeatPool:
 
     def _serve_queue(self, state: _ProductState, now: float) -> None:
         assert state.terms is not None
+        if state.book is not None:
+            self._serve_queue_by_policy(state, state.book, now)
+            return
         queue = state.queue
         while queue:
             waiter = queue[0]
@@ -414,6 +482,32 @@ class SeatPool:
             queue.popleft()
             state.waiting -= 1
             self._finish(waiter, self._grant(state, key, claim, now))
+
+    def _serve_queue_by_policy(self, state: _ProductState, book: Book, now: float) -> None:
+        """Every waiter the policy now lets take a seat, in queue order: one
+        kept out of the reserved seats does not hold up a member behind it.
+        O(waiters), which max_waiters bounds."""
+        assert state.terms is not None
+        served = False
+        for waiter in state.queue:
+            if waiter.done:
+                continue
+            claim = waiter.claim
+            key = seat_key(state.terms, claim.fingerprint, claim.instance, claim.user)
+            charge = NO_CHARGE
+            if key not in state.seats:
+                free = state.free()
+                if free is not None and free < 1:
+                    continue  # only a waiter sharing a held seat can be served
+                try:
+                    charge = book.decide(requester(claim), free, claim.product)
+                except (NoFreeSeats, PolicyDenied):
+                    continue  # it waits on, until a seat it may take or its deadline
+            state.waiting -= 1
+            served = True
+            self._finish(waiter, self._grant(state, key, claim, now, charge))
+        if served:
+            state.queue = deque(w for w in state.queue if not w.done)
 
     def _finish(self, waiter: Waiter, lease: Lease | None) -> None:
         waiter.done = True
@@ -438,8 +532,38 @@ class SeatPool:
                 assert holders > 0, f"empty seat {key} in {code}"
                 counted[code, key] = holders
             assert state.waiting == sum(1 for w in state.queue if not w.done)
-            if state.terms is not None and state.waiting:
+            if state.book is not None:
+                self._check_book(code, state, state.book)
+            elif state.terms is not None and state.waiting:
                 assert not state.has_free_seat(), f"{code}: a waiter waits beside a free seat"
         assert counted == held, "seat counts differ from the leases held"
         live = {lease_id for _, lease_id in self._expiry}
         assert set(self._leases) <= live, "lease missing from the expiry heap"
+
+    def _check_book(self, code: str, state: _ProductState, book: Book) -> None:
+        """The policy's counts are the sum of its seats' charges, and no waiter
+        waits for a seat the policy would let it take now."""
+        assert set(state.charges) <= set(state.seats), f"{code}: a charge without its seat"
+        reserve_used = [0] * len(book.rules.reserves)
+        max_used: dict[tuple[int, str], int] = {}
+        for charge in state.charges.values():
+            if charge.reserve >= 0:
+                reserve_used[charge.reserve] += 1
+            for bucket in charge.maxes:
+                max_used[bucket] = max_used.get(bucket, 0) + 1
+        assert reserve_used == book.reserve_used, f"{code}: reserve counts drifted"
+        assert max_used == book.max_used, f"{code}: max counts drifted"
+        assert state.terms is not None
+        for waiter in state.queue:
+            if waiter.done:
+                continue
+            c = waiter.claim
+            if seat_key(state.terms, c.fingerprint, c.instance, c.user) in state.seats:
+                raise AssertionError(f"{code}: a waiter waits beside the seat it shares")
+            free = state.free()
+            if free is None or free >= 1:
+                try:
+                    book.decide(requester(c), free, code)
+                except (NoFreeSeats, PolicyDenied):
+                    continue
+                raise AssertionError(f"{code}: a waiter waits beside a seat it may take")

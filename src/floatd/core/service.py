@@ -2,7 +2,7 @@
 
 This is where the protocol meets the pool and the entitlement, still without
 I/O: each call takes ``now`` and the peer address, returns a response (or a
-queued :class:`~floatd.core.pool.Waiter`), and leaves behind the store changes that
+queued :class:`~floatd.core.seats.Waiter`), and leaves behind the store changes that
 must be committed before that response may be sent.  The trio server drains
 them with :meth:`LeaseService.take_changes` after every call; since a call's
 changes always land in one batch, a commit never holds half an outcome.
@@ -34,7 +34,8 @@ from floatd.core.messages import (
     refusal,
 )
 from floatd.core.outcomes import LogFn, Recorder
-from floatd.core.pool import Claim, Lease, PoolProduct, Waiter, hash_token
+from floatd.core.policy import Policy
+from floatd.core.seats import Claim, Lease, PoolProduct, Waiter, hash_token
 from floatd.core.secrets import new_lease_secrets
 from floatd.errors import (
     AuthFailed,
@@ -43,6 +44,7 @@ from floatd.errors import (
     LeaseNotFound,
     LicenseRefusal,
     NoFreeSeats,
+    PolicyDenied,
     RateLimited,
     ServerTimeModified,
     Unavailable,
@@ -85,6 +87,9 @@ class LeaseService:
         #: The counters the metrics endpoint reads (see Recorder).
         self.events = self.outcomes.events
         self.refusals = self.outcomes.refusals
+        self.policy_refusals = self.outcomes.policy_refusals
+        #: The site policy in force (None: none), kept for explain and status.
+        self.policy: Policy | None = None
 
     def set_log(self, log: LogFn) -> None:
         self.outcomes.log = log
@@ -115,6 +120,31 @@ class LeaseService:
         }
         self.ledger.set_products((self._pool_terms(p) for p in products), now)
         self._collect()
+
+    def set_policy(self, policy: Policy | None, now: float) -> None:
+        """Decide by ``policy`` from now on; held leases stay, waiters it now
+        admits are served (and answered through the usual wake-up)."""
+        self.policy = policy
+        self.ledger.set_policy(policy, now)
+        self._collect()
+
+    def explain(
+        self,
+        now: float,
+        product: str,
+        *,
+        fingerprint: str = "",
+        user: str | None = None,
+        host: str | None = None,
+        ip: str | None = None,
+        instance: str | None = None,
+    ) -> dict[str, Any]:
+        """What an acquire with these identities would get now, and which rule
+        decides; changes nothing (``floatd policy explain``)."""
+        claim = Claim(product, fingerprint, "", b"", instance, user, host, peer=ip)
+        out = self.ledger.explain(now, claim)
+        self._collect()
+        return {"product": product, **out}
 
     def reset(self, now: float) -> None:
         """Forget the in-memory pool for an empty one with the same terms, to be
@@ -208,7 +238,8 @@ class LeaseService:
                 return answer(req.id, time=now)
             return self.hello_response(req, now)
         except FloatdError as exc:
-            self.outcomes.refused(req, exc.code, now, peer, self._product_info)
+            rule = exc.details.get("rule") if isinstance(exc, PolicyDenied) else None
+            self.outcomes.refused(req, exc.code, now, peer, self._product_info, rule)
             return refusal(req.id, exc)
         finally:
             self._collect()
@@ -428,6 +459,7 @@ class LeaseService:
                     "used": used,
                     "free": None if terms.unlimited else max(0, terms.seats - used),
                     "waiting": self.ledger.waiting(terms.code),
+                    "reserved": self.ledger.reservations(terms.code),
                     "strategy": terms.strategy,
                     "lease_duration": self.duration_of(terms),
                     "not_after": _earliest(ent.not_after if ent else None, terms.not_after),

@@ -30,6 +30,7 @@ import trio
 
 from floatd.client.frames import receive_frame, receive_frame_blocking
 from floatd.core.codec import MAX_FRAME, FrameDecoder, encode_frame
+from floatd.core.limits import peer_ip
 from floatd.errors import AdminError, ConfigError, FloatdError, InternalError
 from floatd.logs import get_logger
 from floatd.store.audit import iso
@@ -144,6 +145,8 @@ class AdminServer:
                 return [{"ok": True, "lease": row}]
             if cmd == "reload":
                 return [{"ok": True, **await server.reload()}]
+            if cmd == "explain":
+                return [{"ok": True, **server.explain(**_who(request))}]
             if cmd == "clock_reset":
                 return [{"ok": True, **await server.reset_clock()}]
             if cmd == "end_user":
@@ -157,6 +160,24 @@ class AdminServer:
         except Exception as exc:  # a bug in one command must not end the daemon
             log.error("admin_command_failed", cmd=str(cmd)[:40], reason=repr(exc)[:500])
             return [_failure(InternalError(f"the daemon failed to answer {str(cmd)[:40]!r}"))]
+
+
+#: The identities ``floatd policy explain`` may give, as the service names them.
+_WHO = ("product", "fingerprint", "user", "host", "ip", "instance")
+
+
+def _who(request: dict[str, Any]) -> dict[str, Any]:
+    """The explain command's identities, checked like an acquire's fields."""
+    who = {key: request[key] for key in _WHO if request.get(key) is not None}
+    for key, value in who.items():
+        if not isinstance(value, str) or not 1 <= len(value) <= 256:
+            raise AdminError(f"{key!r} must be a string of 1 to 256 characters")
+    if "product" not in who:
+        raise AdminError("'product' is required")
+    if "ip" in who and peer_ip(who["ip"]) is None:
+        raise AdminError(f"{who['ip']!r} is not an IP address")
+    who.setdefault("fingerprint", "")
+    return who
 
 
 def _failure(exc: FloatdError) -> dict[str, Any]:

@@ -157,6 +157,14 @@ class FloatdCollector(Collector):
         for (product, code), n in sorted(service.refusals.items()):
             refusals.add_metric([product, code], n)
         yield refusals
+        policy = CounterMetricFamily(
+            "floatd_policy_refusals",
+            "Acquires the site policy refused (POLICY_DENIED) by product and rule",
+            labels=["product", "rule"],
+        )
+        for (product, rule), n in sorted(service.policy_refusals.items()):
+            policy.add_metric([product, rule], n)
+        yield policy
 
         committer = server.committer
         commits = CounterMetricFamily("floatd_commits", "State database transactions")

@@ -17,7 +17,7 @@ from typing import Any
 import trio
 
 from floatd.core.changes import Audit, Change, PruneAudit, SetExpiry, SetMeta, extend_after_crash
-from floatd.core.pool import Lease, Waiter
+from floatd.core.seats import Lease, Waiter
 from floatd.daemon.committer import LAZY_WINDOW, META_CLEAN, META_LAST_CUT
 from floatd.daemon.shared import Shared
 from floatd.errors import StoreError, Unavailable

@@ -31,12 +31,14 @@ from typing import Any
 import trio
 
 from floatd import __version__, logs
-from floatd.config import SCHEMA, Config
+from floatd.config import SCHEMA, Config, read_policy
 from floatd.core.changes import SetMeta
 from floatd.core.entitlement import trusted_keys
 from floatd.core.messages import (
     Acquire,
 )
+from floatd.core.policy import Policy
+from floatd.core.policy_file import unknown_products
 from floatd.core.service import LeaseService
 from floatd.daemon.admin import AdminServer, bind_admin_socket, lease_row
 from floatd.daemon.committer import (
@@ -138,6 +140,10 @@ class Server:
         self.status = StatusServer(self)
         self.tls = tls_context(config)
         self.licensing = Licensing(self.shared, server_id)
+        # A policy file that cannot be used stops the start (exit 2 with its
+        # line), as a bad config does: serving without it would let in whom
+        # it keeps out.
+        self._use_policy(read_policy(config.policy_file))
         self.licensing.end_user = self.end_user
         self.licensing.tls = self.tls is not None
         #: The lease port's connections: limits, sessions, the answer outbox.
@@ -177,10 +183,22 @@ class Server:
         moved = self.service.shift_time(delta)
         log.warning("clock_stepped", seconds=round(delta, 3), leases_kept=moved)
 
+    def _use_policy(self, policy: Policy | None) -> dict[str, Any]:
+        """Decide by ``policy`` from now on; what reload reports of it."""
+        self.service.set_policy(policy, self.clock())
+        if policy is None:
+            return {"file": None}
+        ent = self.service.entitlement
+        unknown = unknown_products(policy, {p.code for p in ent.products}) if ent else []
+        if unknown:
+            log.warning("policy_unknown_products", file=policy.source, products=unknown)
+        return {"file": policy.source, "rules": len(policy.rules), "unknown_products": unknown}
+
     def load_state(self) -> None:
         """Blocking start-up work: the entitlement, then the persisted leases."""
         now = self.clock()
         self.licensing.load(now)
+        self._use_policy(self.service.policy)  # now it can tell unknown products
         record = ActivationRecord.read(self.config)
         self.licensing.online = record is not None and record.in_force
         self.state.load(now)
@@ -313,6 +331,7 @@ class Server:
         """
         applied: list[str] = []
         restart: list[str] = []
+        policy_report: dict[str, Any] | None = None
         if self._config_loader is not None:
             new = await self._run_sync(self._config_loader)
             old = self.config
@@ -332,6 +351,7 @@ class Server:
                 else self.status.tls
             )
             keys = trusted_keys(new.vendor_keys)
+            policy = await self._run_sync(read_policy, new.policy_file)
             # Nothing above can fail any more: apply.
             self.config = dataclasses.replace(
                 new, **{attr: getattr(old, attr) for attr in RESTART_ONLY}
@@ -352,11 +372,14 @@ class Server:
             if "default_duration" in attrs:
                 self.service.install(self.service.entitlement, self.clock())
                 self._flush()
+            policy_report = self._use_policy(policy)
+            self._flush()  # waiters the new rules admit: their grants are durable first
         rejected = await self.licensing.reload(force=True)
         now = self.clock()
         result = {
             "applied": applied,
             "restart_needed": restart,
+            **({"policy": policy_report} if policy_report is not None else {}),
             "entitlement": getattr(self.service.entitlement, "id", None),
             "entitlement_rejected": rejected,
             "activation": self.service.activation_state(now),
@@ -441,8 +464,21 @@ class Server:
             },
             "connections": self.connections,
             "leases": len(self.service.ledger),
+            "policy": self._policy_summary(),
             "listen": [f"{h}:{p}" for h, p in self.ports],
         }
+
+    def _policy_summary(self) -> dict[str, Any]:
+        policy = self.service.policy
+        if policy is None:
+            return {"file": None}
+        return {"file": policy.source, "rules": len(policy.rules), "groups": sorted(policy.groups)}
+
+    def explain(self, **who: Any) -> dict[str, Any]:
+        """``floatd policy explain``: what an acquire would get now, and why."""
+        result = self.service.explain(self.clock(), **who)
+        self._flush()  # expiries met on the way
+        return result
 
     def _flush(self, urgent: bool = True) -> Batch | None:
         """Submit what the last service call changed and wake the waiters it served.

@@ -35,7 +35,7 @@ from floatd.core.messages import (
     failure,
     refusal,
 )
-from floatd.core.pool import Waiter
+from floatd.core.seats import Waiter
 from floatd.daemon.committer import Batch
 from floatd.daemon.transport import TcpStream
 from floatd.errors import InternalError, Unavailable

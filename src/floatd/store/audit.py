@@ -99,6 +99,7 @@ class AuditEntry:
     peer: str | None
     code: str | None
     count: int = 1  # refusals of a flood folded into one record
+    rule: str | None = None  # the policy rule behind a POLICY_DENIED
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -114,6 +115,7 @@ class AuditEntry:
             "address": self.peer,
             "code": self.code,
             "count": self.count,
+            "rule": self.rule,
         }
 
 
@@ -130,7 +132,7 @@ def read_audit(
     audit streams out."""
     sql = (
         "SELECT ts, event, product, lease, fingerprint, instance, user, hostname, peer, code,"
-        " coalesce(repeats, 1)"
+        " coalesce(repeats, 1), rule"
         f" FROM audit WHERE ts >= ? AND event IN ({','.join('?' * len(events))})"
     )
     args: list[Any] = [since, *events]

@@ -32,8 +32,8 @@ from floatd.core.changes import (
     coalesce,
 )
 from floatd.core.codec import pack
-from floatd.core.pool import Lease
 from floatd.core.records import NO_META
+from floatd.core.seats import Lease
 from floatd.errors import StoreError
 
 
@@ -123,6 +123,10 @@ _MIGRATIONS = [
     """
     ALTER TABLE audit ADD COLUMN repeats INTEGER;
     """,
+    # The kind of site-policy rule behind a POLICY_DENIED refusal.
+    """
+    ALTER TABLE audit ADD COLUMN rule TEXT;
+    """,
 ]
 
 AUDIT_COLUMNS = (
@@ -139,6 +143,7 @@ AUDIT_COLUMNS = (
     "seat",
     "granted_at",
     "repeats",
+    "rule",
 )
 
 # Leases are stored by an integer row number the store assigns in order, not by
@@ -223,6 +228,7 @@ def _audit_row(a: Audit) -> tuple[object, ...]:
         None if a.seat is None else pack(a.seat),
         a.granted_at,
         a.repeats,
+        a.rule,
     )
 
 

@@ -60,7 +60,7 @@ import trio
 
 from floatd.core.changes import Change, SetMeta
 from floatd.core.codec import pack
-from floatd.core.pool import Lease
+from floatd.core.seats import Lease
 from floatd.errors import StoreError
 from floatd.logs import get_logger, lease_line
 from floatd.store.identity import META_STATE_ID, StateIdentity

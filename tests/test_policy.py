@@ -1,0 +1,501 @@
+"""The site policy: reading the file, and the decision inside the pool, with
+explicit times and explicit requesters."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from floatd.core.policy import Policy
+from floatd.core.policy_file import load_policy, unknown_products
+from floatd.core.pool import SeatPool
+from floatd.core.seats import Claim, Lease, PoolProduct, Waiter, hash_token
+from floatd.errors import NoFreeSeats, PolicyDenied, PolicyError
+
+T0 = 1000.0
+_ids = itertools.count()
+
+SPEC_EXAMPLE = """\
+[groups]                          # named sets of identities
+cad_team = ["user:alice", "user:bob", "host:ws-cad-*", "ip:10.1.2.0/24"]
+kiosks   = ["host:kiosk-*"]
+
+[[rule]]
+product = "cad"                   # a product code, or "*" for every product
+exclude = ["group:kiosks"]        # these may never lease it
+
+[[rule]]
+product = "sim"
+include = ["group:cad_team"]      # only these may lease it
+
+[[rule]]
+product = "cad"
+reserve = 2                       # the last 2 free seats are kept for these
+for = ["group:cad_team"]
+
+[[rule]]
+product = "cad"
+max = 1                           # these hold at most 1 seat at once...
+for = ["user:*"]
+per = "user"
+
+[[rule]]
+product = "cad"
+borrow_lowwater = 2
+borrow_max = 86400
+"""
+
+
+def claim(
+    product: str = "cad",
+    fp: str | None = None,
+    user: str | None = None,
+    host: str | None = None,
+    ip: str | None = "192.0.2.9",
+    instance: str | None = None,
+) -> Claim:
+    n = next(_ids)
+    return Claim(
+        product,
+        fp or f"machine-{n}",
+        f"L{n}",
+        hash_token(f"tok{n}"),
+        instance,
+        user,
+        host,
+        peer=ip,
+    )
+
+
+def pool_with(policy_text: str, *products: PoolProduct) -> SeatPool:
+    pool = SeatPool()
+    pool.set_products(products, T0)
+    pool.set_policy(load_policy(policy_text, "policy.toml"), T0)
+    return pool
+
+
+def grant(pool: SeatPool, c: Claim, now: float = T0) -> Lease:
+    got = pool.acquire(now, c)
+    assert isinstance(got, Lease), got
+    return got
+
+
+def token_of(lease: Lease) -> bytes:
+    return hash_token("tok" + lease.id[1:])
+
+
+CAD = PoolProduct("cad", seats=5, duration=60)
+SIM = PoolProduct("sim", seats=5, duration=60)
+
+
+# --- the file ----------------------------------------------------------------------
+
+
+def test_the_spec_example_reads_and_names_its_products() -> None:
+    policy = load_policy(SPEC_EXAMPLE, "p.toml")
+    assert len(policy.rules) == 5 and set(policy.groups) == {"cad_team", "kiosks"}
+    assert unknown_products(policy, {"cad"}) == ["sim"]
+    rules = policy.for_product("cad")
+    assert rules is not None and rules.borrow_lowwater == 2 and rules.borrow_max == 86400
+    assert policy.for_product("other") is None
+
+
+@pytest.mark.parametrize(
+    ("text", "where", "says"),
+    [
+        (
+            '[groups]\na = ["user:x"]\n[[rule]]\nproduct = "p"\nexclud = ["user:x"]\n',
+            "p.toml:5",
+            "rule 1.exclud: unknown key",
+        ),
+        (
+            '[[rule]]\nproduct = "p"\nexclude = ["group:nobody"]\n',
+            "p.toml:3",
+            "unknown group 'nobody'",
+        ),
+        ('[groups]\na = ["group:b"]\nb = ["group:a"]\n', "p.toml:2", "includes itself"),
+        ('[groups]\na = ["group:a"]\n', "p.toml:2", "includes itself (a -> a)"),
+        ('[groups]\nnet = ["ip:10.1.2.0/33"]\n', "p.toml:2", "not a CIDR"),
+        ('[groups]\nnet = ["ip:10.1.2.3/24"]\n', "p.toml:2", "has host bits set"),
+        ('[groups]\nh = ["host:ws-[0-9]"]\n', "p.toml:2", "only * is a wildcard"),
+        ('[groups]\nh = ["machine:x"]\n', "p.toml:2", "is not an identity"),
+        ('\n[[rule]]\nproduct = "p"\nmax = -1\n', "p.toml:4", "rule 1.max: must be from 0"),
+        (
+            '[[rule]]\nproduct = "p"\nreserve = 5000000\nfor = ["user:a"]\n',
+            "p.toml:3",
+            "must be from 1 to 1000000",
+        ),
+        ('[[rule]]\nproduct = "p"\nmax = true\n', "p.toml:3", "must be a whole number"),
+        ('[[rule]]\nproduct = "p"\nborrow_max = 0\n', "p.toml:3", "rule 1.borrow_max"),
+        (
+            '[[rule]]\nproduct = "p"\nper = "user"\nexclude = ["user:a"]\n',
+            "p.toml:3",
+            "only a max takes `per`",
+        ),
+        ('[[rule]]\nproduct = "p"\nmax = 1\nper = "team"\n', "p.toml:4", "must be one of"),
+        ('[[rule]]\nproduct = "p"\nreserve = 1\n', "p.toml:3", "needs `for`"),
+        ('[[rule]]\nproduct = "p"\n', "p.toml:1", "says nothing"),
+        ('[[rule]]\nexclude = ["user:a"]\n', "p.toml:1", "rule 1.product"),
+        ("[rules]\n", "p.toml:1", "rules: unknown key"),
+        ('[[rule]]\nproduct = "p"\nexclude = "user:a"\n', "p.toml:3", "non-empty list"),
+        ("[[rule]\n", "p.toml", "not valid TOML"),
+    ],
+)
+def test_a_bad_file_is_one_line_naming_file_line_and_key(text: str, where: str, says: str) -> None:
+    with pytest.raises(PolicyError) as err:
+        load_policy(text, "p.toml")
+    message = str(err.value)
+    assert message.startswith(where + ":"), message
+    assert says in message
+    assert "\n" not in message
+
+
+# --- steps 1 and 2: exclude and include --------------------------------------------
+
+
+def test_exclude_refuses_with_its_rule_and_never_the_members() -> None:
+    pool = pool_with(SPEC_EXAMPLE, CAD, SIM)
+    with pytest.raises(PolicyDenied) as err:
+        pool.acquire(T0, claim(host="KIOSK-7"))  # names compare case-insensitively
+    assert err.value.details == {"rule": "exclude", "product": "cad"}
+    assert "kiosk" not in err.value.message.lower()
+    grant(pool, claim(host="ws-cad-1"))
+
+
+def test_include_admits_only_its_members_by_user_host_or_address() -> None:
+    pool = pool_with(SPEC_EXAMPLE, CAD, SIM)
+    with pytest.raises(PolicyDenied) as err:
+        pool.acquire(T0, claim("sim", user="carol"))
+    assert err.value.details == {"rule": "include", "product": "sim"}
+    grant(pool, claim("sim", user="Alice"))
+    grant(pool, claim("sim", host="ws-cad-9"))
+    grant(pool, claim("sim", ip="10.1.2.200"))
+    with pytest.raises(PolicyDenied):
+        pool.acquire(T0, claim("sim", ip="10.1.3.1"))
+
+
+def test_ipv6_blocks_and_fingerprints_match_case_sensitively() -> None:
+    text = """
+[[rule]]
+product = "*"
+exclude = ["ip:2001:db8::/32", "fingerprint:BAD-*"]
+"""
+    pool = pool_with(text, CAD)
+    with pytest.raises(PolicyDenied):
+        pool.acquire(T0, claim(ip="2001:db8::5"))
+    with pytest.raises(PolicyDenied):
+        pool.acquire(T0, claim(fp="BAD-1"))
+    grant(pool, claim(fp="bad-1"))
+    grant(pool, claim(ip="::ffff:192.0.2.1"))
+
+
+def test_exclude_comes_before_include_and_max() -> None:
+    text = """
+[groups]
+t = ["user:alice"]
+[[rule]]
+product = "cad"
+include = ["group:t"]
+[[rule]]
+product = "cad"
+exclude = ["host:bad"]
+[[rule]]
+product = "cad"
+max = 0
+for = ["user:alice"]
+"""
+    pool = pool_with(text, CAD)
+    with pytest.raises(PolicyDenied) as err:
+        pool.acquire(T0, claim(user="alice", host="bad"))
+    assert err.value.details["rule"] == "exclude"
+    with pytest.raises(PolicyDenied) as err:
+        pool.acquire(T0, claim(user="bob"))
+    assert err.value.details["rule"] == "include"
+    with pytest.raises(PolicyDenied) as err:
+        pool.acquire(T0, claim(user="alice"))
+    assert err.value.details["rule"] == "max"
+
+
+# --- step 3: max --------------------------------------------------------------------
+
+
+def test_max_per_user_counts_each_user_on_their_own() -> None:
+    pool = pool_with(SPEC_EXAMPLE, CAD)
+    a = grant(pool, claim(user="alice"))
+    grant(pool, claim(user="bob"))
+    with pytest.raises(PolicyDenied) as err:
+        pool.acquire(T0, claim(user="ALICE"), wait_until=T0 + 30)  # no waiting on a max
+    assert err.value.details == {"rule": "max", "product": "cad"}
+    pool.release(T0, a.id, token_of(a))
+    grant(pool, claim(user="alice"))
+
+
+def test_max_without_per_counts_everyone_it_matches_together() -> None:
+    text = '[[rule]]\nproduct = "cad"\nmax = 2\nfor = ["host:lab-*"]\n'
+    pool = pool_with(text, CAD)
+    grant(pool, claim(host="lab-1"))
+    grant(pool, claim(host="lab-2"))
+    with pytest.raises(PolicyDenied):
+        pool.acquire(T0, claim(host="lab-3"))
+    grant(pool, claim(host="office-1"))
+
+
+def test_max_per_host_and_per_ip() -> None:
+    text = """
+[[rule]]
+product = "cad"
+max = 1
+per = "host"
+[[rule]]
+product = "sim"
+max = 2
+per = "ip"
+"""
+    pool = pool_with(text, CAD, SIM)
+    grant(pool, claim(host="h1"))
+    with pytest.raises(PolicyDenied):
+        pool.acquire(T0, claim(host="H1"))
+    grant(pool, claim(host="h2"))
+    grant(pool, claim("sim", ip="10.0.0.1"))
+    grant(pool, claim("sim", ip="10.0.0.1"))
+    with pytest.raises(PolicyDenied):
+        pool.acquire(T0, claim("sim", ip="10.0.0.1"))
+    grant(pool, claim("sim", ip="10.0.0.2"))
+
+
+def test_a_reacquire_onto_a_held_seat_passes_max_and_reserve() -> None:
+    pool = pool_with(SPEC_EXAMPLE, CAD)
+    grant(pool, claim(user="alice", fp="ws-1"))
+    # Per machine: the same fingerprint shares the seat, so the cap does not bite.
+    second = grant(pool, claim(user="alice", fp="ws-1"))
+    assert pool.used("cad") == 1 and second.seat == ("ws-1",)
+    # alice holds one of the 2 reserved seats: 1 stays kept for the team.
+    grant(pool, claim(user="u0", fp="ws-u0"))
+    for n in range(1, 3):
+        grant(pool, claim(user=f"u{n}"))
+    with pytest.raises(NoFreeSeats) as err:
+        pool.acquire(T0, claim(user="carol"))
+    assert err.value.details["reserved"] == 1
+    grant(pool, claim(user="carol", fp="ws-u0"))  # onto u0's seat: no new seat
+    assert pool.used("cad") == 4
+    # ...but exclude still applies to a re-acquire.
+    with pytest.raises(PolicyDenied):
+        pool.acquire(T0, claim(host="kiosk-1", fp="ws-1"))
+
+
+# --- step 4: reserve ----------------------------------------------------------------
+
+
+def test_reserved_seats_are_refused_to_others_with_the_count_kept() -> None:
+    pool = pool_with(SPEC_EXAMPLE, CAD)
+    for n in range(3):
+        grant(pool, claim(user=f"other{n}"))
+    with pytest.raises(NoFreeSeats) as err:
+        pool.acquire(T0, claim(user="carol"))
+    assert err.value.details == {"reserved": 2, "seats": 5, "used": 3}
+    grant(pool, claim(user="alice"))
+    grant(pool, claim(host="ws-cad-3"))
+    with pytest.raises(NoFreeSeats) as err:
+        pool.acquire(T0, claim(user="bob"))
+    assert "reserved" not in err.value.details  # simply full now
+
+
+def test_members_use_their_reserve_first_so_it_can_be_used_up() -> None:
+    pool = pool_with(SPEC_EXAMPLE, CAD)
+    grant(pool, claim(user="alice"))
+    grant(pool, claim(user="bob"))
+    assert pool.reservations("cad") == [
+        {"rule": 3, "seats": 2, "held": 2, "free": 0, "for": ["group:cad_team"]}
+    ]
+    for n in range(3):  # the reserve is held by its members: the rest is anyone's
+        grant(pool, claim(user=f"other{n}"))
+
+
+def test_several_reserves_keep_their_seats_from_each_other() -> None:
+    text = """
+[groups]
+a = ["user:a*"]
+b = ["user:b*"]
+[[rule]]
+product = "cad"
+reserve = 2
+for = ["group:a"]
+[[rule]]
+product = "cad"
+reserve = 1
+for = ["group:b"]
+"""
+    pool = pool_with(text, CAD)
+    grant(pool, claim(user="x1"))
+    grant(pool, claim(user="x2"))
+    with pytest.raises(NoFreeSeats) as err:
+        pool.acquire(T0, claim(user="x3"))
+    assert err.value.details["reserved"] == 3
+    with pytest.raises(NoFreeSeats) as err:  # a b-member cannot take a's seats
+        grant(pool, claim(user="b1"))
+        pool.acquire(T0, claim(user="b2"))
+    assert err.value.details["reserved"] == 2
+    grant(pool, claim(user="a1"))
+    grant(pool, claim(user="a2"))
+    assert pool.used("cad") == 5
+
+
+def test_unlimited_products_reserve_nothing_but_still_cap() -> None:
+    text = (
+        '[[rule]]\nproduct = "*"\nreserve = 3\nfor = ["user:a"]\n'
+        '[[rule]]\nproduct = "*"\nmax = 1\nper = "user"\n'
+    )
+    pool = pool_with(text, PoolProduct("free", seats=None, duration=60))
+    for n in range(10):
+        grant(pool, claim("free", user=f"u{n}"))
+    with pytest.raises(PolicyDenied):
+        pool.acquire(T0, claim("free", user="u1"))
+
+
+# --- waiting ------------------------------------------------------------------------
+
+
+def test_a_waiter_kept_out_of_reserved_seats_does_not_hold_up_a_member() -> None:
+    pool = pool_with(SPEC_EXAMPLE, CAD)
+    held = [grant(pool, claim(user=f"other{n}")) for n in range(3)]
+    waiter = pool.acquire(T0, claim(user="carol"), wait_until=T0 + 30)
+    assert isinstance(waiter, Waiter)
+    grant(pool, claim(user="alice"))  # a member is not behind carol for a reserved seat
+    # 1 seat free, and the reserve still keeps 1 for the team: carol waits on.
+    pool.check_invariants()
+    assert not waiter.done and pool.waiting("cad") == 1
+    pool.release(T0 + 1, held[0].id, token_of(held[0]))
+    assert waiter.done and waiter.lease is not None
+    pool.check_invariants()
+
+
+def test_waiting_queues_only_on_no_free_seats() -> None:
+    pool = pool_with(SPEC_EXAMPLE, CAD)
+    with pytest.raises(PolicyDenied):
+        pool.acquire(T0, claim(host="kiosk-1"), wait_until=T0 + 30)
+    assert pool.waiting("cad") == 0
+
+
+# --- a new policy -------------------------------------------------------------------
+
+
+def test_a_new_policy_ends_no_lease_and_counts_what_is_held() -> None:
+    pool = pool_with("", CAD)
+    held = [grant(pool, claim(user="alice")) for _ in range(2)]
+    pool.set_policy(load_policy(SPEC_EXAMPLE, "p.toml"), T0 + 1)
+    assert all(pool.lease(le.id) is le for le in held)  # over the new max, and kept
+    with pytest.raises(PolicyDenied):
+        pool.acquire(T0 + 1, claim(user="alice"))
+    assert pool.reservations("cad")[0]["held"] == 2
+    pool.set_policy(None, T0 + 2)
+    grant(pool, claim(user="alice"), T0 + 2)
+    assert pool.reservations("cad") == []
+
+
+def test_a_new_policy_serves_the_waiters_it_admits() -> None:
+    text = '[[rule]]\nproduct = "cad"\nreserve = 4\nfor = ["user:vip"]\n'
+    pool = pool_with(text, CAD)
+    grant(pool, claim(user="x"))
+    waiter = pool.acquire(T0, claim(user="y"), wait_until=T0 + 30)
+    assert isinstance(waiter, Waiter)
+    pool.set_policy(Policy(), T0 + 1)
+    assert waiter.done and waiter.lease is not None
+
+
+def test_explain_says_what_would_happen_and_changes_nothing() -> None:
+    pool = pool_with(SPEC_EXAMPLE, CAD)
+    assert pool.explain(T0, claim(user="alice"))["result"] == "granted"
+    assert pool.explain(T0, claim(host="kiosk-2"))["result"] == "POLICY_DENIED"
+    for n in range(3):
+        grant(pool, claim(user=f"o{n}"))
+    said = pool.explain(T0, claim(user="carol"))
+    assert said["result"] == "NO_FREE_SEATS" and said["reserved"] == 2
+    said = pool.explain(T0, claim(user="bob"))
+    assert said == {"seats": 5, "used": 3, "result": "granted", "why": "reserved seat", "rule": 3}
+    assert pool.used("cad") == 3
+    assert pool.explain(T0, claim("nope"))["result"] == "UNKNOWN_PRODUCT"
+
+
+# --- the invariant: no sequence takes a reserve or a max past its number -----------
+
+USERS = ["alice", "bob", "carol", "dave", "erin", "kiosk"]
+PROPERTY_POLICY = """
+[groups]
+team = ["user:alice", "user:bob"]
+[[rule]]
+product = "cad"
+reserve = 2
+for = ["group:team"]
+[[rule]]
+product = "cad"
+reserve = 1
+for = ["user:carol", "user:alice"]
+[[rule]]
+product = "cad"
+max = 2
+for = ["user:*"]
+per = "user"
+[[rule]]
+product = "cad"
+max = 3
+for = ["user:dave", "user:erin"]
+"""
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.sampled_from(["acquire", "acquire", "release", "wait", "tick"]),
+            st.sampled_from(USERS),
+            st.integers(0, 3),  # which machine: shared seats per machine
+            st.integers(0, 50),
+        ),
+        max_size=60,
+    ),
+    seats=st.integers(1, 6),
+)
+def test_no_sequence_takes_a_reserve_or_a_max_past_its_number(
+    steps: list[tuple[str, str, int, int]], seats: int
+) -> None:
+    pool = pool_with(PROPERTY_POLICY, PoolProduct("cad", seats=seats, duration=40))
+    now = T0
+    held: list[Lease] = []
+    for op, user, machine, pick in steps:
+        if op == "tick":
+            now += pick
+            pool.advance(now)
+        elif op == "release" and held:
+            lease = held.pop(pick % len(held))
+            if pool.lease(lease.id) is lease:
+                pool.release(now, lease.id, token_of(lease))
+        elif op in ("acquire", "wait"):
+            c = claim(user=user, fp=f"{user}-m{machine}")
+            try:
+                got = pool.acquire(now, c, now + 10 if op == "wait" else None)
+            except (NoFreeSeats, PolicyDenied):
+                continue
+            if isinstance(got, Lease):
+                held.append(got)
+        held += [w.lease for w in pool.take_woken() if w.lease is not None]
+        pool.take_expired()
+        pool.check_invariants()
+        # Who created each seat holds it, as the policy counts.
+        owners: dict[tuple[str, ...], str] = {}
+        for lease in sorted(pool.leases(), key=lambda le: le.granted_at):
+            owners.setdefault(lease.seat, lease.user or "")
+        per_user: dict[str, int] = {}
+        for owner in owners.values():
+            per_user[owner] = per_user.get(owner, 0) + 1
+        assert all(n <= 2 for n in per_user.values()), per_user
+        assert per_user.get("dave", 0) + per_user.get("erin", 0) <= 3
+        assert len(owners) <= seats
+        # Seats held by those a reserve is not for never eat into it.
+        team = {"alice", "bob"}
+        others_of_team = sum(1 for o in owners.values() if o not in team)
+        assert others_of_team <= max(0, seats - 2) or others_of_team == 0
+        others_of_carol = sum(1 for o in owners.values() if o not in ("carol", "alice"))
+        assert others_of_carol <= max(0, seats - 1) or others_of_carol == 0
