@@ -3,6 +3,7 @@ explicit times and explicit requesters."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import pytest
@@ -499,3 +500,120 @@ def test_no_sequence_takes_a_reserve_or_a_max_past_its_number(
         assert others_of_team <= max(0, seats - 2) or others_of_team == 0
         others_of_carol = sum(1 for o in owners.values() if o not in ("carol", "alice"))
         assert others_of_carol <= max(0, seats - 1) or others_of_carol == 0
+
+
+# --- hostile files: any structure is one PolicyError or a policy, never a traceback ----
+
+_WORDS = ["product", "exclude", "include", "reserve", "for", "max", "per", "borrow_max"]
+_WORDS += ["borrow_lowwater", "groups", "rule", "user", "x", "*", "cad"]
+_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**40), 2**40)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.sampled_from(
+        [
+            *("user:a", "host:k-*", "ip:10.0.0.0/8", "ip:::1", "group:g", "group:h", "user:"),
+            *("ip:x", "fingerprint:F*", "user", "host:[a]", "*", "cad", "ip:10.0.0.1/8", ""),
+        ]
+    ),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.sampled_from([*_WORDS, "g", "h"]), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+def _toml_value(value: object) -> str:
+    if value is None:
+        return '""'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    assert isinstance(value, dict)
+    return "{" + ", ".join(f'"{k}" = {_toml_value(v)}' for k, v in value.items()) + "}"
+
+
+_IDENTITIES = st.lists(
+    st.sampled_from(
+        [
+            *("user:a", "user:B*", "host:k-*", "ip:10.0.0.0/8", "ip:::1", "group:g", "group:h"),
+            *("fingerprint:F*", "user:", "ip:x", "host:[a]", "ip:10.0.0.1/8", "group:zz"),
+        ]
+    ),
+    max_size=3,
+)
+_NUMBERS = st.integers(-2, 5) | st.sampled_from([10**7, True, 1.5, "2"])
+_GOOD_IDS = st.lists(
+    st.sampled_from(
+        ["user:a", "user:B*", "host:k-*", "ip:10.0.0.0/8", "group:g", "fingerprint:F*"]
+    ),
+    min_size=1,
+    max_size=3,
+)
+_PRODUCT = st.sampled_from(["cad", "*", "cad", 3])
+_RULE = st.one_of(
+    st.fixed_dictionaries({"product": _PRODUCT, "exclude": _GOOD_IDS}),
+    st.fixed_dictionaries({"product": _PRODUCT, "include": _GOOD_IDS}),
+    st.fixed_dictionaries(
+        {"product": _PRODUCT, "reserve": st.integers(1, 3), "for": _GOOD_IDS},
+    ),
+    st.fixed_dictionaries(
+        {"product": _PRODUCT, "max": st.integers(0, 2)},
+        optional={"for": _GOOD_IDS, "per": st.sampled_from(["user", "host", "ip", "team"])},
+    ),
+    # Anything else a rule may hold, mostly wrong.
+    st.fixed_dictionaries(
+        {"product": _PRODUCT},
+        optional={
+            "exclude": _IDENTITIES | _VALUES,
+            "reserve": _NUMBERS,
+            "for": _IDENTITIES,
+            "max": _NUMBERS,
+            "per": st.sampled_from(["user", "team"]),
+            "borrow_lowwater": _NUMBERS,
+            "borrow_max": _NUMBERS | st.just(86400),
+        },
+    ),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    groups=st.dictionaries(
+        st.sampled_from(["g", "h", "g", "h", "bad name", "x"]), _IDENTITIES, max_size=3
+    ),
+    rules=st.lists(
+        st.one_of(_RULE, _RULE, _RULE, st.dictionaries(st.sampled_from(_WORDS), _VALUES)),
+        max_size=4,
+    ),
+    extra=st.sampled_from(["", "", "", "", "[other]\n", "rule = 3\n"]),
+)
+def test_any_file_is_a_policy_or_one_policy_error(
+    groups: dict[str, object], rules: list[dict[str, object]], extra: str
+) -> None:
+    lines = [extra]
+    if groups:
+        lines.append("[groups]")
+        lines += [f'"{k}" = {_toml_value(v)}' for k, v in groups.items()]
+    for rule in rules:
+        lines.append("[[rule]]")
+        lines += [f'"{k}" = {_toml_value(v)}' for k, v in rule.items()]
+    text = "\n".join(lines) + "\n"
+    try:
+        policy = load_policy(text, "fuzz.toml")
+    except PolicyError as exc:
+        assert str(exc).startswith("fuzz.toml") and "\n" not in str(exc)
+        return
+    pool = pool_with("", CAD)
+    pool.set_policy(policy, T0)
+    for user in ("a", "b"):
+        with contextlib.suppress(NoFreeSeats, PolicyDenied):
+            pool.acquire(T0, claim(user=user, host="k-1", ip="10.0.0.5"))
+    pool.check_invariants()
