@@ -26,9 +26,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from floatd.core.limits import peer_ip
 from floatd.errors import NoFreeSeats, PolicyDenied
 
-IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 #: The identity kinds a pattern may name; ``group:`` refers to a named group.
@@ -41,22 +41,24 @@ ANY_PRODUCT = "*"
 
 class Requester(NamedTuple):
     """Who asks, as the policy sees it.  ``user`` and ``host`` are lower-cased
-    (names compare case-insensitively); the fingerprint is kept as sent."""
+    (names compare case-insensitively); the fingerprint is kept as sent; the
+    address as (IP version, integer), which is what range checks need."""
 
     user: str | None
     host: str | None
     fingerprint: str
-    ip: IpAddress | None
+    ip: tuple[int, int] | None
 
     @classmethod
     def of(
-        cls, user: str | None, host: str | None, fingerprint: str, ip: IpAddress | None
+        cls, user: str | None, host: str | None, fingerprint: str, peer: str | None
     ) -> Requester:
+        """``peer``: the client's address as the shell gives it (a string)."""
         return cls(
             None if user is None else user.lower(),
             None if host is None else host.lower(),
             fingerprint,
-            ip,
+            _address(peer),
         )
 
     def per(self, kind: str | None) -> str:
@@ -66,49 +68,102 @@ class Requester(NamedTuple):
             return self.user or ""
         if kind == "host":
             return self.host or ""
-        if kind == "ip":
-            return "" if self.ip is None else str(self.ip)
+        if kind == "ip" and self.ip is not None:
+            version, value = self.ip
+            return str(
+                ipaddress.ip_address(value) if version == 4 else ipaddress.IPv6Address(value)
+            )
         return ""
 
 
-class Matcher:
-    """A set of identity patterns, with groups already expanded."""
+#: Parsed client addresses: parsing one costs more than the rest of a policy
+#: decision, and a LAN has few.  Bounded: emptied when full.
+_ADDRESSES: dict[str | None, tuple[int, int] | None] = {}
 
-    __slots__ = ("_exact", "_globs", "_nets", "sources")
+
+def _address(peer: str | None) -> tuple[int, int] | None:
+    try:
+        return _ADDRESSES[peer]
+    except KeyError:
+        pass
+    ip = peer_ip(peer)
+    if len(_ADDRESSES) >= 65536:
+        _ADDRESSES.clear()
+    _ADDRESSES[peer] = found = None if ip is None else (ip.version, int(ip))
+    return found
+
+
+class Matcher:
+    """A set of identity patterns, with groups already expanded.
+
+    Built for the hot path: per kind, exact names are one set lookup and all
+    wildcards one compiled alternation; address blocks are integer ranges.
+    """
+
+    __slots__ = ("_exact", "_globs", "_ranges", "patterns", "sources")
 
     def __init__(self, patterns: Iterable[str], sources: tuple[str, ...]) -> None:
+        self.patterns = tuple(patterns)
         #: The patterns as written in the rule (``group:cad_team``), for status
         #: and explain: never the group's members, which the wire must not show.
         self.sources = sources
-        self._exact: dict[str, set[str]] = {"user": set(), "host": set(), "fingerprint": set()}
-        self._globs: dict[str, list[re.Pattern[str]]] = {"user": [], "host": [], "fingerprint": []}
-        self._nets: list[IpNetwork] = []
-        for pattern in patterns:
+        exact: dict[str, set[str]] = {"user": set(), "host": set(), "fingerprint": set()}
+        globs: dict[str, list[str]] = {"user": [], "host": [], "fingerprint": []}
+        ranges: list[tuple[int, int, int]] = []
+        for pattern in self.patterns:
             kind, _, name = pattern.partition(":")
             if kind == "ip":
-                self._nets.append(ipaddress.ip_network(name))
-                continue
-            folded = name if kind == "fingerprint" else name.lower()
-            if "*" in name:
-                flags = 0 if kind == "fingerprint" else re.IGNORECASE
-                body = ".*".join(re.escape(part) for part in name.split("*"))
-                self._globs[kind].append(re.compile(body, flags | re.DOTALL))
+                net: IpNetwork = ipaddress.ip_network(name)
+                first = int(net.network_address)
+                ranges.append((net.version, first, first + net.num_addresses - 1))
+            elif "*" in name:
+                globs[kind].append(".*".join(re.escape(part) for part in name.split("*")))
             else:
-                self._exact[kind].add(folded)
+                exact[kind].add(name if kind == "fingerprint" else name.lower())
+        self._exact = {kind: frozenset(names) for kind, names in exact.items()}
+        self._globs = {
+            kind: re.compile(
+                "|".join(f"(?:{body})" for body in bodies),
+                re.DOTALL | (0 if kind == "fingerprint" else re.IGNORECASE),
+            )
+            if bodies
+            else None
+            for kind, bodies in globs.items()
+        }
+        self._ranges = tuple(ranges)
+
+    @classmethod
+    def union(cls, matchers: Iterable[Matcher]) -> Matcher:
+        """One matcher for "any of these" (an exclude check over many rules)."""
+        matchers = list(matchers)
+        return cls(
+            [p for m in matchers for p in m.patterns], tuple(s for m in matchers for s in m.sources)
+        )
 
     def matches(self, who: Requester) -> bool:
-        for kind, value in (("user", who.user), ("host", who.host)):
-            if value is not None and (
-                value in self._exact[kind] or any(g.fullmatch(value) for g in self._globs[kind])
-            ):
+        user = who.user
+        if user is not None:
+            glob = self._globs["user"]
+            if user in self._exact["user"] or (glob is not None and glob.fullmatch(user)):
+                return True
+        host = who.host
+        if host is not None:
+            glob = self._globs["host"]
+            if host in self._exact["host"] or (glob is not None and glob.fullmatch(host)):
                 return True
         fingerprint = who.fingerprint
-        if fingerprint in self._exact["fingerprint"] or any(
-            g.fullmatch(fingerprint) for g in self._globs["fingerprint"]
+        glob = self._globs["fingerprint"]
+        if fingerprint in self._exact["fingerprint"] or (
+            glob is not None and glob.fullmatch(fingerprint)
         ):
             return True
         ip = who.ip
-        return ip is not None and any(ip in net for net in self._nets)
+        if ip is not None and self._ranges:
+            version, value = ip
+            for v, first, last in self._ranges:
+                if v == version and first <= value <= last:
+                    return True
+        return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,17 +203,18 @@ class ProductRules:
     reserves: tuple[Limit, ...] = ()
     borrow_lowwater: int | None = None
     borrow_max: int | None = None
+    #: Every exclude (and include) pattern in one matcher: one check, whatever
+    #: the number of rules; the rule that matched is looked for only on a refusal.
+    any_exclude: Matcher | None = None
+    any_include: Matcher | None = None
 
     def admit(self, who: Requester, product: str) -> None:
         """Steps 1 and 2: an ``exclude`` that matches, or ``include`` rules that
         none match, refuse ``product`` with POLICY_DENIED."""
-        for rule in self.excludes:
-            assert rule.exclude is not None
-            if rule.exclude.matches(who):
-                raise _denied("exclude", product, rule.number)
-        if self.includes and not any(
-            rule.include is not None and rule.include.matches(who) for rule in self.includes
-        ):
+        if self.any_exclude is not None and self.any_exclude.matches(who):
+            rule = next(r for r in self.excludes if r.exclude and r.exclude.matches(who))
+            raise _denied("exclude", product, rule.number)
+        if self.any_include is not None and not self.any_include.matches(who):
             raise _denied("include", product, self.includes[0].number)
 
 
@@ -191,9 +247,17 @@ class Policy:
             return None
         lowwater = [r.borrow_lowwater for r in rules if r.borrow_lowwater is not None]
         borrow = [r.borrow_max for r in rules if r.borrow_max is not None]
+        excludes = tuple(r for r in rules if r.exclude is not None)
+        includes = tuple(r for r in rules if r.include is not None)
         return ProductRules(
-            excludes=tuple(r for r in rules if r.exclude is not None),
-            includes=tuple(r for r in rules if r.include is not None),
+            excludes=excludes,
+            includes=includes,
+            any_exclude=Matcher.union(r.exclude for r in excludes if r.exclude)
+            if excludes
+            else None,
+            any_include=Matcher.union(r.include for r in includes if r.include)
+            if includes
+            else None,
             maxes=tuple(r.max for r in rules if r.max is not None),
             reserves=tuple(r.reserve for r in rules if r.reserve is not None),
             borrow_lowwater=max(lowwater) if lowwater else None,

@@ -20,7 +20,6 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from floatd.core.limits import peer_ip
 from floatd.core.policy import NO_CHARGE, Book, Charge, Policy, ProductRules, Requester
 from floatd.core.seats import Claim, Lease, PoolProduct, SeatKey, Waiter, seat_key
 from floatd.errors import (
@@ -60,7 +59,7 @@ class _ProductState:
 
 
 def requester(claim: Claim) -> Requester:
-    return Requester.of(claim.user, claim.hostname, claim.fingerprint, peer_ip(claim.peer))
+    return Requester.of(claim.user, claim.hostname, claim.fingerprint, claim.peer)
 
 
 class SeatPool:
@@ -182,7 +181,7 @@ class SeatPool:
 
     def _recharge(self, state: _ProductState, lease: Lease) -> None:
         assert state.book is not None
-        who = Requester.of(lease.user, lease.hostname, lease.fingerprint, peer_ip(lease.peer))
+        who = Requester.of(lease.user, lease.hostname, lease.fingerprint, lease.peer)
         charge = state.book.recharge(who)
         if charge is not NO_CHARGE:
             state.charges[lease.seat] = charge
