@@ -414,6 +414,7 @@ def test_explain_says_what_would_happen_and_changes_nothing() -> None:
         grant(pool, claim(user=f"o{n}"))
     said = pool.explain(T0, claim(user="carol"))
     assert said["result"] == "NO_FREE_SEATS" and said["reserved"] == 2
+    assert said["reserve_rules"] == [3]
     said = pool.explain(T0, claim(user="bob"))
     assert said == {"seats": 5, "used": 3, "result": "granted", "why": "reserved seat", "rule": 3}
     assert pool.used("cad") == 3

@@ -123,6 +123,12 @@ def test_policy_on_the_real_daemon_with_a_live_reload_under_load(
                 assert said["result"] == "POLICY_DENIED" and said["rule"] == "exclude"
                 text = cli("policy", "explain", "--product", "app", "--user", "alice")
                 assert text.returncode == 0 and text.stdout.startswith("app: granted")
+                assert "reserve rule 2" in text.stdout
+                text = cli("policy", "explain", "--product", "app", "--user", "dave")
+                assert "refused, NO_FREE_SEATS" in text.stdout
+                assert "seats kept for others: 1 (reserve rules 2)" in text.stdout
+                junk = cli("policy", "explain", "--product", "app", "--ip", "not-an-ip")
+                assert junk.returncode == 1 and "not an IP address" in junk.stderr
 
                 status = json.loads(cli("status", "--json").stdout)
                 app = status["products"][0]
@@ -145,7 +151,8 @@ def test_policy_on_the_real_daemon_with_a_live_reload_under_load(
 
                 # A good one applies at once; no held lease ends.
                 policy.write_text(OPEN)
-                assert cli("reload").returncode == 0
+                reloaded = cli("reload")
+                assert reloaded.returncode == 0 and f"policy: {policy} (1 rule)" in reloaded.stdout
                 kiosk = c.request(
                     "acquire", product="app", fingerprint="machine-k3", hostname="kiosk-5"
                 )
@@ -166,6 +173,7 @@ def test_policy_on_the_real_daemon_with_a_live_reload_under_load(
         records = json.loads(cli("audit", "--json", "--since", "1h").stdout)
         denied = [r for r in records if r["code"] == "POLICY_DENIED"]
         assert {r["rule"] for r in denied} == {"exclude", "max"}
+        assert "POLICY_DENIED (exclude)" in cli("audit", "--since", "1h").stdout
 
 
 def test_a_daemon_does_not_start_on_a_bad_policy(

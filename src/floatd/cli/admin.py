@@ -144,6 +144,11 @@ def reload(config_path: Path | None, as_json: bool) -> None:
                 "changed but needs a restart to apply: " + ", ".join(result["restart_needed"])
             )
         click.echo(f"entitlement: {result['entitlement'] or 'none'} ({result['activation']})")
+        policy = result.get("policy") or {}
+        if policy.get("file"):
+            click.echo(f"policy: {policy['file']} ({plural(policy['rules'], 'rule')})")
+            for code in policy.get("unknown_products") or ():
+                click.echo(f"warning: the entitlement has no product {code!r}", err=True)
     if result["entitlement_rejected"]:
         _fail(f"the entitlement file was rejected: {result['entitlement_rejected']}", 1)
 

@@ -102,6 +102,9 @@ def policy_explain(
         seats = result["seats"] or "unlimited"
         click.echo(f"seats: {seats}, used: {result.get('used')}")
     if result.get("reserved"):
-        click.echo(f"seats kept for others by reserve rules: {result['reserved']}")
+        rules = ", ".join(str(n) for n in result.get("reserve_rules") or ())
+        click.echo(f"seats kept for others: {result['reserved']} (reserve rules {rules})")
+    elif result.get("rule") is not None and outcome == "granted":
+        click.echo(f"from the seats reserve rule {result['rule']} keeps")
     if outcome == "UNKNOWN_PRODUCT":
         _fail(f"the entitlement has no product {product!r}", 1)

@@ -96,7 +96,7 @@ def audit(
                 r.user,
                 r.hostname,
                 r.peer,
-                r.code if r.count == 1 else f"{r.code} (x{r.count})",
+                _code(r.code, r.count, r.rule),
             ]
             for r in records
         ]
@@ -216,3 +216,11 @@ def report(
                 1,
             )
         click.echo(f"wrote {plot}", err=True)
+
+
+def _code(code: str | None, count: int, rule: str | None) -> str | None:
+    """The CODE column: the refusal's code, how many a folded flood held, and
+    the policy rule behind a POLICY_DENIED."""
+    if code is None:
+        return None
+    return code + (f" (x{count})" if count != 1 else "") + (f" ({rule})" if rule else "")

@@ -309,6 +309,14 @@ class Book:
                 kept += left
         return kept, mine
 
+    def keeping(self, who: Requester) -> list[int]:
+        """The rule numbers of the reserves that keep seats from ``who`` now."""
+        return [
+            limit.number
+            for index, limit in enumerate(self.rules.reserves)
+            if limit.count > self.reserve_used[index] and not limit.who.matches(who)
+        ]
+
     def decide(self, who: Requester, free: int | None, product: str) -> Charge:
         """Steps 3 and 4 for a new seat: POLICY_DENIED past a ``max``,
         NO_FREE_SEATS (with ``reserved``) for a seat kept for others, else what

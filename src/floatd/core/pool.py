@@ -172,6 +172,9 @@ class SeatPool:
             elif not state.has_free_seat() or state.waiting:
                 raise NoFreeSeats("every seat is in use")
         except (PolicyDenied, NoFreeSeats, BadRequest) as refusal:
+            if isinstance(refusal, NoFreeSeats) and refusal.details.get("reserved"):
+                assert state.book is not None
+                out["reserve_rules"] = state.book.keeping(requester(claim))
             return {**out, "result": refusal.code, "why": refusal.message, **refusal.details}
         return {**out, "result": "granted", "why": "a free seat"}
 
