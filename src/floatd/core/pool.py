@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from floatd.core.policy import NO_CHARGE, Book, Charge, Policy, ProductRules, Requester
+from floatd.core.policy import NO_CHARGE, Book, Charge, Policy, Requester
 from floatd.core.seats import Claim, Lease, PoolProduct, SeatKey, Waiter, seat_key
 from floatd.errors import (
     BadRequest,
@@ -139,10 +139,6 @@ class SeatPool:
         for state in self._products.values():
             if state.terms is not None:
                 self._serve_queue(state, now)
-
-    def rules(self, product: str) -> ProductRules | None:
-        state = self._products.get(product)
-        return None if state is None or state.book is None else state.book.rules
 
     def reservations(self, product: str) -> list[dict[str, object]]:
         """The product's reserves: seats, held out of them, free, for whom."""
