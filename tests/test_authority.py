@@ -14,8 +14,9 @@ from click.testing import CliRunner
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from floatd.authority.cli import main as authority_main
-from floatd.authority.logic import Authority, BadTerms, add_duration, key_hash
+from floatd.authority.logic import Authority
 from floatd.authority.store import AuthorityStore, Product, Terms
+from floatd.authority.terms import BadTerms, add_duration, key_hash
 from floatd.core.entitlement import (
     ActivationRequest,
     format_public_key,

@@ -132,6 +132,19 @@ def test_signature_is_domain_separated(vendor_key: Ed25519PrivateKey) -> None:
         verify(armor("ENTITLEMENT", msgpack.packb(envelope, use_bin_type=True)), vendor_key)
 
 
+def test_an_entitlement_for_another_server_key_is_refused(vendor_key: Ed25519PrivateKey) -> None:
+    mine, other = (format_public_key(Ed25519PrivateKey.generate().public_key()) for _ in "ab")
+    text = sign(vendor_key, server_key=mine)
+    keys = {key_id(vendor_key.public_key()): vendor_key.public_key()}
+    assert verify_entitlement(text, keys, SERVER_ID, BASE, 60, mine).server_key == mine
+    with pytest.raises(EntitlementError, match="another server's key"):
+        verify_entitlement(text, keys, SERVER_ID, BASE, 60, other)
+    # Without a key in it: valid for this fingerprint (only borrowing needs one).
+    assert verify_entitlement(sign(vendor_key), keys, SERVER_ID, BASE, 60, other).server_key is None
+    with pytest.raises(EntitlementError, match="'server_key' is not a public key"):
+        verify(sign(vendor_key, server_key="ed25519:AAAA"), vendor_key)
+
+
 def test_wrong_server_is_rejected(vendor_key: Ed25519PrivateKey) -> None:
     with pytest.raises(EntitlementError, match="bound to server"):
         verify(sign(vendor_key), vendor_key, server=server_fingerprint("another-machine"))

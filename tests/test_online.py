@@ -8,12 +8,14 @@ import http.client
 import http.server
 import json
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 from click.testing import CliRunner
 from conftest import payload, product, write_config
@@ -24,7 +26,14 @@ from test_integration import floatd_cli
 from floatd import __version__
 from floatd.authority.cli import main as authority_main
 from floatd.client.simple import SimpleClient
-from floatd.core.entitlement import load_private_key, sign_entitlement
+from floatd.core.entitlement import (
+    KIND_ENTITLEMENT,
+    dearmor,
+    load_private_key,
+    parse_activation_request,
+    sign_entitlement,
+)
+from floatd.store.server_key import public_key_text
 
 WAIT = 15.0  # bound on every "until" below
 
@@ -124,6 +133,9 @@ def test_activate_lease_and_follow_the_license_through_refreshes(
     config = site(tmp_path, vendor)
     done = floatd_cli("activate", "--license-key", key, "--config", str(config))
     assert done.returncode == 0 and "activated online" in done.stdout, done.stderr
+    state = tmp_path / "site" / "state"
+    installed = _payload((state / "entitlement.txt").read_text())
+    assert installed["server_key"] == public_key_text(state)  # the authority signed it in
     with Daemon(config, tmp_path / "floatd.log") as d:
         d.start()
         assert acquire(d)["ok"]
@@ -222,6 +234,12 @@ def test_deactivate_after_a_suspension_frees_the_place_at_the_authority(
     assert states == {"released", "active"}
 
 
+def _payload(armored: str) -> dict[str, Any]:
+    """The signed payload of an armored entitlement (not verified: for looking)."""
+    envelope = msgpack.unpackb(dearmor(armored, KIND_ENTITLEMENT))
+    return dict(msgpack.unpackb(envelope["payload"]))
+
+
 def offline_request(tmp_path: Path, vendor: Vendor, key: str) -> tuple[Path, Path]:
     """(config, request file): a site that wrote an offline activation request."""
     config = site(tmp_path, vendor)
@@ -247,6 +265,16 @@ def test_offline_round_trip_through_both_clis(tmp_path: Path, vendor: Vendor) ->
     with Daemon(config, tmp_path / "floatd.log") as d:
         d.start()
         assert acquire(d)["ok"]
+    # The request carried the server's own key, and the vendor signed it in.
+    state = tmp_path / "site" / "state"
+    assert stat.S_IMODE((state / "server.key").stat().st_mode) == 0o600
+    mine = public_key_text(state)
+    assert parse_activation_request(request.read_text()).server_key == mine
+    assert _payload(response.read_text())["server_key"] == mine
+    # The same entitlement under another state dir (another key) is refused.
+    (state / "server.key").rename(state / "server.key.bak")
+    other = floatd_cli("activate", "--offline-response", str(response), "--config", str(config))
+    assert other.returncode == 1 and "another server's key" in other.stderr
 
 
 def test_an_air_gapped_site_activated_through_the_management_api(

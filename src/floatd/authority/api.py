@@ -26,7 +26,7 @@ from floatd.authority.logic import Authority
 from floatd.authority.manager_api import manager_reply
 from floatd.authority.managers import Managers
 from floatd.authority.portal import Portal
-from floatd.core.entitlement import check_email
+from floatd.core.entitlement import check_email, parse_public_key
 from floatd.errors import AuthorityError
 from floatd.http11 import HttpServer, Reply, json_reply, peer
 from floatd.logs import get_logger
@@ -164,9 +164,10 @@ class AuthorityApi(HttpServer):
         server = _field(body, "server")
         hostname = _field(body, "hostname", required=False)
         floatd = _field(body, "floatd", required=False)
+        server_key = _server_key(body)
         try:
             activation_id, entitlement = await self._run(
-                self.authority.activate, key, server, hostname, floatd, self.clock()
+                self.authority.activate, key, server, hostname, floatd, self.clock(), server_key
             )
         except AuthorityError as exc:
             log.info("activation_refused", server=server, code=exc.error_code)
@@ -180,7 +181,14 @@ class AuthorityApi(HttpServer):
         local = _local_users(body.get("local_users"))
         address = peer.get()
         entitlement = await self._run(
-            self.authority.refresh, activation_id, server, self.clock(), address, floatd, local
+            self.authority.refresh,
+            activation_id,
+            server,
+            self.clock(),
+            address,
+            floatd,
+            local,
+            _server_key(body),
         )
         return json_reply(200, {"entitlement": entitlement})
 
@@ -189,6 +197,17 @@ class AuthorityApi(HttpServer):
         await self._run(self.authority.deactivate, activation_id, server)
         log.info("deactivated", activation=activation_id, server=server)
         return Reply(204, b"")
+
+
+def _server_key(body: dict[str, Any]) -> str | None:
+    """The body's ``server_key`` (the floatd server's own public key), checked."""
+    text = _field(body, "server_key", required=False)
+    if text is not None:
+        try:
+            parse_public_key(text)
+        except ValueError as exc:
+            raise AuthorityError(400, "BAD_REQUEST", f"'server_key': {exc}") from None
+    return text
 
 
 def _json_body(body: bytes) -> dict[str, Any]:

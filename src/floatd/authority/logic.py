@@ -14,20 +14,24 @@ license's grace period, an offline one the request's nonce and no refresh_by.
 
 from __future__ import annotations
 
-import calendar
-import hashlib
 import hmac
-import ipaddress
 import re
 import secrets
 import time
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from floatd.authority.store import Activation, AuthorityStore, License, Product, Terms
+from floatd.authority.terms import (
+    STATES,
+    BadTerms,
+    add_duration,
+    check_terms,
+    key_hash,
+    new_license_key,
+)
 from floatd.core.entitlement import (
     check_email,
     parse_activation_request,
@@ -36,104 +40,9 @@ from floatd.core.entitlement import (
 )
 from floatd.errors import AuthorityError, EntitlementError
 
-KEY_PREFIX = "FLT-"
-STATES = ("active", "suspended", "revoked")
-
-_DURATION = re.compile(
-    r"^P(?:(?P<y>\d+)Y)?(?:(?P<mo>\d+)M)?(?:(?P<w>\d+)W)?(?:(?P<d>\d+)D)?"
-    r"(?:T(?:(?P<h>\d+)H)?(?:(?P<mi>\d+)M)?(?:(?P<s>\d+)S)?)?$"
-)
-
-
 API_KEY_PREFIX = "FLA-"
 #: What a management API key may do: everything, or only read.
 API_RIGHTS = ("all", "read")
-
-
-def new_license_key() -> str:
-    """192 random bits, URL-safe; shown once, stored only as a hash."""
-    return KEY_PREFIX + secrets.token_urlsafe(24)
-
-
-def key_hash(key: str) -> bytes:
-    return hashlib.sha256(key.encode()).digest()
-
-
-def check_duration(text: str) -> str:
-    match = _DURATION.match(text)
-    if not match or not any(match.groupdict().values()):
-        raise ValueError(f"{text!r} is not an ISO 8601 duration such as P1M, P1Y or P30D")
-    return text
-
-
-def add_duration(ts: float, text: str) -> int:
-    """``ts`` plus an ISO 8601 duration; months and years are calendar months
-    (31 January + P1M is the last day of February)."""
-    match = _DURATION.match(check_duration(text))
-    assert match is not None
-    g = {k: int(v) if v else 0 for k, v in match.groupdict().items()}
-    when = datetime.fromtimestamp(ts, UTC)
-    months = when.month - 1 + g["mo"] + 12 * g["y"]
-    year, month = when.year + months // 12, months % 12 + 1
-    day = min(when.day, calendar.monthrange(year, month)[1])
-    when = when.replace(year=year, month=month, day=day)
-    when += timedelta(weeks=g["w"], days=g["d"], hours=g["h"], minutes=g["mi"], seconds=g["s"])
-    return int(when.timestamp())
-
-
-STRATEGIES = ("per-machine", "per-instance")
-
-
-class BadTerms(AuthorityError):
-    """Terms no server could use (BAD_REQUEST), naming the CLI option of the
-    term at fault so the vendor's CLI can answer it as a usage error."""
-
-    def __init__(self, option: str, message: str) -> None:
-        super().__init__(400, "BAD_REQUEST", message)
-        self.option = option
-
-
-def check_terms(terms: Terms, now: float) -> None:
-    """Refuse terms no server could use, the same for issue and update (and for
-    the management API): BAD_REQUEST naming the term.  Without this, a license
-    updated to -5 seats was accepted and every refresh failed afterwards."""
-
-    if not terms.products:
-        raise BadTerms("--product", "a license needs at least one product")
-    twice = sorted({code for code in terms.products if terms.products.count(code) > 1})
-    if twice:
-        raise BadTerms("--product", f"product {twice[0]!r} is named twice")
-    if terms.seats < -1:
-        raise BadTerms("--seats", "must be -1 or more (0 and -1: unlimited)")
-    if terms.lease_duration is not None and terms.lease_duration < 0:
-        raise BadTerms("--lease-duration", "must be 0 or more")
-    if terms.strategy is not None and terms.strategy not in STRATEGIES:
-        raise BadTerms("--strategy", f"must be one of {', '.join(STRATEGIES)}")
-    if terms.allowed_activations < 1:
-        raise BadTerms("--allowed-activations", "must be 1 or more")
-    if terms.max_users < 0:
-        raise BadTerms("--max-users", "must be 0 or more")
-    if terms.borrow_max < 0:
-        raise BadTerms("--borrow-max", "must be 0 or more")
-    if terms.grace_seconds <= 0:
-        raise BadTerms("--grace", "the grace period must be longer than 0")
-    for cidr in terms.allowed_ips:
-        try:
-            ipaddress.ip_network(cidr, strict=False)
-        except ValueError:
-            raise BadTerms("--allowed-ip", f"{cidr!r} is not CIDR") from None
-    if terms.interval is not None:
-        try:
-            if add_duration(now, terms.interval) <= now:
-                raise BadTerms("--interval", f"the interval {terms.interval} is empty")
-        except ValueError as exc:
-            raise BadTerms("--interval", str(exc)) from None
-    if (
-        terms.effective_at is not None
-        and terms.expires_at is not None
-        and terms.effective_at >= terms.expires_at
-    ):
-        raise BadTerms("--effective", "the effective date must come before the expiry")
 
 
 def _new_id(prefix: str) -> str:
@@ -412,7 +321,13 @@ class Authority:
         return lic
 
     def activate(
-        self, license_key: str, server: str, hostname: str | None, floatd: str | None, now: float
+        self,
+        license_key: str,
+        server: str,
+        hostname: str | None,
+        floatd: str | None,
+        now: float,
+        server_key: str | None = None,
     ) -> tuple[str, str]:
         """``(activation_id, entitlement)``; the same server activating again
         gets its existing activation back rather than a second place."""
@@ -433,7 +348,7 @@ class Authority:
                 self.store.add_activation(mine)
             else:
                 self.store.set_activation(mine.id, refreshed_at=now)
-        return mine.id, self.entitlement(lic, server, now, online=True)
+        return mine.id, self.entitlement(lic, server, now, online=True, server_key=server_key)
 
     def refresh(
         self,
@@ -443,6 +358,7 @@ class Authority:
         address: str | None = None,
         floatd: str | None = None,
         local_users: dict[str, list[str]] | None = None,
+        server_key: str | None = None,
     ) -> str:
         """A fresh entitlement for an activation.  ``local_users``: the license
         users the site assigned on its own server ({product: [e-mail]}), kept
@@ -460,7 +376,7 @@ class Authority:
             self.store.add_refresh(activation_id, now, address, floatd)
             if local_users is not None:
                 self.store.set_local_users(activation_id, local_users)
-        return self.entitlement(lic, server, now, online=True)
+        return self.entitlement(lic, server, now, online=True, server_key=server_key)
 
     def deactivate(self, activation_id: str, server: str) -> None:
         activation = self.store.activation(activation_id)
@@ -505,7 +421,12 @@ class Authority:
                 {"activation": activation.id, "server": request.server},
             )
         return activation.id, self.entitlement(
-            lic, request.server, now, online=False, nonce=request.nonce
+            lic,
+            request.server,
+            now,
+            online=False,
+            nonce=request.nonce,
+            server_key=request.server_key,
         )
 
     # --- entitlements -------------------------------------------------------------------
@@ -540,7 +461,14 @@ class Authority:
         return out
 
     def payload(
-        self, lic: License, server: str, now: float, *, online: bool, nonce: str | None = None
+        self,
+        lic: License,
+        server: str,
+        now: float,
+        *,
+        online: bool,
+        nonce: str | None = None,
+        server_key: str | None = None,
     ) -> dict[str, Any]:
         t = lic.terms
         products = []
@@ -578,13 +506,14 @@ class Authority:
             "refresh_by": int(now + t.grace_seconds) if online else None,
             "nonce": nonce,
             "products": products,
+            # The server's own key, as its request said: only it can use this.
+            "server_key": server_key,
         }
 
     def entitlement(
-        self, lic: License, server: str, now: float, *, online: bool, nonce: str | None = None
+        self, lic: License, server: str, now: float, *, online: bool, **extra: str | None
     ) -> str:
+        """The signed entitlement; ``extra``: ``nonce`` and ``server_key``."""
         if self.key is None:
             raise AuthorityError(500, "INTERNAL", "the authority has no signing key loaded")
-        return sign_entitlement(
-            self.key, self.payload(lic, server, now, online=online, nonce=nonce)
-        )
+        return sign_entitlement(self.key, self.payload(lic, server, now, online=online, **extra))

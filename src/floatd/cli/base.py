@@ -202,11 +202,12 @@ def _installed_entitlement(config: Config, now: float) -> Entitlement:
     verify."""
     from floatd.core.entitlement import trusted_keys, verify_entitlement
     from floatd.store.activation import read_armored
+    from floatd.store.server_key import public_key_text
 
     text = read_armored(config.entitlement_path)
-    return verify_entitlement(
-        text, trusted_keys(config.vendor_keys), _server_id(config), now, math.inf
-    )
+    keys = trusted_keys(config.vendor_keys)
+    mine = public_key_text(config.state_dir)
+    return verify_entitlement(text, keys, _server_id(config), now, math.inf, mine)
 
 
 def _entitled_caps(config: Config, now: float) -> dict[str, int | None]:

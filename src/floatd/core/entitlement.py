@@ -261,6 +261,10 @@ class Entitlement:
     nonce: str | None
     products: tuple[ProductTerms, ...]
     kid: str
+    #: The public key of the one server that may use this entitlement (and
+    #: sign borrows under it: floatd.core.borrow); None: any server with the
+    #: fingerprint, and no borrowing.
+    server_key: str | None = None
     #: The armored text as installed, kept so it can be written back unchanged.
     text: str = field(default="", compare=False, repr=False)
 
@@ -345,8 +349,21 @@ def parse_payload(payload: Mapping[str, Any], kid: str = "", text: str = "") -> 
         nonce=f.text("nonce", None, nullable=True),
         products=products,
         kid=kid,
+        server_key=_key_text(f.text("server_key", None, nullable=True)),
         text=text,
     )
+
+
+def _key_text(text: str | None) -> str | None:
+    """A server key as the entitlement carries it, checked to be one."""
+    if text is not None:
+        try:
+            parse_public_key(text)
+        except (ValueError, TypeError) as exc:
+            raise EntitlementError(
+                f"entitlement: 'server_key' is not a public key ({exc})"
+            ) from None
+    return text
 
 
 def check_email(email: str) -> str:
@@ -408,8 +425,10 @@ def verify_entitlement(
     server: str,
     now: float,
     allowed_clock_offset: float,
+    server_key: str | None = None,
 ) -> Entitlement:
-    """Verify an armored entitlement for this server; raises EntitlementError."""
+    """Verify an armored entitlement for this server (fingerprint ``server``,
+    public key ``server_key``); raises EntitlementError."""
     envelope = _unpack_map(dearmor(text, KIND_ENTITLEMENT), "entitlement envelope")
     f = _Fields(envelope, "envelope")
     if f.text("alg") != "ed25519":
@@ -430,6 +449,11 @@ def verify_entitlement(
     if ent.server != server:
         raise EntitlementError(
             f"bound to server {ent.server!r}, but this server's fingerprint is {server!r}"
+        )
+    if ent.server_key is not None and server_key is not None and ent.server_key != server_key:
+        raise EntitlementError(
+            "bound to another server's key: it was issued for a server with this"
+            " fingerprint but another state directory (its key is in server.key)"
         )
     if ent.issued_at > now + allowed_clock_offset:
         raise EntitlementError("issued in the future: check this server's clock")
@@ -470,9 +494,11 @@ class ActivationRequest:
     nonce: str
     created_at: int
     floatd: str
+    #: The server's public key (floatd.core.borrow); None from older servers.
+    server_key: str | None = None
 
     def to_armored(self) -> str:
-        body = {
+        body: dict[str, Any] = {
             "v": 1,
             "license_key": self.license_key,
             "server": self.server,
@@ -481,6 +507,8 @@ class ActivationRequest:
             "created_at": self.created_at,
             "floatd": self.floatd,
         }
+        if self.server_key is not None:
+            body["server_key"] = self.server_key
         return armor(KIND_REQUEST, msgpack.packb(body, use_bin_type=True))
 
 
@@ -496,4 +524,5 @@ def parse_activation_request(text: str) -> ActivationRequest:
         nonce=f.text("nonce"),
         created_at=f.integer("created_at"),
         floatd=f.text("floatd"),
+        server_key=_key_text(f.text("server_key", None, nullable=True)),
     )

@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from floatd import __version__
 from floatd.core.changes import Change
 from floatd.core.clockguard import ClockGuard
@@ -90,6 +92,8 @@ class LeaseService:
         self.policy_refusals = self.outcomes.policy_refusals
         #: The site policy in force (None: none), kept for explain and status.
         self.policy: Policy | None = None
+        #: This server's own key, which signs borrow certificates (set at start).
+        self.server_key: Ed25519PrivateKey | None = None
 
     def set_log(self, log: LogFn) -> None:
         self.outcomes.log = log

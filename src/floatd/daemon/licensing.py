@@ -37,6 +37,9 @@ class Licensing:
     def __init__(self, shared: Shared, server_id: str) -> None:
         self.shared = shared
         self.keys = trusted_keys(shared.config.vendor_keys)
+        #: This server's own public key (floatd.store.server_key): an
+        #: entitlement naming another is refused.  Set at start (load_state).
+        self.server_key: str | None = None
         #: Whether the lease port has TLS (passwords cross the LAN in clear if not).
         self.tls = False
         self.server_id = server_id
@@ -60,7 +63,12 @@ class Licensing:
         except FileNotFoundError:
             return None
         ent = verify_entitlement(
-            text, self.keys, self.server_id, now, self.shared.config.allowed_clock_offset
+            text,
+            self.keys,
+            self.server_id,
+            now,
+            self.shared.config.allowed_clock_offset,
+            self.server_key,
         )
         check_history(self.shared.store.load_meta(), ent)
         return ent

@@ -29,6 +29,7 @@ from floatd.config import Config
 from floatd.core.entitlement import Entitlement
 from floatd.errors import AuthorityError, EntitlementError, FloatdError
 from floatd.store.activation import atomic_write, install_entitlement, verify_for_this_server
+from floatd.store.server_key import public_key_text
 
 
 class AuthorityUnavailable(FloatdError):
@@ -155,6 +156,7 @@ async def activate(
         "server": server_id,
         "hostname": socket.gethostname(),
         "floatd": __version__,
+        "server_key": public_key_text(config.state_dir),
     }
     previous = ActivationRecord.read(config)
     async with client(config) as http:
@@ -199,7 +201,11 @@ async def refresh(
     """A fresh entitlement, verified (never installed here: the daemon does).
     ``local_users``: the license users assigned on this server, which the
     authority shows and counts against max_users."""
-    body: dict[str, Any] = {"server": server_id, "floatd": __version__}
+    body: dict[str, Any] = {
+        "server": server_id,
+        "floatd": __version__,
+        "server_key": public_key_text(config.state_dir),
+    }
     if local_users is not None:
         body["local_users"] = local_users
     async with client(config) as http:

@@ -33,7 +33,7 @@ import trio
 from floatd import __version__, logs
 from floatd.config import SCHEMA, Config, read_policy
 from floatd.core.changes import SetMeta
-from floatd.core.entitlement import trusted_keys
+from floatd.core.entitlement import format_public_key, trusted_keys
 from floatd.core.messages import (
     Acquire,
 )
@@ -62,6 +62,7 @@ from floatd.errors import (
 )
 from floatd.logs import event_logger, get_logger
 from floatd.store import users
+from floatd.store.server_key import load_or_create
 from floatd.store.sqlite import LeaseStore
 
 SHUTDOWN_GRACE = 3.0
@@ -197,6 +198,10 @@ class Server:
     def load_state(self) -> None:
         """Blocking start-up work: the entitlement, then the persisted leases."""
         now = self.clock()
+        # The server's own key, made at the first start: entitlements name it,
+        # and borrow certificates are signed with it.
+        self.service.server_key = load_or_create(self.config.state_dir)
+        self.licensing.server_key = format_public_key(self.service.server_key.public_key())
         self.licensing.load(now)
         self._use_policy(self.service.policy)  # now it can tell unknown products
         record = ActivationRecord.read(self.config)

@@ -26,6 +26,7 @@ from floatd.core.entitlement import (
     verify_entitlement,
 )
 from floatd.errors import EntitlementError, StoreError
+from floatd.store.server_key import public_key_text
 from floatd.store.sqlite import open_database
 
 #: What was installed last through floatd (the CLI, or the daemon's refresh):
@@ -110,6 +111,7 @@ def create_offline_request(config: Config, server_id: str, license_key: str, now
         nonce=secrets.token_urlsafe(24),
         created_at=int(now),
         floatd=__version__,
+        server_key=public_key_text(config.state_dir),
     )
     db = open_database(config.database_path)
     try:
@@ -127,7 +129,12 @@ def create_offline_request(config: Config, server_id: str, license_key: str, now
 
 def verify_for_this_server(config: Config, server_id: str, text: str, now: float) -> Entitlement:
     return verify_entitlement(
-        text, trusted_keys(config.vendor_keys), server_id, now, config.allowed_clock_offset
+        text,
+        trusted_keys(config.vendor_keys),
+        server_id,
+        now,
+        config.allowed_clock_offset,
+        public_key_text(config.state_dir),
     )
 
 

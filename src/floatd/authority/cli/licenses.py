@@ -18,8 +18,8 @@ from floatd.authority.cli.base import (
     pass_ctx,
 )
 from floatd.authority.documents import activation_doc, license_doc
-from floatd.authority.logic import BadTerms, check_duration
 from floatd.authority.store import Terms
+from floatd.authority.terms import BadTerms, check_duration
 from floatd.cli.base import table
 from floatd.store.audit import iso, parse_when
 
@@ -69,7 +69,7 @@ def _grace(text: str) -> int:
     if text.isdigit():
         return int(text)
     try:
-        from floatd.authority.logic import add_duration
+        from floatd.authority.terms import add_duration
 
         return add_duration(0, check_duration(text))
     except ValueError as exc:
