@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from floatd.core.messages import (
     Acquire,
+    Borrow,
     Hello,
     Info,
     Ping,
@@ -43,7 +44,16 @@ def test_unknown_fields_are_ignored() -> None:
 
 def test_unknown_op() -> None:
     with pytest.raises(UnknownOp):
-        parse_request({"op": "borrow", "id": 1})
+        parse_request({"op": "lend", "id": 1})
+
+
+@pytest.mark.parametrize("duration", [None, 0, -5, 1.5, True, "60", 10 * 366 * 86400 + 1])
+def test_a_borrow_needs_whole_seconds_in_range(duration: Any) -> None:
+    with pytest.raises(BadRequest) as err:
+        parse_request({"op": "borrow", "id": 1, "lease": "l", "token": "t", "duration": duration})
+    assert err.value.details == {"field": "duration"}
+    got = parse_request({"op": "borrow", "id": 1, "lease": "l", "token": "t", "duration": 60})
+    assert got == Borrow(1, "l", "t", 60)
 
 
 @pytest.mark.parametrize("rid", [None, -1, 2**63, 1.0, True, "1"])

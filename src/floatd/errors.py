@@ -105,6 +105,14 @@ class LeaseNotFound(FloatdError):
     code = "LEASE_NOT_FOUND"
 
 
+class BorrowNotAllowed(FloatdError):
+    """A borrow this server may not grant; details ``reason``: ``product``
+    (borrow_max is 0), ``server_key`` (the entitlement names no key of this
+    server), ``policy`` (the site policy keeps the seat from being borrowed)."""
+
+    code = "BORROW_NOT_ALLOWED"
+
+
 class PolicyDenied(FloatdError):
     """The site's policy (floatd.core.policy) keeps this requester from the
     product; details ``rule`` (exclude, include, max) and ``product``."""
@@ -159,6 +167,43 @@ class PolicyError(ConfigError):
 
     def __init__(self, where: str, key: str, problem: str) -> None:
         super().__init__(where, f"{key}: {problem}" if key else problem)
+
+
+class BorrowInvalid(FloatdError):
+    """A borrow certificate that does not hold offline (floatd.core.borrow);
+    ``step`` names the check that failed, in the contract's order.  Never on
+    the wire: the client library raises these on the laptop."""
+
+    code = "BORROW_INVALID"
+    step = ""
+
+
+class BorrowUnreadable(BorrowInvalid):
+    step = "format"
+
+
+class BorrowUntrusted(BorrowInvalid):
+    step = "entitlement"
+
+
+class BorrowForged(BorrowInvalid):
+    step = "signature"
+
+
+class BorrowMismatch(BorrowInvalid):
+    step = "binding"
+
+
+class BorrowWrongMachine(BorrowInvalid):
+    step = "machine"
+
+
+class BorrowEnded(BorrowInvalid):
+    step = "time"
+
+
+class BorrowClockBack(BorrowInvalid):
+    step = "time"
 
 
 class EntitlementError(FloatdError):

@@ -56,7 +56,10 @@ def status(config_path: Path | None, as_json: bool) -> None:
         click.echo()
         click.echo(
             table(
-                ["PRODUCT", "SEATS", "USED", "FREE", "WAITING", "STRATEGY", "LEASE", "ENDS"],
+                [
+                    *("PRODUCT", "SEATS", "USED", "FREE", "WAITING", "STRATEGY", "LEASE"),
+                    *("ENDS", "BORROWED"),
+                ],
                 [
                     [
                         f"{p['code']} (trial)" if p.get("trial") else p["code"],
@@ -67,6 +70,7 @@ def status(config_path: Path | None, as_json: bool) -> None:
                         p["strategy"],
                         f"{p['lease_duration']}s",
                         iso(p["not_after"]),
+                        p.get("borrowed", 0),
                     ]
                     for p in products
                 ],
@@ -101,8 +105,12 @@ def leases(config_path: Path | None, product: str | None, as_json: bool) -> None
     columns = ["id", "product", "fingerprint", "instance", "user", "hostname", "address"]
     click.echo(
         table(
-            [c.upper() for c in columns] + ["GRANTED", "EXPIRES"],
-            [[row[c] for c in columns] + [row["granted"], row["expires"]] for row in rows],
+            [c.upper() for c in columns] + ["GRANTED", "EXPIRES", "BORROWED UNTIL"],
+            [
+                [row[c] for c in columns]
+                + [row["granted"], row["expires"], row.get("borrowed_until") or ""]
+                for row in rows
+            ],
         )
     )
 

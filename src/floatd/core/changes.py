@@ -130,7 +130,7 @@ def extend_after_crash(leases: Iterable[Lease], last_cut: float, window: float) 
     """
     extended = []
     for lease in leases:
-        if lease.expires_at > last_cut:
+        if lease.expires_at > last_cut and not lease.borrowed:  # a borrow is never lazy
             bound = last_cut + window + lease.duration
             if bound > lease.expires_at:
                 lease.expires_at = bound

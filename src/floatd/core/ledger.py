@@ -35,6 +35,9 @@ from floatd.core.seats import Claim, Lease, PoolProduct, Waiter
 #: A check of a lease about to be renewed (say, its product is past its end):
 #: raises the refusal, or returns.
 RenewCheck = Callable[[Lease], None]
+#: Decides a borrow of an authorized lease: raises the refusal, or returns
+#: when the borrow ends (unix seconds).
+BorrowCheck = Callable[[Lease], float]
 
 
 class Ledger(Protocol):
@@ -64,6 +67,16 @@ class Ledger(Protocol):
 
     def release(self, now: float, lease_id: str, token_hash: bytes) -> Lease:
         """The lease, ended; its seat goes to the first waiter.  LeaseNotFound as renew."""
+        ...
+
+    def borrow(self, now: float, lease_id: str, token_hash: bytes, check: BorrowCheck) -> Lease:
+        """The lease, borrowed until what ``check`` returns (and durable before
+        anyone hears of it); LeaseNotFound as renew, or what ``check`` raises,
+        with nothing changed.  A borrowed lease is not extended by ``renew``."""
+        ...
+
+    def borrowed(self, product: str) -> int:
+        """Seats of ``product`` held by borrowed leases."""
         ...
 
     def revoke(self, now: float, lease_id: str) -> Lease:
@@ -195,11 +208,28 @@ class LocalLedger:
         finally:
             if pool.has_side_effects():
                 self._settle()
+        if lease.borrowed:
+            return lease  # it ends at the date its certificate carries
         if check is not None:
             check(lease)
         pool.extend(now, lease)
         self.journal.append(SetExpiry(lease.id, lease.expires_at))
         return lease
+
+    def borrow(self, now: float, lease_id: str, token_hash: bytes, check: BorrowCheck) -> Lease:
+        pool = self._pool
+        try:
+            lease = pool.authorize(now, lease_id, token_hash)
+        finally:
+            if pool.has_side_effects():
+                self._settle()
+        until = check(lease)
+        pool.borrow(now, lease, until)
+        self.journal.append(PutLease(lease))
+        return lease
+
+    def borrowed(self, product: str) -> int:
+        return self._pool.borrowed(product)
 
     def release(self, now: float, lease_id: str, token_hash: bytes) -> Lease:
         try:
@@ -329,6 +359,8 @@ class LocalLedger:
     def clamp(self, now: float, slack: float) -> list[Lease]:
         clamped = []
         for lease in self._pool.leases():
+            if lease.borrowed:
+                continue  # its end is a date a certificate carries, not time left
             if lease.expires_at > now + lease.duration + slack:
                 lease.expires_at = now + lease.duration
                 self.journal.append(SetExpiry(lease.id, lease.expires_at))

@@ -64,6 +64,14 @@ class Release:
 
 
 @record
+class Borrow:
+    id: int
+    lease: str
+    token: str
+    duration: int
+
+
+@record
 class Info:
     id: int
     product: str
@@ -74,7 +82,10 @@ class Ping:
     id: int
 
 
-Request = Hello | Acquire | Renew | Release | Info | Ping
+Request = Hello | Acquire | Renew | Release | Borrow | Info | Ping
+#: The longest borrow any request may ask for (the product's borrow_max is
+#: checked by the service): ten years, as an entitlement's borrow_max.
+MAX_BORROW = 10 * 366 * 86400
 
 
 def request_id(obj: dict[str, Any]) -> int | None:
@@ -173,6 +184,15 @@ def _release(rid: int, obj: dict[str, Any]) -> Release:
     return Release(rid, *_lease_ref(obj))
 
 
+def _borrow(rid: int, obj: dict[str, Any]) -> Borrow:
+    duration = obj.get("duration")
+    if type(duration) is not int or not 1 <= duration <= MAX_BORROW:
+        raise BadRequest(
+            f"field 'duration' must be whole seconds, 1..{MAX_BORROW}", field="duration"
+        )
+    return Borrow(rid, *_lease_ref(obj), duration)
+
+
 def _info(rid: int, obj: dict[str, Any]) -> Info:
     return Info(id=rid, product=_req_str(obj, "product", 1, MAX_PRODUCT))
 
@@ -186,6 +206,7 @@ _PARSERS: dict[str, Callable[[int, dict[str, Any]], Request]] = {
     "acquire": _acquire,
     "renew": _renew,
     "release": _release,
+    "borrow": _borrow,
     "info": _info,
     "ping": _ping,
 }

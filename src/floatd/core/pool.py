@@ -45,6 +45,8 @@ class _ProductState:
     #: to (floatd.core.policy); None: no rule applies, the fast path.
     book: Book | None = None
     charges: dict[SeatKey, Charge] = field(default_factory=dict)
+    #: Seats held by borrowed leases, and by how many of them.
+    borrowed: dict[SeatKey, int] = field(default_factory=dict)
 
     def has_free_seat(self) -> bool:
         assert self.terms is not None
@@ -115,6 +117,8 @@ class SeatPool:
                 self._use_rules(lease.product, state)
             holders = state.seats.get(lease.seat)
             state.seats[lease.seat] = (holders or 0) + 1
+            if lease.borrowed:
+                state.borrowed[lease.seat] = state.borrowed.get(lease.seat, 0) + 1
             if holders is None and state.book is not None:
                 self._recharge(state, lease)
             self._leases[lease.id] = lease
@@ -312,6 +316,21 @@ class SeatPool:
         self._drop(lease, now)
         return lease
 
+    def borrow(self, now: float, lease: Lease, until: float) -> Lease:
+        """Make an authorized lease a borrowed one, ending at ``until``."""
+        state = self._products[lease.product]
+        if not lease.borrowed:
+            lease.borrowed = True
+            state.borrowed[lease.seat] = state.borrowed.get(lease.seat, 0) + 1
+        lease.expires_at = until
+        heapq.heappush(self._expiry, (until, lease.id))
+        return lease
+
+    def borrowed(self, product: str) -> int:
+        """Seats of ``product`` held by a borrowed lease."""
+        state = self._products.get(product)
+        return len(state.borrowed) if state else 0
+
     def cancel_wait(self, waiter: Waiter) -> None:
         """The waiting client went away; its place in the queue is given up."""
         if not waiter.done:
@@ -324,12 +343,15 @@ class SeatPool:
     def shift(self, delta: float) -> list[Lease]:
         """Move every lease's expiry and every waiter's deadline by ``delta``
         seconds: the wall clock was stepped, and what was promised is time left,
-        not a date.  O(n), for a rare event; returns the leases moved."""
+        not a date.  A borrowed lease keeps its date, which its certificate
+        carries.  O(n), for a rare event; returns the leases moved."""
         leases = list(self._leases.values())
         for lease in leases:
-            lease.expires_at += delta
+            if not lease.borrowed:
+                lease.expires_at += delta
         self._expiry = [(lease.expires_at, lease.id) for lease in leases]
         heapq.heapify(self._expiry)
+        leases = [lease for lease in leases if not lease.borrowed]
         waits = []
         for _, seq, waiter in self._waits:
             waiter.deadline += delta
@@ -446,6 +468,12 @@ class SeatPool:
     def _drop(self, lease: Lease, now: float) -> None:
         del self._leases[lease.id]
         state = self._products[lease.product]
+        if lease.borrowed:
+            left = state.borrowed[lease.seat] - 1
+            if left:
+                state.borrowed[lease.seat] = left
+            else:
+                del state.borrowed[lease.seat]
         holders = state.seats[lease.seat] - 1
         if holders:
             state.seats[lease.seat] = holders

@@ -67,6 +67,9 @@ class Lease:
     granted_at: float
     expires_at: float
     duration: float
+    #: Borrowed for offline use (floatd.core.borrow): it ends at ``expires_at``,
+    #: a date a signed certificate carries, so nothing renews, moves or revokes it.
+    borrowed: bool = False
 
 
 @dataclass(slots=True, eq=False)

@@ -11,11 +11,13 @@ changes always land in one batch, a commit never holds half an outcome.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import UTC, datetime
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from floatd import __version__
+from floatd.core.borrow import borrow_payload, borrow_rules, sign_borrow
 from floatd.core.changes import Change
 from floatd.core.clockguard import ClockGuard
 from floatd.core.connection import PROTOCOL_VERSION
@@ -25,6 +27,7 @@ from floatd.core.limits import RateLimiter, limit_key, peer_ip
 from floatd.core.messages import (
     Acquire,
     Answer,
+    Borrow,
     Hello,
     Info,
     Ping,
@@ -40,6 +43,7 @@ from floatd.core.policy import Policy
 from floatd.core.seats import Claim, Lease, PoolProduct, Waiter, hash_token
 from floatd.core.secrets import new_lease_secrets
 from floatd.errors import (
+    AdminError,
     AuthFailed,
     FloatdError,
     IpNotAllowed,
@@ -236,6 +240,8 @@ class LeaseService:
                 return self._renew(req, now, peer)
             if isinstance(req, Release):
                 return self._release(req, now, peer)
+            if isinstance(req, Borrow):
+                return self._borrow(req, now, peer)
             if isinstance(req, Info):
                 return self._info(req, now)
             if isinstance(req, Ping):
@@ -411,7 +417,8 @@ class LeaseService:
         except LeaseNotFound:
             self._missed(peer, now)
             raise
-        self.outcomes.lease_event("renewed", lease, now)
+        if not lease.borrowed:  # a borrowed lease only hears its time left
+            self.outcomes.lease_event("renewed", lease, now)
         expires_in = lease.expires_at - now
         return answer(req.id, expires_in=expires_in, renew_in=expires_in / 2)
 
@@ -422,11 +429,48 @@ class LeaseService:
         except LeaseNotFound:
             self._missed(peer, now)
             raise
-        self.outcomes.lease_event("released", lease, now)
+        self.outcomes.lease_event("returned" if lease.borrowed else "released", lease, now)
         return answer(req.id)
+
+    def _borrow(self, req: Borrow, now: float, peer: str | None) -> Answer:
+        """A held lease made a borrowed one, and its certificate (floatd.core.borrow)."""
+        self._check_writable()
+        ent = self._check_server(now)
+        key = self.server_key
+        decide = borrow_rules(ent, key, self.policy, self.ledger.borrowed, req.duration, now)
+        try:
+            lease = self.ledger.borrow(now, req.lease, hash_token(req.token), decide)
+        except LeaseNotFound:
+            self._missed(peer, now)
+            raise
+        assert key is not None  # borrow_rules refused otherwise
+        payload = borrow_payload(
+            ent,
+            lease.product,
+            lease.id,
+            lease.fingerprint,
+            lease.instance,
+            lease.user,
+            int(now),
+            int(lease.expires_at),
+        )
+        self.outcomes.lease_event("borrowed", lease, now)
+        return answer(
+            req.id,
+            certificate=sign_borrow(key, payload, ent.text),
+            expires_at=lease.expires_at,
+            expires_in=lease.expires_at - now,
+        )
 
     def revoke(self, lease_id: str, now: float) -> Lease:
         self._check_writable()
+        held = self.ledger.lease(lease_id)
+        if held is not None and held.borrowed:
+            raise AdminError(
+                f"lease {lease_id} is borrowed until {_iso(held.expires_at)}: its"
+                " certificate stays valid offline, so its seat cannot be given to anyone"
+                " before then (it comes back by itself, or when the borrower returns it)"
+            )
         lease = self.ledger.revoke(now, lease_id)
         self.outcomes.lease_event("revoked", lease, now)
         self._collect()
@@ -464,6 +508,7 @@ class LeaseService:
                     "free": None if terms.unlimited else max(0, terms.seats - used),
                     "waiting": self.ledger.waiting(terms.code),
                     "reserved": self.ledger.reservations(terms.code),
+                    "borrowed": self.ledger.borrowed(terms.code),
                     "strategy": terms.strategy,
                     "lease_duration": self.duration_of(terms),
                     "not_after": _earliest(ent.not_after if ent else None, terms.not_after),
@@ -498,6 +543,10 @@ _STATE_OF = {
     "GRACE_PERIOD_OVER": "grace_period_over",
     "SERVER_TIME_MODIFIED": "time_modified",
 }
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _earliest(a: int | None, b: int | None) -> int | None:

@@ -220,6 +220,8 @@ def lease_row(lease: Any) -> dict[str, Any]:
         "expires": iso(lease.expires_at),
         "granted_at": lease.granted_at,
         "expires_at": lease.expires_at,
+        # Borrowed for offline use: held until then, whatever happens.
+        "borrowed_until": iso(lease.expires_at) if lease.borrowed else None,
     }
 
 

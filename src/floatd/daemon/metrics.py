@@ -95,6 +95,9 @@ class FloatdCollector(Collector):
         waiting = GaugeMetricFamily(
             "floatd_wait_queue_length", "Acquires queued for a seat", labels=["product"]
         )
+        borrowed = GaugeMetricFamily(
+            "floatd_seats_borrowed", "Seats borrowed for offline use", labels=["product"]
+        )
         expiry = GaugeMetricFamily(
             "floatd_product_expiry_timestamp_seconds",
             "When the product's entitlement ends (unix time), if it does",
@@ -106,9 +109,10 @@ class FloatdCollector(Collector):
             if p["free"] is not None:
                 free.add_metric([p["code"]], p["free"])
             waiting.add_metric([p["code"]], p["waiting"])
+            borrowed.add_metric([p["code"]], p["borrowed"])
             if p["not_after"] is not None:
                 expiry.add_metric([p["code"]], p["not_after"])
-        yield from (seats, used, free, waiting, expiry)
+        yield from (seats, used, free, waiting, borrowed, expiry)
 
         leases = GaugeMetricFamily("floatd_leases", "Leases held (all products)")
         leases.add_metric([], len(service.ledger))

@@ -27,6 +27,7 @@ from floatd.core.connection import Refusal, ServerConnection
 from floatd.core.messages import (
     Acquire,
     Answer,
+    Borrow,
     Hello,
     Info,
     Ping,
@@ -95,6 +96,7 @@ _OPS: dict[type, str] = {
     Acquire: "acquire",
     Renew: "renew",
     Release: "release",
+    Borrow: "borrow",
     Info: "info",
     Ping: "ping",
 }

@@ -29,8 +29,11 @@ AUDIT_EVENTS = (
     "revoked",
     "refused",
     "clock_reset",
+    "borrowed",
+    "returned",
 )
-END_EVENTS = ("released", "expired", "revoked")
+#: What ends a seat tenancy (a borrowed lease's end is its expiry or its return).
+END_EVENTS = ("released", "expired", "revoked", "returned")
 NO_FREE_SEATS = "NO_FREE_SEATS"
 
 _RELATIVE = re.compile(r"^(\d+)([smhdw])$")

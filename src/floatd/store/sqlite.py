@@ -127,6 +127,10 @@ _MIGRATIONS = [
     """
     ALTER TABLE audit ADD COLUMN rule TEXT;
     """,
+    # Leases borrowed for offline use end at a date their certificate carries.
+    """
+    ALTER TABLE leases ADD COLUMN borrowed INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 AUDIT_COLUMNS = (
@@ -247,6 +251,7 @@ def _row(lease: Lease) -> tuple[object, ...]:
         lease.granted_at,
         lease.expires_at,
         lease.duration,
+        int(lease.borrowed),
     )
 
 
@@ -319,7 +324,7 @@ class SQLiteLeaseStore:
     def _load_leases(self) -> list[Lease]:
         rows = self._db.execute(
             "SELECT id, token_hash, product, seat, fingerprint, instance, user, hostname,"
-            " meta, peer, granted_at, expires_at, duration FROM leases"
+            " meta, peer, granted_at, expires_at, duration, borrowed FROM leases"
         ).fetchall()
         return [
             Lease(
@@ -336,6 +341,7 @@ class SQLiteLeaseStore:
                 granted_at=r[10],
                 expires_at=r[11],
                 duration=r[12],
+                borrowed=bool(r[13]),
             )
             for r in rows
         ]
@@ -370,7 +376,7 @@ class SQLiteLeaseStore:
             db.execute("BEGIN")
             for chunk in _chunks(sorted(gone)):
                 db.execute(f"DELETE FROM leases WHERE row IN ({_marks(len(chunk))})", chunk)
-            row = "(" + _marks(14) + ")"
+            row = "(" + _marks(15) + ")"
             for puts in _chunks(ws.puts):
                 db.execute(
                     f"INSERT OR REPLACE INTO leases VALUES {','.join([row] * len(puts))}",
