@@ -11,6 +11,7 @@ Not async::
         ...
 """
 
+from floatd.client.borrowing import borrowed, return_borrow
 from floatd.client.connection import (
     INSTANCE_ID,
     Connection,
@@ -33,8 +34,10 @@ __all__ = [
     "Lease",
     "UnknownRefusal",
     "Unreachable",
+    "borrowed",
     "lease",
     "machine_fingerprint",
     "parse_server",
+    "return_borrow",
     "wire_code",
 ]

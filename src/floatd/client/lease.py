@@ -10,6 +10,12 @@ the lease cannot be renewed does the caller hear of it: ``lease.lost`` is set,
 ``lease.lost_code`` holds the reason (the server's code, such as
 ``LEASE_NOT_FOUND`` after a revoke, or ``UNREACHABLE`` when no server answered
 before the lease ran out), and ``on_lost`` is called.
+
+``await lease.borrow(seconds)`` turns the held seat into a borrowed one for a
+trip (floatd.client.borrowing keeps its certificate); the seat is then not
+given back when the ``async with`` ends.  With ``vendor_keys``, ``lease()``
+uses a valid stored borrow when no server can be reached, and says so
+(``lease.borrowed``).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from typing import Any
 
 import trio
 
+from floatd.client import borrowing
 from floatd.client.connection import (
     INSTANCE_ID,
     Connection,
@@ -33,7 +40,7 @@ from floatd.client.connection import (
     tls_context,
 )
 from floatd.client.fingerprint import machine_fingerprint
-from floatd.errors import FloatdError
+from floatd.errors import BorrowInvalid, FloatdError
 
 RELEASE_TIMEOUT = 5.0
 BACKOFF_START = 0.5
@@ -55,8 +62,11 @@ class Lease:
         self.lost = trio.Event()
         self.lost_code: str | None = None
         self.renewals = 0
+        #: Borrowed for offline use: it needs no server until it ends.
+        self.borrowed = False
         self._expires_monotonic = 0.0
         self._renew_at = 0.0
+        self._holder: _Holder | None = None
         self._update(answer)
 
     def _update(self, answer: Mapping[str, Any]) -> None:
@@ -78,6 +88,14 @@ class Lease:
     @property
     def features(self) -> dict[str, Any]:
         return dict(self.product.get("features") or {})
+
+    async def borrow(self, seconds: int) -> str:
+        """Borrow this seat for ``seconds`` (up to the product's borrow_max):
+        stores the certificate and returns it; the seat is then kept past the
+        ``async with``, until it ends or is returned (return_borrow)."""
+        if self._holder is None:
+            raise RuntimeError("this seat is already borrowed and held offline")
+        return await self._holder.borrow(self, int(seconds))
 
     async def wait_lost(self) -> str:
         """Wait until the lease is lost; returns why."""
@@ -162,7 +180,31 @@ class _Holder:
         if not answer.get("ok"):
             raise refusal(answer.get("error"))
         self.lease = Lease(answer, (self.conn.host, self.conn.port))
+        self.lease._holder = self
         return self.lease
+
+    async def borrow(self, lease: Lease, seconds: int) -> str:
+        for _ in range(2):  # a connection that broke since is opened once more
+            if self.conn is None:
+                self.conn = await self._connect_once()
+            try:
+                answer = await self.conn.request(
+                    "borrow", lease=lease.id, token=lease.token, duration=seconds
+                )
+                break
+            except ConnectionLost:
+                await self._drop()
+        else:
+            raise ConnectionLost("the connection broke twice while borrowing")
+        if not answer.get("ok"):
+            raise refusal(answer.get("error"))
+        certificate = str(answer["certificate"])
+        names = [f"{host}:{port}" for host, port in self.servers]
+        borrowing.save(str(self.request["product"]), certificate, lease.id, lease.token, names)
+        lease.borrowed = True
+        left = float(answer.get("expires_in", 0.0))
+        lease._update({"expires_in": left, "renew_in": left})
+        return certificate
 
     def _lose(self, code: str) -> None:
         lease = self.lease
@@ -212,7 +254,7 @@ class _Holder:
 
     async def release(self) -> None:
         lease = self.lease
-        if lease is None or lease.lost.is_set():
+        if lease is None or lease.lost.is_set() or lease.borrowed:
             await self._drop()
             return
         try:
@@ -251,6 +293,7 @@ async def lease(
     on_renew: Callable[[Lease], Any] | None = None,
     connect_timeout: float = 5.0,
     request_timeout: float = 10.0,
+    vendor_keys: Sequence[str] | None = None,
 ) -> AsyncIterator[Lease]:
     """Hold a seat of ``product`` for the body of the ``async with``.
 
@@ -258,7 +301,9 @@ async def lease(
     ``tls``: False, True (system CAs), a CA file path, or an SSLContext; the
     server's certificate and hostname are verified.  Raises the refusal
     (``NoFreeSeats``, ``UnknownProduct``, ...) or ``Unreachable`` if no seat
-    could be taken.
+    could be taken.  ``vendor_keys`` (``ed25519:...``, what the application
+    trusts): when no server answers, a stored borrow that checks out offline is
+    used instead (``lease.borrowed``).
     """
     context: ssl.SSLContext | None
     if isinstance(tls, ssl.SSLContext):
@@ -292,6 +337,13 @@ async def lease(
     )
     try:
         held = await holder.acquire()
+    except Unreachable:
+        await holder._drop()
+        offline = _offline(product, vendor_keys, str(request["fingerprint"]))
+        if offline is None:
+            raise
+        yield offline  # no server, and nothing to renew or release
+        return
     except BaseException:
         await holder._drop()
         raise
@@ -302,10 +354,32 @@ async def lease(
                 yield held
             finally:
                 nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # The renewal task never raises, so a group of one is the body's own
+        # error: the caller sees it as raised, not wrapped by our nursery.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
     finally:
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + RELEASE_TIMEOUT
             await holder.release()
+
+
+def _offline(product: str, vendor_keys: Sequence[str] | None, fingerprint: str) -> Lease | None:
+    """A held seat made of a valid stored borrow, or None."""
+    if not vendor_keys:
+        return None
+    try:
+        got = borrowing.borrowed(product, vendor_keys, fingerprint=fingerprint)
+    except BorrowInvalid:
+        return None
+    info: dict[str, Any] = {"code": got.product, "name": got.name}
+    info.update(features=dict(got.features), metadata=dict(got.metadata))
+    left = got.seconds_left(time.time())
+    held = Lease({"lease": got.lease, "token": "", "product": info, "expires_in": left}, ("", 0))
+    held.borrowed = True
+    return held
 
 
 def _hostname() -> str:

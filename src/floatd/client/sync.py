@@ -68,6 +68,19 @@ class FloatingLicense:
         return self._lease.expires_in if self._lease else 0.0
 
     @property
+    def borrowed(self) -> bool:
+        """Borrowed for offline use (by :meth:`borrow`, or found stored)."""
+        return self._lease is not None and self._lease.borrowed
+
+    def borrow(self, seconds: int) -> str:
+        """Borrow the held seat for ``seconds``; returns the certificate (also
+        stored, see floatd.client.borrowing).  The seat then outlives release()."""
+        lease, token = self._lease, self._token
+        if lease is None or token is None:
+            raise RuntimeError("acquire() first")
+        return str(trio.from_thread.run(lease.borrow, seconds, trio_token=token))
+
+    @property
     def lost(self) -> bool:
         return self._lease is not None and self._lease.lost.is_set()
 
