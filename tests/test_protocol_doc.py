@@ -20,7 +20,7 @@ WIRE_CODES = {
     "FORBIDDEN", "IP_NOT_ALLOWED", "AUTH_FAILED", "UNKNOWN_PRODUCT", "NO_FREE_SEATS",
     "LEASE_NOT_FOUND", "NOT_ACTIVATED", "LICENSE_NOT_YET_VALID", "LICENSE_EXPIRED",
     "GRACE_PERIOD_OVER", "SERVER_TIME_MODIFIED", "RATE_LIMITED", "BUSY", "INTERNAL",
-    "UNAVAILABLE", "POLICY_DENIED",
+    "UNAVAILABLE", "POLICY_DENIED", "BORROW_NOT_ALLOWED",
 }  # fmt: skip
 
 
@@ -34,7 +34,7 @@ def vectors() -> list[tuple[dict[str, object], bytes]]:
 
 def test_every_vector_is_what_the_codec_writes_and_reads() -> None:
     found = vectors()
-    assert len(found) == 12 + len(WIRE_CODES)  # six ops, both ways, and every error
+    assert len(found) == 14 + len(WIRE_CODES)  # seven ops, both ways, and every error
     for message, frame in found:
         assert encode_frame(message) == frame, message
         decoder = FrameDecoder()
@@ -48,7 +48,7 @@ def test_every_vector_is_what_the_codec_writes_and_reads() -> None:
 def test_every_op_and_every_error_code_has_a_vector() -> None:
     found = vectors()
     ops = {m["op"] for m, _ in found if "op" in m}
-    assert ops == {"hello", "acquire", "renew", "release", "info", "ping"}
+    assert ops == {"hello", "acquire", "renew", "release", "borrow", "info", "ping"}
     codes = {m["error"]["code"] for m, _ in found if m.get("ok") is False}  # type: ignore[index]
     assert codes == WIRE_CODES
 
@@ -78,6 +78,7 @@ BASE_REQUESTS: dict[str, dict[str, object]] = {
     "acquire": {"product": "app", "fingerprint": "f" * 8},
     "renew": {"lease": "l", "token": "t"},
     "release": {"lease": "l", "token": "t"},
+    "borrow": {"lease": "l", "token": "t", "duration": 60},
     "info": {"product": "p"},
     "ping": {},
 }

@@ -418,11 +418,12 @@ class Server:
         )
 
     async def end_user(self, email: str, product: str) -> list[dict[str, Any]]:
-        """``floatd users unassign``: end that user's leases of the product."""
+        """``floatd users unassign``: end that user's leases of the product.
+        Borrowed ones run to their end: their certificates are valid offline."""
         ended = [
             lease
             for lease in list(self.service.ledger.leases())
-            if lease.product == product and lease.user == email
+            if lease.product == product and lease.user == email and not lease.borrowed
         ]
         for lease in ended:
             self.service.revoke(lease.id, self.clock())
