@@ -26,12 +26,15 @@ from test_integration import floatd_cli
 from floatd import __version__
 from floatd.authority.cli import main as authority_main
 from floatd.client.simple import SimpleClient
+from floatd.core.borrow import verify_borrow
 from floatd.core.entitlement import (
     KIND_ENTITLEMENT,
     dearmor,
+    format_public_key,
     load_private_key,
     parse_activation_request,
     sign_entitlement,
+    trusted_keys,
 )
 from floatd.store.server_key import public_key_text
 
@@ -147,6 +150,8 @@ def test_activate_lease_and_follow_the_license_through_refreshes(
         # More seats at the authority: the next refresh brings them.
         vendor.run("license", "update", license_id, "--seats", "5")
         until(lambda: info(d).get("seats") == 5, "the new seat count")
+        refreshed = _payload((state / "entitlement.txt").read_text())
+        assert refreshed["server_key"] == public_key_text(state)  # refreshes carry it too
         # Suspended: the next refresh is answered 410 and leasing stops at once.
         vendor.run("license", "suspend", license_id)
         until(
@@ -277,6 +282,35 @@ def test_offline_round_trip_through_both_clis(tmp_path: Path, vendor: Vendor) ->
     assert other.returncode == 1 and "another server's key" in other.stderr
 
 
+def test_the_chain_from_the_vendor_key_to_a_borrow_checked_offline(
+    tmp_path: Path, vendor: Vendor
+) -> None:
+    """Issue with borrowing, activate air-gapped, borrow, stop the server: the
+    laptop checks the borrow with the vendor's public key and nothing else."""
+    _, key = vendor.issue("--product", "cad", "--seats", "2", "--borrow-max", "86400")
+    config, request = offline_request(tmp_path, vendor, key)
+    response = tmp_path / "entitlement.txt"
+    vendor.run(
+        "offline", "sign", str(request), "--out", str(response), "--key", str(vendor.key_path)
+    )
+    args = ("activate", "--offline-response", str(response), "--config", str(config))
+    assert floatd_cli(*args).returncode == 0
+    laptop = "laptop-fingerprint-0001"
+    with Daemon(config, tmp_path / "floatd.log") as d:
+        d.start()
+        with SimpleClient("127.0.0.1", d.port, timeout=10) as c:
+            assert c.hello()["ok"]
+            held = c.request("acquire", product="cad", fingerprint=laptop)
+            got = c.request("borrow", lease=held["lease"], token=held["token"], duration=3600)
+            assert got["ok"], got
+            too_long = c.request("borrow", lease=held["lease"], token=held["token"], duration=86401)
+            assert too_long["error"]["code"] == "BAD_REQUEST"
+        d.kill9()
+    vendor_public = trusted_keys([format_public_key(vendor.key.public_key())])
+    checked = verify_borrow(got["certificate"], vendor_public, laptop, time.time())
+    assert checked.product == "cad" and 3500 < checked.seconds_left(time.time()) <= 3600
+
+
 def test_an_air_gapped_site_activated_through_the_management_api(
     tmp_path: Path, vendor: Vendor
 ) -> None:
@@ -290,6 +324,8 @@ def test_an_air_gapped_site_activated_through_the_management_api(
     status, doc = admin(vendor, "POST", "/v1/admin/offline-activations", api_key, body)
     assert status == 201, doc
     response.write_text(doc["entitlement"])
+    site_key = public_key_text(tmp_path / "site" / "state")
+    assert _payload(doc["entitlement"])["server_key"] == site_key  # the API signs it in too
     installed = floatd_cli("activate", "--offline-response", str(response), "--config", str(config))
     assert installed.returncode == 0 and "cad (2)" in installed.stdout, installed.stderr
     status, bad = admin(

@@ -338,8 +338,24 @@ def test_the_demo_serves_a_seat_and_its_status_at_once(tmp_path: Path) -> None:
         conn.request("GET", "/healthz")
         assert conn.getresponse().status == 200
         conn.close()
+        # README's borrowing line works against the demo too.
+        borrowed = subprocess.run(
+            [
+                *(sys.executable, "-m", "floatd.client", "borrow"),
+                *("--server", f"127.0.0.1:{port}", "--product", "demo", "--for", "1d"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={**os.environ, "FLOATD_BORROW_DIR": str(tmp_path / "borrows")},
+        )
+        assert borrowed.returncode == 0 and "borrowed demo until" in borrowed.stdout, (
+            borrowed.stderr
+        )
         leases = floatd_cli("leases", "--json", "--config", str(tmp_path / "demo" / "floatd.toml"))
-        assert [r["fingerprint"] for r in json.loads(leases.stdout)] == ["machine-demo-1"]
+        rows = json.loads(leases.stdout)
+        assert "machine-demo-1" in [r["fingerprint"] for r in rows]
+        assert sum(1 for r in rows if r["borrowed_until"]) == 1
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0

@@ -24,6 +24,7 @@ from floatd.core.entitlement import (
     sign_entitlement,
 )
 from floatd.store.activation import install_entitlement
+from floatd.store.server_key import public_key_text
 
 DEMO_PRODUCTS = [
     product_payload(
@@ -34,6 +35,7 @@ DEMO_PRODUCTS = [
         trial=True,
         metadata={"edition": "demo"},
         features={"export": True, "max_threads": 4},
+        borrow_max=3 * 86400,  # so borrowing can be tried: up to 3 days
     ),
     product_payload(
         "demo-instance",
@@ -92,6 +94,8 @@ def prepare(directory: Path, listen: str, now: float, status_listen: str = "") -
         "refresh_by": None,
         "nonce": None,
         "products": DEMO_PRODUCTS,
+        # The demo server's own key, so that it can sign borrows.
+        "server_key": public_key_text(config.state_dir),
     }
     install_entitlement(config, parse_payload(payload, text=sign_entitlement(key, payload)))
     return config
