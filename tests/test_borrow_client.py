@@ -103,6 +103,12 @@ def test_the_sync_api_borrows_too(site: tuple[Daemon, list[str]]) -> None:
         assert lic.borrowed
     assert used(d) == 1
     assert borrowed("cad", keys, fingerprint=LAPTOP).seconds_left(time.time()) > 3500
+    d.kill9()  # offline: the same class finds the stored borrow by itself
+    offline = FloatingLicense(
+        f"127.0.0.1:{d.port}", "cad", fingerprint=LAPTOP, vendor_keys=keys, connect_timeout=1
+    )
+    with offline as lic:
+        assert lic.borrowed and lic.features == {"export": True} and lic.expires_in > 3500
 
 
 def test_the_end_users_command_line(site: tuple[Daemon, list[str]]) -> None:

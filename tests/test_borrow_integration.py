@@ -101,3 +101,6 @@ def test_borrow_travel_and_return_on_the_real_daemon(
         records = json.loads(cli("audit", "--json", "--since", "1h").stdout)  # type: ignore[attr-defined]
         events = [r["event"] for r in records]
         assert events.count("borrowed") == 2 and events.count("returned") == 1
+        report = json.loads(cli("report", "--since", "1h", "--by", "hour", "--json").stdout)  # type: ignore[attr-defined]
+        # The returned borrow and the one still out count as seat time like any lease.
+        assert max(r["peak_seats"] for r in report["rows"] if r["product"] == "cad") >= 2
