@@ -389,6 +389,41 @@ class LedgerContract:
             again.claim(T + 1, claim("duo", "c", user="dan"))
         granted(again, T + 1, claim("duo", "d", user="ann"))
 
+    # --- borrowing (borrow.md): a date, not time left ---------------------------
+
+    def test_a_borrowed_lease_keeps_its_date_and_its_seat(self, harness: Harness) -> None:
+        ledger = harness.open(T)
+        lease = granted(ledger, T, claim("solo", "a"))
+        got = ledger.borrow(T, lease.id, token_of(lease), lambda _lease: T + 3600)
+        assert got.borrowed and got.expires_at == T + 3600 and ledger.borrowed("solo") == 1
+        renewed = ledger.renew(T + 10, lease.id, token_of(lease))
+        assert renewed.expires_at == T + 3600  # a renewal does not move it
+        harness.commit(ledger)
+        again = harness.open(T + DURATION * 10)  # long past a lease's duration
+        kept = again.lease(lease.id)
+        assert kept is not None and kept.borrowed and again.borrowed("solo") == 1
+        with pytest.raises(NoFreeSeats):
+            again.claim(T + DURATION * 10, claim("solo", "b"))
+        again.expire(T + 3600)
+        assert again.lease(lease.id) is None and again.used("solo") == 0
+
+    def test_a_refused_borrow_changes_nothing(self, ledger: Ledger) -> None:
+        lease = granted(ledger, T, claim("solo", "a"))
+        ledger.take_changes()
+
+        def refuse(_lease: Lease) -> float:
+            raise LicenseExpired("no")
+
+        with pytest.raises(LicenseExpired):
+            ledger.borrow(T, lease.id, token_of(lease), refuse)
+        with pytest.raises(LeaseNotFound):
+            ledger.borrow(T, lease.id, b"wrong", lambda _lease: T + 60)
+        held = ledger.lease(lease.id)
+        assert held is not None and not held.borrowed and ledger.take_changes() == []
+        returned = ledger.borrow(T, lease.id, token_of(lease), lambda _lease: T + 600)
+        ledger.release(T + 1, returned.id, token_of(returned))  # an early return
+        assert ledger.used("solo") == 0 and ledger.borrowed("solo") == 0
+
 
 POLICY = """
 [[rule]]

@@ -231,6 +231,15 @@ def test_a_borrow_is_signed_durable_and_checks_offline() -> None:
     # Borrowing again issues a new certificate with the new end.
     again = site.borrow(held, DAY, BASE + DAY)
     assert again["expires_at"] == BASE + 2 * DAY and again["certificate"] != got["certificate"]
+    # For less, the certificate says less, but the seat stays held as long as
+    # the earlier certificate is valid offline.
+    shorter = site.borrow(held, 3600, BASE + DAY)
+    assert shorter["expires_at"] == BASE + DAY + 3600
+    assert verify_borrow(str(shorter["certificate"]), site.keys, LAPTOP, BASE + DAY).not_after == (
+        BASE + DAY + 3600
+    )
+    lease = site.service.ledger.lease(str(held["lease"]))
+    assert lease is not None and lease.expires_at == BASE + 2 * DAY
     # The seat is not the admin's to free; the borrower returns it early.
     with pytest.raises(AdminError, match="borrowed until"):
         site.service.revoke(str(held["lease"]), BASE + DAY)

@@ -317,9 +317,13 @@ class SeatPool:
         return lease
 
     def borrow(self, now: float, lease: Lease, until: float) -> Lease:
-        """Make an authorized lease a borrowed one, ending at ``until``."""
+        """Make an authorized lease a borrowed one, ending at ``until``.  Borrowed
+        again for less, it keeps its later end: the earlier certificate stays
+        valid offline until then, and so must the seat it stands for."""
         state = self._products[lease.product]
-        if not lease.borrowed:
+        if lease.borrowed:
+            until = max(until, lease.expires_at)
+        else:
             lease.borrowed = True
             state.borrowed[lease.seat] = state.borrowed.get(lease.seat, 0) + 1
         lease.expires_at = until

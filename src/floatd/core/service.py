@@ -437,13 +437,21 @@ class LeaseService:
         self._check_writable()
         ent = self._check_server(now)
         key = self.server_key
-        decide = borrow_rules(ent, key, self.policy, self.ledger.borrowed, req.duration, now)
+        rules = borrow_rules(ent, key, self.policy, self.ledger.borrowed, req.duration, now)
+        ends: list[float] = []
+
+        def decide(lease: Lease) -> float:
+            ends.append(rules(lease))
+            return ends[-1]
+
         try:
             lease = self.ledger.borrow(now, req.lease, hash_token(req.token), decide)
         except LeaseNotFound:
             self._missed(peer, now)
             raise
         assert key is not None  # borrow_rules refused otherwise
+        # This certificate's end; the seat may be held longer, for an earlier one.
+        end = ends[-1]
         payload = borrow_payload(
             ent,
             lease.product,
@@ -452,14 +460,14 @@ class LeaseService:
             lease.instance,
             lease.user,
             int(now),
-            int(lease.expires_at),
+            int(end),
         )
         self.outcomes.lease_event("borrowed", lease, now)
         return answer(
             req.id,
             certificate=sign_borrow(key, payload, ent.text),
-            expires_at=lease.expires_at,
-            expires_in=lease.expires_at - now,
+            expires_at=end,
+            expires_in=end - now,
         )
 
     def revoke(self, lease_id: str, now: float) -> Lease:
