@@ -28,6 +28,7 @@ from floatd.client import (
     return_borrow,
 )
 from floatd.client.borrowing import borrow_dir, parse_duration
+from floatd.client.connection import parse_server, server_name
 from floatd.core.entitlement import format_public_key, sign_entitlement
 from floatd.errors import BorrowClockBack, BorrowUnreadable
 from floatd.store.activation import atomic_write
@@ -141,6 +142,11 @@ def test_the_end_users_command_line(site: tuple[Daemon, list[str]]) -> None:
     assert back.returncode == 0 and used(d) == 0
     assert run("return", "--product", "cad").returncode == 1  # nothing left to return
     assert machine_fingerprint()  # the command line borrowed for this very machine
+
+
+def test_server_names_read_back() -> None:
+    for host, port in (("licenses.lan", 7411), ("10.0.0.5", 7500), ("fd00::5", 7500)):
+        assert parse_server(server_name(host, port)) == (host, port)
 
 
 def test_durations() -> None:

@@ -25,7 +25,7 @@ from floatd.client.connection import Connection, parse_server, refusal
 from floatd.client.fingerprint import machine_fingerprint
 from floatd.core.borrow import Borrow, verify_borrow
 from floatd.core.entitlement import trusted_keys
-from floatd.errors import BorrowUnreadable
+from floatd.errors import BorrowUnreadable, FloatdError
 
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 _DURATION = re.compile(r"^(\d+)([smhdw]?)$")
@@ -151,7 +151,7 @@ async def return_borrow(
         host, port = parse_server(name)
         try:
             conn = await Connection.open(host, port, token=token, tls=tls)
-        except Exception as exc:
+        except FloatdError as exc:  # unreachable or busy: try the next, say why at the end
             errors.append(f"{name}: {exc}")
             continue
         try:

@@ -91,6 +91,11 @@ def refusal(error: Any) -> FloatdError:
 INSTANCE_ID = f"{os.getpid()}-{secrets.token_hex(4)}"
 
 
+def server_name(host: str, port: int) -> str:
+    """``host:port`` as :func:`parse_server` reads it back (IPv6 in brackets)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def parse_server(text: str, default_port: int = 7411) -> tuple[str, int]:
     """``host``, ``host:port``, ``[v6]:port`` or ``v6`` -> (host, port)."""
     text = text.strip()

@@ -37,6 +37,7 @@ from floatd.client.connection import (
     Unreachable,
     parse_server,
     refusal,
+    server_name,
     tls_context,
 )
 from floatd.client.fingerprint import machine_fingerprint
@@ -199,7 +200,7 @@ class _Holder:
         if not answer.get("ok"):
             raise refusal(answer.get("error"))
         certificate = str(answer["certificate"])
-        names = [f"{host}:{port}" for host, port in self.servers]
+        names = [server_name(host, port) for host, port in self.servers]
         borrowing.save(str(self.request["product"]), certificate, lease.id, lease.token, names)
         lease.borrowed = True
         left = float(answer.get("expires_in", 0.0))

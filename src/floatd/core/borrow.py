@@ -185,7 +185,9 @@ def verify_borrow(
     # 5. Its time, and a clock that was not set back to stretch it.
     if now < max(payload["issued_at"], ent.issued_at) - allowed_offset:
         raise BorrowClockBack("this machine's clock is before the borrow was issued")
-    if seen is not None and now < seen:
+    # The slack forgives NTP's small corrections; the stored time only moves
+    # forward, so repeated small steps back cannot add up to a stretch.
+    if seen is not None and now < seen - allowed_offset:
         raise BorrowClockBack("this machine's clock was set back since the borrow was last used")
     if now >= payload["not_after"]:
         raise BorrowEnded("the borrow has ended")
