@@ -7,6 +7,8 @@ import msgpack
 import pytest
 from conftest import BASE, SERVER_ID, payload, product
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from floatd.core.borrow import (
     KIND_BORROW,
@@ -299,3 +301,42 @@ def test_a_wrong_token_borrows_nothing() -> None:
     assert got["error"]["code"] == "LEASE_NOT_FOUND"  # type: ignore[index]
     lease = site.service.ledger.lease(str(held["lease"]))
     assert lease is not None and not lease.borrowed
+
+
+# --- hostile certificates: a refusal with its step, never another exception ---------
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_any_mangled_certificate_is_refused_with_a_step(data: st.DataObject) -> None:
+    chain = _CHAIN
+    raw = bytearray(dearmor(chain.text, KIND_BORROW))
+    how = data.draw(st.sampled_from(["flip", "cut", "splice", "envelope"]))
+    if how == "flip":
+        for _ in range(data.draw(st.integers(1, 8))):
+            at = data.draw(st.integers(0, len(raw) - 1))
+            raw[at] ^= data.draw(st.integers(1, 255))
+        text = armor(KIND_BORROW, bytes(raw))
+    elif how == "cut":
+        text = armor(KIND_BORROW, bytes(raw[: data.draw(st.integers(0, len(raw) - 1))]))
+    elif how == "splice":
+        text = armor(KIND_BORROW, data.draw(st.binary(max_size=300)))
+    else:
+        envelope = msgpack.unpackb(bytes(raw))
+        key = data.draw(st.sampled_from(sorted(envelope)))
+        envelope[key] = data.draw(
+            st.none()
+            | st.integers(-(2**63), 2**64 - 1)
+            | st.text(max_size=50)
+            | st.binary(max_size=50)
+        )
+        text = armor(KIND_BORROW, msgpack.packb(envelope, use_bin_type=True))
+    try:
+        chain.verify(text)
+    except BorrowInvalid as exc:
+        assert exc.step and str(exc)
+    else:  # only a change that left the signed parts alone can still verify
+        assert text == chain.text or how in ("flip", "envelope")
+
+
+_CHAIN = Chain()
