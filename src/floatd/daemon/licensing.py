@@ -31,6 +31,12 @@ log = get_logger()
 Signature = tuple[int, int, int]
 
 
+#: How long a new online entitlement waits for its activation record: the CLI
+#: writes the record just after the file (steps of 50 ms, 2 s in all).
+RECORD_WAIT_STEP = 0.05
+RECORD_WAIT_STEPS = 40
+
+
 class Licensing:
     """Keeps the service's entitlement in step with the file and the authority."""
 
@@ -50,6 +56,7 @@ class Licensing:
         self._logged_terms: object = ()
         #: An online activation is in force (see keep_fresh).
         self.online = False
+        self._record_lock = trio.Lock()
         #: Why the last refresh failed (the authority's code and words), until
         #: one succeeds: shown by status, not only logged.
         self.refresh_problem: str | None = None
@@ -105,11 +112,28 @@ class Licensing:
             return str(exc)
         self.install(ent, now)
         self.shared.flush()
-        # `floatd activate` writes the activation record with the file: say at
-        # once whether this one is online or offline.
-        record = await self.shared.run_sync(ActivationRecord.read, self.shared.config)
-        self.online = record is not None and record.in_force
+        # `floatd activate` writes the activation record right after the file:
+        # say at once whether this one is online.  An entitlement made for an
+        # online activation (it has refresh_by) waits a moment for its record,
+        # which may still be the old one (say, revoked) when the file is seen.
+        record = await self._read_record()
+        for _ in range(RECORD_WAIT_STEPS if ent.refresh_by is not None else 0):
+            if record is not None and record.in_force and record.license == ent.license:
+                break
+            await trio.sleep(RECORD_WAIT_STEP)
+            record = await self._read_record()
         return None
+
+    async def _read_record(self) -> ActivationRecord | None:
+        """Read the activation record and say from it whether we are online.
+        One read at a time: a slow read of the old record (the refresh loop's)
+        must not land after a read of the new one (a reload's)."""
+        async with self._record_lock:
+            record: ActivationRecord | None = await self.shared.run_sync(
+                ActivationRecord.read, self.shared.config
+            )
+            self.online = record is not None and record.in_force
+        return record
 
     def _reject(self, exc: Exception, at_once: bool = True) -> None:
         """A file that fails verification changes nothing: the old one stays.
@@ -173,8 +197,7 @@ class Licensing:
         while True:
             await trio.sleep(delay)
             schedule.interval = self.shared.config.authority_refresh_interval  # reloadable
-            record = await self.shared.run_sync(ActivationRecord.read, self.shared.config)
-            self.online = record is not None and record.in_force
+            record = await self._read_record()
             if record is None or not record.in_force or not self.shared.config.authority_url:
                 delay = min(schedule.interval, 5.0)  # watch for a new activation
                 continue
@@ -262,8 +285,9 @@ class Licensing:
             self.shared.config.entitlement_path.unlink(missing_ok=True)
             dataclasses.replace(record, revoked=True).write(self.shared.config)
 
-        await self.shared.run_sync(forget)
-        self.online = False
+        async with self._record_lock:  # see _read_record
+            await self.shared.run_sync(forget)
+            self.online = False
         self._ent_signature = None
         self.install(None, self.shared.clock())
         self.shared.flush()
