@@ -9,10 +9,9 @@ is a failure that says what to install, never a skip.
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 from pathlib import Path
+
+from packages import apt_install
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -20,19 +19,8 @@ PACKAGES = ["chromium", "chromium-driver"]
 
 
 def ensure_chromium() -> None:
-    if CHROMIUM.exists() and CHROMEDRIVER.exists():
-        return
-    apt = shutil.which("apt-get")
-    if apt is None or os.geteuid() != 0:
-        raise RuntimeError(
-            "the browser tests need Debian's chromium and chromium-driver: "
-            "apt-get install chromium chromium-driver"
-        )
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = [apt, "install", "-y", "-q", *PACKAGES]
-    if subprocess.run(install, env=env, capture_output=True, timeout=600).returncode != 0:
-        subprocess.run([apt, "update", "-q"], env=env, capture_output=True, timeout=600, check=True)
-        subprocess.run(install, env=env, capture_output=True, timeout=600, check=True)
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        apt_install(*PACKAGES)
 
 
 def start_browser() -> object:

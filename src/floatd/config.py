@@ -60,6 +60,12 @@ class Config:
     status_tls_key: str = ""
     admin_socket: Path | None = Path("/run/floatd/admin.sock")
     state_dir: Path = Path("/var/lib/floatd")
+    #: Where the shared state lives: "sqlite" (the state dir) or "postgresql".
+    state_backend: str = "sqlite"
+    state_dsn: str = ""
+    state_dsn_file: Path | None = None
+    #: This node's name in a cluster; "" = the host name.
+    cluster_node: str = ""
     vendor_keys: tuple[str, ...] = ()
     authority_url: str = ""
     authority_license_key: str = ""
@@ -190,7 +196,13 @@ SCHEMA: dict[str, dict[str, tuple[str, Check]]] = {
         "tls_key": ("status_tls_key", _string),
     },
     "admin": {"socket": ("admin_socket", _optional_path)},
-    "state": {"dir": ("state_dir", _path)},
+    "state": {
+        "dir": ("state_dir", _path),
+        "backend": ("state_backend", _choice("sqlite", "postgresql")),
+        "dsn": ("state_dsn", _string),
+        "dsn_file": ("state_dsn_file", _optional_path),
+    },
+    "cluster": {"node": ("cluster_node", _string)},
     "entitlement": {"vendor_keys": ("vendor_keys", _vendor_keys)},
     "authority": {
         "url": ("authority_url", _url),
@@ -293,7 +305,18 @@ def load_config(
         raise ConfigError("server.tls_key", "tls_cert and tls_key must be set together")
     if bool(config.status_tls_cert) != bool(config.status_tls_key):
         raise ConfigError("status.tls_key", "tls_cert and tls_key must be set together")
+    if config.state_dsn and config.state_dsn_file is not None:
+        raise ConfigError("state.dsn_file", "give dsn or dsn_file, not both")
+    if config.state_backend == "postgresql" and not (config.state_dsn or config.state_dsn_file):
+        raise ConfigError("state.dsn", 'backend "postgresql" needs dsn (or dsn_file)')
     return config
+
+
+def read_dsn(config: Config) -> str:
+    """The cluster database's connection string, from the config or its file."""
+    if config.state_dsn_file is None:
+        return config.state_dsn
+    return _read_value(config.state_dsn_file, "state.dsn_file")
 
 
 #: Variables of floatd-authority (the vendor's CLI), not overrides of [authority].
@@ -330,10 +353,16 @@ def read_policy(path: Path | None) -> Policy | None:
 
 
 def read_machine_id(config: Config) -> str:
+    return _read_value(config.machine_id_file, "server.machine_id_file")
+
+
+def _read_value(path: Path, key: str) -> str:
+    """A one-value file a config key names (the machine id, a DSN), stripped;
+    ConfigError naming the key if it cannot be read or is empty."""
     try:
-        text = config.machine_id_file.read_text(encoding="utf-8").strip()
+        text = path.read_text(encoding="utf-8").strip()
     except OSError as exc:
-        raise ConfigError("server.machine_id_file", f"cannot read: {exc.strerror}") from None
+        raise ConfigError(key, f"cannot read: {exc.strerror}") from None
     if not text:
-        raise ConfigError("server.machine_id_file", "file is empty")
+        raise ConfigError(key, "file is empty")
     return text

@@ -4,7 +4,17 @@ Exit status: 0 success, 1 refused or failed, 2 usage or config error; a failure
 is one line on stderr (or, with ``--json``, a JSON document), never a traceback.
 """
 
-from floatd.cli import activation, admin, daemon, maintenance, policy, probe, trail, users
+from floatd.cli import (
+    activation,
+    admin,
+    cluster,
+    daemon,
+    maintenance,
+    policy,
+    probe,
+    trail,
+    users,
+)
 from floatd.cli.base import CONTEXT, HelpGroup, fail, main, make_guard, plural
 from floatd.cli.daemon import check_startable, run_server
 
@@ -14,6 +24,7 @@ __all__ = [
     "activation",
     "admin",
     "check_startable",
+    "cluster",
     "daemon",
     "fail",
     "main",

@@ -71,6 +71,12 @@ def check_startable(config: Config) -> str:
 
     tls_context(config)
     tls_context(config, "status")
+    if config.state_backend == "postgresql":
+        raise ConfigError(
+            "state.backend",
+            '"postgresql" is not served by this version yet; `floatd cluster init` and'
+            " `floatd fingerprint` already use it",
+        )
     read_policy(config.policy_file)
     server_id = _server_id(config)
     try:
@@ -187,8 +193,15 @@ def check_config(config_path: Path | None) -> None:
 @config_option
 @guarded
 def fingerprint(config_path: Path | None) -> None:
-    """Print this server's fingerprint (what entitlements are bound to)."""
-    click.echo(_server_id(_load(config_path)))
+    """Print this server's fingerprint (what entitlements are bound to); on a
+    cluster node, the cluster's."""
+    config = _load(config_path)
+    if config.state_backend == "postgresql":
+        from floatd.cli.cluster import cluster_fingerprint
+
+        click.echo(cluster_fingerprint(config))
+        return
+    click.echo(_server_id(config))
 
 
 @main.command()

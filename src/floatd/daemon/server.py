@@ -79,6 +79,7 @@ CLOCK_STEP = 1.0
 #: Config attributes a reload cannot change; the rest apply at once.
 RESTART_ONLY = frozenset(
     {"listen", "machine_id_file", "status_listen", "admin_socket", "state_dir"}
+    | {"state_backend", "state_dsn", "state_dsn_file", "cluster_node"}
 )
 
 log = get_logger()

@@ -1,0 +1,91 @@
+"""A real PostgreSQL for the tests, started by the tests themselves.
+
+``initdb`` into a fresh directory, ``postgres`` on a free loopback port, trust
+authentication for a superuser named ``floatd``; stopped (fast) at the end.
+PostgreSQL refuses to run as root, so under root the server runs as the
+``postgres`` account that Debian's package creates.  The binaries come from
+``PATH`` or ``/usr/lib/postgresql/<version>/bin``, installed with apt (as
+root) when missing.  A machine where that cannot happen fails the tests that
+need a database, loudly: a skipped cluster test would be a check that
+cannot fail.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from daemon import free_port
+from packages import apt_install
+
+START_TIMEOUT = 60
+
+
+def _binary(name: str) -> str:
+    for attempt in range(2):
+        found = shutil.which(name)
+        if found:
+            return found
+        for candidate in sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True):
+            return candidate
+        if attempt == 0:
+            apt_install("postgresql")  # as the browser tests do with Chromium
+    raise RuntimeError(f"PostgreSQL's {name} is missing even after installing postgresql")
+
+
+def _as_owner(argv: list[str], owner: str | None) -> list[str]:
+    return ["runuser", "-u", owner, "--", *argv] if owner else argv
+
+
+@contextmanager
+def postgres() -> Iterator[str]:
+    """A running PostgreSQL; yields a DSN for its ``postgres`` database."""
+    owner = None
+    if os.geteuid() == 0:
+        owner = "postgres"
+        pwd.getpwnam(owner)  # KeyError: the package's account is missing
+    root = Path(tempfile.mkdtemp(prefix="floatd-pg-"))
+    data = root / "data"
+    port = free_port()
+    try:
+        if owner:
+            shutil.chown(root, owner)
+        subprocess.run(
+            _as_owner(
+                [_binary("initdb"), "-D", str(data), "-U", "floatd", "--auth=trust", "-E", "UTF8"],
+                owner,
+            ),
+            check=True,
+            capture_output=True,
+            timeout=START_TIMEOUT,
+        )
+        options = f"-c listen_addresses=127.0.0.1 -p {port} -k {root} -c fsync=on"
+        subprocess.run(
+            _as_owner(
+                [
+                    *(_binary("pg_ctl"), "-D", str(data), "-o", options),
+                    *("-l", str(root / "log"), "-w", "-t", str(START_TIMEOUT), "start"),
+                ],
+                owner,
+            ),
+            check=True,
+            capture_output=True,
+            timeout=START_TIMEOUT + 10,
+        )
+        try:
+            yield f"postgresql://floatd@127.0.0.1:{port}/postgres"
+        finally:
+            subprocess.run(
+                _as_owner([_binary("pg_ctl"), "-D", str(data), "-m", "fast", "stop"], owner),
+                capture_output=True,
+                timeout=START_TIMEOUT,
+            )
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
