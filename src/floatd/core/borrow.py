@@ -20,7 +20,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import msgpack
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -28,12 +27,12 @@ from floatd.core.entitlement import (
     Entitlement,
     _Fields,
     _unpack_map,
-    armor,
     check_product,
-    dearmor,
     format_public_key,
     key_id,
+    open_envelope,
     parse_public_key,
+    sign_envelope,
     verify_entitlement,
 )
 from floatd.core.policy import Policy
@@ -110,15 +109,7 @@ def borrow_payload(
 def sign_borrow(key: Ed25519PrivateKey, payload: Mapping[str, Any], entitlement: str) -> str:
     """The armored certificate: the payload signed with the server's key, and
     the armored entitlement the server serves under."""
-    body = msgpack.packb(dict(payload), use_bin_type=True)
-    envelope = {
-        "alg": "ed25519",
-        "kid": key_id(key.public_key()),
-        "payload": body,
-        "sig": key.sign(SIGNING_DOMAIN + body),
-        "entitlement": entitlement,
-    }
-    return armor(KIND_BORROW, msgpack.packb(envelope, use_bin_type=True))
+    return sign_envelope(key, KIND_BORROW, SIGNING_DOMAIN, payload, entitlement=entitlement)
 
 
 def verify_borrow(
@@ -134,11 +125,7 @@ def verify_borrow(
     time.  ``seen``: the latest time this machine has already seen for this
     certificate (a clock set back before it is caught)."""
     try:
-        envelope = _unpack_map(dearmor(text, KIND_BORROW), "borrow certificate")
-        f = _Fields(envelope, "borrow certificate")
-        if f.text("alg") != "ed25519":
-            raise EntitlementError("borrow certificate: 'alg' is not ed25519")
-        kid, body, sig = f.text("kid"), f.get("payload", (bytes,)), f.get("sig", (bytes,))
+        f, kid, body, sig = open_envelope(text, KIND_BORROW, "borrow certificate")
         ent_text = f.text("entitlement")
         p = _Fields(_unpack_map(body, "borrow payload"), "borrow payload")
         payload = {

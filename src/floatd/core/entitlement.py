@@ -409,14 +409,38 @@ def product_payload(code: str, name: str, seats: int, **fields: Any) -> dict[str
 
 def sign_entitlement(key: Ed25519PrivateKey, payload: Mapping[str, Any]) -> str:
     """The vendor's side: sign a payload map and armor it."""
+    return sign_envelope(key, KIND_ENTITLEMENT, SIGNING_DOMAIN, payload)
+
+
+def sign_envelope(
+    key: Ed25519PrivateKey,
+    kind: str,
+    domain: bytes,
+    payload: Mapping[str, Any],
+    **extra: Any,
+) -> str:
+    """The signed envelope entitlements and borrow certificates share: the
+    msgpack payload, its Ed25519 signature over ``domain + payload`` and the
+    key's id, with ``extra`` fields beside them (unsigned), armored as ``kind``."""
     body = msgpack.packb(dict(payload), use_bin_type=True)
     envelope = {
         "alg": "ed25519",
         "kid": key_id(key.public_key()),
         "payload": body,
-        "sig": key.sign(SIGNING_DOMAIN + body),
+        "sig": key.sign(domain + body),
+        **extra,
     }
-    return armor(KIND_ENTITLEMENT, msgpack.packb(envelope, use_bin_type=True))
+    return armor(kind, msgpack.packb(envelope, use_bin_type=True))
+
+
+def open_envelope(text: str, kind: str, what: str) -> tuple[_Fields, str, bytes, bytes]:
+    """Read (not verify) an envelope of :func:`sign_envelope`: its fields, the
+    signing key's id, the payload and the signature; EntitlementError naming
+    ``what`` if it is malformed."""
+    f = _Fields(_unpack_map(dearmor(text, kind), what), what)
+    if f.text("alg") != "ed25519":
+        raise EntitlementError(f"{what}: 'alg' is not ed25519")
+    return f, f.text("kid"), f.get("payload", (bytes,)), f.get("sig", (bytes,))
 
 
 def verify_entitlement(
@@ -430,13 +454,7 @@ def verify_entitlement(
     """Verify an armored entitlement for this server (fingerprint ``server``,
     public key ``server_key``); raises EntitlementError.  ``server`` None: not
     checked (a laptop checking the entitlement inside a borrow certificate)."""
-    envelope = _unpack_map(dearmor(text, KIND_ENTITLEMENT), "entitlement envelope")
-    f = _Fields(envelope, "envelope")
-    if f.text("alg") != "ed25519":
-        raise EntitlementError("envelope: 'alg' is not ed25519")
-    kid = f.text("kid")
-    payload = f.get("payload", (bytes,))
-    sig = f.get("sig", (bytes,))
+    _, kid, payload, sig = open_envelope(text, KIND_ENTITLEMENT, "entitlement envelope")
     public = keys.get(kid)
     if public is None:
         raise EntitlementError(f"signed with key {kid[:16]!r}, which is not a trusted vendor key")
