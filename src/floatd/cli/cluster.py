@@ -3,7 +3,8 @@
 For now it sets the database up (``cluster init``) and tells the cluster
 fingerprint (also ``floatd fingerprint`` on a node whose backend is
 PostgreSQL), which is what the vendor binds a cluster's entitlement to.
-Serving from the database comes next (docs: README, "Several nodes").
+Serving from the database is not built yet (``floatd serve`` refuses the
+``postgresql`` backend with exit 2).
 """
 
 from __future__ import annotations

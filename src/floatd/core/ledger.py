@@ -202,31 +202,29 @@ class LocalLedger:
     def renew(
         self, now: float, lease_id: str, token_hash: bytes, check: RenewCheck | None = None
     ) -> Lease:
-        pool = self._pool
-        try:
-            lease = pool.authorize(now, lease_id, token_hash)
-        finally:
-            if pool.has_side_effects():
-                self._settle()
+        lease = self._authorize(now, lease_id, token_hash)
         if lease.borrowed:
             return lease  # it ends at the date its certificate carries
         if check is not None:
             check(lease)
-        pool.extend(now, lease)
+        self._pool.extend(now, lease)
         self.journal.append(SetExpiry(lease.id, lease.expires_at))
         return lease
 
     def borrow(self, now: float, lease_id: str, token_hash: bytes, check: BorrowCheck) -> Lease:
+        lease = self._authorize(now, lease_id, token_hash)
+        self._pool.borrow(now, lease, check(lease))
+        self.journal.append(PutLease(lease))
+        return lease
+
+    def _authorize(self, now: float, lease_id: str, token_hash: bytes) -> Lease:
+        """The live lease the token opens; what expired on the way is journalled."""
         pool = self._pool
         try:
-            lease = pool.authorize(now, lease_id, token_hash)
+            return pool.authorize(now, lease_id, token_hash)
         finally:
             if pool.has_side_effects():
                 self._settle()
-        until = check(lease)
-        pool.borrow(now, lease, until)
-        self.journal.append(PutLease(lease))
-        return lease
 
     def borrowed(self, product: str) -> int:
         return self._pool.borrowed(product)

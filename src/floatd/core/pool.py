@@ -158,14 +158,15 @@ class SeatPool:
         if state is None or state.terms is None:
             return {"result": "UNKNOWN_PRODUCT"}
         out: dict[str, object] = {"seats": state.terms.seats, "used": len(state.seats)}
+        who = requester(claim)
         try:
             key = seat_key(state.terms, claim.fingerprint, claim.instance, claim.user)
             if state.book is not None:
-                state.book.rules.admit(requester(claim), claim.product)
+                state.book.rules.admit(who, claim.product)
             if key in state.seats:
                 return {**out, "result": "granted", "why": "re-acquire onto a seat it holds"}
             if state.book is not None:
-                charge = state.book.decide(requester(claim), state.free(), claim.product)
+                charge = state.book.decide(who, state.free(), claim.product)
                 if charge.reserve >= 0:
                     number = state.book.rules.reserves[charge.reserve].number
                     return {**out, "result": "granted", "why": "reserved seat", "rule": number}
@@ -174,7 +175,7 @@ class SeatPool:
         except (PolicyDenied, NoFreeSeats, BadRequest) as refusal:
             if isinstance(refusal, NoFreeSeats) and refusal.details.get("reserved"):
                 assert state.book is not None
-                out["reserve_rules"] = state.book.keeping(requester(claim))
+                out["reserve_rules"] = state.book.keeping(who)
             return {**out, "result": refusal.code, "why": refusal.message, **refusal.details}
         return {**out, "result": "granted", "why": "a free seat"}
 

@@ -188,6 +188,12 @@ class Server:
     def _use_policy(self, policy: Policy | None) -> dict[str, Any]:
         """Decide by ``policy`` from now on; what reload reports of it."""
         self.service.set_policy(policy, self.clock())
+        return self._policy_report()
+
+    def _policy_report(self) -> dict[str, Any]:
+        """The policy in force, and (logged) the products it names that the
+        entitlement lacks."""
+        policy = self.service.policy
         if policy is None:
             return {"file": None}
         ent = self.service.entitlement
@@ -204,7 +210,7 @@ class Server:
         self.service.server_key = load_or_create(self.config.state_dir)
         self.licensing.server_key = format_public_key(self.service.server_key.public_key())
         self.licensing.load(now)
-        self._use_policy(self.service.policy)  # now it can tell unknown products
+        self._policy_report()  # with the entitlement known: products it lacks
         record = ActivationRecord.read(self.config)
         self.licensing.online = record is not None and record.in_force
         self.state.load(now)
