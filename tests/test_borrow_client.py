@@ -5,10 +5,8 @@ clock set back, and returns early; the end user's command line does the same."""
 from __future__ import annotations
 
 import json
-import os
 import stat
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +15,7 @@ import pytest
 from conftest import payload, product, write_config
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from daemon import Daemon
-from test_integration import client
+from test_integration import client, floatd_cli
 
 from floatd.client import (
     FloatingLicense,
@@ -116,13 +114,7 @@ def test_the_end_users_command_line(site: tuple[Daemon, list[str]]) -> None:
     d, keys = site
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "floatd.client", *args],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            env=dict(os.environ),
-        )
+        return floatd_cli(*args, module="floatd.client")
 
     server = f"127.0.0.1:{d.port}"
     done = run("borrow", "--server", server, "--product", "cad", "--for", "2h")

@@ -45,10 +45,11 @@ def daemon(tmp_path: Path, vendor_key: Ed25519PrivateKey) -> Any:
         yield d
 
 
-def floatd_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    """Run the real CLI (bounded in time), ignoring any $FLOATD_CONFIG of the caller."""
+def floatd_cli(*args: str, module: str = "floatd") -> subprocess.CompletedProcess[str]:
+    """Run the real CLI (bounded in time), ignoring any $FLOATD_CONFIG of the
+    caller; ``module``: floatd.client for the end user's borrowing commands."""
     return subprocess.run(
-        [sys.executable, "-m", "floatd", *args],
+        [sys.executable, "-m", module, *args],
         capture_output=True,
         text=True,
         timeout=30,
