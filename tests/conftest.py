@@ -270,3 +270,13 @@ def books(tmp_path: Path) -> Any:
         yield vendor
     finally:
         vendor.process.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_dsn() -> Any:
+    """One throwaway PostgreSQL for the whole run (tests/pg.py); each test
+    that needs a database makes its own in it (tests/pg.py: fresh_database)."""
+    from pg import postgres
+
+    with postgres() as url:
+        yield url

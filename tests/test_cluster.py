@@ -79,7 +79,9 @@ def test_cluster_init_is_idempotent_and_names_the_cluster(
         versions = conn.execute("SELECT version FROM floatd_schema").fetchall()
     recipe = f"floatd-cluster-v1:{system}:{database}:{cluster_id}"
     assert shown == hashlib.sha256(recipe.encode()).hexdigest()[:32]
-    assert len(cluster_id) == 32 and versions == [(1,)]
+    assert len(cluster_id) == 32 and versions == [
+        (n,) for n in range(1, len(cluster.MIGRATIONS) + 1)
+    ]
     # Another database on the same PostgreSQL is another cluster.
     other = node_config(tmp_path / "b", vendor_key, state__dsn=fresh_database(dsn, "other"))
     other_fp = floatd_cli("cluster", "init", "--config", str(other)).stdout.strip()

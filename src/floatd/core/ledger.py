@@ -245,6 +245,11 @@ class LocalLedger:
             self._settle()
         return lease
 
+    def requeue(self, waiter: Waiter) -> Waiter:
+        """Queue ``waiter`` as it was queued before (a copy of a product
+        rebuilt from a database), deciding nothing."""
+        return self._pool.requeue(waiter)
+
     def withdraw(self, waiter: Waiter, now: float) -> None:
         if waiter.lease is None:
             self._pool.cancel_wait(waiter)

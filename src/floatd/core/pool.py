@@ -275,16 +275,21 @@ class SeatPool:
     ) -> Waiter:
         assert state.terms is not None
         if wait_until is not None and wait_until > now and state.waiting < self.max_waiters:
-            waiter = Waiter(claim, wait_until)
-            state.queue.append(waiter)
-            state.waiting += 1
-            self._wait_seq += 1
-            heapq.heappush(self._waits, (wait_until, self._wait_seq, waiter))
-            return waiter
+            return self.requeue(Waiter(claim, wait_until))
         if refusal is None:
             refusal = NoFreeSeats(f"all {state.terms.seats} seats of {claim.product!r} are in use")
         refusal.details.update(seats=state.terms.seats, used=len(state.seats))
         raise refusal
+
+    def requeue(self, waiter: Waiter) -> Waiter:
+        """Queue ``waiter`` behind those already waiting, deciding nothing: for
+        a ledger that rebuilds a queue from its database in queue order."""
+        state = self._products[waiter.claim.product]
+        state.queue.append(waiter)
+        state.waiting += 1
+        self._wait_seq += 1
+        heapq.heappush(self._waits, (waiter.deadline, self._wait_seq, waiter))
+        return waiter
 
     def authorize(self, now: float, lease_id: str, token_hash: bytes) -> Lease:
         """The live lease that ``token_hash`` opens, else LeaseNotFound."""
@@ -554,47 +559,6 @@ class SeatPool:
 
     def check_invariants(self) -> None:
         """Assert the pool's internal consistency (used by the property tests)."""
-        held: dict[tuple[str, SeatKey], int] = {}
-        for lease in self._leases.values():
-            held[lease.product, lease.seat] = held.get((lease.product, lease.seat), 0) + 1
-        counted: dict[tuple[str, SeatKey], int] = {}
-        for code, state in self._products.items():
-            for key, holders in state.seats.items():
-                assert holders > 0, f"empty seat {key} in {code}"
-                counted[code, key] = holders
-            assert state.waiting == sum(1 for w in state.queue if not w.done)
-            if state.book is not None:
-                self._check_book(code, state, state.book)
-            elif state.terms is not None and state.waiting:
-                assert not state.has_free_seat(), f"{code}: a waiter waits beside a free seat"
-        assert counted == held, "seat counts differ from the leases held"
-        live = {lease_id for _, lease_id in self._expiry}
-        assert set(self._leases) <= live, "lease missing from the expiry heap"
+        from floatd.core.pool_checks import check_pool  # only tests need it
 
-    def _check_book(self, code: str, state: _ProductState, book: Book) -> None:
-        """The policy's counts are the sum of its seats' charges, and no waiter
-        waits for a seat the policy would let it take now."""
-        assert set(state.charges) <= set(state.seats), f"{code}: a charge without its seat"
-        reserve_used = [0] * len(book.rules.reserves)
-        max_used: dict[tuple[int, str], int] = {}
-        for charge in state.charges.values():
-            if charge.reserve >= 0:
-                reserve_used[charge.reserve] += 1
-            for bucket in charge.maxes:
-                max_used[bucket] = max_used.get(bucket, 0) + 1
-        assert reserve_used == book.reserve_used, f"{code}: reserve counts drifted"
-        assert max_used == book.max_used, f"{code}: max counts drifted"
-        assert state.terms is not None
-        for waiter in state.queue:
-            if waiter.done:
-                continue
-            c = waiter.claim
-            if seat_key(state.terms, c.fingerprint, c.instance, c.user) in state.seats:
-                raise AssertionError(f"{code}: a waiter waits beside the seat it shares")
-            free = state.free()
-            if free is None or free >= 1:
-                try:
-                    book.decide(requester(c), free, code)
-                except (NoFreeSeats, PolicyDenied):
-                    continue
-                raise AssertionError(f"{code}: a waiter waits beside a seat it may take")
+        check_pool(self)

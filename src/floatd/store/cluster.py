@@ -36,6 +36,80 @@ MIGRATIONS: Sequence[str] = (
         value text NOT NULL
     );
     """,
+    # The ledger (floatd.store.pg_ledger): its lock row, the products' terms,
+    # the leases, the one wait queue of the cluster, and the audit trail.
+    """
+    CREATE TABLE floatd_ledger (
+        id integer PRIMARY KEY CHECK (id = 1),
+        version bigint NOT NULL
+    );
+    INSERT INTO floatd_ledger VALUES (1, 0);
+    CREATE TABLE floatd_products (
+        code text PRIMARY KEY,
+        seats integer,
+        duration double precision NOT NULL,
+        strategy text NOT NULL,
+        user_locked boolean NOT NULL,
+        active boolean NOT NULL
+    );
+    CREATE TABLE floatd_leases (
+        id text PRIMARY KEY,
+        token_hash bytea NOT NULL,
+        product text NOT NULL,
+        seat text[] NOT NULL,
+        fingerprint text NOT NULL,
+        instance text,
+        user_name text,
+        hostname text,
+        meta jsonb NOT NULL,
+        peer text,
+        granted_at double precision NOT NULL,
+        expires_at double precision NOT NULL,
+        duration double precision NOT NULL,
+        borrowed boolean NOT NULL,
+        node text NOT NULL
+    );
+    CREATE INDEX floatd_leases_product ON floatd_leases (product);
+    CREATE INDEX floatd_leases_expiry ON floatd_leases (expires_at);
+    CREATE TABLE floatd_waiters (
+        seq bigserial PRIMARY KEY,
+        node text NOT NULL,
+        lease_id text NOT NULL,
+        token_hash bytea NOT NULL,
+        product text NOT NULL,
+        fingerprint text NOT NULL,
+        instance text,
+        user_name text,
+        hostname text,
+        meta jsonb NOT NULL,
+        peer text,
+        deadline double precision NOT NULL,
+        done boolean NOT NULL DEFAULT false,
+        granted text
+    );
+    CREATE INDEX floatd_waiters_queue ON floatd_waiters (product, seq) WHERE NOT done;
+    CREATE INDEX floatd_waiters_deadline ON floatd_waiters (deadline) WHERE NOT done;
+    CREATE INDEX floatd_waiters_node ON floatd_waiters (node);
+    CREATE TABLE floatd_audit (
+        seq bigserial PRIMARY KEY,
+        ts double precision NOT NULL,
+        event text NOT NULL,
+        product text,
+        lease text,
+        fingerprint text,
+        instance text,
+        user_name text,
+        hostname text,
+        peer text,
+        code text,
+        seat text[],
+        granted_at double precision,
+        repeats integer,
+        rule text,
+        node text NOT NULL
+    );
+    CREATE INDEX floatd_audit_ts ON floatd_audit (ts);
+    """,
 )
 FINGERPRINT_DOMAIN = "floatd-cluster-v1:"
 

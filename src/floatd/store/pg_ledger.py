@@ -1,0 +1,561 @@
+"""The cluster's ledger: every seat decision is one PostgreSQL transaction.
+
+Several floatd nodes share one database (cluster.md).  A node must never
+decide from what it remembers, since another node may have granted or
+released a seat a moment ago; so each decision runs inside a transaction that
+first takes the *ledger lock* (one row, ``FOR UPDATE``: the equivalent of a
+product-row lock that cannot be raced, and one that never deadlocks, because
+there is only one) and then builds the working copy of the products it
+touches from their rows.  The working copy is the single server's own
+:class:`~floatd.core.ledger.LocalLedger`, so sharing per machine or instance,
+user locks, the site policy, waiting and every refusal are decided by exactly
+the code that decides them on one server; what it journals is written back as
+SQL in the same transaction, and the answer is given only after the commit.
+
+A node batches its concurrent requests into one transaction
+(:meth:`PgLedger.transaction`), so a product's rows are read once per batch,
+not once per request, and the lock is taken once per batch.
+
+The wait queue is a table, in queue order (``seq``), so it is one queue for
+the whole cluster: a seat freed on any node goes to its first waiter, whose
+row is then marked done with the lease it got.  The node the waiter waits on
+finds that at its next transaction (:meth:`PgLedger.collect`) and answers the
+client; a node that goes away leaves rows that :meth:`PgLedger.forget_node`
+clears, giving back any seat granted to a waiter who never heard of it.
+
+Times are whatever the caller passes (the contract suite passes its own);
+``floatd serve`` passes the database's clock, so node clocks may differ.
+Blocking code (psycopg's synchronous API): the daemon calls it in a worker
+thread, one call at a time per node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+
+from floatd.core.changes import Audit, Change, DeleteLease, PutLease, SetExpiry
+from floatd.core.ledger import BorrowCheck, LocalLedger, RenewCheck
+from floatd.core.policy import Policy
+from floatd.core.seats import Claim, Lease, PoolProduct, Waiter
+from floatd.errors import FloatdError, LeaseNotFound, Unavailable
+from floatd.store.pg_rows import (
+    LEASE_COLUMNS,
+    WAITER_COLUMNS,
+    Conn,
+    failed,
+    insert_waiter,
+    lease_of,
+    put_lease,
+    waiter_of,
+    write_audit,
+)
+
+
+@dataclass
+class _Transaction:
+    """What one transaction has loaded: each product's working copy, and the
+    queue position of each waiter in them."""
+
+    copies: dict[str, LocalLedger] = field(default_factory=dict)
+    seq_of: dict[Waiter, int] = field(default_factory=dict)
+    locked: bool = False
+    wrote: bool = False
+
+
+class PgLedger:
+    """The Ledger of floatd.core.ledger on a PostgreSQL database shared by nodes."""
+
+    def __init__(self, conn: Conn, node: str) -> None:
+        self._conn = conn
+        self.node = node
+        #: Audit records the service adds; written with the decision they describe.
+        self.journal: list[Change] = []
+        self.max_waiters = 1000
+        self.max_leases_per_seat = 1024
+        self._policy: Policy | None = None
+        self._tx: _Transaction | None = None
+        # Waiters queued through this node, by their row; only this node can answer them.
+        self._mine: dict[int, Waiter] = {}
+        self._expired: list[Lease] = []
+        self._woken: list[Waiter] = []
+
+    # --- transactions ---------------------------------------------------------
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Everything decided inside commits together (a node's batch), or not
+        at all: Unavailable then, and nothing decided inside happened.  A
+        refusal raised inside is a decision too: what was found on the way
+        (expiries, say) is still committed, then the refusal goes on."""
+        if self._tx is not None:
+            yield
+            return
+        tx = self._tx = _Transaction()
+        refusal: FloatdError | None = None
+        try:
+            with self._conn.transaction():
+                try:
+                    yield
+                except FloatdError as exc:
+                    if isinstance(exc, Unavailable):
+                        raise
+                    refusal = exc
+                self._finish(tx)
+        except psycopg.Error as exc:
+            raise failed(exc) from None
+        finally:
+            self._tx = None
+        if refusal is not None:
+            raise refusal
+
+    def _lock(self) -> _Transaction:
+        """The ledger lock for this transaction, taken once; then what other
+        nodes decided for this node's waiters."""
+        tx = self._tx
+        assert tx is not None, "decisions run inside transaction()"
+        if not tx.locked:
+            self._conn.execute("SELECT version FROM floatd_ledger WHERE id = 1 FOR UPDATE")
+            tx.locked = True
+            self._collect_done()
+        return tx
+
+    def _finish(self, tx: _Transaction) -> None:
+        audits = [c for c in self.journal if isinstance(c, Audit)]
+        self.journal = []
+        if audits:
+            write_audit(self._conn, audits, self.node)
+        if tx.wrote:
+            self._conn.execute("UPDATE floatd_ledger SET version = version + 1 WHERE id = 1")
+
+    # --- the working copy of a product ----------------------------------------
+
+    def _copy(self, now: float, product: str) -> LocalLedger:
+        """``product`` as the database holds it, as a LocalLedger that decides
+        for this transaction; what ran out by ``now`` is expired in time order
+        (so a seat that ran out before a waiter's deadline reaches the waiter)."""
+        tx = self._lock()
+        copy = tx.copies.get(product)
+        if copy is not None:
+            return copy
+        copy = self._load(now, product, tx)
+        tx.copies[product] = copy
+        copy.expire(now)
+        self._write(copy)
+        return copy
+
+    def _load(self, now: float, product: str, tx: _Transaction, settle: bool = True) -> LocalLedger:
+        copy = LocalLedger()
+        copy.max_waiters = self.max_waiters
+        copy.max_leases_per_seat = self.max_leases_per_seat
+        copy.set_policy(self._policy, now)
+        terms = self._terms(product)
+        copy.set_products([terms] if terms is not None else [], now)
+        rows = self._conn.execute(
+            f"SELECT {LEASE_COLUMNS} FROM floatd_leases WHERE product = %s", (product,)
+        ).fetchall()
+        copy.restore((lease_of(row) for row in rows), float("-inf"))
+        waiting = self._conn.execute(
+            f"SELECT {WAITER_COLUMNS} FROM floatd_waiters"
+            " WHERE product = %s AND NOT done ORDER BY seq",
+            (product,),
+        ).fetchall()
+        for row in waiting:
+            seq = row[0]
+            waiter = self._mine.get(seq) or waiter_of(row)
+            tx.seq_of[waiter] = seq
+            if terms is None:
+                if settle:  # its product is gone: its wait is over
+                    waiter.done = True
+                    self._settle_waiter(tx, waiter)
+            else:
+                copy.requeue(waiter)
+        return copy
+
+    def _write(self, copy: LocalLedger) -> None:
+        """Write what ``copy`` decided since the last call."""
+        tx = self._tx
+        assert tx is not None
+        changes = copy.take_changes()
+        execute = self._conn.execute
+        for change in changes:
+            tx.wrote = True
+            if isinstance(change, PutLease):
+                put_lease(self._conn, change.lease, self.node)
+            elif isinstance(change, DeleteLease):
+                execute("DELETE FROM floatd_leases WHERE id = %s", (change.lease_id,))
+            elif isinstance(change, SetExpiry):
+                execute(
+                    "UPDATE floatd_leases SET expires_at = %s WHERE id = %s",
+                    (change.expires_at, change.lease_id),
+                )
+        self._expired.extend(copy.take_expired())
+        for waiter in copy.take_woken():
+            self._settle_waiter(tx, waiter)
+
+    def _settle_waiter(self, tx: _Transaction, waiter: Waiter) -> None:
+        """A waiter was served or timed out: its own node hears of it now, any
+        other node at its next transaction (its row, marked done)."""
+        tx.wrote = True
+        seq = tx.seq_of.pop(waiter)
+        if self._mine.pop(seq, None) is waiter:
+            self._conn.execute("DELETE FROM floatd_waiters WHERE seq = %s", (seq,))
+            self._woken.append(waiter)
+            return
+        granted = waiter.lease.id if waiter.lease is not None else None
+        self._conn.execute(
+            "UPDATE floatd_waiters SET done = true, granted = %s WHERE seq = %s", (granted, seq)
+        )
+        self._conn.execute(
+            "SELECT pg_notify('floatd_waiters', node) FROM floatd_waiters WHERE seq = %s", (seq,)
+        )
+
+    def _collect_done(self) -> None:
+        """This node's waiters that other nodes served or timed out."""
+        if not self._mine:
+            return
+        rows = self._conn.execute(
+            "DELETE FROM floatd_waiters WHERE node = %s AND done RETURNING seq, granted",
+            (self.node,),
+        ).fetchall()
+        for seq, granted in rows:
+            waiter = self._mine.pop(seq, None)
+            if waiter is None:
+                continue
+            waiter.done = True
+            if granted is not None:
+                waiter.lease = self._read_lease(granted)
+            self._woken.append(waiter)
+
+    def collect(self) -> None:
+        """Look for this node's waiters served elsewhere (on a notification, or
+        now and then in case one was missed)."""
+        if self._mine:
+            with self.transaction():
+                self._lock()
+
+    # --- decisions ---------------------------------------------------------
+
+    def claim(self, now: float, claim: Claim, wait_until: float | None = None) -> Lease | Waiter:
+        with self.transaction():
+            copy = self._copy(now, claim.product)
+            try:
+                result = copy.claim(now, claim, wait_until)
+            finally:
+                self._write(copy)
+            if isinstance(result, Waiter):
+                self._queue(result)
+            return result
+
+    def _queue(self, waiter: Waiter) -> None:
+        tx = self._lock()
+        tx.wrote = True
+        seq = insert_waiter(self._conn, waiter, self.node)
+        self._mine[seq] = waiter
+        tx.seq_of[waiter] = seq
+
+    def _holding(self, now: float, lease_id: str) -> LocalLedger:
+        """The working copy of the product that holds ``lease_id``."""
+        tx = self._lock()
+        for copy in tx.copies.values():
+            if copy.lease(lease_id) is not None:
+                return copy
+        row = self._conn.execute(
+            "SELECT product FROM floatd_leases WHERE id = %s", (lease_id,)
+        ).fetchone()
+        if row is None:
+            raise LeaseNotFound("no such lease")
+        return self._copy(now, row[0])
+
+    def renew(
+        self, now: float, lease_id: str, token_hash: bytes, check: RenewCheck | None = None
+    ) -> Lease:
+        with self.transaction():
+            copy = self._holding(now, lease_id)
+            try:
+                return copy.renew(now, lease_id, token_hash, check)
+            finally:
+                self._write(copy)
+
+    def borrow(self, now: float, lease_id: str, token_hash: bytes, check: BorrowCheck) -> Lease:
+        with self.transaction():
+            copy = self._holding(now, lease_id)
+            try:
+                return copy.borrow(now, lease_id, token_hash, check)
+            finally:
+                self._write(copy)
+
+    def release(self, now: float, lease_id: str, token_hash: bytes) -> Lease:
+        with self.transaction():
+            copy = self._holding(now, lease_id)
+            try:
+                return copy.release(now, lease_id, token_hash)
+            finally:
+                self._write(copy)
+
+    def revoke(self, now: float, lease_id: str) -> Lease:
+        with self.transaction():
+            copy = self._holding(now, lease_id)
+            try:
+                return copy.revoke(now, lease_id)
+            finally:
+                self._write(copy)
+
+    def withdraw(self, waiter: Waiter, now: float) -> None:
+        with self.transaction():
+            tx = self._lock()  # also learns whether another node served it meanwhile
+            if waiter in self._woken:
+                self._woken.remove(waiter)  # nobody is left to tell
+            if not waiter.done:
+                seq = next((s for s, w in self._mine.items() if w is waiter), None)
+                if seq is not None:
+                    del self._mine[seq]
+                    self._conn.execute("DELETE FROM floatd_waiters WHERE seq = %s", (seq,))
+                    tx.wrote = True
+                    tx.copies.pop(waiter.claim.product, None)  # its queue changed
+                waiter.done = True
+                return
+            if waiter.lease is not None:
+                with suppress(LeaseNotFound):  # ended meanwhile
+                    self.revoke(now, waiter.lease.id)
+
+    def expire(self, now: float) -> None:
+        with self.transaction():
+            tx = self._lock()
+            due = self._conn.execute(
+                "SELECT product FROM floatd_leases WHERE expires_at <= %s"
+                " UNION SELECT product FROM floatd_waiters WHERE NOT done AND deadline <= %s",
+                (now, now),
+            ).fetchall()
+            for code in sorted({row[0] for row in due} | set(tx.copies)):
+                copy = self._copy(now, code)
+                copy.expire(now)
+                self._write(copy)
+
+    def set_products(self, products: Iterable[PoolProduct], now: float) -> None:
+        new = list(products)
+        with self.transaction():
+            tx = self._lock()
+            tx.copies.clear()
+            self._conn.execute("UPDATE floatd_products SET active = false")
+            for p in new:
+                self._conn.execute(
+                    "INSERT INTO floatd_products VALUES (%s, %s, %s, %s, %s, true)"
+                    " ON CONFLICT (code) DO UPDATE SET seats = excluded.seats,"
+                    " duration = excluded.duration, strategy = excluded.strategy,"
+                    " user_locked = excluded.user_locked, active = true",
+                    (p.code, p.seats, p.duration, p.strategy, p.user_locked),
+                )
+            by_code = {p.code: p for p in new}
+            self._serve_queues(now, lambda copy, code: copy.set_products([by_code[code]], now))
+
+    def set_policy(self, policy: Policy | None, now: float) -> None:
+        self._policy = policy
+        with self.transaction():
+            self._lock().copies.clear()
+            self._serve_queues(now, lambda copy, _code: copy.set_policy(policy, now))
+
+    def _serve_queues(self, now: float, change: Callable[[LocalLedger, str], None]) -> None:
+        """After new terms or rules: every queue gets what they now allow."""
+        rows = self._conn.execute(
+            "SELECT DISTINCT product FROM floatd_waiters WHERE NOT done"
+        ).fetchall()
+        for (code,) in sorted(rows):
+            copy = self._copy(now, code)
+            if copy.terms(code) is None:
+                continue  # gone: its queue ended as it was loaded
+            change(copy, code)
+            self._write(copy)
+
+    # --- what happened on the side ----------------------------------------
+
+    def take_expired(self) -> list[Lease]:
+        expired, self._expired = self._expired, []
+        return sorted(expired, key=lambda lease: lease.expires_at)
+
+    def take_woken(self) -> list[Waiter]:
+        woken, self._woken = self._woken, []
+        return woken
+
+    def take_changes(self) -> list[Change]:
+        """Nothing to hand over: decisions are durable when their call returns
+        (audit records are written with the next transaction)."""
+        return []
+
+    # --- reading -------------------------------------------------------------
+
+    def _loaded(self, product: str) -> LocalLedger | None:
+        tx = self._tx
+        return tx.copies.get(product) if tx is not None else None
+
+    def _one(self, sql: str, *args: object) -> Any:
+        try:
+            row = self._conn.execute(sql, args).fetchone()
+        except psycopg.Error as exc:
+            raise failed(exc) from None
+        return row[0] if row is not None else None
+
+    def next_deadline(self) -> float | None:
+        value = self._one(
+            "SELECT least((SELECT min(expires_at) FROM floatd_leases),"
+            " (SELECT min(deadline) FROM floatd_waiters WHERE NOT done))"
+        )
+        return float(value) if value is not None else None
+
+    def _terms(self, product: str) -> PoolProduct | None:
+        row = self._conn.execute(
+            "SELECT code, seats, duration, strategy, user_locked FROM floatd_products"
+            " WHERE code = %s AND active",
+            (product,),
+        ).fetchone()
+        return PoolProduct(*row) if row is not None else None
+
+    def terms(self, product: str) -> PoolProduct | None:
+        copy = self._loaded(product)
+        if copy is not None:
+            return copy.terms(product)
+        try:
+            return self._terms(product)
+        except psycopg.Error as exc:
+            raise failed(exc) from None
+
+    def used(self, product: str) -> int:
+        copy = self._loaded(product)
+        if copy is not None:
+            return copy.used(product)
+        return int(
+            self._one("SELECT count(DISTINCT seat) FROM floatd_leases WHERE product = %s", product)
+        )
+
+    def waiting(self, product: str) -> int:
+        copy = self._loaded(product)
+        if copy is not None:
+            return copy.waiting(product)
+        return int(
+            self._one(
+                "SELECT count(*) FROM floatd_waiters WHERE product = %s AND NOT done", product
+            )
+        )
+
+    def borrowed(self, product: str) -> int:
+        copy = self._loaded(product)
+        if copy is not None:
+            return copy.borrowed(product)
+        return int(
+            self._one(
+                "SELECT count(DISTINCT seat) FROM floatd_leases WHERE product = %s AND borrowed",
+                product,
+            )
+        )
+
+    def _peek(self, product: str, now: float) -> LocalLedger:
+        """A working copy to read from, deciding nothing (no lock)."""
+        copy = self._loaded(product)
+        if copy is not None:
+            return copy
+        try:
+            return self._load(now, product, _Transaction(), settle=False)
+        except psycopg.Error as exc:
+            raise failed(exc) from None
+
+    def reservations(self, product: str) -> list[dict[str, object]]:
+        return self._peek(product, float("-inf")).reservations(product)
+
+    def explain(self, now: float, claim: Claim) -> dict[str, object]:
+        copy = self._peek(claim.product, now)
+        out = copy.explain(now, claim)
+        if self._loaded(claim.product) is copy:
+            self._write(copy)
+        else:
+            copy.take_changes()
+        return out
+
+    def _read_lease(self, lease_id: str) -> Lease | None:
+        row = self._conn.execute(
+            f"SELECT {LEASE_COLUMNS} FROM floatd_leases WHERE id = %s", (lease_id,)
+        ).fetchone()
+        return lease_of(row) if row is not None else None
+
+    def lease(self, lease_id: str) -> Lease | None:
+        tx = self._tx
+        if tx is not None:
+            for copy in tx.copies.values():
+                held = copy.lease(lease_id)
+                if held is not None:
+                    return held
+        try:
+            return self._read_lease(lease_id)
+        except psycopg.Error as exc:
+            raise failed(exc) from None
+
+    def leases(self) -> Iterable[Lease]:
+        try:
+            rows = self._conn.execute(
+                f"SELECT {LEASE_COLUMNS} FROM floatd_leases ORDER BY granted_at, id"
+            ).fetchall()
+        except psycopg.Error as exc:
+            raise failed(exc) from None
+        return [lease_of(row) for row in rows]
+
+    def __len__(self) -> int:
+        return int(self._one("SELECT count(*) FROM floatd_leases"))
+
+    # --- the working copy ----------------------------------------------------
+
+    def restore(self, leases: Iterable[Lease], now: float) -> list[Lease]:
+        """The database is the state: ``leases`` is ignored, and what ran out
+        while this node was away is expired (and returned)."""
+        self.expire(now)
+        dead, self._expired = self._expired, []
+        return sorted(dead, key=lambda lease: lease.expires_at)
+
+    def reset(self) -> None:
+        """Forget this node's waiters (the database is read again anyway)."""
+        self._mine.clear()
+        self._woken.clear()
+        self._expired.clear()
+        self.journal = []
+
+    def shift(self, delta: float) -> list[Lease]:
+        """Nothing to move: expiry runs on the database's clock, not this node's."""
+        return []
+
+    def clamp(self, now: float, slack: float) -> list[Lease]:
+        return []
+
+    def drop_waiters(self) -> list[Waiter]:
+        """This node's waiters, given up (the database cannot be used); their
+        rows are cleared by :meth:`forget_node` once it can."""
+        out = [w for w in self._mine.values() if not w.done]
+        for waiter in out:
+            waiter.done = True
+        self._mine.clear()
+        return out
+
+    def forget_node(self, now: float, node: str) -> int:
+        """Clear a node's rows in the queue (a node starting again, or one gone
+        for good): its waiters leave the queue, and a seat granted to one of
+        them who never heard of it is given back.  Returns the seats given back."""
+        with self.transaction():
+            tx = self._lock()
+            rows = self._conn.execute(
+                "DELETE FROM floatd_waiters WHERE node = %s RETURNING product, granted",
+                (node,),
+            ).fetchall()
+            if rows:
+                tx.wrote = True
+            for product, _ in rows:
+                tx.copies.pop(product, None)
+            given = 0
+            for _, granted in rows:
+                if granted is not None:
+                    try:
+                        self.revoke(now, granted)
+                        given += 1
+                    except LeaseNotFound:
+                        pass
+            return given
