@@ -44,51 +44,81 @@ def _as_owner(argv: list[str], owner: str | None) -> list[str]:
     return ["runuser", "-u", owner, "--", *argv] if owner else argv
 
 
-@contextmanager
-def postgres() -> Iterator[str]:
-    """A running PostgreSQL; yields a DSN for its ``postgres`` database."""
-    owner = None
-    if os.geteuid() == 0:
-        owner = "postgres"
-        pwd.getpwnam(owner)  # KeyError: the package's account is missing
-    root = Path(tempfile.mkdtemp(prefix="floatd-pg-"))
-    data = root / "data"
-    port = free_port()
-    try:
-        if owner:
-            shutil.chown(root, owner)
+class Postgres:
+    """A throwaway PostgreSQL server: its DSN, and stop and start for the tests
+    of a database that goes away under the nodes."""
+
+    def __init__(self, root: Path, port: int, owner: str | None) -> None:
+        self.root = root
+        self.data = root / "data"
+        self.port = port
+        self.owner = owner
+        self.url = f"postgresql://floatd@127.0.0.1:{port}/postgres"
+
+    def init(self) -> None:
         subprocess.run(
             _as_owner(
-                [_binary("initdb"), "-D", str(data), "-U", "floatd", "--auth=trust", "-E", "UTF8"],
-                owner,
+                [
+                    *(_binary("initdb"), "-D", str(self.data), "-U", "floatd"),
+                    *("--auth=trust", "-E", "UTF8"),
+                ],
+                self.owner,
             ),
             check=True,
             capture_output=True,
             timeout=START_TIMEOUT,
         )
-        options = f"-c listen_addresses=127.0.0.1 -p {port} -k {root} -c fsync=on"
+
+    def start(self) -> None:
+        options = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root} -c fsync=on"
         subprocess.run(
             _as_owner(
                 [
-                    *(_binary("pg_ctl"), "-D", str(data), "-o", options),
-                    *("-l", str(root / "log"), "-w", "-t", str(START_TIMEOUT), "start"),
+                    *(_binary("pg_ctl"), "-D", str(self.data), "-o", options),
+                    *("-l", str(self.root / "log"), "-w", "-t", str(START_TIMEOUT), "start"),
                 ],
-                owner,
+                self.owner,
             ),
             check=True,
             capture_output=True,
             timeout=START_TIMEOUT + 10,
         )
+
+    def stop(self, mode: str = "fast") -> None:
+        subprocess.run(
+            _as_owner([_binary("pg_ctl"), "-D", str(self.data), "-m", mode, "stop"], self.owner),
+            capture_output=True,
+            timeout=START_TIMEOUT,
+        )
+
+
+@contextmanager
+def postgres_server() -> Iterator[Postgres]:
+    """A running PostgreSQL of its own, stopped (fast) and removed at the end."""
+    owner = None
+    if os.geteuid() == 0:
+        owner = "postgres"
+        pwd.getpwnam(owner)  # KeyError: the package's account is missing
+    root = Path(tempfile.mkdtemp(prefix="floatd-pg-"))
+    server = Postgres(root, free_port(), owner)
+    try:
+        if owner:
+            shutil.chown(root, owner)
+        server.init()
+        server.start()
         try:
-            yield f"postgresql://floatd@127.0.0.1:{port}/postgres"
+            yield server
         finally:
-            subprocess.run(
-                _as_owner([_binary("pg_ctl"), "-D", str(data), "-m", "fast", "stop"], owner),
-                capture_output=True,
-                timeout=START_TIMEOUT,
-            )
+            server.stop()
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@contextmanager
+def postgres() -> Iterator[str]:
+    """A running PostgreSQL; yields a DSN for its ``postgres`` database."""
+    with postgres_server() as server:
+        yield server.url
 
 
 def fresh_database(dsn: str, name: str) -> str:

@@ -11,10 +11,13 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import trio
+
+if TYPE_CHECKING:
+    from floatd.store.pg_ledger import PgLedger
 
 from floatd.cli.base import (
     _load,
@@ -23,8 +26,8 @@ from floatd.cli.base import (
     guarded,
     main,
 )
-from floatd.config import Config, load_config, read_policy
-from floatd.errors import ConfigError
+from floatd.config import Config, load_config, read_dsn, read_policy
+from floatd.errors import ConfigError, StoreError
 
 
 @main.command()
@@ -71,12 +74,6 @@ def check_startable(config: Config) -> str:
 
     tls_context(config)
     tls_context(config, "status")
-    if config.state_backend == "postgresql":
-        raise ConfigError(
-            "state.backend",
-            '"postgresql" is not served by this version yet; `floatd cluster init` and'
-            " `floatd fingerprint` already use it",
-        )
     read_policy(config.policy_file)
     server_id = _server_id(config)
     try:
@@ -125,16 +122,52 @@ def run_server(
 
     logs.configure(config.log_level, config.log_format)
     server_id = check_startable(config)
+    cluster = None
+    if config.state_backend == "postgresql":
+        cluster = _join_cluster(config)
+        server_id = cluster[2]
     store = ProcessLeaseStore(config.database_path, lease_lines=logs.write_lines)
     notifier = Notifier()
     try:
         server = Server(
-            config, store, server_id, clock=_wall_clock(), config_loader=loader, notifier=notifier
+            config,
+            store,
+            server_id,
+            clock=_wall_clock(),
+            config_loader=loader,
+            notifier=notifier,
+            cluster=cluster[:2] if cluster is not None else None,
         )
         trio.run(_serve, server, on_listening)
     finally:
         store.close()
         notifier.close()
+        if cluster is not None:
+            cluster[0].close()
+
+
+def _join_cluster(config: Config) -> tuple[PgLedger, str, str]:
+    """A cluster node's ledger on the database (its schema migrated, this
+    node's rows from an earlier run cleared), the DSN, the cluster fingerprint.
+    StoreError (exit 1) when the database cannot be reached."""
+    import socket
+
+    import psycopg
+
+    from floatd.daemon.cluster import connect_node
+    from floatd.store import cluster
+    from floatd.store.pg_ledger import PgLedger
+
+    dsn = read_dsn(config)
+    try:
+        conn = connect_node(dsn)
+    except psycopg.Error as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StoreError(f"cannot reach the cluster database: {reason}") from None
+    cluster.init(conn)
+    ledger = PgLedger(conn, config.cluster_node or socket.gethostname())
+    ledger.forget_node(ledger.database_time(), ledger.node)
+    return ledger, dsn, cluster.fingerprint(conn)
 
 
 #: The cyclic collector's thresholds while serving (Python's default: 700, 10, 10).

@@ -136,7 +136,7 @@ class AdminServer:
                 product = request.get("product")
                 if product is not None and not isinstance(product, str):
                     raise AdminError("'product' must be a string")
-                return _split({"ok": True, "leases": server.lease_rows(product)}, "leases")
+                return _split({"ok": True, "leases": await server.lease_rows(product)}, "leases")
             if cmd == "revoke":
                 lease_id = request.get("lease")
                 if not isinstance(lease_id, str) or not 1 <= len(lease_id) <= 256:
@@ -146,7 +146,7 @@ class AdminServer:
             if cmd == "reload":
                 return [{"ok": True, **await server.reload()}]
             if cmd == "explain":
-                return [{"ok": True, **server.explain(**_who(request))}]
+                return [{"ok": True, **await server.explain(**_who(request))}]
             if cmd == "clock_reset":
                 return [{"ok": True, **await server.reset_clock()}]
             if cmd == "end_user":

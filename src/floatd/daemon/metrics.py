@@ -103,7 +103,7 @@ class FloatdCollector(Collector):
             "When the product's entitlement ends (unix time), if it does",
             labels=["product"],
         )
-        for p in service.products_overview():
+        for p in self.server.products_overview():
             seats.add_metric([p["code"]], p["seats"])
             used.add_metric([p["code"]], p["used"])
             if p["free"] is not None:
@@ -115,7 +115,7 @@ class FloatdCollector(Collector):
         yield from (seats, used, free, waiting, borrowed, expiry)
 
         leases = GaugeMetricFamily("floatd_leases", "Leases held (all products)")
-        leases.add_metric([], len(service.ledger))
+        leases.add_metric([], server.lease_count())
         yield leases
 
         ent = service.entitlement

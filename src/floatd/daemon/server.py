@@ -30,7 +30,7 @@ from typing import Any
 
 import trio
 
-from floatd import __version__, logs
+from floatd import logs
 from floatd.config import SCHEMA, Config, read_policy
 from floatd.core.changes import SetMeta
 from floatd.core.entitlement import format_public_key, trusted_keys
@@ -40,7 +40,8 @@ from floatd.core.messages import (
 from floatd.core.policy import Policy
 from floatd.core.policy_file import unknown_products
 from floatd.core.service import LeaseService
-from floatd.daemon.admin import AdminServer, bind_admin_socket, lease_row
+from floatd.daemon.admin import AdminServer, bind_admin_socket
+from floatd.daemon.cluster import ClusterNode
 from floatd.daemon.committer import (
     Batch,
     GroupCommitter,
@@ -50,6 +51,7 @@ from floatd.daemon.licensing import Licensing
 from floatd.daemon.listeners import address, listen, tls_context
 from floatd.daemon.metrics import RequestStats
 from floatd.daemon.online import ActivationRecord
+from floatd.daemon.operations import AdminOperations
 from floatd.daemon.port import LeasePort
 from floatd.daemon.reaper import Reaper
 from floatd.daemon.recovery import META_CLOCK_MARK, StateKeeper
@@ -62,6 +64,7 @@ from floatd.errors import (
 )
 from floatd.logs import event_logger, get_logger
 from floatd.store import users
+from floatd.store.pg_ledger import PgLedger
 from floatd.store.server_key import load_or_create
 from floatd.store.sqlite import LeaseStore
 
@@ -85,7 +88,7 @@ RESTART_ONLY = frozenset(
 log = get_logger()
 
 
-class Server:
+class Server(AdminOperations):
     def __init__(
         self,
         config: Config,
@@ -96,6 +99,7 @@ class Server:
         run_sync: RunSync | None = None,
         config_loader: Callable[[], Config] | None = None,
         notifier: Notifier | None = None,
+        cluster: tuple[PgLedger, str] | None = None,
     ) -> None:
         self._wall = clock
         self._skew: float | None = None  # wall minus monotonic at the last reading
@@ -111,7 +115,10 @@ class Server:
             server_id,
             config.default_duration,
             allowed_clock_offset=config.allowed_clock_offset,
+            ledger=cluster[0] if cluster is not None else None,
         )
+        #: On a cluster node (``[state] backend = "postgresql"``): its decider.
+        self.node: ClusterNode | None = None
         self._apply_limits(config)
         self.store = store
         self._use_log(config.log_level)
@@ -150,6 +157,8 @@ class Server:
         self.licensing.tls = self.tls is not None
         #: The lease port's connections: limits, sessions, the answer outbox.
         self.port = LeasePort(self)
+        if cluster is not None:
+            self.node = ClusterNode(self, *cluster)
         self.status.tls = tls_context(config, "status")
 
     @property
@@ -263,6 +272,8 @@ class Server:
         self.service.clock_guard.start(self.clock(), trio.current_time())
         async with trio.open_nursery() as core:
             await core.start(self.committer.run)
+            if self.node is not None:
+                await core.start(self.node.run)
             async with trio.open_nursery() as background:
                 background.start_soon(self._timer)
                 background.start_soon(self._watch_entitlement)
@@ -399,15 +410,6 @@ class Server:
         log.info("reloaded", **result)
         return result
 
-    async def revoke(self, lease_id: str) -> dict[str, Any]:
-        """The admin's ``floatd revoke``: end a lease now and free its seat.
-        Answered once the deletion is durable, like a release."""
-        lease = self.service.revoke(lease_id, self.clock())
-        batch = self._flush()
-        if batch is not None:
-            await batch.wait()
-        return lease_row(lease)
-
     async def check_password(self, req: Acquire) -> bool:
         ent = self.service.entitlement
         terms = ent.product(req.product) if ent is not None else None
@@ -423,75 +425,6 @@ class Server:
                 limiter=self._auth_limiter,
             )
         )
-
-    async def end_user(self, email: str, product: str) -> list[dict[str, Any]]:
-        """``floatd users unassign``: end that user's leases of the product.
-        Borrowed ones run to their end: their certificates are valid offline."""
-        ended = [
-            lease
-            for lease in list(self.service.ledger.leases())
-            if lease.product == product and lease.user == email and not lease.borrowed
-        ]
-        for lease in ended:
-            self.service.revoke(lease.id, self.clock())
-        batch = self._flush()
-        if batch is not None:
-            await batch.wait()
-        return [lease_row(lease) for lease in ended]
-
-    def lease_rows(self, product: str | None = None) -> list[dict[str, Any]]:
-        leases = [
-            lease
-            for lease in self.service.ledger.leases()
-            if product is None or lease.product == product
-        ]
-        leases.sort(key=lambda le: (le.product, le.granted_at))
-        return [lease_row(lease) for lease in leases]
-
-    def status_document(self) -> dict[str, Any]:
-        """``GET /status`` and ``floatd status``."""
-        now = self.clock()
-        ent = self.service.entitlement
-        failure = self.committer.failure
-        return {
-            "version": __version__,
-            "server_id": self.server_id,
-            "uptime": round(now - self.started_at, 3),
-            "started_at": self.started_at,
-            "activation": {
-                "state": self.service.activation_state(now),
-                "mode": "online" if self.licensing.online else "offline",
-                "refresh_problem": self.licensing.refresh_problem,
-                "entitlement_id": ent.id if ent else None,
-                "license": ent.license if ent else None,
-                "customer": ent.customer if ent else None,
-                "not_before": ent.not_before if ent else None,
-                "not_after": ent.not_after if ent else None,
-                "refresh_by": ent.refresh_by if ent else None,
-            },
-            "products": self.service.products_overview(),
-            "state": {
-                "writable": self.service.writable,
-                "unavailable_since": self.state.unavailable_since,
-                "reason": None if failure is None else failure.message,
-            },
-            "connections": self.connections,
-            "leases": len(self.service.ledger),
-            "policy": self._policy_summary(),
-            "listen": [f"{h}:{p}" for h, p in self.ports],
-        }
-
-    def _policy_summary(self) -> dict[str, Any]:
-        policy = self.service.policy
-        if policy is None:
-            return {"file": None}
-        return {"file": policy.source, "rules": len(policy.rules), "groups": sorted(policy.groups)}
-
-    def explain(self, **who: Any) -> dict[str, Any]:
-        """``floatd policy explain``: what an acquire would get now, and why."""
-        result = self.service.explain(self.clock(), **who)
-        self._flush()  # expiries met on the way
-        return result
 
     def _flush(self, urgent: bool = True) -> Batch | None:
         """Submit what the last service call changed and wake the waiters it served.
@@ -525,6 +458,8 @@ class Server:
 
     def _check_deadline(self) -> None:
         """Wake the timer if the pool now has something due before it planned to look."""
+        if self.node is not None:
+            return  # a cluster node's decider looks every tick
         deadline = self.service.next_deadline()
         if deadline is not None and deadline < self._armed_for:
             self._rearm.set()
@@ -533,6 +468,8 @@ class Server:
         """Expire leases and time out waiters when the pool says something is due;
         also keep the clock guard's mark (persisted every CLOCK_MARK_EVERY s)."""
         persisted = -math.inf
+        if self.node is not None:
+            return  # the decider expires, by the database's clock
         while True:
             guard = self.service.clock_guard
             guard.observe(self.clock(), trio.current_time())

@@ -36,6 +36,7 @@ from floatd.core.messages import (
     failure,
     refusal,
 )
+from floatd.core.messages import answer as make_answer
 from floatd.core.seats import Waiter
 from floatd.daemon.committer import Batch
 from floatd.daemon.transport import TcpStream
@@ -344,6 +345,14 @@ class _Connection:
             return _Slot(
                 answer=server.service.hello_response(event, now), op="hello", started=started
             )
+        node = server.node
+        if node is not None:  # a cluster node: the database decides, in a batch
+            op = _OPS.get(type(event), "invalid")
+            if isinstance(event, Ping):
+                return _Slot(answer=make_answer(event.id, time=now), op=op, started=started)
+            slot = _Slot(owner=self, op=op, started=started)
+            node.submit(event, self.peer, authenticated, slot)
+            return slot
         result = server.service.handle(event, now, self.peer, authenticated)
         # A renewal may be written lazily (see floatd.daemon.committer for why that is
         # safe); a refusal acknowledges nothing, so its audit record need not
@@ -526,6 +535,9 @@ class _Connection:
 
     def _give_back(self, lease_id: str) -> None:
         server = self.server
+        if server.node is not None:
+            server.node.give_back(lease_id)
+            return
         # While the state cannot be written the pool is rebuilt from disk, and
         # a grant that did reach it then expires as any unrenewed lease does.
         if server.service.writable and server.service.ledger.lease(lease_id) is not None:
@@ -535,10 +547,16 @@ class _Connection:
     def _abandon(self, slot: _Slot) -> None:
         """An answer that will never be delivered: leave no waiter queued and no
         seat held on its behalf."""
+        node = self.server.node
         if slot.waiter is not None:
             slot.owner = None
+            if node is not None:
+                node.cancel_wait(slot.waiter)
+                return
             self.server.service.cancel_wait(slot.waiter, self.server.clock())
             self.server._flush()
+        elif slot.answer is None:
+            slot.owner = None  # still being decided: the decider gives it back
         elif slot.granted is not None:
             self._give_back(slot.granted)
 

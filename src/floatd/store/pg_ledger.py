@@ -31,9 +31,9 @@ thread, one call at a time per node.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+import threading
+from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -47,24 +47,15 @@ from floatd.store.pg_rows import (
     LEASE_COLUMNS,
     WAITER_COLUMNS,
     Conn,
+    Transaction,
     failed,
     insert_waiter,
     lease_of,
+    locked,
     put_lease,
     waiter_of,
     write_audit,
 )
-
-
-@dataclass
-class _Transaction:
-    """What one transaction has loaded: each product's working copy, and the
-    queue position of each waiter in them."""
-
-    copies: dict[str, LocalLedger] = field(default_factory=dict)
-    seq_of: dict[Waiter, int] = field(default_factory=dict)
-    locked: bool = False
-    wrote: bool = False
 
 
 class PgLedger:
@@ -78,11 +69,33 @@ class PgLedger:
         self.max_waiters = 1000
         self.max_leases_per_seat = 1024
         self._policy: Policy | None = None
-        self._tx: _Transaction | None = None
+        self._tx: Transaction | None = None
+        # Held through each transaction and read: a node decides in a worker
+        # thread while an admin's rare command may come from the event loop.
+        self._mutex = threading.RLock()
         # Waiters queued through this node, by their row; only this node can answer them.
         self._mine: dict[int, Waiter] = {}
         self._expired: list[Lease] = []
         self._woken: list[Waiter] = []
+
+    def close(self) -> None:
+        with self._mutex:
+            self._conn.close()
+
+    def use_connection(self, conn: Conn) -> Conn:
+        """Decide on ``conn`` from now on (after the old one failed); the old one."""
+        old, self._conn = self._conn, conn
+        return old
+
+    @locked
+    def database_time(self) -> float:
+        """The database's clock (unix seconds): the lease clock of a cluster."""
+        try:
+            row = self._conn.execute("SELECT extract(epoch FROM clock_timestamp())").fetchone()
+        except psycopg.Error as exc:
+            raise failed(exc) from None
+        assert row is not None
+        return float(row[0])
 
     # --- transactions ---------------------------------------------------------
 
@@ -92,10 +105,16 @@ class PgLedger:
         at all: Unavailable then, and nothing decided inside happened.  A
         refusal raised inside is a decision too: what was found on the way
         (expiries, say) is still committed, then the refusal goes on."""
-        if self._tx is not None:
-            yield
-            return
-        tx = self._tx = _Transaction()
+        with self._mutex:
+            if self._tx is not None:
+                yield
+                return
+            refusal = yield from self._transact()
+        if refusal is not None:
+            raise refusal
+
+    def _transact(self) -> Generator[None, None, FloatdError | None]:
+        tx = self._tx = Transaction()
         refusal: FloatdError | None = None
         try:
             with self._conn.transaction():
@@ -106,14 +125,16 @@ class PgLedger:
                         raise
                     refusal = exc
                 self._finish(tx)
-        except psycopg.Error as exc:
+        except (psycopg.Error, Unavailable) as exc:
+            self.journal = []  # the audit of what did not happen
+            if isinstance(exc, Unavailable):
+                raise
             raise failed(exc) from None
         finally:
             self._tx = None
-        if refusal is not None:
-            raise refusal
+        return refusal
 
-    def _lock(self) -> _Transaction:
+    def _lock(self) -> Transaction:
         """The ledger lock for this transaction, taken once; then what other
         nodes decided for this node's waiters."""
         tx = self._tx
@@ -124,7 +145,7 @@ class PgLedger:
             self._collect_done()
         return tx
 
-    def _finish(self, tx: _Transaction) -> None:
+    def _finish(self, tx: Transaction) -> None:
         audits = [c for c in self.journal if isinstance(c, Audit)]
         self.journal = []
         if audits:
@@ -148,7 +169,7 @@ class PgLedger:
         self._write(copy)
         return copy
 
-    def _load(self, now: float, product: str, tx: _Transaction, settle: bool = True) -> LocalLedger:
+    def _load(self, now: float, product: str, tx: Transaction, settle: bool = True) -> LocalLedger:
         copy = LocalLedger()
         copy.max_waiters = self.max_waiters
         copy.max_leases_per_seat = self.max_leases_per_seat
@@ -197,7 +218,7 @@ class PgLedger:
         for waiter in copy.take_woken():
             self._settle_waiter(tx, waiter)
 
-    def _settle_waiter(self, tx: _Transaction, waiter: Waiter) -> None:
+    def _settle_waiter(self, tx: Transaction, waiter: Waiter) -> None:
         """A waiter was served or timed out: its own node hears of it now, any
         other node at its next transaction (its row, marked done)."""
         tx.wrote = True
@@ -382,8 +403,7 @@ class PgLedger:
         return woken
 
     def take_changes(self) -> list[Change]:
-        """Nothing to hand over: decisions are durable when their call returns
-        (audit records are written with the next transaction)."""
+        """Nothing to hand over: decisions are durable when their call returns."""
         return []
 
     # --- reading -------------------------------------------------------------
@@ -392,6 +412,7 @@ class PgLedger:
         tx = self._tx
         return tx.copies.get(product) if tx is not None else None
 
+    @locked
     def _one(self, sql: str, *args: object) -> Any:
         try:
             row = self._conn.execute(sql, args).fetchone()
@@ -399,6 +420,7 @@ class PgLedger:
             raise failed(exc) from None
         return row[0] if row is not None else None
 
+    @locked
     def next_deadline(self) -> float | None:
         value = self._one(
             "SELECT least((SELECT min(expires_at) FROM floatd_leases),"
@@ -414,6 +436,7 @@ class PgLedger:
         ).fetchone()
         return PoolProduct(*row) if row is not None else None
 
+    @locked
     def terms(self, product: str) -> PoolProduct | None:
         copy = self._loaded(product)
         if copy is not None:
@@ -423,48 +446,50 @@ class PgLedger:
         except psycopg.Error as exc:
             raise failed(exc) from None
 
-    def used(self, product: str) -> int:
+    @locked
+    def _count(self, product: str, copied: Callable[[LocalLedger], int], sql: str) -> int:
+        """A count from this transaction's copy of ``product`` if it has one
+        (what it decided is not committed yet), else from the database."""
         copy = self._loaded(product)
-        if copy is not None:
-            return copy.used(product)
-        return int(
-            self._one("SELECT count(DISTINCT seat) FROM floatd_leases WHERE product = %s", product)
+        return copied(copy) if copy is not None else int(self._one(sql, product))
+
+    def used(self, product: str) -> int:
+        return self._count(
+            product,
+            lambda copy: copy.used(product),
+            "SELECT count(DISTINCT seat) FROM floatd_leases WHERE product = %s",
         )
 
     def waiting(self, product: str) -> int:
-        copy = self._loaded(product)
-        if copy is not None:
-            return copy.waiting(product)
-        return int(
-            self._one(
-                "SELECT count(*) FROM floatd_waiters WHERE product = %s AND NOT done", product
-            )
+        return self._count(
+            product,
+            lambda copy: copy.waiting(product),
+            "SELECT count(*) FROM floatd_waiters WHERE product = %s AND NOT done",
         )
 
     def borrowed(self, product: str) -> int:
-        copy = self._loaded(product)
-        if copy is not None:
-            return copy.borrowed(product)
-        return int(
-            self._one(
-                "SELECT count(DISTINCT seat) FROM floatd_leases WHERE product = %s AND borrowed",
-                product,
-            )
+        return self._count(
+            product,
+            lambda copy: copy.borrowed(product),
+            "SELECT count(DISTINCT seat) FROM floatd_leases WHERE product = %s AND borrowed",
         )
 
+    @locked
     def _peek(self, product: str, now: float) -> LocalLedger:
         """A working copy to read from, deciding nothing (no lock)."""
         copy = self._loaded(product)
         if copy is not None:
             return copy
         try:
-            return self._load(now, product, _Transaction(), settle=False)
+            return self._load(now, product, Transaction(), settle=False)
         except psycopg.Error as exc:
             raise failed(exc) from None
 
+    @locked
     def reservations(self, product: str) -> list[dict[str, object]]:
         return self._peek(product, float("-inf")).reservations(product)
 
+    @locked
     def explain(self, now: float, claim: Claim) -> dict[str, object]:
         copy = self._peek(claim.product, now)
         out = copy.explain(now, claim)
@@ -480,6 +505,7 @@ class PgLedger:
         ).fetchone()
         return lease_of(row) if row is not None else None
 
+    @locked
     def lease(self, lease_id: str) -> Lease | None:
         tx = self._tx
         if tx is not None:
@@ -492,6 +518,7 @@ class PgLedger:
         except psycopg.Error as exc:
             raise failed(exc) from None
 
+    @locked
     def leases(self) -> Iterable[Lease]:
         try:
             rows = self._conn.execute(

@@ -1,15 +1,20 @@
 """Rows of the cluster's ledger tables (floatd.store.cluster's schema) and the
-records they hold: leases, queued claims, audit records.  Kept apart from the
-ledger's decisions (floatd.store.pg_ledger) so each reads on its own."""
+records they hold (leases, queued claims, audit records), and the plumbing of
+a ledger transaction.  Kept apart from the ledger's decisions
+(floatd.store.pg_ledger) so that module reads as the decisions alone."""
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg.types.json import Jsonb
 
 from floatd.core.changes import Audit
+from floatd.core.ledger import LocalLedger
 from floatd.core.seats import Claim, Lease, Waiter
 from floatd.errors import Unavailable
 
@@ -145,3 +150,28 @@ def write_audit(conn: Conn, records: list[Audit], node: str) -> None:
                 for a in records
             ],
         )
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def locked(method: _F) -> _F:
+    """A read that must not run beside another thread's transaction."""
+
+    @functools.wraps(method)
+    def locked(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with self._mutex:
+            return method(self, *args, **kwargs)
+
+    return locked  # type: ignore[return-value]
+
+
+@dataclass
+class Transaction:
+    """What one transaction has loaded: each product's working copy, and the
+    queue position of each waiter in them."""
+
+    copies: dict[str, LocalLedger] = field(default_factory=dict)
+    seq_of: dict[Waiter, int] = field(default_factory=dict)
+    locked: bool = False
+    wrote: bool = False

@@ -1,0 +1,261 @@
+"""A cluster node's decider: the requests of this node, decided in batches, each
+batch one transaction of the cluster's ledger (floatd.store.pg_ledger).
+
+On a single server the service decides on the event loop and the group
+committer makes the result durable.  On a cluster node a decision needs the
+database (another node may have taken the last seat a moment ago), and
+psycopg's blocking API runs in a worker thread (its async API is asyncio
+only), so the roles turn around: sessions hand the requests that touch seats
+to :meth:`ClusterNode.submit` and get their answer later, like a queued
+acquire does; one task takes everything submitted meanwhile and runs it as one
+transaction in one worker thread, then answers.  Only that thread touches the
+service while it runs; the event loop goes on reading, writing and answering
+pings.  A batch is answered only after its commit: there is no lazily written
+renewal in a cluster.
+
+When the database cannot be used, the batch's requests are answered
+UNAVAILABLE, this node's queued acquires too, and every later request is
+refused at once (``writable`` False: /healthz says ``state_unavailable``)
+until a probe every second finds the database again; then this node's rows
+in the queue are cleared (a seat granted to a waiter who was never told goes
+back) and it serves again.  Nothing is lost that was acknowledged: the
+database has it.
+
+The database's clock is the lease clock: each batch reads it once, so node
+clocks may differ.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import psycopg
+import trio
+
+from floatd.core.messages import Answer, Request
+from floatd.core.seats import Waiter
+from floatd.daemon.session import _Slot, _unavailable, answer_unavailable
+from floatd.errors import Unavailable
+from floatd.logs import get_logger
+from floatd.store.pg_ledger import PgLedger
+from floatd.store.pg_rows import failed
+
+if TYPE_CHECKING:
+    from floatd.daemon.server import Server
+
+_T = TypeVar("_T")
+#: How often an idle node looks for expiries, for its waiters served on
+#: other nodes (when no notification came), and refreshes its status view.
+TICK = 0.5
+#: While the database cannot be used, how often it is tried again.
+PROBE = 1.0
+#: Statements that take longer fail (and with them the batch): a hung
+#: database costs answers, not a hung node.
+STATEMENT_TIMEOUT_MS = 5000
+
+log = get_logger()
+
+
+def connect_node(dsn: str) -> psycopg.Connection[Any]:
+    """The node's connection for decisions: autocommit outside the ledger's own
+    transactions, bounded statements, and keepalives that notice a dead peer."""
+    return psycopg.connect(
+        dsn,
+        autocommit=True,
+        connect_timeout=5,
+        options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
+        keepalives=1,
+        keepalives_idle=5,
+        keepalives_interval=2,
+        keepalives_count=2,
+    )
+
+
+@dataclass(eq=False, slots=True)
+class _Item:
+    request: Request
+    peer: str | None
+    authenticated: bool
+    slot: _Slot
+    result: Answer | Waiter | None = None
+
+
+@dataclass
+class _Outcome:
+    """What a batch leaves for the event loop to deliver."""
+
+    woken: list[tuple[Waiter, Answer]] = field(default_factory=list)
+    overview: list[dict[str, Any]] | None = None
+    leases: int | None = None
+
+
+class ClusterNode:
+    def __init__(self, server: Server, ledger: PgLedger, dsn: str) -> None:
+        self.server = server
+        self.ledger = ledger
+        self._dsn = dsn
+        self._pending: list[_Item] = []
+        self._give_back: list[str] = []
+        self._cancel: list[Waiter] = []
+        self._wake = trio.Event()
+        self._lock = trio.Lock()  # one worker-thread job at a time touches the service
+        #: The cluster-wide view the status endpoint and metrics show, as of
+        #: the last refresh (reading it must not wait for the database).
+        self.overview: list[dict[str, Any]] = []
+        self.leases = 0
+        self._refreshed = -1e9
+        self.batches = 0
+
+    # --- from the event loop --------------------------------------------------
+
+    def submit(self, request: Request, peer: str | None, authenticated: bool, slot: _Slot) -> None:
+        self._pending.append(_Item(request, peer, authenticated, slot))
+        self._wake.set()
+
+    def give_back(self, lease_id: str) -> None:
+        """A grant whose answer could not be delivered: its seat goes back."""
+        self._give_back.append(lease_id)
+        self._wake.set()
+
+    def cancel_wait(self, waiter: Waiter) -> None:
+        self._cancel.append(waiter)
+        self._wake.set()
+
+    async def call(self, fn: Callable[[], _T]) -> _T:
+        """Run ``fn`` (which may use the service and the ledger) in the worker
+        thread, between batches: the admin's operations."""
+        async with self._lock:
+            return await trio.to_thread.run_sync(fn)
+
+    # --- the decider ------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        self._wake.set()  # the first view of the cluster at once
+        while True:
+            with trio.move_on_after(TICK if self.server.service.writable else PROBE):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            items, self._pending = self._pending, []
+            if not self.server.service.writable:
+                await self._probe()
+                if not self.server.service.writable:
+                    self._deliver_unavailable(items)
+                    continue
+            refresh = time.monotonic() - self._refreshed >= TICK
+            try:
+                async with self._lock:
+                    outcome = await trio.to_thread.run_sync(self._batch, items, refresh)
+            except Unavailable as exc:
+                self._failed(str(exc), items)
+                continue
+            self.batches += 1
+            if outcome.overview is not None:
+                self.overview, self._refreshed = outcome.overview, time.monotonic()
+            if outcome.leases is not None:
+                self.leases = outcome.leases
+            self._deliver(items, outcome)
+
+    def _batch(self, items: list[_Item], refresh: bool) -> _Outcome:
+        """(Worker thread.)  One transaction: the requests, what came due, what
+        other nodes decided for this node's waiters; then the answers."""
+        service = self.server.service
+        ledger = self.ledger
+        outcome = _Outcome()
+        try:
+            now = ledger.database_time()
+        except Unavailable:
+            # A connection the database dropped (it restarted, say): nothing
+            # was decided on it yet, so a new one may take this batch.
+            self._reconnect(forget=False)
+            now = ledger.database_time()
+        give_back, self._give_back = self._give_back, []
+        cancel, self._cancel = self._cancel, []
+        with ledger.transaction():
+            for waiter in cancel:
+                service.cancel_wait(waiter, now)
+            for lease_id in give_back:
+                if ledger.lease(lease_id) is not None:
+                    service.revoke(lease_id, now)
+            for item in items:
+                item.result = service.handle(item.request, now, item.peer, item.authenticated)
+            service.advance(now)
+            for waiter in service.take_woken():
+                if waiter.handle is not None:
+                    outcome.woken.append((waiter, service.waiter_response(waiter, now)))
+        if refresh:
+            outcome.overview = service.products_overview()
+            outcome.leases = len(ledger)
+        return outcome
+
+    def _deliver(self, items: list[_Item], outcome: _Outcome) -> None:
+        for item in items:
+            slot, result = item.slot, item.result
+            if isinstance(result, Waiter):
+                slot.waiter = result
+                result.handle = slot
+                if slot.owner is None:  # the client left while it was decided
+                    self.cancel_wait(result)
+                continue
+            assert result is not None
+            self._answer(slot, result)
+        for waiter, answer in outcome.woken:
+            held = waiter.handle
+            if isinstance(held, _Slot) and held.waiter is waiter:
+                held.waiter = None
+                self._answer(held, answer)
+
+    def _answer(self, slot: _Slot, answer: Answer) -> None:
+        slot.answer = answer
+        slot.granted = answer.granted
+        owner, slot.owner = slot.owner, None
+        if owner is not None:
+            owner.advance()
+        elif answer.granted is not None:
+            self.give_back(answer.granted)
+
+    def _deliver_unavailable(self, items: list[_Item]) -> None:
+        for item in items:
+            rid = getattr(item.request, "id", None)
+            self._answer(item.slot, _unavailable(rid))
+
+    def _failed(self, reason: str, items: list[_Item]) -> None:
+        """The database failed under this batch: nothing in it happened."""
+        service = self.server.service
+        if service.writable:
+            service.writable = False
+            self.server.state.unavailable_since = self.server.clock()
+            log.error("state_unavailable", reason=reason, node=self.ledger.node)
+        self._deliver_unavailable(items)
+        for waiter, rid in service.abandon_waiters():
+            answer_unavailable(waiter, rid)
+        self.ledger.reset()
+        self._give_back.clear()
+        self._cancel.clear()
+
+    async def _probe(self) -> None:
+        """Try the database again; serve again once it answers."""
+        try:
+            async with self._lock:
+                await trio.to_thread.run_sync(self._reconnect)
+        except Unavailable:
+            return
+        service = self.server.service
+        service.writable = True
+        since = self.server.state.unavailable_since
+        self.server.state.unavailable_since = None
+        log.warning("state_available", node=self.ledger.node, unavailable_since=since)
+
+    def _reconnect(self, forget: bool = True) -> None:
+        """(Worker thread.)  A new connection; with ``forget``, this node's old
+        rows in the queue cleared (its waiters were answered UNAVAILABLE)."""
+        try:
+            conn = connect_node(self._dsn)
+        except psycopg.Error as exc:
+            raise failed(exc) from None
+        self.ledger.use_connection(conn).close()
+        if forget:
+            self.ledger.forget_node(self.ledger.database_time(), self.ledger.node)

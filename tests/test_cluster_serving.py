@@ -1,0 +1,206 @@
+"""Several `floatd serve` nodes on one real PostgreSQL (cluster.md): a lease
+granted on one node is renewed and released on another, the cap holds across
+nodes under concurrent acquires, a node killed with kill -9 loses nothing
+acknowledged, and a database that goes away costs availability, not seats."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from conftest import payload, product, write_config
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from daemon import Daemon, wait_for
+from pg import fresh_database, postgres_server
+from test_fault_integration import client
+
+from floatd.client.simple import SimpleClient
+from floatd.core.entitlement import sign_entitlement
+from floatd.store import cluster
+from floatd.store.activation import atomic_write
+
+CAP = 5
+
+
+class Cluster:
+    """Nodes n1..nN on one database, each a real `floatd serve`."""
+
+    def __init__(self, tmp_path: Path, key: Ed25519PrivateKey, url: str, count: int) -> None:
+        self.url = url
+        with psycopg.connect(url, autocommit=True) as conn:
+            cluster.init(conn)
+            self.fingerprint = cluster.fingerprint(conn)
+        ent = sign_entitlement(
+            key,
+            payload(
+                products=[product("app", seats=CAP, lease_duration=60)],
+                server=self.fingerprint,
+                issued_at=int(time.time()) - 60,
+            ),
+        )
+        self.nodes: list[Daemon] = []
+        for n in range(1, count + 1):
+            home = tmp_path / f"n{n}"
+            home.mkdir()
+            config = write_config(
+                home,
+                key,
+                state__backend="postgresql",
+                state__dsn=url,
+                cluster__node=f"n{n}",
+                status__listen="127.0.0.1:0",
+            )
+            atomic_write(home / "state" / "entitlement.txt", ent)
+            self.nodes.append(Daemon(config, home / "floatd.log"))
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start()
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.kill9()
+
+
+@pytest.fixture
+def three(tmp_path: Path, vendor_key: Ed25519PrivateKey, pg_dsn: str) -> Iterator[Cluster]:
+    nodes = Cluster(tmp_path, vendor_key, fresh_database(pg_dsn, "serving"), 3)
+    try:
+        nodes.start()
+        yield nodes
+    finally:
+        nodes.close()
+
+
+def status(node: Daemon) -> dict[str, Any]:
+    code, body = node.http("/status")
+    assert code == 200, body
+    result: dict[str, Any] = json.loads(body)
+    return result
+
+
+def waiting(node: Daemon) -> int:
+    products = status(node)["products"]
+    return int(products[0]["waiting"]) if products else 0
+
+
+def test_a_lease_from_one_node_is_renewed_and_released_on_another(three: Cluster) -> None:
+    a, b, c = (client(node) for node in three.nodes)
+    got = a.request("acquire", product="app", fingerprint="machine-1")
+    assert got["ok"], got
+    renewed = b.request("renew", lease=got["lease"], token=got["token"])
+    assert renewed["ok"] and renewed["expires_in"] > 50, renewed
+    assert c.request("release", lease=got["lease"], token=got["token"])["ok"]
+    again = a.request("renew", lease=got["lease"], token=got["token"])
+    assert again["error"]["code"] == "LEASE_NOT_FOUND"
+
+
+def test_the_cap_holds_across_nodes_under_concurrent_acquires(three: Cluster) -> None:
+    results: list[dict[str, Any]] = []
+    lock = threading.Lock()
+
+    def hammer(node: Daemon, worker: int) -> None:
+        with SimpleClient("127.0.0.1", node.port, timeout=15) as c:
+            c.hello()
+            for k in range(6):
+                answer = c.request("acquire", product="app", fingerprint=f"machine-w{worker}-{k}")
+                with lock:
+                    results.append(answer)
+
+    threads = [threading.Thread(target=hammer, args=(three.nodes[w % 3], w)) for w in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    granted = [r for r in results if r["ok"]]
+    refused = {r["error"]["code"] for r in results if not r["ok"]}
+    assert len(results) == 72 and len(granted) == CAP and refused == {"NO_FREE_SEATS"}
+    with psycopg.connect(three.url) as conn:
+        row = conn.execute("SELECT count(DISTINCT seat) FROM floatd_leases").fetchone()
+    assert row == (CAP,)
+    # Every node's status says the same, within its refresh.
+    wait_for(
+        lambda: all([p["used"] for p in status(node)["products"]] == [CAP] for node in three.nodes),
+        "every node's status to show the cluster's seats",
+    )
+
+
+def test_a_node_killed_loses_no_acknowledged_lease(three: Cluster) -> None:
+    first = client(three.nodes[0])
+    held = [
+        first.request("acquire", product="app", fingerprint=f"machine-k{n}") for n in range(CAP)
+    ]
+    assert all(h["ok"] for h in held)
+    three.nodes[0].kill9()
+    other = client(three.nodes[1])
+    for h in held:
+        assert other.request("renew", lease=h["lease"], token=h["token"])["ok"]
+    refused = other.request("acquire", product="app", fingerprint="machine-late")
+    assert refused["error"]["code"] == "NO_FREE_SEATS"
+
+
+def test_a_database_that_goes_away_costs_availability_not_seats(
+    tmp_path: Path, vendor_key: Ed25519PrivateKey
+) -> None:
+    with postgres_server() as server:
+        nodes = Cluster(tmp_path, vendor_key, server.url, 2)
+        try:
+            nodes.start()
+            a, b = (client(node) for node in nodes.nodes)
+            held = a.request("acquire", product="app", fingerprint="machine-1")
+            assert held["ok"]
+            server.stop("immediate")
+            down = b.request("renew", lease=held["lease"], token=held["token"])
+            assert down["error"]["code"] == "UNAVAILABLE"
+            assert b.request("ping")["ok"]  # the node itself still answers
+            wait_for(
+                lambda: nodes.nodes[1].http("/healthz")[0] == 503, "healthz to say unavailable"
+            )
+            _, body = nodes.nodes[1].http("/healthz")
+            assert json.loads(body)["status"] == "state_unavailable"
+            server.start()
+            wait_for(
+                lambda: b.request("renew", lease=held["lease"], token=held["token"])["ok"],
+                "the node to serve again",
+                timeout=20,
+            )
+            assert nodes.nodes[0].http("/healthz")[0] == 200
+            again = a.request("acquire", product="app", fingerprint="machine-2")
+            assert again["ok"], again
+        finally:
+            nodes.close()
+
+
+def test_a_seat_freed_on_one_node_goes_to_the_first_waiter_wherever_it_waits(
+    three: Cluster,
+) -> None:
+    holder = client(three.nodes[0])
+    held = [
+        holder.request("acquire", product="app", fingerprint=f"machine-h{n}") for n in range(CAP)
+    ]
+    assert all(h["ok"] for h in held)
+    answers: dict[str, dict[str, Any]] = {}
+
+    def wait_on(node: Daemon, name: str) -> None:
+        with SimpleClient("127.0.0.1", node.port, timeout=40) as c:
+            c.hello()
+            answers[name] = c.request("acquire", product="app", fingerprint=name, wait=30)
+
+    first = threading.Thread(target=wait_on, args=(three.nodes[1], "machine-first"))
+    first.start()
+    wait_for(lambda: waiting(three.nodes[2]) == 1, "the first to queue")
+    second = threading.Thread(target=wait_on, args=(three.nodes[2], "machine-second"))
+    second.start()
+    wait_for(lambda: waiting(three.nodes[0]) == 2, "the second to queue")
+    assert holder.request("release", lease=held[0]["lease"], token=held[0]["token"])["ok"]
+    first.join(timeout=20)
+    assert answers["machine-first"]["ok"] and "machine-second" not in answers
+    assert holder.request("release", lease=held[1]["lease"], token=held[1]["token"])["ok"]
+    second.join(timeout=20)
+    assert answers["machine-second"]["ok"]
