@@ -71,7 +71,11 @@ class Daemon:
         self.env: dict[str, str] = {}
 
     def start(
-        self, port: int = 0, also: tuple[str, ...] = (), env: dict[str, str] | None = None
+        self,
+        port: int = 0,
+        also: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+        until: str = "listening",
     ) -> int:
         """Start and wait (bounded) for the ``listening`` event; returns the port.
         ``also`` adds listeners (host:port), reported in ``self.addresses``;
@@ -98,6 +102,8 @@ class Daemon:
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             for event in self.events():
+                if event.get("event") == until != "listening":
+                    return 0  # up, and not listening (a cluster node over the limit)
                 if event.get("event") == "listening":
                     self.addresses = list(event["addresses"])
                     self.status = list(event.get("status", []))

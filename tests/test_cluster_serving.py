@@ -16,9 +16,10 @@ import psycopg
 import pytest
 from conftest import payload, product, write_config
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from daemon import Daemon, wait_for
+from daemon import Daemon, free_port, wait_for
 from pg import fresh_database, postgres_server
 from test_fault_integration import client
+from test_integration import floatd_cli
 
 from floatd.client.simple import SimpleClient
 from floatd.core.entitlement import sign_entitlement
@@ -31,7 +32,14 @@ CAP = 5
 class Cluster:
     """Nodes n1..nN on one database, each a real `floatd serve`."""
 
-    def __init__(self, tmp_path: Path, key: Ed25519PrivateKey, url: str, count: int) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        key: Ed25519PrivateKey,
+        url: str,
+        count: int,
+        nodes: int | None = None,
+    ) -> None:
         self.url = url
         with psycopg.connect(url, autocommit=True) as conn:
             cluster.init(conn)
@@ -41,6 +49,7 @@ class Cluster:
             payload(
                 products=[product("app", seats=CAP, lease_duration=60)],
                 server=self.fingerprint,
+                nodes=nodes if nodes is not None else count,
                 issued_at=int(time.time()) - 60,
             ),
         )
@@ -54,7 +63,7 @@ class Cluster:
                 state__backend="postgresql",
                 state__dsn=url,
                 cluster__node=f"n{n}",
-                status__listen="127.0.0.1:0",
+                status__listen=f"127.0.0.1:{free_port()}",
             )
             atomic_write(home / "state" / "entitlement.txt", ent)
             self.nodes.append(Daemon(config, home / "floatd.log"))
@@ -204,3 +213,50 @@ def test_a_seat_freed_on_one_node_goes_to_the_first_waiter_wherever_it_waits(
     assert holder.request("release", lease=held[1]["lease"], token=held[1]["token"])["ok"]
     second.join(timeout=20)
     assert answers["machine-second"]["ok"]
+
+
+def test_the_node_limit_keeps_a_node_waiting_until_a_slot_frees(
+    tmp_path: Path, vendor_key: Ed25519PrivateKey, pg_dsn: str
+) -> None:
+    nodes = Cluster(tmp_path, vendor_key, fresh_database(pg_dsn, "limit"), 3, nodes=2)
+    try:
+        first, second, third = nodes.nodes
+        first.start()
+        second.start()
+        assert third.start(until="node_limit") == 0
+        third.status = [third.config.read_text().split('status]\nlisten = "')[1].split('"')[0]]
+        code, body = third.http("/healthz")
+        assert code == 503 and json.loads(body)["status"] == "node_limit"
+        assert next(e for e in third.events() if e.get("event") == "node_limit")["nodes"] == 2
+        listed = status(first)["cluster"]
+        assert listed["node"] == "n1" and listed["fingerprint"] == nodes.fingerprint
+        wait_for(
+            lambda: (
+                [(n["name"], n["serving"]) for n in status(first)["cluster"]["nodes"]]
+                == [("n1", True), ("n2", True), ("n3", False)]
+            ),
+            "the registry to list every node (refreshed at each heartbeat)",
+        )
+        assert b"\nfloatd_cluster_nodes 2.0\n" in first.http("/metrics")[1]
+        listing = floatd_cli("nodes", "--config", str(first.config), "--json")
+        assert listing.returncode == 0, listing.stderr
+        assert [n["name"] for n in json.loads(listing.stdout)["nodes"]] == ["n1", "n2", "n3"]
+        shown = floatd_cli("nodes", "--config", str(third.config)).stdout.splitlines()
+        assert shown[0].split()[0] == "NODE" and shown[3].split()[-1] == "no"
+        second.kill9()  # its slot frees once its heartbeat is stale
+        wait_for(
+            lambda: any(e.get("event") == "listening" for e in third.events()),
+            "the third node to take the freed slot",
+            timeout=30,
+        )
+        port = int(
+            next(e for e in third.events() if e.get("event") == "listening")["addresses"][0].rsplit(
+                ":", 1
+            )[1]
+        )
+        with SimpleClient("127.0.0.1", port, timeout=15) as c:
+            c.hello()
+            assert c.request("acquire", product="app", fingerprint="machine-3")["ok"]
+        assert third.http("/healthz")[0] == 200
+    finally:
+        nodes.close()

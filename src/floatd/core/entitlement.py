@@ -265,6 +265,8 @@ class Entitlement:
     #: sign borrows under it: floatd.core.borrow); None: any server with the
     #: fingerprint, and no borrowing.
     server_key: str | None = None
+    #: How many nodes of a cluster may serve at once (cluster.md).
+    nodes: int = 1
     #: The armored text as installed, kept so it can be written back unchanged.
     text: str = field(default="", compare=False, repr=False)
 
@@ -350,6 +352,7 @@ def parse_payload(payload: Mapping[str, Any], kid: str = "", text: str = "") -> 
         products=products,
         kid=kid,
         server_key=_key_text(f.text("server_key", None, nullable=True)),
+        nodes=f.integer("nodes", 1, minimum=1, maximum=1000),
         text=text,
     )
 

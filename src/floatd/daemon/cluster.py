@@ -35,11 +35,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import psycopg
 import trio
 
+from floatd import __version__
 from floatd.core.messages import Answer, Request
 from floatd.core.seats import Waiter
 from floatd.daemon.session import _Slot, _unavailable, answer_unavailable
 from floatd.errors import Unavailable
 from floatd.logs import get_logger
+from floatd.store import pg_nodes
 from floatd.store.pg_ledger import PgLedger
 from floatd.store.pg_rows import failed
 
@@ -90,6 +92,7 @@ class _Outcome:
     woken: list[tuple[Waiter, Answer]] = field(default_factory=list)
     overview: list[dict[str, Any]] | None = None
     leases: int | None = None
+    nodes: list[dict[str, Any]] | None = None
 
 
 class ClusterNode:
@@ -108,6 +111,14 @@ class ClusterNode:
         self.leases = 0
         self._refreshed = -1e9
         self.batches = 0
+        #: Set once this node has a slot under the entitlement's ``nodes``
+        #: limit: the lease port opens then (floatd.store.pg_nodes).
+        self.serving = trio.Event()
+        self._has_slot = False
+        self._beaten = -1e9
+        self._said_limit = False
+        #: The registry as of the last heartbeat, for status and ``floatd nodes``.
+        self.nodes: list[dict[str, Any]] = []
 
     # --- from the event loop --------------------------------------------------
 
@@ -145,10 +156,12 @@ class ClusterNode:
                 if not self.server.service.writable:
                     self._deliver_unavailable(items)
                     continue
-            refresh = time.monotonic() - self._refreshed >= TICK
+            clock = time.monotonic()
+            refresh = clock - self._refreshed >= TICK
+            beat = clock - self._beaten >= pg_nodes.HEARTBEAT
             try:
                 async with self._lock:
-                    outcome = await trio.to_thread.run_sync(self._batch, items, refresh)
+                    outcome = await trio.to_thread.run_sync(self._batch, items, refresh, beat)
             except Unavailable as exc:
                 self._failed(str(exc), items)
                 continue
@@ -157,9 +170,26 @@ class ClusterNode:
                 self.overview, self._refreshed = outcome.overview, time.monotonic()
             if outcome.leases is not None:
                 self.leases = outcome.leases
+            if outcome.nodes is not None:
+                self.nodes, self._beaten = outcome.nodes, clock
+                self._slot_news()
             self._deliver(items, outcome)
 
-    def _batch(self, items: list[_Item], refresh: bool) -> _Outcome:
+    def _slot_news(self) -> None:
+        if self._has_slot and not self.serving.is_set():
+            log.info("node_serving", node=self.ledger.node)
+            self.serving.set()
+        elif not self._has_slot and not self._said_limit:
+            self._said_limit = True
+            ent = self.server.service.entitlement
+            log.warning(
+                "node_limit",
+                node=self.ledger.node,
+                nodes=ent.nodes if ent is not None else 1,
+                hint="this node serves once a serving node stops (its slot frees)",
+            )
+
+    def _batch(self, items: list[_Item], refresh: bool, beat: bool = False) -> _Outcome:
         """(Worker thread.)  One transaction: the requests, what came due, what
         other nodes decided for this node's waiters; then the answers."""
         service = self.server.service
@@ -183,6 +213,8 @@ class ClusterNode:
             for item in items:
                 item.result = service.handle(item.request, now, item.peer, item.authenticated)
             service.advance(now)
+            if beat:
+                outcome.nodes = self._heartbeat(now)
             for waiter in service.take_woken():
                 if waiter.handle is not None:
                     outcome.woken.append((waiter, service.waiter_response(waiter, now)))
@@ -190,6 +222,31 @@ class ClusterNode:
             outcome.overview = service.products_overview()
             outcome.leases = len(ledger)
         return outcome
+
+    def _heartbeat(self, now: float) -> list[dict[str, Any]]:
+        """(Worker thread, in the batch's transaction.)  This node's row and
+        slot; the waiters of nodes gone leave the queue."""
+        ledger, server = self.ledger, self.server
+        conn = ledger.lock()
+        ent = server.service.entitlement
+        me = pg_nodes.NodeRow(
+            name=ledger.node,
+            addresses=[f"{h}:{p}" for h, p in server.ports]
+            or [f"{h}:{p}" for h, p in server.config.listen],
+            version=__version__,
+            started_at=server.started_at,
+            heartbeat=now,
+            connections=server.connections,
+            serving=self._has_slot,
+        )
+        self._has_slot = pg_nodes.beat(
+            conn, me, self._has_slot, ent.nodes if ent is not None else 1, now
+        )
+        for name in pg_nodes.gone(conn, now):
+            if name != ledger.node:
+                given = ledger.forget_node(now, name)
+                log.warning("node_gone", node=name, seats_given_back=given)
+        return [row.as_dict(now) for row in pg_nodes.nodes(conn)]
 
     def _deliver(self, items: list[_Item], outcome: _Outcome) -> None:
         for item in items:

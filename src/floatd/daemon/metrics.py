@@ -131,6 +131,14 @@ class FloatdCollector(Collector):
         connections.add_metric([], server.connections)
         yield connections
 
+        node = server.node
+        if node is not None:
+            serving = GaugeMetricFamily(
+                "floatd_cluster_nodes", "Cluster nodes serving (fresh heartbeat, with a slot)"
+            )
+            serving.add_metric([], sum(1 for row in node.nodes if row["serving"]))
+            yield serving
+
         stats = server.stats
         requests = CounterMetricFamily(
             "floatd_requests", "Lease-protocol requests by op and result", labels=["op", "result"]

@@ -126,6 +126,21 @@ class AdminOperations:
             "leases": self.lease_count(),
             "policy": self._policy_summary(),
             "listen": [f"{h}:{p}" for h, p in self.ports],
+            **self._cluster_section(),
+        }
+
+    def _cluster_section(self) -> dict[str, Any]:
+        """On a cluster node, ``cluster``: the fingerprint, this node, the registry."""
+        node = self.node
+        if node is None:
+            return {}
+        return {
+            "cluster": {
+                "fingerprint": self.server_id,
+                "node": node.ledger.node,
+                "serving": node.serving.is_set(),
+                "nodes": node.nodes,
+            }
         }
 
     def products_overview(self) -> list[dict[str, Any]]:

@@ -143,6 +143,7 @@ class Server(AdminOperations):
         self._force_reload = False
         self._conns: trio.Nursery | None = None
         self._listeners: list[trio.SocketListener] = []
+        self._bound = False
         self._status_listeners: list[trio.SocketListener] = []
         self._admin_listener: trio.SocketListener | None = None
         self.status_ports: list[tuple[str, int]] = []
@@ -252,10 +253,11 @@ class Server(AdminOperations):
 
     async def bind(self) -> None:
         """Open the listeners; separate from :meth:`run` so a port in use is a
-        plain OSError for the caller, not one buried in a nursery's group."""
-        for host, port in self.config.listen:
-            self._listeners.extend(await listen(host, port, "the lease port (server.listen)"))
-        self.ports = [address(lst) for lst in self._listeners]
+        plain OSError for the caller, not one buried in a nursery's group.  A
+        cluster node opens its lease port only once it has a slot (run)."""
+        self._bound = True
+        if self.node is None:
+            await self._bind_lease_port()
         if self.config.status_listen is not None:
             host, port = self.config.status_listen
             self._status_listeners = await listen(host, port, "the status endpoint (status.listen)")
@@ -263,12 +265,16 @@ class Server(AdminOperations):
         if self.config.admin_socket is not None:
             self._admin_listener = bind_admin_socket(self.config.admin_socket)
 
+    async def _bind_lease_port(self) -> None:
+        for host, port in self.config.listen:
+            self._listeners.extend(await listen(host, port, "the lease port (server.listen)"))
+        self.ports = [address(lst) for lst in self._listeners]
+
     async def run(
         self, *, task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        if not self._listeners:
+        if not self._bound:
             await self.bind()
-        listeners = self._listeners
         self.service.clock_guard.start(self.clock(), trio.current_time())
         async with trio.open_nursery() as core:
             await core.start(self.committer.run)
@@ -293,6 +299,10 @@ class Server(AdminOperations):
                     background.start_soon(admin.serve, self._admin_listener)
                 if self.notifier.watchdog_interval is not None:
                     background.start_soon(self._watchdog, self.notifier.watchdog_interval)
+                if self.node is not None:
+                    await self.node.serving.wait()  # a slot under the node limit
+                    await self._bind_lease_port()
+                listeners = self._listeners
                 async with trio.open_nursery() as conns:
                     self._conns = conns
                     async with trio.open_nursery() as accepting:

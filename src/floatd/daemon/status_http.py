@@ -39,6 +39,9 @@ class StatusServer(HttpServer):
     # --- handlers -------------------------------------------------------------
 
     def _healthz(self) -> Reply:
+        node = self.server.node
+        if node is not None and not node.serving.is_set():
+            return json_reply(503, {"status": "node_limit"})
         if not self.server.service.writable:
             return json_reply(503, {"status": "state_unavailable"})
         state = self.server.service.activation_state(self.server.clock())

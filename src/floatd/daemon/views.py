@@ -9,10 +9,13 @@ of them can reach a connection, the committer's queue or a listener.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from floatd.core.service import LeaseService
 from floatd.daemon.metrics import RequestStats
+
+if TYPE_CHECKING:
+    from floatd.daemon.cluster import ClusterNode
 
 
 class CommitFigures(Protocol):
@@ -56,6 +59,9 @@ class StatusView(Protocol):
     def products_overview(self) -> list[dict[str, Any]]: ...
 
     def lease_count(self) -> int: ...
+
+    @property
+    def node(self) -> ClusterNode | None: ...
 
 
 class AdminOps(Protocol):

@@ -110,6 +110,18 @@ MIGRATIONS: Sequence[str] = (
     );
     CREATE INDEX floatd_audit_ts ON floatd_audit (ts);
     """,
+    # The node registry (floatd.store.pg_nodes): who serves, and their heartbeats.
+    """
+    CREATE TABLE floatd_nodes (
+        name text PRIMARY KEY,
+        addresses text[] NOT NULL,
+        version text NOT NULL,
+        started_at double precision NOT NULL,
+        heartbeat double precision NOT NULL,
+        connections integer NOT NULL,
+        serving boolean NOT NULL
+    );
+    """,
 )
 FINGERPRINT_DOMAIN = "floatd-cluster-v1:"
 

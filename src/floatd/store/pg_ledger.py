@@ -134,6 +134,12 @@ class PgLedger:
             self._tx = None
         return refusal
 
+    def lock(self) -> Conn:
+        """The ledger lock, for work beside the decisions in this transaction
+        (the node registry); the connection to do it on."""
+        self._lock()
+        return self._conn
+
     def _lock(self) -> Transaction:
         """The ledger lock for this transaction, taken once; then what other
         nodes decided for this node's waiters."""
