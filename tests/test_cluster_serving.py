@@ -260,3 +260,30 @@ def test_the_node_limit_keeps_a_node_waiting_until_a_slot_frees(
         assert third.http("/healthz")[0] == 200
     finally:
         nodes.close()
+
+
+def test_an_entitlement_installed_on_one_node_reaches_every_node(
+    tmp_path: Path, vendor_key: Ed25519PrivateKey, pg_dsn: str
+) -> None:
+    nodes = Cluster(tmp_path, vendor_key, fresh_database(pg_dsn, "shared"), 2)
+    try:
+        nodes.start()
+        first, second = nodes.nodes
+        keys = {(Path(n.config).parent / "state" / "server.key").read_bytes() for n in nodes.nodes}
+        assert len(keys) == 1  # one server key for the cluster (borrow.md)
+        bigger = sign_entitlement(
+            vendor_key,
+            payload(
+                products=[product("app", seats=CAP + 2, lease_duration=60)],
+                server=nodes.fingerprint,
+                nodes=2,
+                issued_at=int(time.time()) - 30,
+            ),
+        )
+        atomic_write(Path(first.config).parent / "state" / "entitlement.txt", bigger)
+        wait_for(
+            lambda: [p["seats"] for p in status(second)["products"]] == [CAP + 2],
+            "the other node to serve with the new entitlement",
+        )
+    finally:
+        nodes.close()

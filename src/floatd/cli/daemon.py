@@ -157,6 +157,7 @@ def _join_cluster(config: Config) -> tuple[PgLedger, str, str]:
     from floatd.daemon.cluster import connect_node
     from floatd.store import cluster
     from floatd.store.pg_ledger import PgLedger
+    from floatd.store.pg_shared import share_server_key
 
     dsn = read_dsn(config)
     try:
@@ -165,6 +166,7 @@ def _join_cluster(config: Config) -> tuple[PgLedger, str, str]:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise StoreError(f"cannot reach the cluster database: {reason}") from None
     cluster.init(conn)
+    share_server_key(conn, config.state_dir)
     ledger = PgLedger(conn, config.cluster_node or socket.gethostname())
     ledger.forget_node(ledger.database_time(), ledger.node)
     return ledger, dsn, cluster.fingerprint(conn)

@@ -44,6 +44,7 @@ from floatd.logs import get_logger
 from floatd.store import pg_nodes
 from floatd.store.pg_ledger import PgLedger
 from floatd.store.pg_rows import failed
+from floatd.store.pg_shared import EntitlementSync
 
 if TYPE_CHECKING:
     from floatd.daemon.server import Server
@@ -117,6 +118,7 @@ class ClusterNode:
         self._has_slot = False
         self._beaten = -1e9
         self._said_limit = False
+        self._entitlement = EntitlementSync(server.config.entitlement_path)
         #: The registry as of the last heartbeat, for status and ``floatd nodes``.
         self.nodes: list[dict[str, Any]] = []
 
@@ -179,7 +181,11 @@ class ClusterNode:
         if self._has_slot and not self.serving.is_set():
             log.info("node_serving", node=self.ledger.node)
             self.serving.set()
-        elif not self._has_slot and not self._said_limit:
+        elif (
+            not self._has_slot
+            and not self._said_limit
+            and self.server.service.entitlement is not None  # else: the limit of none
+        ):
             self._said_limit = True
             ent = self.server.service.entitlement
             log.warning(
@@ -242,6 +248,9 @@ class ClusterNode:
         self._has_slot = pg_nodes.beat(
             conn, me, self._has_slot, ent.nodes if ent is not None else 1, now
         )
+        moved = self._entitlement.sync(conn)
+        if moved is not None:
+            log.info("cluster_entitlement", node=ledger.node, copy=moved)
         for name in pg_nodes.gone(conn, now):
             if name != ledger.node:
                 given = ledger.forget_node(now, name)
