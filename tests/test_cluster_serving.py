@@ -9,18 +9,21 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+import trio
 from conftest import payload, product, write_config
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from daemon import Daemon, free_port, wait_for
-from pg import fresh_database, postgres_server
+from pg import TcpProxy, fresh_database, postgres_server
 from test_fault_integration import client
 from test_integration import floatd_cli
 
+from floatd.client import lease
 from floatd.client.simple import SimpleClient
 from floatd.core.entitlement import sign_entitlement
 from floatd.store import cluster
@@ -39,6 +42,8 @@ class Cluster:
         url: str,
         count: int,
         nodes: int | None = None,
+        duration: int = 60,
+        dsns: list[str] | None = None,
     ) -> None:
         self.url = url
         with psycopg.connect(url, autocommit=True) as conn:
@@ -47,7 +52,7 @@ class Cluster:
         ent = sign_entitlement(
             key,
             payload(
-                products=[product("app", seats=CAP, lease_duration=60)],
+                products=[product("app", seats=CAP, lease_duration=duration)],
                 server=self.fingerprint,
                 nodes=nodes if nodes is not None else count,
                 issued_at=int(time.time()) - 60,
@@ -61,7 +66,7 @@ class Cluster:
                 home,
                 key,
                 state__backend="postgresql",
-                state__dsn=url,
+                state__dsn=dsns[n - 1] if dsns else url,
                 cluster__node=f"n{n}",
                 status__listen=f"127.0.0.1:{free_port()}",
             )
@@ -287,3 +292,65 @@ def test_an_entitlement_installed_on_one_node_reaches_every_node(
         )
     finally:
         nodes.close()
+
+
+def test_clients_renew_through_another_node_when_theirs_is_killed(
+    tmp_path: Path, vendor_key: Ed25519PrivateKey, pg_dsn: str
+) -> None:
+    nodes = Cluster(tmp_path, vendor_key, fresh_database(pg_dsn, "failover"), 2, duration=4)
+    try:
+        nodes.start()
+        first, second = nodes.nodes
+        servers = [f"127.0.0.1:{first.port}", f"127.0.0.1:{second.port}"]
+
+        async def main() -> None:
+            async with AsyncExitStack() as stack:
+                held = [
+                    await stack.enter_async_context(
+                        lease(servers, "app", fingerprint=f"machine-f{n % CAP}")
+                    )
+                    for n in range(20)
+                ]
+                assert {h.server[1] for h in held} == {first.port}
+                first.kill9()
+                with trio.fail_after(15):
+                    while not all(h.server[1] == second.port and h.renewals for h in held):
+                        await trio.sleep(0.1)
+                assert not any(h.lost.is_set() for h in held)
+
+        trio.run(main)
+    finally:
+        nodes.close()
+
+
+def test_a_node_that_loses_the_database_sends_its_clients_to_another(
+    tmp_path: Path, vendor_key: Ed25519PrivateKey, pg_dsn: str
+) -> None:
+    url = fresh_database(pg_dsn, "partition")
+    proxy = TcpProxy(int(url.rsplit(":", 1)[1].split("/")[0]))
+    through = url.replace(f":{proxy.target}/", f":{proxy.port}/")
+    nodes = Cluster(tmp_path, vendor_key, url, 2, duration=4, dsns=[through, url])
+    try:
+        nodes.start()
+        first, second = nodes.nodes
+        servers = [f"127.0.0.1:{first.port}", f"127.0.0.1:{second.port}"]
+
+        async def main() -> None:
+            async with lease(servers, "app") as held:
+                assert held.server[1] == first.port
+                proxy.cut()  # the first node loses its database; the second keeps it
+                with trio.fail_after(15):
+                    while held.server[1] != second.port or not held.renewals:
+                        await trio.sleep(0.1)
+                assert not held.lost.is_set()
+
+        trio.run(main)
+        assert first.http("/healthz")[0] == 503
+        probe = floatd_cli(
+            "probe", "--server", servers[0], "--server", servers[1], "--product", "app", "--json"
+        )
+        assert probe.returncode == 0, probe.stdout
+        assert json.loads(probe.stdout)["server"] == servers[1]
+    finally:
+        nodes.close()
+        proxy.cut()

@@ -8,7 +8,7 @@ import ssl
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import trio
@@ -20,6 +20,9 @@ from floatd.cli.base import (
     main,
 )
 from floatd.errors import FloatdError
+
+if TYPE_CHECKING:
+    from floatd.client.connection import Connection
 
 # --- the connectivity probe ----------------------------------------------------------
 
@@ -117,20 +120,16 @@ async def _probe(
     credentials: dict[str, Any],
 ) -> dict[str, Any]:
     from floatd.client.connection import (
-        INSTANCE_ID,
         Connection,
         ConnectionLost,
         Unreachable,
-        refusal,
         tls_context,
         wire_code,
     )
-    from floatd.client.fingerprint import machine_fingerprint
 
     report: dict[str, Any] = {"result": "unreachable", "lines": []}
     lines: list[str] = report["lines"]
     context = tls_context(tls_ca) if tls else None
-    conn = None
     for host, port in addresses:
         try:
             started = time.monotonic()
@@ -163,49 +162,70 @@ async def _probe(
             f" protocol {hello.get('version')}, clock skew {skew:+.1f}s,"
             f" connect+hello {report['round_trip_ms']} ms"
         )
-        break
-    if conn is None:
+        try:
+            await _check(conn, product, take, credentials, report)
+        except ConnectionLost as exc:
+            lines.append(f"unreachable: {exc.message}")
+            report["result"] = "unreachable"
+        finally:
+            await conn.aclose()
+        # A cluster node that lost its database, or a server that went away
+        # mid-probe: another server of the list may still serve (cluster.md).
+        if report["result"] == "unreachable" or report.get("error", {}).get("code") == (
+            "UNAVAILABLE"
+        ):
+            report["result"] = "unreachable"
+            report.pop("error", None)
+            continue
         return report
-    try:
-        info = await conn.request("info", product=product)
-        if not info.get("ok"):
-            no = refusal(info.get("error"))
+    return report
+
+
+async def _check(
+    conn: Connection,
+    product: str,
+    take: bool,
+    credentials: dict[str, Any],
+    report: dict[str, Any],
+) -> None:
+    """Ask a reached server about ``product`` (and take a seat, with ``take``)."""
+    from floatd.client.connection import INSTANCE_ID, refusal, wire_code
+    from floatd.client.fingerprint import machine_fingerprint
+
+    lines: list[str] = report["lines"]
+    info = await conn.request("info", product=product)
+    if not info.get("ok"):
+        no = refusal(info.get("error"))
+        lines.append(f"refused: {wire_code(no)}: {no.message}")
+        report.update(result="refused", error=_err(no))
+        return
+    info = {k: v for k, v in info.items() if k not in ("id", "ok")}
+    report["product"] = info
+    free = "unlimited" if info.get("free") is None else info.get("free")
+    lines.append(
+        f"product {info.get('code')} ({info.get('name')}): {info.get('used')} of "
+        f"{info.get('seats') if (info.get('seats') or 0) > 0 else 'unlimited'} seats in use,"
+        f" {free} free, {info.get('strategy')}, lease {info.get('lease_duration')}s"
+    )
+    if take:
+        got = await conn.request(
+            "acquire",
+            product=product,
+            fingerprint=machine_fingerprint(),
+            instance=f"probe-{INSTANCE_ID}",
+            hostname=socket.gethostname()[:256],
+            **credentials,
+        )
+        if not got.get("ok"):
+            no = refusal(got.get("error"))
             lines.append(f"refused: {wire_code(no)}: {no.message}")
             report.update(result="refused", error=_err(no))
-            return report
-        info = {k: v for k, v in info.items() if k not in ("id", "ok")}
-        report["product"] = info
-        free = "unlimited" if info.get("free") is None else info.get("free")
-        lines.append(
-            f"product {info.get('code')} ({info.get('name')}): {info.get('used')} of "
-            f"{info.get('seats') if (info.get('seats') or 0) > 0 else 'unlimited'} seats in use,"
-            f" {free} free, {info.get('strategy')}, lease {info.get('lease_duration')}s"
-        )
-        if take:
-            got = await conn.request(
-                "acquire",
-                product=product,
-                fingerprint=machine_fingerprint(),
-                instance=f"probe-{INSTANCE_ID}",
-                hostname=socket.gethostname()[:256],
-                **credentials,
-            )
-            if not got.get("ok"):
-                no = refusal(got.get("error"))
-                lines.append(f"refused: {wire_code(no)}: {no.message}")
-                report.update(result="refused", error=_err(no))
-                return report
-            await conn.request("release", lease=got["lease"], token=got["token"])
-            report["lease"] = {"taken": True, "released": True, "expires_in": got["expires_in"]}
-            lines.append(f"took a seat (lease {got['lease']}) and gave it back")
-        report["result"] = "ok"
-        lines.append("ok")
-    except ConnectionLost as exc:
-        lines.append(f"unreachable: {exc.message}")
-        report["result"] = "unreachable"
-    finally:
-        await conn.aclose()
-    return report
+            return
+        await conn.request("release", lease=got["lease"], token=got["token"])
+        report["lease"] = {"taken": True, "released": True, "expires_in": got["expires_in"]}
+        lines.append(f"took a seat (lease {got['lease']}) and gave it back")
+    report["result"] = "ok"
+    lines.append("ok")
 
 
 def _err(exc: FloatdError) -> dict[str, Any]:

@@ -130,6 +130,7 @@ class _Holder:
         }
         self.on_lost, self.on_renew = on_lost, on_renew
         self.conn: Connection | None = None
+        self._failed: tuple[str, int] | None = None
         self.lease: Lease | None = None
         self._rng = random.Random()
 
@@ -138,7 +139,7 @@ class _Holder:
         refused (FORBIDDEN, BUSY, ...), that refusal is what the caller hears."""
         errors = []
         refused: FloatdError | None = None
-        for host, port in self.servers:
+        for host, port in self._in_turn():
             try:
                 return await Connection.open(host, port, **self.options)
             except Unreachable as exc:
@@ -149,6 +150,16 @@ class _Holder:
         if refused is not None:
             raise refused
         raise Unreachable("; ".join(errors))
+
+    def _in_turn(self) -> list[tuple[str, int]]:
+        """The servers in order, starting after the one that last failed us
+        (said UNAVAILABLE, or dropped the connection): in a cluster, another
+        node serves the same leases (cluster.md)."""
+        servers, failed = self.servers, self._failed
+        if failed is None or failed not in servers:
+            return servers
+        at = servers.index(failed) + 1
+        return servers[at:] + servers[:at]
 
     async def _connect(self, until: float) -> Connection:
         """Keep trying (backoff with jitter) until the monotonic time ``until``."""
@@ -165,22 +176,30 @@ class _Holder:
             await trio.sleep(min(left, delay * self._rng.uniform(0.5, 1.0)))
             delay = min(BACKOFF_MAX, delay * 2)
 
-    async def _drop(self) -> None:
+    async def _drop(self, failed: bool = False) -> None:
+        """Close the connection; ``failed``: the next one goes to another server."""
         if self.conn is not None:
+            if failed:
+                self._failed = (self.conn.host, self.conn.port)
             await self.conn.aclose()
             self.conn = None
 
     async def acquire(self) -> Lease:
-        self.conn = await self._connect_once()
         wait = float(self.request.get("wait", 0.0))
-        try:
-            answer = await self.conn.request("acquire", extra_time=wait, **self.request)
-        except ConnectionLost:
-            await self._drop()
-            raise
+        for turn in range(len(self.servers)):
+            self.conn = conn = await self._connect_once()
+            try:
+                answer = await conn.request("acquire", extra_time=wait, **self.request)
+            except ConnectionLost:
+                await self._drop(failed=True)
+                raise
+            code = (answer.get("error") or {}).get("code")
+            if code != "UNAVAILABLE" or turn == len(self.servers) - 1:
+                break
+            await self._drop(failed=True)  # a cluster node without its database
         if not answer.get("ok"):
             raise refusal(answer.get("error"))
-        self.lease = Lease(answer, (self.conn.host, self.conn.port))
+        self.lease = Lease(answer, (conn.host, conn.port))
         self.lease._holder = self
         return self.lease
 
@@ -237,7 +256,7 @@ class _Holder:
                 self._lose(UNREACHABLE)
                 return
             except ConnectionLost:
-                await self._drop()
+                await self._drop(failed=True)
                 continue
             if answer.get("ok"):
                 lease._update(answer)
@@ -250,6 +269,8 @@ class _Holder:
             if code not in RETRYABLE or left <= 0:
                 self._lose(code if code not in RETRYABLE else UNREACHABLE)
                 return
+            if code == "UNAVAILABLE" and len(self.servers) > 1:
+                await self._drop(failed=True)  # another node may serve it now
             await trio.sleep(min(left, delay * self._rng.uniform(0.5, 1.0)))
             delay = min(BACKOFF_MAX, delay * 2)
 
