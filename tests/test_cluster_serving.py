@@ -354,3 +354,10 @@ def test_a_node_that_loses_the_database_sends_its_clients_to_another(
     finally:
         nodes.close()
         proxy.cut()
+
+
+def test_a_node_stops_cleanly_on_sigterm(three: Cluster) -> None:
+    c = client(three.nodes[0])
+    assert c.request("acquire", product="app", fingerprint="machine-stop")["ok"]
+    assert three.nodes[0].terminate(timeout=15) == 0
+    assert any(e.get("event") == "stopped" for e in three.nodes[0].events())

@@ -106,6 +106,7 @@ class ClusterNode:
         self._cancel: list[Waiter] = []
         self._wake = trio.Event()
         self._lock = trio.Lock()  # one worker-thread job at a time touches the service
+        self._stopping = False
         #: The cluster-wide view the status endpoint and metrics show, as of
         #: the last refresh (reading it must not wait for the database).
         self.overview: list[dict[str, Any]] = []
@@ -126,6 +127,12 @@ class ClusterNode:
 
     def submit(self, request: Request, peer: str | None, authenticated: bool, slot: _Slot) -> None:
         self._pending.append(_Item(request, peer, authenticated, slot))
+        self._wake.set()
+
+    def stop(self) -> None:
+        """End the decider once what was submitted is answered (a clean stop:
+        the connections are done by then)."""
+        self._stopping = True
         self._wake.set()
 
     def give_back(self, lease_id: str) -> None:
@@ -153,6 +160,8 @@ class ClusterNode:
                 await self._wake.wait()
             self._wake = trio.Event()
             items, self._pending = self._pending, []
+            if self._stopping and not items:
+                return
             if not self.server.service.writable:
                 await self._probe()
                 if not self.server.service.writable:

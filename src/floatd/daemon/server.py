@@ -335,6 +335,8 @@ class Server(AdminOperations):
                     conns.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE
                 background.cancel_scope.cancel()
             self.committer.close()
+            if self.node is not None:
+                self.node.stop()
         c = self.committer
         log.info(
             "stopped",
