@@ -62,7 +62,6 @@ def node_config(home: Path, key: Ed25519PrivateKey, dsn: str, name: str) -> Path
         f'[cluster]\nnode = "{name}"\n'
         f'[entitlement]\nvendor_keys = ["{format_public_key(key.public_key())}"]\n'
         f'[admin]\nsocket = "{home / "admin.sock"}"\n'
-
         "[limits]\nacquires_per_second = 1000000\nacquire_burst = 1000000\n"
         "connections_per_address = 100000\n"
     )

@@ -25,12 +25,14 @@ ledger must show; each implementation runs it.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from contextlib import suppress
 from typing import Protocol
 
 from floatd.core.changes import Change, DeleteLease, PutLease, SetExpiry
 from floatd.core.policy import Policy
 from floatd.core.pool import SeatPool
 from floatd.core.seats import Claim, Lease, PoolProduct, Waiter
+from floatd.errors import LeaseNotFound
 
 #: A check of a lease about to be renewed (say, its product is past its end):
 #: raises the refusal, or returns.
@@ -250,11 +252,31 @@ class LocalLedger:
         rebuilt from a database), deciding nothing."""
         return self._pool.requeue(waiter)
 
+    # --- following what another node decided (floatd.store.pg_changes) ---------
+
+    def follow_put(self, lease: Lease) -> None:
+        """A lease granted, or changed as a whole (borrowed), elsewhere."""
+        self._pool.forget(lease.id)
+        self._pool.restore([lease], float("-inf"))
+
+    def follow_delete(self, lease_id: str) -> None:
+        self._pool.forget(lease_id)
+
+    def follow_expiry(self, lease_id: str, expires_at: float) -> None:
+        lease = self._pool.lease(lease_id)
+        if lease is not None:
+            lease.expires_at = expires_at
+            self._pool.reschedule(lease)
+
+    def follow_unqueue(self, waiter: Waiter) -> None:
+        self._pool.cancel_wait(waiter)
+
     def withdraw(self, waiter: Waiter, now: float) -> None:
         if waiter.lease is None:
             self._pool.cancel_wait(waiter)
         elif self._pool.lease(waiter.lease.id) is waiter.lease:
-            self.revoke(now, waiter.lease.id)
+            with suppress(LeaseNotFound):  # it ran out on the way (a very short lease)
+                self.revoke(now, waiter.lease.id)
 
     def expire(self, now: float) -> None:
         self._pool.advance(now)

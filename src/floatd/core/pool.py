@@ -475,7 +475,18 @@ class SeatPool:
         heapq.heappush(self._expiry, (lease.expires_at, lease.id))
         return lease
 
-    def _drop(self, lease: Lease, now: float) -> None:
+    def reschedule(self, lease: Lease) -> None:
+        """``lease.expires_at`` was set from outside (another node renewed it)."""
+        heapq.heappush(self._expiry, (lease.expires_at, lease.id))
+
+    def forget(self, lease_id: str) -> None:
+        """Take a lease out that another node has already ended (its queue was
+        served there, in the same decision): nobody is served here."""
+        lease = self._leases.get(lease_id)
+        if lease is not None:
+            self._drop(lease, 0.0, serve=False)
+
+    def _drop(self, lease: Lease, now: float, serve: bool = True) -> None:
         del self._leases[lease.id]
         state = self._products[lease.product]
         if lease.borrowed:
@@ -493,7 +504,7 @@ class SeatPool:
                 charge = state.charges.pop(lease.seat, None)
                 if charge is not None and state.book is not None:
                     state.book.uncharge(charge)
-            if state.terms is not None:
+            if state.terms is not None and serve:
                 self._serve_queue(state, now)
         if len(self._expiry) > 64 and len(self._expiry) > 2 * len(self._leases):
             # Released leases leave heap entries behind; rebuild before they dominate.

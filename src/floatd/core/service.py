@@ -11,6 +11,7 @@ changes always land in one batch, a commit never holds half an outcome.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import suppress
 from datetime import UTC, datetime
 from typing import Any
 
@@ -391,7 +392,8 @@ class LeaseService:
         if not self.writable:
             return  # already abandoned; the pool is rebuilt from disk
         if waiter.lease is not None and self.ledger.lease(waiter.lease.id) is waiter.lease:
-            self.revoke(waiter.lease.id, now)  # audited and logged as a revoke
+            with suppress(LeaseNotFound):  # it ran out on the way (a very short lease)
+                self.revoke(waiter.lease.id, now)  # audited and logged as a revoke
         else:
             self.ledger.withdraw(waiter, now)
 

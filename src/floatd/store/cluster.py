@@ -122,6 +122,15 @@ MIGRATIONS: Sequence[str] = (
         serving boolean NOT NULL
     );
     """,
+    # The ledger's change log (floatd.store.pg_changes): one row per writing
+    # transaction, numbered by floatd_ledger.version.
+    """
+    CREATE TABLE floatd_changelog (
+        version bigint PRIMARY KEY,
+        node text NOT NULL,
+        body bytea NOT NULL
+    );
+    """,
 )
 FINGERPRINT_DOMAIN = "floatd-cluster-v1:"
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import contextmanager, suppress
-from typing import Any
 
 import psycopg
 
@@ -43,6 +42,8 @@ from floatd.core.ledger import BorrowCheck, LocalLedger, RenewCheck
 from floatd.core.policy import Policy
 from floatd.core.seats import Claim, Lease, PoolProduct, Waiter
 from floatd.errors import FloatdError, LeaseNotFound, Unavailable
+from floatd.store.pg_changes import KEEP, Follower, encode, entries_of, queue_entry
+from floatd.store.pg_reads import LedgerReads
 from floatd.store.pg_rows import (
     LEASE_COLUMNS,
     WAITER_COLUMNS,
@@ -58,7 +59,7 @@ from floatd.store.pg_rows import (
 )
 
 
-class PgLedger:
+class PgLedger(LedgerReads):
     """The Ledger of floatd.core.ledger on a PostgreSQL database shared by nodes."""
 
     def __init__(self, conn: Conn, node: str) -> None:
@@ -70,6 +71,8 @@ class PgLedger:
         self.max_leases_per_seat = 1024
         self._policy: Policy | None = None
         self._tx: Transaction | None = None
+        # This node's copies of the products, kept current from the change log.
+        self._follow = Follower()
         # Held through each transaction and read: a node decides in a worker
         # thread while an admin's rare command may come from the event loop.
         self._mutex = threading.RLock()
@@ -125,8 +128,10 @@ class PgLedger:
                         raise
                     refusal = exc
                 self._finish(tx)
+            self._kept(tx)
         except (psycopg.Error, Unavailable) as exc:
             self.journal = []  # the audit of what did not happen
+            self._follow.drop()  # copies holding what did not happen
             if isinstance(exc, Unavailable):
                 raise
             raise failed(exc) from None
@@ -146,7 +151,21 @@ class PgLedger:
         tx = self._tx
         assert tx is not None, "decisions run inside transaction()"
         if not tx.locked:
-            self._conn.execute("SELECT version FROM floatd_ledger WHERE id = 1 FOR UPDATE")
+            row = self._conn.execute(
+                "SELECT version FROM floatd_ledger WHERE id = 1 FOR UPDATE"
+            ).fetchone()
+            assert row is not None
+            tx.version = version = int(row[0])
+            follow = self._follow
+            if follow.version != version:
+                rows: list[tuple[int, bytes]] = []
+                if follow.version >= 0 and follow.copies:
+                    rows = self._conn.execute(
+                        "SELECT version, body FROM floatd_changelog"
+                        " WHERE version > %s AND version <= %s ORDER BY version",
+                        (follow.version, version),
+                    ).fetchall()
+                follow.follow(rows, version)
             tx.locked = True
             self._collect_done()
         return tx
@@ -157,7 +176,24 @@ class PgLedger:
         if audits:
             write_audit(self._conn, audits, self.node)
         if tx.wrote:
-            self._conn.execute("UPDATE floatd_ledger SET version = version + 1 WHERE id = 1")
+            assert tx.locked, "every change is made under the ledger lock"
+            tx.version += 1
+            self._conn.execute(
+                "INSERT INTO floatd_changelog VALUES (%s, %s, %s)",
+                (tx.version, self.node, encode(tx.log)),
+            )
+            self._conn.execute("UPDATE floatd_ledger SET version = %s WHERE id = 1", (tx.version,))
+            if tx.version % 1000 == 0:
+                self._conn.execute(
+                    "DELETE FROM floatd_changelog WHERE version <= %s", (tx.version - KEEP,)
+                )
+
+    def _kept(self, tx: Transaction) -> None:
+        """After a commit: the copies this transaction used are the database's
+        state as of its version, to be brought up to date from the log next time."""
+        if tx.locked:
+            self._follow.copies.update(tx.copies)
+            self._follow.version = tx.version
 
     # --- the working copy of a product ----------------------------------------
 
@@ -169,7 +205,7 @@ class PgLedger:
         copy = tx.copies.get(product)
         if copy is not None:
             return copy
-        copy = self._load(now, product, tx)
+        copy = self._follow.copies.get(product) or self._load(now, product, tx)
         tx.copies[product] = copy
         copy.expire(now)
         self._write(copy)
@@ -194,7 +230,11 @@ class PgLedger:
         for row in waiting:
             seq = row[0]
             waiter = self._mine.get(seq) or waiter_of(row)
-            tx.seq_of[waiter] = seq
+            if not settle:  # a copy to read from: it changes nothing
+                if terms is not None:
+                    copy.requeue(waiter)
+                continue
+            self._follow.place(waiter, seq)
             if terms is None:
                 if settle:  # its product is gone: its wait is over
                     waiter.done = True
@@ -208,6 +248,7 @@ class PgLedger:
         tx = self._tx
         assert tx is not None
         changes = copy.take_changes()
+        tx.log += entries_of(changes)
         execute = self._conn.execute
         for change in changes:
             tx.wrote = True
@@ -228,7 +269,8 @@ class PgLedger:
         """A waiter was served or timed out: its own node hears of it now, any
         other node at its next transaction (its row, marked done)."""
         tx.wrote = True
-        seq = tx.seq_of.pop(waiter)
+        seq = self._follow.unplace(waiter)
+        tx.log.append(["done", seq])
         if self._mine.pop(seq, None) is waiter:
             self._conn.execute("DELETE FROM floatd_waiters WHERE seq = %s", (seq,))
             self._woken.append(waiter)
@@ -283,7 +325,8 @@ class PgLedger:
         tx.wrote = True
         seq = insert_waiter(self._conn, waiter, self.node)
         self._mine[seq] = waiter
-        tx.seq_of[waiter] = seq
+        self._follow.place(waiter, seq)
+        tx.log.append(queue_entry(seq, waiter, self.node))
 
     def _holding(self, now: float, lease_id: str) -> LocalLedger:
         """The working copy of the product that holds ``lease_id``."""
@@ -342,13 +385,24 @@ class PgLedger:
                 if seq is not None:
                     del self._mine[seq]
                     self._conn.execute("DELETE FROM floatd_waiters WHERE seq = %s", (seq,))
-                    tx.wrote = True
-                    tx.copies.pop(waiter.claim.product, None)  # its queue changed
+                    self._unqueue(tx, seq)
                 waiter.done = True
                 return
             if waiter.lease is not None:
                 with suppress(LeaseNotFound):  # ended meanwhile
                     self.revoke(now, waiter.lease.id)
+
+    def _unqueue(self, tx: Transaction, seq: int) -> None:
+        """A waiter's row is gone (withdrawn, or its node gone): out of the copies."""
+        tx.wrote = True
+        tx.log.append(["done", seq])
+        waiter = self._follow.by_seq.get(seq)
+        if waiter is not None:
+            self._follow.unplace(waiter)
+            code = waiter.claim.product
+            copy = tx.copies.get(code) or self._follow.copies.get(code)
+            if copy is not None:
+                copy.follow_unqueue(waiter)
 
     def expire(self, now: float) -> None:
         with self.transaction():
@@ -368,6 +422,9 @@ class PgLedger:
         with self.transaction():
             tx = self._lock()
             tx.copies.clear()
+            self._follow.drop()
+            tx.wrote = True
+            tx.log.append(["reset"])  # every node reads its products again
             self._conn.execute("UPDATE floatd_products SET active = false")
             for p in new:
                 self._conn.execute(
@@ -384,6 +441,7 @@ class PgLedger:
         self._policy = policy
         with self.transaction():
             self._lock().copies.clear()
+            self._follow.drop()  # copies charged under the old rules
             self._serve_queues(now, lambda copy, _code: copy.set_policy(policy, now))
 
     def _serve_queues(self, now: float, change: Callable[[LocalLedger, str], None]) -> None:
@@ -412,73 +470,7 @@ class PgLedger:
         """Nothing to hand over: decisions are durable when their call returns."""
         return []
 
-    # --- reading -------------------------------------------------------------
-
-    def _loaded(self, product: str) -> LocalLedger | None:
-        tx = self._tx
-        return tx.copies.get(product) if tx is not None else None
-
-    @locked
-    def _one(self, sql: str, *args: object) -> Any:
-        try:
-            row = self._conn.execute(sql, args).fetchone()
-        except psycopg.Error as exc:
-            raise failed(exc) from None
-        return row[0] if row is not None else None
-
-    @locked
-    def next_deadline(self) -> float | None:
-        value = self._one(
-            "SELECT least((SELECT min(expires_at) FROM floatd_leases),"
-            " (SELECT min(deadline) FROM floatd_waiters WHERE NOT done))"
-        )
-        return float(value) if value is not None else None
-
-    def _terms(self, product: str) -> PoolProduct | None:
-        row = self._conn.execute(
-            "SELECT code, seats, duration, strategy, user_locked FROM floatd_products"
-            " WHERE code = %s AND active",
-            (product,),
-        ).fetchone()
-        return PoolProduct(*row) if row is not None else None
-
-    @locked
-    def terms(self, product: str) -> PoolProduct | None:
-        copy = self._loaded(product)
-        if copy is not None:
-            return copy.terms(product)
-        try:
-            return self._terms(product)
-        except psycopg.Error as exc:
-            raise failed(exc) from None
-
-    @locked
-    def _count(self, product: str, copied: Callable[[LocalLedger], int], sql: str) -> int:
-        """A count from this transaction's copy of ``product`` if it has one
-        (what it decided is not committed yet), else from the database."""
-        copy = self._loaded(product)
-        return copied(copy) if copy is not None else int(self._one(sql, product))
-
-    def used(self, product: str) -> int:
-        return self._count(
-            product,
-            lambda copy: copy.used(product),
-            "SELECT count(DISTINCT seat) FROM floatd_leases WHERE product = %s",
-        )
-
-    def waiting(self, product: str) -> int:
-        return self._count(
-            product,
-            lambda copy: copy.waiting(product),
-            "SELECT count(*) FROM floatd_waiters WHERE product = %s AND NOT done",
-        )
-
-    def borrowed(self, product: str) -> int:
-        return self._count(
-            product,
-            lambda copy: copy.borrowed(product),
-            "SELECT count(DISTINCT seat) FROM floatd_leases WHERE product = %s AND borrowed",
-        )
+    # --- reading (more in floatd.store.pg_reads) -----------------------------
 
     @locked
     def _peek(self, product: str, now: float) -> LocalLedger:
@@ -505,38 +497,6 @@ class PgLedger:
             copy.take_changes()
         return out
 
-    def _read_lease(self, lease_id: str) -> Lease | None:
-        row = self._conn.execute(
-            f"SELECT {LEASE_COLUMNS} FROM floatd_leases WHERE id = %s", (lease_id,)
-        ).fetchone()
-        return lease_of(row) if row is not None else None
-
-    @locked
-    def lease(self, lease_id: str) -> Lease | None:
-        tx = self._tx
-        if tx is not None:
-            for copy in tx.copies.values():
-                held = copy.lease(lease_id)
-                if held is not None:
-                    return held
-        try:
-            return self._read_lease(lease_id)
-        except psycopg.Error as exc:
-            raise failed(exc) from None
-
-    @locked
-    def leases(self) -> Iterable[Lease]:
-        try:
-            rows = self._conn.execute(
-                f"SELECT {LEASE_COLUMNS} FROM floatd_leases ORDER BY granted_at, id"
-            ).fetchall()
-        except psycopg.Error as exc:
-            raise failed(exc) from None
-        return [lease_of(row) for row in rows]
-
-    def __len__(self) -> int:
-        return int(self._one("SELECT count(*) FROM floatd_leases"))
-
     # --- the working copy ----------------------------------------------------
 
     def restore(self, leases: Iterable[Lease], now: float) -> list[Lease]:
@@ -551,6 +511,7 @@ class PgLedger:
         self._mine.clear()
         self._woken.clear()
         self._expired.clear()
+        self._follow.drop()
         self.journal = []
 
     def shift(self, delta: float) -> list[Lease]:
@@ -576,13 +537,11 @@ class PgLedger:
         with self.transaction():
             tx = self._lock()
             rows = self._conn.execute(
-                "DELETE FROM floatd_waiters WHERE node = %s RETURNING product, granted",
+                "DELETE FROM floatd_waiters WHERE node = %s RETURNING seq, granted",
                 (node,),
             ).fetchall()
-            if rows:
-                tx.wrote = True
-            for product, _ in rows:
-                tx.copies.pop(product, None)
+            for seq, _ in rows:
+                self._unqueue(tx, seq)
             given = 0
             for _, granted in rows:
                 if granted is not None:

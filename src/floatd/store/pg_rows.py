@@ -6,7 +6,7 @@ a ledger transaction.  Kept apart from the ledger's decisions
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -30,7 +30,7 @@ WAITER_COLUMNS = (
 )
 
 
-def lease_of(row: tuple[Any, ...]) -> Lease:
+def lease_of(row: Sequence[Any]) -> Lease:
     return Lease(
         id=row[0],
         token_hash=bytes(row[1]),
@@ -49,7 +49,7 @@ def lease_of(row: tuple[Any, ...]) -> Lease:
     )
 
 
-def waiter_of(row: tuple[Any, ...]) -> Waiter:
+def waiter_of(row: Sequence[Any]) -> Waiter:
     claim = Claim(
         product=row[4],
         fingerprint=row[5],
@@ -70,53 +70,65 @@ def failed(exc: psycopg.Error) -> Unavailable:
     return Unavailable(f"the cluster database cannot be used right now ({reason}); try again")
 
 
+def lease_values(le: Lease) -> list[Any]:
+    """A lease's fields in the order of LEASE_COLUMNS (also a change log entry)."""
+    return [
+        le.id,
+        le.token_hash,
+        le.product,
+        list(le.seat),
+        le.fingerprint,
+        le.instance,
+        le.user,
+        le.hostname,
+        dict(le.meta),
+        le.peer,
+        le.granted_at,
+        le.expires_at,
+        le.duration,
+        le.borrowed,
+    ]
+
+
+def waiter_values(waiter: Waiter, node: str) -> list[Any]:
+    """A queued claim's fields in the order of WAITER_COLUMNS, less ``seq``."""
+    c = waiter.claim
+    return [
+        node,
+        c.lease_id,
+        c.token_hash,
+        c.product,
+        c.fingerprint,
+        c.instance,
+        c.user,
+        c.hostname,
+        dict(c.meta),
+        c.peer,
+        waiter.deadline,
+    ]
+
+
 def put_lease(conn: Conn, le: Lease, node: str) -> None:
     """A lease granted, or changed as a whole (borrowed, say)."""
+    values = lease_values(le)
+    values[8] = Jsonb(values[8])
     conn.execute(
         f"INSERT INTO floatd_leases ({LEASE_COLUMNS}, node) VALUES"
         " (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
         " ON CONFLICT (id) DO UPDATE SET expires_at = excluded.expires_at,"
         " duration = excluded.duration, borrowed = excluded.borrowed",
-        (
-            le.id,
-            le.token_hash,
-            le.product,
-            list(le.seat),
-            le.fingerprint,
-            le.instance,
-            le.user,
-            le.hostname,
-            Jsonb(dict(le.meta)),
-            le.peer,
-            le.granted_at,
-            le.expires_at,
-            le.duration,
-            le.borrowed,
-            node,
-        ),
+        (*values, node),
     )
 
 
 def insert_waiter(conn: Conn, waiter: Waiter, node: str) -> int:
     """A waiter's row at the back of the cluster's queue; its place (``seq``)."""
-    c = waiter.claim
+    values = waiter_values(waiter, node)
+    values[8] = Jsonb(values[8])
     row = conn.execute(
-        "INSERT INTO floatd_waiters (node, lease_id, token_hash, product, fingerprint,"
-        " instance, user_name, hostname, meta, peer, deadline)"
+        f"INSERT INTO floatd_waiters ({WAITER_COLUMNS.split(', ', 1)[1]})"
         " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING seq",
-        (
-            node,
-            c.lease_id,
-            c.token_hash,
-            c.product,
-            c.fingerprint,
-            c.instance,
-            c.user,
-            c.hostname,
-            Jsonb(dict(c.meta)),
-            c.peer,
-            waiter.deadline,
-        ),
+        values,
     ).fetchone()
     assert row is not None
     return int(row[0])
@@ -168,10 +180,12 @@ def locked(method: _F) -> _F:
 
 @dataclass
 class Transaction:
-    """What one transaction has loaded: each product's working copy, and the
-    queue position of each waiter in them."""
+    """What one transaction decides on: each product's working copy."""
 
     copies: dict[str, LocalLedger] = field(default_factory=dict)
-    seq_of: dict[Waiter, int] = field(default_factory=dict)
     locked: bool = False
     wrote: bool = False
+    #: The ledger lock row's version when locked; one more once this commits.
+    version: int = -1
+    #: What this transaction changed, for the other nodes (floatd.store.pg_changes).
+    log: list[list[Any]] = field(default_factory=list)
