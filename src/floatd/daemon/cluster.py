@@ -27,6 +27,7 @@ clocks may differ.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,7 +53,7 @@ if TYPE_CHECKING:
 _T = TypeVar("_T")
 #: How often an idle node looks for expiries, for its waiters served on
 #: other nodes (when no notification came), and refreshes its status view.
-TICK = 0.5
+TICK = 1.0
 #: While the database cannot be used, how often it is tried again.
 PROBE = 1.0
 #: Statements that take longer fail (and with them the batch): a hung
@@ -155,6 +156,34 @@ class ClusterNode:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         self._wake.set()  # the first view of the cluster at once
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._listen)
+            await self._decide()
+            nursery.cancel_scope.cancel()
+
+    async def _listen(self) -> None:
+        """Wake the decider when another node served one of this node's
+        waiters (LISTEN/NOTIFY).  Only a wake-up: notifications are lost while
+        this connection is down, and a pooler in transaction mode drops them,
+        so the decider also looks every TICK."""
+        while True:
+            with contextlib.suppress(psycopg.Error, OSError):
+                await trio.to_thread.run_sync(self._wait_notes, abandon_on_cancel=True)
+            await trio.sleep(PROBE)
+
+    def _wait_notes(self) -> None:
+        """(Its own worker thread and connection.)"""
+        with psycopg.connect(self._dsn, autocommit=True, connect_timeout=5) as conn:
+            conn.execute("LISTEN floatd_waiters")
+            while not self._stopping:
+                for note in conn.notifies(timeout=1.0):
+                    if note.payload == self.ledger.node:
+                        trio.from_thread.run_sync(self._poke)
+
+    def _poke(self) -> None:
+        self._wake.set()
+
+    async def _decide(self) -> None:
         while True:
             with trio.move_on_after(TICK if self.server.service.writable else PROBE):
                 await self._wake.wait()
