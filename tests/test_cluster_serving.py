@@ -113,6 +113,14 @@ def test_a_lease_from_one_node_is_renewed_and_released_on_another(three: Cluster
     assert c.request("release", lease=got["lease"], token=got["token"])["ok"]
     again = a.request("renew", lease=got["lease"], token=got["token"])
     assert again["error"]["code"] == "LEASE_NOT_FOUND"
+    # The audit trail and the report are the cluster's, from any node's config.
+    trail = floatd_cli("audit", "--config", str(three.nodes[2].config), "--json")
+    assert trail.returncode == 0, trail.stderr
+    events = [r["event"] for r in json.loads(trail.stdout) if r["lease"] == got["lease"]]
+    assert events == ["granted", "renewed", "released", "refused"]
+    report = floatd_cli("report", "--config", str(three.nodes[1].config), "--since", "1h", "--json")
+    assert report.returncode == 0, report.stderr
+    assert sum(r["peak_seats"] for r in json.loads(report.stdout)["rows"]) == 1
 
 
 def test_the_cap_holds_across_nodes_under_concurrent_acquires(three: Cluster) -> None:

@@ -21,7 +21,8 @@ from floatd.cli.base import (
     main,
     table,
 )
-from floatd.store.audit import AUDIT_EVENTS
+from floatd.config import Config, read_dsn
+from floatd.store.audit import AUDIT_EVENTS, Trail
 
 # --- the audit trail ----------------------------------------------------------------
 
@@ -74,7 +75,7 @@ def audit(
     # A table must be held in memory to align it; JSON streams, so only the
     # table gets a default cap.
     cap = limit if limit is not None or as_json else TABLE_LIMIT
-    db = trail.open_readonly(config.database_path)
+    db = _open_trail(config)
     try:
         records = trail.read_audit(db, start, end, product, events or trail.AUDIT_EVENTS, cap)
         if as_json:
@@ -101,7 +102,7 @@ def audit(
             for r in records
         ]
     finally:
-        db.close()
+        db.db.close()
     if not rows:
         click.echo("no audit records in that range")
         return
@@ -162,12 +163,12 @@ def report(
     if end <= start:
         raise click.BadParameter("must come after --since", param_hint="--until")
     caps = _entitled_caps(config, now)
-    db = trail.open_readonly(config.database_path)
+    db = _open_trail(config)
     try:
         intervals = trail.lease_intervals(db, start, end, now)
         refusals = trail.seat_refusals(db, start, end)
     finally:
-        db.close()
+        db.db.close()
     result = build_report(intervals, refusals, start, end, by, products=caps)
     rows = [row.to_json(trail.iso) for row in result.rows]
     if as_json:
@@ -216,6 +217,18 @@ def report(
                 1,
             )
         click.echo(f"wrote {plot}", err=True)
+
+
+def _open_trail(config: Config) -> Trail:
+    """The audit trail this config's server writes: its SQLite state, or on a
+    cluster node the cluster's database (the whole cluster's trail)."""
+    from floatd.store import audit as trail
+
+    if config.state_backend == "postgresql":
+        from floatd.store import cluster
+
+        return trail.cluster_trail(cluster.connect(read_dsn(config)))
+    return trail.Trail(trail.open_readonly(config.database_path))
 
 
 def _code(code: str | None, count: int, rule: str | None) -> str | None:

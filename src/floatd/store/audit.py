@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import psycopg
 
 from floatd.core.report import Interval
 from floatd.errors import StoreError
@@ -73,6 +74,46 @@ def iso(ts: float | None) -> str | None:
     return when.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+@dataclass(frozen=True)
+class Trail:
+    """Where the audit trail is read from: the single server's SQLite state, or
+    a cluster's PostgreSQL database (floatd.store.cluster), whose tables differ
+    in name, placeholder and seat encoding only."""
+
+    db: Any
+    mark: str = "?"
+    audit: str = "audit"
+    leases: str = "leases"
+    user: str = "user"
+    seats_packed: bool = True
+
+    def sql(self, text: str) -> str:
+        """``text`` written for SQLite, for this database."""
+        return (
+            text.replace(" audit", f" {self.audit}")
+            .replace(" leases", f" {self.leases}")
+            .replace("user,", f"{self.user},")
+            .replace("?", self.mark)
+        )
+
+    def seat(self, value: Any, lease: str) -> tuple[str, ...]:
+        if value is None:
+            return (lease,)
+        return tuple(msgpack.unpackb(value)) if self.seats_packed else tuple(value)
+
+
+def cluster_trail(conn: Any) -> Trail:
+    """The audit trail of a cluster's database (its floatd_audit table)."""
+    return Trail(conn, "%s", "floatd_audit", "floatd_leases", "user_name", False)
+
+
+def _as_trail(db: Any) -> Trail:
+    return db if isinstance(db, Trail) else Trail(db)
+
+
+_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, psycopg.Error)
+
+
 def open_readonly(database: Path) -> sqlite3.Connection:
     """A read-only connection to the state database, refusing one that is
     missing or older than the audit trail."""
@@ -123,7 +164,7 @@ class AuditEntry:
 
 
 def read_audit(
-    db: sqlite3.Connection,
+    db: sqlite3.Connection | Trail,
     since: float,
     until: float | None = None,
     product: str | None = None,
@@ -133,6 +174,7 @@ def read_audit(
     """Records in time order; with ``limit``, the newest ``limit`` of them (the
     ones an admin asking for "the last N" means).  A generator, so a long
     audit streams out."""
+    trail = _as_trail(db)
     sql = (
         "SELECT ts, event, product, lease, fingerprint, instance, user, hostname, peer, code,"
         " coalesce(repeats, 1), rule"
@@ -151,15 +193,15 @@ def read_audit(
     else:
         sql += " ORDER BY ts, seq"
     try:
-        rows = db.execute(sql, args)
+        rows = trail.db.execute(trail.sql(sql), args)
         for row in reversed(rows.fetchall()) if limit is not None else rows:
             yield AuditEntry(*row)
-    except sqlite3.Error as exc:
+    except _ERRORS as exc:
         raise StoreError(f"cannot read the audit trail: {exc}") from None
 
 
 def lease_intervals(
-    db: sqlite3.Connection, since: float, until: float, now: float
+    db: sqlite3.Connection | Trail, since: float, until: float, now: float
 ) -> list[Interval]:
     """Every seat tenancy that overlaps ``[since, until)``.
 
@@ -168,48 +210,54 @@ def lease_intervals(
     report.  Leases still held come from the leases table, ending at their
     expiry or now, whichever is first.
     """
+    trail = _as_trail(db)
     out: dict[str, Interval] = {}
     try:
-        rows = db.execute(
-            "SELECT lease, product, seat, user, fingerprint, granted_at, ts FROM audit"
-            f" WHERE ts >= ? AND event IN ({','.join('?' * len(END_EVENTS))})"
-            " AND granted_at < ?",
+        rows = trail.db.execute(
+            trail.sql(
+                "SELECT lease, product, seat, user, fingerprint, granted_at, ts FROM audit"
+                f" WHERE ts >= ? AND event IN ({','.join('?' * len(END_EVENTS))})"
+                " AND granted_at < ?"
+            ),
             (since, *END_EVENTS, until),
         ).fetchall()
-        held = db.execute(
-            "SELECT id, product, seat, user, fingerprint, granted_at, expires_at FROM leases"
-            " WHERE granted_at < ?",
+        held = trail.db.execute(
+            trail.sql(
+                "SELECT id, product, seat, user, fingerprint, granted_at, expires_at FROM leases"
+                " WHERE granted_at < ?"
+            ),
             (until,),
         ).fetchall()
-    except sqlite3.Error as exc:
+    except _ERRORS as exc:
         raise StoreError(f"cannot read the audit trail: {exc}") from None
     for lease, product, seat, user, fingerprint, granted_at, ended in rows:
-        out[lease] = Interval(product, _seat(seat, lease), granted_at, ended, user, fingerprint)
+        interval = Interval(product, trail.seat(seat, lease), granted_at, ended, user, fingerprint)
+        out[lease] = interval
     for lease, product, seat, user, fingerprint, granted_at, expires_at in held:
         end = min(expires_at, now)
         if lease not in out and end >= since:  # an end record, if written, wins
-            out[lease] = Interval(product, _seat(seat, lease), granted_at, end, user, fingerprint)
+            seat_key = trail.seat(seat, lease)
+            out[lease] = Interval(product, seat_key, granted_at, end, user, fingerprint)
     return list(out.values())
 
 
-def _seat(blob: bytes | None, lease: str) -> tuple[str, ...]:
-    return tuple(msgpack.unpackb(blob)) if blob is not None else (lease,)
-
-
 def seat_refusals(
-    db: sqlite3.Connection, since: float, until: float
+    db: sqlite3.Connection | Trail, since: float, until: float
 ) -> list[tuple[float, str, int]]:
     """``(time, product, how many)`` of the acquires refused for want of a seat."""
+    trail = _as_trail(db)
     try:
         return [
             (ts, product, count)
-            for ts, product, count in db.execute(
-                "SELECT ts, product, coalesce(repeats, 1) FROM audit WHERE ts >= ? AND ts < ?"
-                " AND event = 'refused' AND code = ?",
+            for ts, product, count in trail.db.execute(
+                trail.sql(
+                    "SELECT ts, product, coalesce(repeats, 1) FROM audit WHERE ts >= ?"
+                    " AND ts < ? AND event = 'refused' AND code = ?"
+                ),
                 (since, until, NO_FREE_SEATS),
             )
         ]
-    except sqlite3.Error as exc:
+    except _ERRORS as exc:
         raise StoreError(f"cannot read the audit trail: {exc}") from None
 
 
