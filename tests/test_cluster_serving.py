@@ -414,3 +414,49 @@ def test_a_waiter_on_another_node_hears_of_its_seat_at_once(three: Cluster) -> N
         renewed = client(three.nodes[1])
         assert renewed.request("renew", lease=answer["lease"], token=answer["token"])["ok"]
     assert sorted(took)[4] < 0.2, took
+
+
+def test_a_single_server_moves_to_a_cluster_with_its_leases(
+    tmp_path: Path, vendor_key: Ed25519PrivateKey, pg_dsn: str
+) -> None:
+    single_home = tmp_path / "single"
+    single_home.mkdir()
+    config = write_config(single_home, vendor_key)
+    atomic_write(
+        single_home / "state" / "entitlement.txt",
+        sign_entitlement(
+            vendor_key,
+            payload(
+                products=[product("app", seats=CAP, lease_duration=600)],
+                issued_at=int(time.time()) - 60,
+            ),
+        ),
+    )
+    single = Daemon(config, single_home / "floatd.log")
+    try:
+        single.start()
+        held = client(single).request("acquire", product="app", fingerprint="machine-old")
+        assert held["ok"]
+        running = floatd_cli("state", "migrate", "--config", str(config), "--to-postgresql", pg_dsn)
+        assert running.returncode == 1 and "stop it first" in running.stderr
+    finally:
+        assert single.terminate() == 0
+    url = fresh_database(pg_dsn, "moved")
+    moved = floatd_cli("state", "migrate", "--config", str(config), "--to-postgresql", url)
+    assert moved.returncode == 0, moved.stderr
+    assert "copied 1 leases" in moved.stdout
+    again = floatd_cli("state", "migrate", "--config", str(config), "--to-postgresql", url)
+    assert again.returncode == 1 and "new one" in again.stderr  # never over a used one
+    nodes = Cluster(tmp_path, vendor_key, url, 1)
+    try:
+        nodes.start()
+        node = client(nodes.nodes[0])
+        renewed = node.request("renew", lease=held["lease"], token=held["token"])
+        assert renewed["ok"], renewed
+        key = (single_home / "state" / "server.key").read_bytes()
+        assert (tmp_path / "n1" / "state" / "server.key").read_bytes() == key
+        trail = floatd_cli("audit", "--config", str(nodes.nodes[0].config), "--json")
+        events = [r["event"] for r in json.loads(trail.stdout) if r["lease"] == held["lease"]]
+        assert events == ["granted", "renewed"]
+    finally:
+        nodes.close()
