@@ -44,39 +44,20 @@ def copy_state(config: Config, conn: psycopg.Connection[Any]) -> tuple[int, int]
         ).fetchall()
     finally:
         db.close()
+    # Audit's fields in order: the row's first ten, then seat (packed in
+    # SQLite), granted_at, log (a daemon's flag, off), repeats and rule.
     records = [
-        Audit(
-            ts=ts,
-            event=event,
-            product=product,
-            lease=lease,
-            fingerprint=fingerprint,
-            instance=instance,
-            user=user,
-            hostname=hostname,
-            peer=peer,
-            code=code,
-            seat=tuple(msgpack.unpackb(seat)) if seat is not None else None,
-            granted_at=granted_at,
-            repeats=repeats,
-            rule=rule,
+        Audit._make(
+            [
+                *row[:10],
+                tuple(msgpack.unpackb(row[10])) if row[10] is not None else None,
+                row[11],
+                False,
+                row[12],
+                row[13],
+            ]
         )
-        for (
-            ts,
-            event,
-            product,
-            lease,
-            fingerprint,
-            instance,
-            user,
-            hostname,
-            peer,
-            code,
-            seat,
-            granted_at,
-            repeats,
-            rule,
-        ) in rows
+        for row in rows
     ]
     key = key_path(config.state_dir)
     cluster.init(conn)
