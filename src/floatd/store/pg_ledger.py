@@ -485,7 +485,8 @@ class PgLedger(LedgerReads):
 
     @locked
     def reservations(self, product: str) -> list[dict[str, object]]:
-        return self._peek(product, float("-inf")).reservations(product)
+        copy = self._current(product) or self._peek(product, float("-inf"))
+        return copy.reservations(product)
 
     @locked
     def explain(self, now: float, claim: Claim) -> dict[str, object]:

@@ -1,8 +1,9 @@
 """The cluster ledger's reads: counts, terms, leases and the next deadline,
 from this transaction's copies when it has them (what it decided is not
-committed yet), else from the database.  Every read holds the ledger's mutex,
-so one never runs beside another thread's transaction.  A mixin of
-floatd.store.pg_ledger.PgLedger, which provides what is declared here."""
+committed yet) or the node's kept copies when they are current, else from
+the database.  Every read holds the ledger's mutex, so one never runs beside
+another thread's transaction.  A mixin of floatd.store.pg_ledger.PgLedger,
+which provides what is declared here."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import psycopg
 
 from floatd.core.ledger import LocalLedger
 from floatd.core.seats import Lease, PoolProduct
+from floatd.store.pg_changes import Follower
 from floatd.store.pg_rows import LEASE_COLUMNS, Conn, Transaction, failed, lease_of, locked
 
 
@@ -21,10 +23,24 @@ class LedgerReads:
     _conn: Conn
     _mutex: threading.RLock
     _tx: Transaction | None
+    _follow: Follower
 
     def _loaded(self, product: str) -> LocalLedger | None:
         tx = self._tx
         return tx.copies.get(product) if tx is not None else None
+
+    def _current(self, product: str) -> LocalLedger | None:
+        """A copy of ``product`` that is the database's state right now, to
+        read (never to decide) from: this transaction's, or the kept one if no
+        node has written since (one indexed read, not a read of every lease)."""
+        copy = self._loaded(product)
+        if copy is not None or self._tx is not None:
+            return copy
+        kept = self._follow.copies.get(product)
+        if kept is None:
+            return None
+        version = self._one("SELECT version FROM floatd_ledger WHERE id = 1")
+        return kept if version == self._follow.version else None
 
     @locked
     def _one(self, sql: str, *args: object) -> Any:
@@ -62,9 +78,10 @@ class LedgerReads:
 
     @locked
     def _count(self, product: str, copied: Callable[[LocalLedger], int], sql: str) -> int:
-        """A count from this transaction's copy of ``product`` if it has one
-        (what it decided is not committed yet), else from the database."""
-        copy = self._loaded(product)
+        """A count from a current copy of ``product`` if there is one (this
+        transaction's holds what it decided and has not committed), else from
+        the database."""
+        copy = self._current(product)
         return copied(copy) if copy is not None else int(self._one(sql, product))
 
     def used(self, product: str) -> int:
