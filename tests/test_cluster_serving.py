@@ -24,7 +24,7 @@ from test_fault_integration import client
 from test_integration import floatd_cli
 
 from floatd.client import lease
-from floatd.client.simple import SimpleClient
+from floatd.client.simple import ProtocolError, SimpleClient
 from floatd.core.entitlement import sign_entitlement
 from floatd.store import cluster
 from floatd.store.activation import atomic_write
@@ -177,6 +177,8 @@ def test_a_database_that_goes_away_costs_availability_not_seats(
             a, b = (client(node) for node in nodes.nodes)
             held = a.request("acquire", product="app", fingerprint="machine-1")
             assert held["ok"]
+            config = str(nodes.nodes[0].config)
+            before = floatd_cli("fingerprint", "--config", config).stdout
             server.stop("immediate")
             down = b.request("renew", lease=held["lease"], token=held["token"])
             assert down["error"]["code"] == "UNAVAILABLE"
@@ -195,6 +197,7 @@ def test_a_database_that_goes_away_costs_availability_not_seats(
             assert nodes.nodes[0].http("/healthz")[0] == 200
             again = a.request("acquire", product="app", fingerprint="machine-2")
             assert again["ok"], again
+            assert floatd_cli("fingerprint", "--config", config).stdout == before != ""
         finally:
             nodes.close()
 
@@ -460,3 +463,48 @@ def test_a_single_server_moves_to_a_cluster_with_its_leases(
         assert events == ["granted", "renewed"]
     finally:
         nodes.close()
+
+
+def test_a_node_killed_under_load_loses_no_acknowledged_lease(three: Cluster) -> None:
+    """Clients acquire through all three nodes while one is killed: every
+    acquire that was answered ok renews through the nodes left, and the cap
+    was never passed.  (The workers on one node are one machine: their leases
+    share a seat, so every acquire is granted.)"""
+    acked: list[tuple[int, dict[str, Any]]] = []
+    refused: list[dict[str, Any]] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def hammer(node: int) -> None:
+        try:
+            with SimpleClient("127.0.0.1", three.nodes[node].port, timeout=5) as c:
+                c.hello()
+                while not stop.is_set():
+                    got = c.request("acquire", product="app", fingerprint=f"machine-{node}")
+                    with lock:
+                        if got["ok"]:
+                            acked.append((node, got))
+                        else:
+                            refused.append(got)
+                    time.sleep(0.01)
+        except (OSError, ProtocolError):
+            return  # its node is gone; what it was answered is in acked
+
+    threads = [threading.Thread(target=hammer, args=(w % 3,)) for w in range(9)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)
+    three.nodes[0].kill9()
+    time.sleep(0.5)
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert refused == []
+    assert sum(1 for node, _ in acked if node == 0) > 10  # the killed node had granted some
+    survivor = client(three.nodes[1])
+    for _, got in acked:
+        renewed = survivor.request("renew", lease=got["lease"], token=got["token"])
+        assert renewed["ok"], (got, renewed)
+    with psycopg.connect(three.url) as conn:
+        row = conn.execute("SELECT count(DISTINCT seat) FROM floatd_leases").fetchone()
+    assert row is not None and row[0] <= CAP
