@@ -508,3 +508,30 @@ def test_a_node_killed_under_load_loses_no_acknowledged_lease(three: Cluster) ->
     with psycopg.connect(three.url) as conn:
         row = conn.execute("SELECT count(DISTINCT seat) FROM floatd_leases").fetchone()
     assert row is not None and row[0] <= CAP
+
+
+def test_the_clock_mark_is_the_clusters(three: Cluster) -> None:
+    """The database's clock is watched as a single server watches its own: a
+    mark far ahead of it (as a database clock set ahead and put right leaves)
+    stops leasing on every node until `floatd clock reset` on any one."""
+    with psycopg.connect(three.url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE floatd_meta SET value = (extract(epoch FROM now()) + 86400)::text"
+            " WHERE key = 'clock_mark'"
+        )
+    last = client(three.nodes[2])
+    wait_for(
+        lambda: (
+            last.request("acquire", product="app", fingerprint="machine-c1")
+            .get("error", {})
+            .get("code")
+            == "SERVER_TIME_MODIFIED"
+        ),
+        "the node to read the mark",
+    )
+    reset = floatd_cli("clock", "reset", "--yes", "--config", str(three.nodes[0].config))
+    assert reset.returncode == 0, reset.stderr
+    wait_for(  # every node reads the mark at its next heartbeat
+        lambda: last.request("acquire", product="app", fingerprint="machine-c2")["ok"],
+        "leasing to resume on the other nodes",
+    )

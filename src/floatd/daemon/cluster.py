@@ -37,6 +37,7 @@ import psycopg
 import trio
 
 from floatd import __version__
+from floatd.core.changes import Audit
 from floatd.core.messages import Answer, Request
 from floatd.core.seats import Waiter
 from floatd.daemon.session import _Slot, _unavailable, answer_unavailable
@@ -65,17 +66,20 @@ log = get_logger()
 
 def connect_node(dsn: str) -> psycopg.Connection[Any]:
     """The node's connection for decisions: autocommit outside the ledger's own
-    transactions, bounded statements, and keepalives that notice a dead peer."""
-    return psycopg.connect(
+    transactions, keepalives that notice a dead peer, and bounded statements.
+    The bound is a plain SET rather than a startup option, which PgBouncer
+    refuses unless told to ignore it."""
+    conn = psycopg.connect(
         dsn,
         autocommit=True,
         connect_timeout=5,
-        options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
         keepalives=1,
         keepalives_idle=5,
         keepalives_interval=2,
         keepalives_count=2,
     )
+    conn.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}")
+    return conn
 
 
 @dataclass(eq=False, slots=True)
@@ -144,6 +148,24 @@ class ClusterNode:
     def cancel_wait(self, waiter: Waiter) -> None:
         self._cancel.append(waiter)
         self._wake.set()
+
+    async def reset_clock(self) -> dict[str, Any]:
+        """``floatd clock reset`` on a cluster: the database's mark goes back to
+        its clock now (after a database clock that was set far ahead was put
+        right); nothing needs clamping, since leases expire by that clock."""
+        guard = self.server.service.clock_guard
+
+        def reset() -> dict[str, Any]:
+            with self.ledger.transaction():
+                conn = self.ledger.lock()
+                old = guard.mark
+                now = self.ledger.database_time()
+                guard.mark = pg_nodes.clock_mark(conn, now, reset=True)
+                self.ledger.journal.append(Audit(now, "clock_reset", None))
+            log.warning("clock_mark_reset", old_mark=old, new_mark=now, node=self.ledger.node)
+            return {"old_mark": old, "new_mark": now, "leases_clamped": 0}
+
+        return await self.call(reset)
 
     async def call(self, fn: Callable[[], _T]) -> _T:
         """Run ``fn`` (which may use the service and the ledger) in the worker
@@ -286,6 +308,7 @@ class ClusterNode:
         self._has_slot = pg_nodes.beat(
             conn, me, self._has_slot, ent.nodes if ent is not None else 1, now
         )
+        server.service.clock_guard.mark = pg_nodes.clock_mark(conn, now)
         moved = self._entitlement.sync(conn)
         if moved is not None:
             log.info("cluster_entitlement", node=ledger.node, copy=moved)

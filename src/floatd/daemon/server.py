@@ -224,8 +224,14 @@ class Server(AdminOperations):
         record = ActivationRecord.read(self.config)
         self.licensing.online = record is not None and record.in_force
         self.state.load(now)
+        if self.node is not None:
+            # A cluster's clock mark is the database's (by its clock), read
+            # at the node's first heartbeat, before it serves anything.
+            self.service.clock_guard.mark = 0.0
 
     async def reset_clock(self) -> dict[str, Any]:
+        if self.node is not None:
+            return await self.node.reset_clock()
         return await self.state.reset_clock()
 
     def _use_log(self, level: str) -> None:

@@ -79,3 +79,19 @@ def nodes(conn: Conn) -> list[NodeRow]:
         " FROM floatd_nodes ORDER BY name"
     ).fetchall()
     return [NodeRow(*row) for row in rows]
+
+
+def clock_mark(conn: Conn, now: float, reset: bool = False) -> float:
+    """The cluster's clock mark (SERVER_TIME_MODIFIED, by the database's
+    clock): the latest time it has shown, moved on to ``now``; with
+    ``reset``, put back to ``now`` (``floatd clock reset``)."""
+    row = conn.execute("SELECT value FROM floatd_meta WHERE key = 'clock_mark'").fetchone()
+    mark = float(row[0]) if row is not None else 0.0
+    if reset or now > mark:
+        conn.execute(
+            "INSERT INTO floatd_meta VALUES ('clock_mark', %s)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (repr(now),),
+        )
+        mark = now
+    return mark
