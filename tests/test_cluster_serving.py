@@ -44,6 +44,7 @@ class Cluster:
         nodes: int | None = None,
         duration: int = 60,
         dsns: list[str] | None = None,
+        extra: list[dict[str, Any]] | None = None,
     ) -> None:
         self.url = url
         with psycopg.connect(url, autocommit=True) as conn:
@@ -52,7 +53,7 @@ class Cluster:
         ent = sign_entitlement(
             key,
             payload(
-                products=[product("app", seats=CAP, lease_duration=duration)],
+                products=[product("app", seats=CAP, lease_duration=duration), *(extra or [])],
                 server=self.fingerprint,
                 nodes=nodes if nodes is not None else count,
                 issued_at=int(time.time()) - 60,
@@ -430,11 +431,18 @@ def test_a_single_server_moves_to_a_cluster_with_its_leases(
         sign_entitlement(
             vendor_key,
             payload(
-                products=[product("app", seats=CAP, lease_duration=600)],
+                products=[
+                    product("app", seats=CAP, lease_duration=600),
+                    product("cad", authorization="user"),
+                ],
                 issued_at=int(time.time()) - 60,
             ),
         ),
     )
+    ann = floatd_cli(
+        "users", "assign", "ann@example.com", "--product", "cad", "--config", str(config)
+    )
+    assert ann.returncode == 0, ann.stderr
     single = Daemon(config, single_home / "floatd.log")
     try:
         single.start()
@@ -461,6 +469,8 @@ def test_a_single_server_moves_to_a_cluster_with_its_leases(
         trail = floatd_cli("audit", "--config", str(nodes.nodes[0].config), "--json")
         events = [r["event"] for r in json.loads(trail.stdout) if r["lease"] == held["lease"]]
         assert events == ["granted", "renewed"]
+        users = floatd_cli("users", "list", "--json", "--config", str(nodes.nodes[0].config))
+        assert "ann@example.com" in users.stdout, users.stderr
     finally:
         nodes.close()
 
@@ -535,3 +545,42 @@ def test_the_clock_mark_is_the_clusters(three: Cluster) -> None:
         lambda: last.request("acquire", product="app", fingerprint="machine-c2")["ok"],
         "leasing to resume on the other nodes",
     )
+
+
+def test_license_users_are_the_clusters(
+    tmp_path: Path, vendor_key: Ed25519PrivateKey, pg_dsn: str
+) -> None:
+    """A user assigned, and given a password, on one node leases through the
+    other; an unassign there ends it everywhere."""
+    cad = product("cad", seats=2, authorization="user", max_users=3)
+    nodes = Cluster(tmp_path, vendor_key, fresh_database(pg_dsn, "users"), 2, extra=[cad])
+    try:
+        nodes.start()
+        first, second = (str(n.config) for n in nodes.nodes)
+        ann = "ann@example.com"
+        assigned = floatd_cli("users", "assign", ann, "--product", "cad", "--config", first)
+        assert assigned.returncode == 0, assigned.stderr
+        made = floatd_cli("users", "passwd", ann, "--generate", "--config", first)
+        assert made.returncode == 0, made.stderr
+        password = made.stdout.strip()
+        listed = floatd_cli("users", "list", "--config", second, "--json")
+        assert "ann@example.com" in listed.stdout, listed.stdout
+        c = client(nodes.nodes[1])
+        got = c.request(
+            "acquire",
+            product="cad",
+            fingerprint="machine-ann",
+            user="ann@example.com",
+            password=password,
+        )
+        assert got["ok"], got
+        wrong = c.request(
+            "acquire", product="cad", fingerprint="machine-x", user="ann@example.com", password="no"
+        )
+        assert wrong["error"]["code"] == "AUTH_FAILED"
+        off = floatd_cli("users", "unassign", ann, "--product", "cad", "--config", second)
+        assert off.returncode == 0, off.stderr
+        ended = client(nodes.nodes[0]).request("renew", lease=got["lease"], token=got["token"])
+        assert ended["error"]["code"] == "LEASE_NOT_FOUND"
+    finally:
+        nodes.close()

@@ -16,7 +16,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from floatd import __version__
-from floatd.config import Config, load_config, read_machine_id
+from floatd.config import Config, load_config, read_dsn, read_machine_id
 from floatd.core.entitlement import Entitlement
 from floatd.errors import AuthorityError, ConfigError, FloatdError
 
@@ -113,8 +113,23 @@ def _load(config_path: Path | None, overrides: dict[str, Any] | None = None) -> 
 
 
 def _server_id(config: Config) -> str:
+    """What entitlements for this server name: its fingerprint, or on a cluster
+    node the cluster's (whose server key, kept in the database, this node's
+    state dir then holds: activation requests name it)."""
     from floatd.core.entitlement import server_fingerprint
 
+    if config.state_backend == "postgresql":
+        from floatd.store import cluster
+        from floatd.store.pg_shared import share_server_key
+
+        conn = cluster.connect(read_dsn(config))
+        try:
+            fingerprint = cluster.fingerprint(conn)
+            with conn.transaction():
+                share_server_key(conn, config.state_dir)
+            return fingerprint
+        finally:
+            conn.close()
     return server_fingerprint(read_machine_id(config))
 
 

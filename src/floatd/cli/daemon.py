@@ -75,7 +75,8 @@ def check_startable(config: Config) -> str:
     tls_context(config)
     tls_context(config, "status")
     read_policy(config.policy_file)
-    server_id = _server_id(config)
+    # A cluster node's id is the cluster's, read when it joins (run_server).
+    server_id = _server_id(config) if config.state_backend == "sqlite" else ""
     try:
         make_private(config.state_dir)
         with open(lock_path(config.database_path), "a+b"):

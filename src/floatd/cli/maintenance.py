@@ -65,8 +65,9 @@ def state_reset(config_path: Path | None, yes: bool) -> None:
 )
 @guarded
 def state_migrate(config_path: Path | None, dsn: str) -> None:
-    """Move this single server to a cluster: copy its leases, its audit trail
-    and its server key into a new cluster database, with floatd stopped.
+    """Move this single server to a cluster: copy its leases, its audit trail,
+    its license users and its server key into a new cluster database, with
+    floatd stopped.
 
     Held leases go on being renewed, with the same ids and tokens, through any
     node.  The cluster has its own fingerprint, so it needs an entitlement

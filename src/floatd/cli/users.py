@@ -70,12 +70,12 @@ def _valid_email(email: str) -> str:
 @guarded
 def users_assign(config_path: Path | None, email: str, product: str) -> None:
     """Let EMAIL take seats of a user-authorized product (within its max_users)."""
-    from floatd.store.users import UserStore
+    from floatd.store.users import open_users, users_source
 
     config = _load(config_path)
     terms = _user_product(config, product)
     email = _valid_email(email)
-    store = UserStore(config.database_path)
+    store = open_users(users_source(config))
     try:
         if not store.assign(email, product, frozenset(terms.users), terms.max_users):
             click.echo(f"{email} is already a user of {product}")
@@ -87,9 +87,9 @@ def users_assign(config_path: Path | None, email: str, product: str) -> None:
 
 
 def _has_password(config: Config, email: str) -> bool:
-    from floatd.store.users import UserStore
+    from floatd.store.users import open_users, users_source
 
-    store = UserStore(config.database_path)
+    store = open_users(users_source(config))
     try:
         return store.password_hash(email) is not None
     finally:
@@ -104,11 +104,11 @@ def _has_password(config: Config, email: str) -> bool:
 def users_unassign(config_path: Path | None, email: str, product: str) -> None:
     """Remove a locally assigned user, and end their leases of the product."""
     from floatd.daemon.admin import AdminClient
-    from floatd.store.users import UserStore
+    from floatd.store.users import open_users, users_source
 
     config = _load(config_path)
     terms = _user_product(config, product)
-    store = UserStore(config.database_path)
+    store = open_users(users_source(config))
     try:
         removed = store.unassign(email, product)
     finally:
@@ -135,11 +135,11 @@ def users_unassign(config_path: Path | None, email: str, product: str) -> None:
 @guarded
 def users_passwd(config_path: Path | None, email: str, generate: bool) -> None:
     """Set a license user's password (stored only as a salted scrypt hash)."""
-    from floatd.store.users import UserStore, generate_password, hash_password
+    from floatd.store.users import generate_password, hash_password, open_users, users_source
 
     config = _load(config_path)
     ent = _entitlement_or_fail(config)
-    store = UserStore(config.database_path)
+    store = open_users(users_source(config))
     try:
         known = bool(store.products_of(email)) or any(
             email in p.users for p in ent.products if p.authorization == "user"
@@ -170,11 +170,11 @@ def users_passwd(config_path: Path | None, email: str, generate: bool) -> None:
 @guarded
 def users_list(config_path: Path | None, product: str | None, as_json: bool) -> None:
     """License users: e-mail, products, assigned by the authority or here, password set."""
-    from floatd.store.users import LicenseUser, UserStore
+    from floatd.store.users import LicenseUser, open_users, users_source
 
     config = _load(config_path)
     ent = _entitlement_or_fail(config)
-    store = UserStore(config.database_path)
+    store = open_users(users_source(config))
     try:
         people = store.all_users()
     finally:

@@ -207,7 +207,7 @@ class Licensing:
         ent = self.shared.service.entitlement
         refresh_by = ent.refresh_by if ent is not None else None
         local = await self.shared.run_sync(
-            users.local_assignments, self.shared.config.database_path
+            users.local_assignments, users.users_source(self.shared.config)
         )
         try:
             text, fresh = await online.refresh(
@@ -250,7 +250,7 @@ class Licensing:
         # Read again, not the list sent with the refresh: a user the site
         # assigned while the authority was answering may already hold a seat.
         local = await self.shared.run_sync(
-            users.local_assignments, self.shared.config.database_path
+            users.local_assignments, users.users_source(self.shared.config)
         )
         held = list(self.shared.service.ledger.leases())
         for terms in ent.products:

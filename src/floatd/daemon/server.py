@@ -435,7 +435,7 @@ class Server(AdminOperations):
         return bool(
             await self._run_sync(
                 users.authenticate,
-                self.config.database_path,
+                users.users_source(self.config),
                 req.user,
                 req.password,
                 req.product,

@@ -131,6 +131,20 @@ MIGRATIONS: Sequence[str] = (
         body bytea NOT NULL
     );
     """,
+    # License users (floatd.store.pg_users): the cluster's, as the single
+    # server's state database holds its own.
+    """
+    CREATE TABLE floatd_license_users (
+        email text PRIMARY KEY,
+        password_hash text,
+        updated_at double precision NOT NULL
+    );
+    CREATE TABLE floatd_user_products (
+        email text NOT NULL,
+        product text NOT NULL,
+        PRIMARY KEY (email, product)
+    );
+    """,
 )
 FINGERPRINT_DOMAIN = "floatd-cluster-v1:"
 

@@ -4,9 +4,9 @@
 Leases keep their ids, token digests and expiry, so clients renew them through
 any node as if nothing happened; the audit trail comes along so reports span
 the move; the server key too, so borrow certificates it signed stay this
-cluster's.  License users and pending offline requests stay in the old state
-dir (a cluster keeps them per node for now).  One transaction: a failed copy
-leaves the new database as it was.
+cluster's; and the license users with their passwords and assignments.
+Pending offline requests stay in the old state dir (a cluster node keeps its
+own).  One transaction: a failed copy leaves the new database as it was.
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ def copy_state(config: Config, conn: psycopg.Connection[Any]) -> tuple[int, int]
             "SELECT ts, event, product, lease, fingerprint, instance, user, hostname, peer,"
             " code, seat, granted_at, repeats, rule FROM audit ORDER BY seq"
         ).fetchall()
+        users = db.execute("SELECT email, password_hash, updated_at FROM license_users").fetchall()
+        assigned = db.execute("SELECT email, product FROM user_products").fetchall()
     finally:
         db.close()
     # Audit's fields in order: the row's first ten, then seat (packed in
@@ -75,6 +77,15 @@ def copy_state(config: Config, conn: psycopg.Connection[Any]) -> tuple[int, int]
                 put_lease(conn, lease, MIGRATED)
             if records:
                 write_audit(conn, records, MIGRATED)
+            with conn.cursor() as cur:
+                cur.executemany(
+                    "INSERT INTO floatd_license_users VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+                    users,
+                )
+                cur.executemany(
+                    "INSERT INTO floatd_user_products VALUES (%s, %s) ON CONFLICT DO NOTHING",
+                    assigned,
+                )
             if key.exists():
                 conn.execute(
                     "INSERT INTO floatd_meta VALUES ('server_key', %s) ON CONFLICT DO NOTHING",

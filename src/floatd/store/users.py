@@ -23,9 +23,14 @@ import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from floatd.config import Config, read_dsn
 from floatd.errors import FloatdError, StoreError
 from floatd.store.sqlite import open_database
+
+if TYPE_CHECKING:
+    from floatd.store.pg_users import PgUserStore
 
 N, R, P = 2**15, 8, 1
 _MAXMEM = 64 * 1024 * 1024
@@ -69,6 +74,18 @@ class UsersFull(FloatdError):
     """A product's ``max_users`` places are all taken."""
 
     code = "MAX_USERS_REACHED"
+
+
+def needs_place(email: str, product: str, users: frozenset[str], max_users: int) -> bool:
+    """Whether assigning ``email`` takes one of the product's places (False:
+    it is a user already); UsersFull if none is left (``max_users``, 0: no cap)."""
+    if email in users:
+        return False
+    if max_users and len(users) + 1 > max_users:
+        raise UsersFull(
+            f"{product} allows {max_users} users and has {len(users)}; unassign one first"
+        )
+    return True
 
 
 class UserStore:
@@ -130,15 +147,9 @@ class UserStore:
                 r[0]
                 for r in db.execute("SELECT email FROM user_products WHERE product = ?", (product,))
             }
-            everyone = set(authority_users) | local
-            if email in everyone:
+            if not needs_place(email, product, authority_users | local, max_users):
                 db.execute("COMMIT")
                 return False
-            if max_users and len(everyone) + 1 > max_users:
-                raise UsersFull(
-                    f"{product} allows {max_users} users and has {len(everyone)};"
-                    " unassign one first"
-                )
             db.execute(
                 "INSERT OR IGNORE INTO license_users VALUES (?, NULL, ?)", (email, time.time())
             )
@@ -174,20 +185,40 @@ class UserStore:
         return out
 
 
+#: Where license users are kept: the state database (a single server), or a
+#: cluster's DSN (floatd.store.pg_users).
+Source = Path | str
+
+
+def users_source(config: Config) -> Source:
+    if config.state_backend == "postgresql":
+        return read_dsn(config)
+    return config.database_path
+
+
+def open_users(source: Source, *, readonly: bool = False) -> UserStore | PgUserStore:
+    """The license users at ``source`` (see :func:`users_source`)."""
+    if isinstance(source, str):
+        from floatd.store.pg_users import PgUserStore
+
+        return PgUserStore(source)
+    return UserStore(source, readonly=readonly)
+
+
 def authenticate(
-    database: Path, email: str, password: str, product: str, authority_users: frozenset[str]
+    source: Source, email: str, password: str, product: str, authority_users: frozenset[str]
 ) -> bool:
     """Blocking: is ``email`` a license user of ``product`` with this password?
     Always runs one scrypt, whoever asks, so timing tells nothing."""
     try:
-        store = UserStore(database, readonly=True)
+        store = open_users(source, readonly=True)
     except StoreError:
         verify_password(password, None)
         return False
     try:
         assigned = email in authority_users or product in store.products_of(email)
         encoded = store.password_hash(email)
-    except sqlite3.Error:
+    except (sqlite3.Error, StoreError):
         assigned, encoded = False, None
     finally:
         store.close()
@@ -205,16 +236,16 @@ def generate_password() -> str:
             return password
 
 
-def local_assignments(database: Path) -> dict[str, list[str]]:
+def local_assignments(source: Source) -> dict[str, list[str]]:
     """Blocking: this server's own license user assignments ({} if there is
     no state database yet)."""
     try:
-        store = UserStore(database, readonly=True)
+        store = open_users(source, readonly=True)
     except StoreError:
         return {}
     try:
         return store.by_product()
-    except sqlite3.Error:
+    except (sqlite3.Error, StoreError):
         return {}
     finally:
         store.close()

@@ -1,0 +1,110 @@
+"""License users of a cluster, in its database: the same store as the single
+server's (floatd.store.users.UserStore), on PostgreSQL, so that a user
+assigned or given a password on one node may lease through every node."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import psycopg
+
+from floatd.errors import StoreError
+from floatd.store import cluster
+from floatd.store.users import LicenseUser, needs_place
+
+
+class PgUserStore:
+    def __init__(self, dsn: str) -> None:
+        self.db: psycopg.Connection[Any] = cluster.connect(dsn)
+        self.db.autocommit = True
+
+    def close(self) -> None:
+        self.db.close()
+
+    def _rows(self, sql: str, *args: object) -> list[tuple[Any, ...]]:
+        try:
+            return self.db.execute(sql, args).fetchall()
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot read the license users: {exc}") from None
+
+    def local_users(self, product: str) -> set[str]:
+        rows = self._rows("SELECT email FROM floatd_user_products WHERE product = %s", product)
+        return {r[0] for r in rows}
+
+    def by_product(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for email, product in self._rows(
+            "SELECT email, product FROM floatd_user_products ORDER BY product, email"
+        ):
+            out.setdefault(product, []).append(email)
+        return out
+
+    def products_of(self, email: str) -> set[str]:
+        rows = self._rows("SELECT product FROM floatd_user_products WHERE email = %s", email)
+        return {r[0] for r in rows}
+
+    def password_hash(self, email: str) -> str | None:
+        rows = self._rows("SELECT password_hash FROM floatd_license_users WHERE email = %s", email)
+        return rows[0][0] if rows else None
+
+    def assign(
+        self,
+        email: str,
+        product: str,
+        authority_users: frozenset[str] = frozenset(),
+        max_users: int = 0,
+    ) -> bool:
+        """As UserStore.assign: the places are counted and taken under a lock
+        on the product's assignments, so two admins on two nodes cannot both
+        take the last place."""
+        try:
+            with self.db.transaction():
+                self.db.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (product,))
+                local = {
+                    r[0]
+                    for r in self.db.execute(
+                        "SELECT email FROM floatd_user_products WHERE product = %s", (product,)
+                    )
+                }
+                if not needs_place(email, product, authority_users | local, max_users):
+                    return False
+                self.db.execute(
+                    "INSERT INTO floatd_license_users VALUES (%s, NULL, %s) ON CONFLICT DO NOTHING",
+                    (email, time.time()),
+                )
+                self.db.execute(
+                    "INSERT INTO floatd_user_products VALUES (%s, %s)", (email, product)
+                )
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot assign the license user: {exc}") from None
+        return True
+
+    def unassign(self, email: str, product: str) -> bool:
+        try:
+            cur = self.db.execute(
+                "DELETE FROM floatd_user_products WHERE email = %s AND product = %s",
+                (email, product),
+            )
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot unassign the license user: {exc}") from None
+        return cur.rowcount == 1
+
+    def set_password(self, email: str, encoded: str) -> None:
+        try:
+            self.db.execute(
+                "INSERT INTO floatd_license_users VALUES (%s, %s, %s) ON CONFLICT (email)"
+                " DO UPDATE SET password_hash = excluded.password_hash,"
+                " updated_at = excluded.updated_at",
+                (email, encoded, time.time()),
+            )
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot set the password: {exc}") from None
+
+    def all_users(self) -> dict[str, LicenseUser]:
+        out: dict[str, LicenseUser] = {}
+        for email, pw in self._rows("SELECT email, password_hash FROM floatd_license_users"):
+            out[email] = LicenseUser(email, password_set=pw is not None)
+        for email, product in self._rows("SELECT email, product FROM floatd_user_products"):
+            out.setdefault(email, LicenseUser(email)).local_products.add(product)
+        return out
