@@ -584,3 +584,42 @@ def test_license_users_are_the_clusters(
         assert ended["error"]["code"] == "LEASE_NOT_FOUND"
     finally:
         nodes.close()
+
+
+def test_an_offline_activation_started_on_one_node_ends_on_another(
+    three: Cluster, tmp_path: Path, vendor_key: Ed25519PrivateKey
+) -> None:
+    from floatd.core.entitlement import parse_activation_request
+
+    request = tmp_path / "request.txt"
+    first, second, third = (str(n.config) for n in three.nodes)
+    made = floatd_cli(
+        "activate", "--config", first, "--offline-request", str(request), "--license-key", "K-1"
+    )
+    assert made.returncode == 0, made.stderr
+    asked = parse_activation_request(request.read_text())
+    assert asked.server == three.fingerprint  # the cluster's, and its key
+    key = (tmp_path / "n1" / "state" / "server.key").read_bytes()
+    assert (tmp_path / "n3" / "state" / "server.key").read_bytes() == key
+    response = tmp_path / "response.txt"
+    response.write_text(
+        sign_entitlement(
+            vendor_key,
+            payload(
+                products=[product("app", seats=CAP + 3)],
+                server=three.fingerprint,
+                server_key=asked.server_key,
+                nodes=3,
+                nonce=asked.nonce,
+                issued_at=int(time.time()) - 30,
+            ),
+        )
+    )
+    done = floatd_cli("activate", "--config", second, "--offline-response", str(response))
+    assert done.returncode == 0, done.stderr
+    again = floatd_cli("activate", "--config", third, "--offline-response", str(response))
+    assert again.returncode != 0 and "no pending request" in again.stderr  # used once
+    wait_for(
+        lambda: [p["seats"] for p in status(three.nodes[2])["products"]] == [CAP + 3],
+        "every node to serve with it",
+    )

@@ -28,6 +28,7 @@ clocks may differ.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,10 +39,11 @@ import trio
 
 from floatd import __version__
 from floatd.core.changes import Audit
+from floatd.core.entitlement import Entitlement, verify_entitlement
 from floatd.core.messages import Answer, Request
 from floatd.core.seats import Waiter
 from floatd.daemon.session import _Slot, _unavailable, answer_unavailable
-from floatd.errors import Unavailable
+from floatd.errors import EntitlementError, StoreError, Unavailable
 from floatd.logs import get_logger
 from floatd.store import pg_nodes
 from floatd.store.pg_ledger import PgLedger
@@ -124,7 +126,7 @@ class ClusterNode:
         self._has_slot = False
         self._beaten = -1e9
         self._said_limit = False
-        self._entitlement = EntitlementSync(server.config.entitlement_path)
+        self._entitlement = EntitlementSync(server.config, self._verify)
         #: The registry as of the last heartbeat, for status and ``floatd nodes``.
         self.nodes: list[dict[str, Any]] = []
 
@@ -289,6 +291,14 @@ class ClusterNode:
             outcome.leases = len(ledger)
         return outcome
 
+    def _verify(self, text: str) -> Entitlement:
+        """The database's entitlement, checked for this cluster as the watcher
+        will check it (its time windows aside: those are the service's)."""
+        licensing = self.server.licensing
+        return verify_entitlement(
+            text, licensing.keys, self.server.server_id, 0.0, math.inf, licensing.server_key
+        )
+
     def _heartbeat(self, now: float) -> list[dict[str, Any]]:
         """(Worker thread, in the batch's transaction.)  This node's row and
         slot; the waiters of nodes gone leave the queue."""
@@ -309,9 +319,13 @@ class ClusterNode:
             conn, me, self._has_slot, ent.nodes if ent is not None else 1, now
         )
         server.service.clock_guard.mark = pg_nodes.clock_mark(conn, now)
-        moved = self._entitlement.sync(conn)
-        if moved is not None:
-            log.info("cluster_entitlement", node=ledger.node, copy=moved)
+        try:
+            moved = self._entitlement.sync(conn)
+        except (EntitlementError, StoreError) as exc:
+            log.error("cluster_entitlement_rejected", node=ledger.node, reason=str(exc))
+        else:
+            if moved is not None:
+                log.info("cluster_entitlement", node=ledger.node, copy=moved)
         for name in pg_nodes.gone(conn, now):
             if name != ledger.node:
                 given = ledger.forget_node(now, name)

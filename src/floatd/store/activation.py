@@ -17,7 +17,7 @@ import sqlite3
 from pathlib import Path
 
 from floatd import __version__
-from floatd.config import Config
+from floatd.config import Config, read_dsn
 from floatd.core.entitlement import (
     MAX_ARMORED,
     ActivationRequest,
@@ -73,6 +73,32 @@ def _record_installed(db: sqlite3.Connection, ent: Entitlement) -> None:
     db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", installed_record(ent))
 
 
+def record_installed(config: Config, ent: Entitlement) -> None:
+    """Record ``ent`` as installed last (a cluster node taking the database's
+    entitlement, which another node installed)."""
+    db = open_database(config.database_path)
+    try:
+        with db:
+            _record_installed(db, ent)
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot record the entitlement: {exc}") from None
+    finally:
+        db.close()
+
+
+def installed_here(config: Config, text: str) -> bool:
+    """Whether ``text`` is what floatd recorded as installed last here (or
+    nothing is recorded yet): a file put in place by hand is not."""
+    db = open_database(config.database_path)
+    try:
+        row = db.execute("SELECT value FROM meta WHERE key = ?", (META_DIGEST,)).fetchone()
+    except sqlite3.Error:
+        return False
+    finally:
+        db.close()
+    return row is None or row[0] == hashlib.sha256(text.encode()).hexdigest()
+
+
 def read_armored(path: Path) -> str:
     """An armored file's text, read no further than the size any armored file
     may have: a huge file is refused after 1 MiB, not read whole first."""
@@ -113,6 +139,11 @@ def create_offline_request(config: Config, server_id: str, license_key: str, now
         floatd=__version__,
         server_key=public_key_text(config.state_dir),
     )
+    if config.state_backend == "postgresql":  # any node may install the response
+        from floatd.store.pg_shared import add_nonce
+
+        add_nonce(read_dsn(config), request.nonce, request.created_at)
+        return request.to_armored()
     db = open_database(config.database_path)
     try:
         with db:
@@ -143,6 +174,12 @@ def install_offline_response(config: Config, server_id: str, text: str, now: flo
     ent = verify_for_this_server(config, server_id, text, now)
     if ent.nonce is None:
         raise EntitlementError("this entitlement carries no nonce: it is not an offline response")
+    if config.state_backend == "postgresql":
+        from floatd.store.pg_shared import consuming_nonce
+
+        with consuming_nonce(read_dsn(config), ent.nonce):
+            _install(config, ent, None)
+        return ent
     _install(config, ent, ent.nonce)
     return ent
 

@@ -145,6 +145,13 @@ MIGRATIONS: Sequence[str] = (
         PRIMARY KEY (email, product)
     );
     """,
+    # Offline activation requests waiting for their response (floatd.store.pg_shared).
+    """
+    CREATE TABLE floatd_pending_nonces (
+        nonce text PRIMARY KEY,
+        created_at bigint NOT NULL
+    );
+    """,
 )
 FINGERPRINT_DOMAIN = "floatd-cluster-v1:"
 
