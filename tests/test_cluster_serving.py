@@ -180,10 +180,16 @@ def test_a_database_that_goes_away_costs_availability_not_seats(
             assert held["ok"]
             config = str(nodes.nodes[0].config)
             before = floatd_cli("fingerprint", "--config", config).stdout
+            wait_for(
+                lambda: [p["used"] for p in status(nodes.nodes[1])["products"]] == [1],
+                "the second node to have seen the lease",
+            )
             server.stop("immediate")
             down = b.request("renew", lease=held["lease"], token=held["token"])
             assert down["error"]["code"] == "UNAVAILABLE"
-            assert b.request("ping")["ok"]  # the node itself still answers
+            assert b.request("ping")["ok"]  # the node itself still answers,
+            info = b.request("info", product="app")  # info from what it last knew
+            assert info["ok"] and info["used"] == 1, info
             wait_for(
                 lambda: nodes.nodes[1].http("/healthz")[0] == 503, "healthz to say unavailable"
             )
@@ -195,7 +201,7 @@ def test_a_database_that_goes_away_costs_availability_not_seats(
                 "the node to serve again",
                 timeout=20,
             )
-            assert nodes.nodes[0].http("/healthz")[0] == 200
+            wait_for(lambda: nodes.nodes[0].http("/healthz")[0] == 200, "the first node too")
             again = a.request("acquire", product="app", fingerprint="machine-2")
             assert again["ok"], again
             assert floatd_cli("fingerprint", "--config", config).stdout == before != ""
@@ -359,7 +365,8 @@ def test_a_node_that_loses_the_database_sends_its_clients_to_another(
         trio.run(main)
         assert first.http("/healthz")[0] == 503
         probe = floatd_cli(
-            "probe", "--server", servers[0], "--server", servers[1], "--product", "app", "--json"
+            *("probe", "--server", servers[0], "--server", servers[1]),
+            *("--product", "app", "--lease", "--json"),
         )
         assert probe.returncode == 0, probe.stdout
         assert json.loads(probe.stdout)["server"] == servers[1]

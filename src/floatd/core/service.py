@@ -486,14 +486,24 @@ class LeaseService:
         self._collect()
         return lease
 
-    def _info(self, req: Info, now: float) -> Answer:
+    def _info(self, req: Info, now: float, used: int | None = None) -> Answer:
         ent = self.entitlement
         check_license(ent, now)
         assert ent is not None
         terms = ent.product(req.product)
         if terms is None:
             raise UnknownProduct(f"unknown product {req.product!r}")
-        return answer(req.id, **self.product_summary(terms))
+        return answer(req.id, **self.product_summary(terms, used))
+
+    def info_from(self, req: Info, now: float, overview: list[dict[str, Any]]) -> Answer:
+        """An info answer from a view of the seats (a cluster node's last look,
+        so that info needs no database: cluster.md), decided nothing, recorded
+        nothing."""
+        used = next((p["used"] for p in overview if p["code"] == req.product), 0)
+        try:
+            return self._info(req, now, used)
+        except FloatdError as exc:
+            return refusal(req.id, exc)
 
     def activation_state(self, now: float) -> str:
         """The ``activation.state`` of the status endpoint."""
@@ -527,9 +537,10 @@ class LeaseService:
             )
         return out
 
-    def product_summary(self, terms: ProductTerms) -> dict[str, Any]:
+    def product_summary(self, terms: ProductTerms, used: int | None = None) -> dict[str, Any]:
         ent = self.entitlement
-        used = self.ledger.used(terms.code)
+        if used is None:
+            used = self.ledger.used(terms.code)
         return {
             "code": terms.code,
             "name": terms.name,

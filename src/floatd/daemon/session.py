@@ -350,6 +350,9 @@ class _Connection:
             op = _OPS.get(type(event), "invalid")
             if isinstance(event, Ping):
                 return _Slot(answer=make_answer(event.id, time=now), op=op, started=started)
+            if isinstance(event, Info):  # from the node's last look: no database needed
+                info = server.service.info_from(event, now, node.overview)
+                return _Slot(answer=info, op=op, started=started)
             slot = _Slot(owner=self, op=op, started=started)
             node.submit(event, self.peer, authenticated, slot)
             return slot
