@@ -43,7 +43,7 @@ from floatd.core.entitlement import Entitlement, verify_entitlement
 from floatd.core.messages import Answer, Request
 from floatd.core.seats import Waiter
 from floatd.daemon.session import _Slot, _unavailable, answer_unavailable
-from floatd.errors import EntitlementError, StoreError, Unavailable
+from floatd.errors import AdminError, EntitlementError, LeaseNotFound, StoreError, Unavailable
 from floatd.logs import get_logger
 from floatd.store import pg_nodes
 from floatd.store.pg_ledger import PgLedger
@@ -229,6 +229,10 @@ class ClusterNode:
             except Unavailable as exc:
                 self._failed(str(exc), items)
                 continue
+            except Exception as exc:  # a bug must cost this batch, not the node
+                log.exception("cluster_batch_failed", node=self.ledger.node)
+                self._failed(f"internal error: {exc!r}", items)
+                continue
             self.batches += 1
             if outcome.overview is not None:
                 self.overview, self._refreshed = outcome.overview, time.monotonic()
@@ -272,24 +276,33 @@ class ClusterNode:
             now = ledger.database_time()
         give_back, self._give_back = self._give_back, []
         cancel, self._cancel = self._cancel, []
-        with ledger.transaction():
-            for waiter in cancel:
-                service.cancel_wait(waiter, now)
-            for lease_id in give_back:
-                if ledger.lease(lease_id) is not None:
-                    service.revoke(lease_id, now)
-            for item in items:
-                item.result = service.handle(item.request, now, item.peer, item.authenticated)
-            service.advance(now)
-            if beat:
-                outcome.nodes = self._heartbeat(now)
-            for waiter in service.take_woken():
-                if waiter.handle is not None:
-                    outcome.woken.append((waiter, service.waiter_response(waiter, now)))
+        try:
+            with ledger.transaction():
+                for waiter in cancel:
+                    service.cancel_wait(waiter, now)
+                for lease_id in give_back:
+                    with contextlib.suppress(LeaseNotFound, AdminError):  # gone, or borrowed
+                        service.revoke(lease_id, now)
+                self._decide_items(items, now, beat, outcome)
+        except Unavailable:
+            self._give_back[:0] = give_back  # still to be given back, once it can
+            raise
         if refresh:
             outcome.overview = service.products_overview()
             outcome.leases = len(ledger)
         return outcome
+
+    def _decide_items(self, items: list[_Item], now: float, beat: bool, outcome: _Outcome) -> None:
+        """(Worker thread, in the batch's transaction.)"""
+        service = self.server.service
+        for item in items:
+            item.result = service.handle(item.request, now, item.peer, item.authenticated)
+        service.advance(now)
+        if beat:
+            outcome.nodes = self._heartbeat(now)
+        for waiter in service.take_woken():
+            if waiter.handle is not None:
+                outcome.woken.append((waiter, service.waiter_response(waiter, now)))
 
     def _verify(self, text: str) -> Entitlement:
         """The database's entitlement, checked for this cluster as the watcher
@@ -374,7 +387,8 @@ class ClusterNode:
         for waiter, rid in service.abandon_waiters():
             answer_unavailable(waiter, rid)
         self.ledger.reset()
-        self._give_back.clear()
+        # Grants not delivered are still to be given back once the database is
+        # back; the waiters to cancel were all just answered and dropped.
         self._cancel.clear()
 
     async def _probe(self) -> None:

@@ -528,8 +528,11 @@ class Server(AdminOperations):
                 log.error("reload_failed", key=exc.key, reason=exc.problem)
 
     async def _watchdog(self, interval: float) -> None:
+        """Fed while the state is written.  Not on a cluster node: a restart
+        would not bring the database back, and the node recovers by itself
+        when it comes (its decider probes it every second)."""
         while True:
-            if (
+            if self.node is not None or (
                 self.service.writable
                 and self.clock() - self.committer.last_cut <= WATCHDOG_COMMIT_AGE
             ):
