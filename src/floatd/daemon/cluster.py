@@ -49,6 +49,7 @@ from floatd.store import pg_nodes
 from floatd.store.pg_ledger import PgLedger
 from floatd.store.pg_rows import failed
 from floatd.store.pg_shared import EntitlementSync
+from floatd.store.pg_users import users_pool
 
 if TYPE_CHECKING:
     from floatd.daemon.server import Server
@@ -127,6 +128,9 @@ class ClusterNode:
         self._beaten = -1e9
         self._said_limit = False
         self._entitlement = EntitlementSync(server.config, self._verify)
+        #: Connections for the license users' password checks (off the event
+        #: loop, two at a time: Server.check_password's limiter).
+        self.users = users_pool(dsn)
         #: The registry as of the last heartbeat, for status and ``floatd nodes``.
         self.nodes: list[dict[str, Any]] = []
 
@@ -180,10 +184,14 @@ class ClusterNode:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         self._wake.set()  # the first view of the cluster at once
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._listen)
-            await self._decide()
-            nursery.cancel_scope.cancel()
+        self.users.open()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._listen)
+                await self._decide()
+                nursery.cancel_scope.cancel()
+        finally:
+            self.users.close(timeout=1.0)
 
     async def _listen(self) -> None:
         """Wake the decider when another node served one of this node's

@@ -435,7 +435,7 @@ class Server(AdminOperations):
         return bool(
             await self._run_sync(
                 users.authenticate,
-                users.users_source(self.config),
+                self.node.users if self.node is not None else users.users_source(self.config),
                 req.user,
                 req.password,
                 req.product,

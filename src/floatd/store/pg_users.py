@@ -8,19 +8,48 @@ import time
 from typing import Any
 
 import psycopg
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from floatd.errors import StoreError
 from floatd.store import cluster
 from floatd.store.users import LicenseUser, needs_place
 
 
+def users_pool(dsn: str) -> ConnectionPool:
+    """A running node's connections for license users' password checks: two at
+    most, as many as the checks that run at once (scrypt is the bound), and
+    none kept while nobody leases as a license user.  Opened by the caller."""
+    return ConnectionPool(
+        dsn,
+        min_size=0,
+        max_size=2,
+        kwargs={"autocommit": True, "connect_timeout": 5},
+        open=False,
+        name="floatd-users",
+    )
+
+
 class PgUserStore:
-    def __init__(self, dsn: str) -> None:
-        self.db: psycopg.Connection[Any] = cluster.connect(dsn)
-        self.db.autocommit = True
+    """On its own connection (the CLI, a DSN) or one borrowed from a pool (a
+    running node), given back on close."""
+
+    def __init__(self, source: str | ConnectionPool) -> None:
+        self._pool: ConnectionPool | None = None
+        if isinstance(source, str):
+            self.db: psycopg.Connection[Any] = cluster.connect(source)
+            self.db.autocommit = True
+            return
+        try:
+            self.db = source.getconn(timeout=5)
+        except (PoolTimeout, psycopg.Error) as exc:
+            raise StoreError(f"cannot reach the cluster database: {exc}") from None
+        self._pool = source
 
     def close(self) -> None:
-        self.db.close()
+        if self._pool is not None:
+            self._pool.putconn(self.db)
+        else:
+            self.db.close()
 
     def _rows(self, sql: str, *args: object) -> list[tuple[Any, ...]]:
         try:

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from psycopg_pool import ConnectionPool
+
 from floatd.config import Config, read_dsn
 from floatd.errors import FloatdError, StoreError
 from floatd.store.sqlite import open_database
@@ -186,8 +188,8 @@ class UserStore:
 
 
 #: Where license users are kept: the state database (a single server), or a
-#: cluster's DSN (floatd.store.pg_users).
-Source = Path | str
+#: cluster's DSN or a running node's pool (floatd.store.pg_users).
+Source = Path | str | ConnectionPool
 
 
 def users_source(config: Config) -> Source:
@@ -198,11 +200,11 @@ def users_source(config: Config) -> Source:
 
 def open_users(source: Source, *, readonly: bool = False) -> UserStore | PgUserStore:
     """The license users at ``source`` (see :func:`users_source`)."""
-    if isinstance(source, str):
-        from floatd.store.pg_users import PgUserStore
+    if isinstance(source, Path):
+        return UserStore(source, readonly=readonly)
+    from floatd.store.pg_users import PgUserStore
 
-        return PgUserStore(source)
-    return UserStore(source, readonly=readonly)
+    return PgUserStore(source)
 
 
 def authenticate(
