@@ -104,7 +104,7 @@ class Nodes:
             home = tmp / f"node{n}"
             config = node_config(home, self.key, dsn, f"node{n}")
             (home / "state" / "entitlement.txt").write_text(text)
-            proc, port = launch(config, home / "floatd.log")
+            proc, port = tp.launch(config, home / "floatd.log", timeout=60)
             self.procs.append(proc)
             self.ports.append(port)
 
@@ -113,31 +113,6 @@ class Nodes:
             if proc.poll() is None:
                 proc.terminate()
                 proc.wait(10)
-
-
-def launch(config: Path, log: Path) -> tuple[subprocess.Popen[bytes], int]:
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "floatd", "serve", "--config", str(config)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONPATH": str(REPO / "src")},
-        )
-
-    def port() -> int | None:
-        for line in log.read_text().splitlines():
-            if '"listening"' in line:
-                return int(json.loads(line)["addresses"][0].rsplit(":", 1)[1])
-        if proc.poll() is not None:
-            raise RuntimeError(log.read_text())
-        return None
-
-    try:
-        return proc, tp.wait_for(port, "a node to listen", timeout=60)
-    except BaseException:
-        proc.kill()
-        print(log.read_text()[-2000:], file=sys.stderr)
-        raise
 
 
 def spread(ports: list[int], count: int, renewing: bool) -> list[tp.Conn]:

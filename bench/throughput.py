@@ -353,10 +353,14 @@ def start_floatd(tmp: Path, tls: bool = False) -> tuple[subprocess.Popen[bytes],
 
 def launch_floatd(tmp: Path, log_name: str) -> tuple[subprocess.Popen[bytes], int]:
     """Start ``floatd serve`` on the config start_floatd wrote (again, for restarts)."""
-    log = tmp / log_name
+    return launch(tmp / "floatd.toml", tmp / log_name)
+
+
+def launch(config: Path, log: Path, timeout: float = 20.0) -> tuple[subprocess.Popen[bytes], int]:
+    """``floatd serve --config config``, its output in ``log``; (process, lease port)."""
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "floatd", "serve", "--config", str(tmp / "floatd.toml")],
+            [sys.executable, "-m", "floatd", "serve", "--config", str(config)],
             stdout=out,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONPATH": str(REPO / "src")},
@@ -366,9 +370,15 @@ def launch_floatd(tmp: Path, log_name: str) -> tuple[subprocess.Popen[bytes], in
         for line in log.read_text().splitlines():
             if '"listening"' in line:
                 return int(json.loads(line)["addresses"][0].rsplit(":", 1)[1])
+        if proc.poll() is not None:
+            raise RuntimeError(f"floatd exited: {log.read_text()[-2000:]}")
         return None
 
-    return proc, wait_for(port, "floatd to listen")
+    try:
+        return proc, wait_for(port, "floatd to listen", timeout)
+    except BaseException:
+        proc.kill()
+        raise
 
 
 def main() -> None:

@@ -68,6 +68,28 @@ class Audit(NamedTuple):
     rule: str | None = None
 
 
+def audit_fields(a: Audit) -> tuple[object, ...]:
+    """What a store keeps of an audit record, in its columns' order: ts, event,
+    product, lease, fingerprint, instance, user, hostname, peer, code, seat,
+    granted_at, repeats, rule (``seat`` as the tuple: each store encodes it)."""
+    return (
+        a.ts,
+        a.event,
+        a.product,
+        a.lease,
+        a.fingerprint,
+        a.instance,
+        a.user,
+        a.hostname,
+        a.peer,
+        a.code,
+        a.seat,
+        a.granted_at,
+        a.repeats,
+        a.rule,
+    )
+
+
 class PruneAudit(NamedTuple):
     """Drop up to ``limit`` audit records older than ``before`` (retention)."""
 

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg.types.json import Jsonb
 
-from floatd.core.changes import Audit
+from floatd.core.changes import Audit, audit_fields
 from floatd.core.ledger import LocalLedger
 from floatd.core.seats import Claim, Lease, Waiter
 from floatd.errors import Unavailable
@@ -142,24 +142,9 @@ def write_audit(conn: Conn, records: list[Audit], node: str) -> None:
             " user_name, hostname, peer, code, seat, granted_at, repeats, rule, node)"
             " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
             [
-                (
-                    a.ts,
-                    a.event,
-                    a.product,
-                    a.lease,
-                    a.fingerprint,
-                    a.instance,
-                    a.user,
-                    a.hostname,
-                    a.peer,
-                    a.code,
-                    list(a.seat) if a.seat is not None else None,
-                    a.granted_at,
-                    a.repeats,
-                    a.rule,
-                    node,
-                )
+                (*row[:10], list(a.seat) if a.seat is not None else None, *row[11:], node)
                 for a in records
+                for row in (audit_fields(a),)
             ],
         )
 

@@ -29,6 +29,7 @@ import msgpack
 from floatd.core.changes import (
     Audit,
     Change,
+    audit_fields,
     coalesce,
 )
 from floatd.core.codec import pack
@@ -218,22 +219,8 @@ def _chunks(items: list[Any]) -> Iterator[list[Any]]:
 
 
 def _audit_row(a: Audit) -> tuple[object, ...]:
-    return (
-        a.ts,
-        a.event,
-        a.product,
-        a.lease,
-        a.fingerprint,
-        a.instance,
-        a.user,
-        a.hostname,
-        a.peer,
-        a.code,
-        None if a.seat is None else pack(a.seat),
-        a.granted_at,
-        a.repeats,
-        a.rule,
-    )
+    row = audit_fields(a)
+    return (*row[:10], None if a.seat is None else pack(a.seat), *row[11:])
 
 
 def _row(lease: Lease) -> tuple[object, ...]:
