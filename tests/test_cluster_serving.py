@@ -5,6 +5,7 @@ acknowledged, and a database that goes away costs availability, not seats."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -376,9 +377,28 @@ def test_a_node_that_loses_the_database_sends_its_clients_to_another(
 
 
 def test_a_node_stops_cleanly_on_sigterm(three: Cluster) -> None:
+    """SIGTERM: exit 0, and the node's queued acquire leaves the queue at once
+    (not when its heartbeat has gone stale)."""
     c = client(three.nodes[0])
-    assert c.request("acquire", product="app", fingerprint="machine-stop")["ok"]
-    assert three.nodes[0].terminate(timeout=15) == 0
+    for n in range(CAP):
+        assert c.request("acquire", product="app", fingerprint=f"machine-stop{n}")["ok"]
+
+    def wait_on() -> None:
+        with (
+            contextlib.suppress(OSError, ProtocolError),
+            SimpleClient("127.0.0.1", three.nodes[0].port, timeout=20) as w,
+        ):
+            w.hello()
+            w.request("acquire", product="app", fingerprint="machine-waits", wait=30)
+
+    waiter = threading.Thread(target=wait_on)
+    waiter.start()
+    with psycopg.connect(three.url, autocommit=True) as conn:
+        queued = "SELECT count(*) FROM floatd_waiters"
+        wait_for(lambda: conn.execute(queued).fetchone() == (1,), "the acquire to queue")
+        assert three.nodes[0].terminate(timeout=15) == 0
+        assert conn.execute(queued).fetchone() == (0,)
+    waiter.join(timeout=20)
     assert any(e.get("event") == "stopped" for e in three.nodes[0].events())
 
 

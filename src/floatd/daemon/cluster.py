@@ -221,8 +221,9 @@ class ClusterNode:
                 await self._wake.wait()
             self._wake = trio.Event()
             items, self._pending = self._pending, []
-            if self._stopping and not items:
-                return
+            leftovers = bool(self._cancel or self._give_back) and self.server.service.writable
+            if self._stopping and not items and not leftovers:
+                return  # a clean stop: what the connections left was done first
             if not self.server.service.writable:
                 await self._probe()
                 if not self.server.service.writable:
