@@ -650,3 +650,22 @@ def test_an_offline_activation_started_on_one_node_ends_on_another(
         lambda: [p["seats"] for p in status(three.nodes[2])["products"]] == [CAP + 3],
         "every node to serve with it",
     )
+
+
+def test_the_clusters_audit_trail_is_kept_for_its_retention(
+    tmp_path: Path, vendor_key: Ed25519PrivateKey, pg_dsn: str
+) -> None:
+    nodes = Cluster(tmp_path, vendor_key, fresh_database(pg_dsn, "retention"), 1)
+    with psycopg.connect(nodes.url, autocommit=True) as conn:
+        for age_days in (400, 1):  # [audit] retention_days is 90 by default
+            conn.execute(
+                "INSERT INTO floatd_audit (ts, event, product, node)"
+                " VALUES (extract(epoch FROM now()) - %s, 'granted', 'app', 'old')",
+                (age_days * 86400,),
+            )
+        try:
+            nodes.start()
+            count = "SELECT count(*) FROM floatd_audit WHERE node = 'old'"
+            wait_for(lambda: conn.execute(count).fetchone() == (1,), "the old record to go")
+        finally:
+            nodes.close()

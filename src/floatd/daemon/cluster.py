@@ -42,6 +42,7 @@ from floatd.core.changes import Audit
 from floatd.core.entitlement import Entitlement, verify_entitlement
 from floatd.core.messages import Answer, Request
 from floatd.core.seats import Waiter
+from floatd.daemon.recovery import AUDIT_PRUNE_INTERVAL
 from floatd.daemon.session import _Slot, _unavailable, answer_unavailable
 from floatd.errors import AdminError, EntitlementError, LeaseNotFound, StoreError, Unavailable
 from floatd.logs import get_logger
@@ -127,6 +128,7 @@ class ClusterNode:
         self._has_slot = False
         self._beaten = -1e9
         self._said_limit = False
+        self._pruned = -1e9  # audit retention: at the first heartbeat, then every 10 min
         self._entitlement = EntitlementSync(server.config, self._verify)
         #: Connections for the license users' password checks (off the event
         #: loop, two at a time: Server.check_password's limiter).
@@ -341,6 +343,12 @@ class ClusterNode:
             conn, me, self._has_slot, ent.nodes if ent is not None else 1, now
         )
         server.service.clock_guard.mark = pg_nodes.clock_mark(conn, now)
+        days = server.config.audit_retention_days
+        if days > 0 and time.monotonic() - self._pruned >= AUDIT_PRUNE_INTERVAL:
+            self._pruned = time.monotonic()
+            pruned = pg_nodes.prune_audit(conn, now - days * 86400)
+            if pruned:
+                log.info("audit_pruned", records=pruned, node=ledger.node)
         try:
             moved = self._entitlement.sync(conn)
         except (EntitlementError, StoreError) as exc:

@@ -95,3 +95,14 @@ def clock_mark(conn: Conn, now: float, reset: bool = False) -> float:
         )
         mark = now
     return mark
+
+
+def prune_audit(conn: Conn, before: float, limit: int = 50_000) -> int:
+    """Retention (``[audit] retention_days``): drop up to ``limit`` audit
+    records older than ``before``; how many went."""
+    cur = conn.execute(
+        "DELETE FROM floatd_audit WHERE seq IN"
+        " (SELECT seq FROM floatd_audit WHERE ts < %s ORDER BY seq LIMIT %s)",
+        (before, limit),
+    )
+    return cur.rowcount
