@@ -135,6 +135,10 @@ class PgLedger(LedgerReads):
             if isinstance(exc, Unavailable):
                 raise
             raise failed(exc) from None
+        except BaseException:  # a bug: nothing decided inside happened either
+            self.journal = []
+            self._follow.drop()
+            raise
         finally:
             self._tx = None
         return refusal
