@@ -669,3 +669,29 @@ def test_the_clusters_audit_trail_is_kept_for_its_retention(
             wait_for(lambda: conn.execute(count).fetchone() == (1,), "the old record to go")
         finally:
             nodes.close()
+
+
+def test_a_waiter_cleared_by_the_others_hears_at_once(three: Cluster) -> None:
+    """If the other nodes cleared a node's queued acquire (they took the node
+    for gone: it stalled past the heartbeat's staleness), its client hears
+    that no seat came at the node's next heartbeat, not at the end of its wait."""
+    holder = client(three.nodes[0])
+    for n in range(CAP):
+        assert holder.request("acquire", product="app", fingerprint=f"machine-s{n}")["ok"]
+    answer: dict[str, Any] = {}
+
+    def wait_on() -> None:
+        with SimpleClient("127.0.0.1", three.nodes[1].port, timeout=40) as c:
+            c.hello()
+            answer.update(c.request("acquire", product="app", fingerprint="machine-w", wait=30))
+
+    waiter = threading.Thread(target=wait_on)
+    waiter.start()
+    with psycopg.connect(three.url, autocommit=True) as conn:
+        queued = "SELECT count(*) FROM floatd_waiters"
+        wait_for(lambda: conn.execute(queued).fetchone() == (1,), "the acquire to queue")
+        conn.execute("DELETE FROM floatd_waiters")  # what forget_node does
+    cleared = time.monotonic()
+    waiter.join(timeout=35)
+    assert answer["error"]["code"] == "NO_FREE_SEATS"
+    assert time.monotonic() - cleared < 10

@@ -308,9 +308,9 @@ class ClusterNode:
         service = self.server.service
         for item in items:
             item.result = service.handle(item.request, now, item.peer, item.authenticated)
-        service.advance(now)
         if beat:
             outcome.nodes = self._heartbeat(now)
+        service.advance(now)  # also hands over what the heartbeat found
         for waiter in service.take_woken():
             if waiter.handle is not None:
                 outcome.woken.append((waiter, service.waiter_response(waiter, now)))
@@ -356,6 +356,7 @@ class ClusterNode:
         else:
             if moved is not None:
                 log.info("cluster_entitlement", node=ledger.node, copy=moved)
+        ledger.check_waiters()
         for name in pg_nodes.gone(conn, now):
             if name != ledger.node:
                 given = ledger.forget_node(now, name)

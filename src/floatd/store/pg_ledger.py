@@ -304,6 +304,29 @@ class PgLedger(LedgerReads):
                 waiter.lease = self._read_lease(granted)
             self._woken.append(waiter)
 
+    def check_waiters(self) -> None:
+        """(In a transaction, now and then.)  This node's waiters whose rows
+        are gone: another node took this one for gone (it stalled past the
+        heartbeat's staleness) and cleared them.  Their clients hear now that
+        no seat came, rather than at the end of their wait."""
+        if not self._mine:
+            return
+        self._lock()
+        rows = self._conn.execute(
+            "SELECT seq FROM floatd_waiters WHERE node = %s", (self.node,)
+        ).fetchall()
+        present = {row[0] for row in rows}
+        for seq in [seq for seq in self._mine if seq not in present]:
+            waiter = self._mine.pop(seq)
+            gone = self._follow.by_seq.get(seq)
+            if gone is not None:
+                self._follow.unplace(gone)
+                copy = self._follow.copies.get(gone.claim.product)
+                if copy is not None:
+                    copy.follow_unqueue(gone)
+            waiter.done = True
+            self._woken.append(waiter)
+
     def collect(self) -> None:
         """Look for this node's waiters served elsewhere (on a notification, or
         now and then in case one was missed)."""
