@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -14,7 +13,7 @@ import pytest
 from conftest import write_config
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from daemon import free_port
-from pg import postgres
+from pg import fresh_database
 from test_integration import floatd_cli
 
 from floatd.config import load_config
@@ -22,18 +21,10 @@ from floatd.errors import ConfigError
 from floatd.store import cluster
 
 
-@pytest.fixture(scope="module")
-def dsn() -> Iterator[str]:
-    with postgres() as url:
-        yield url
-
-
-def fresh_database(dsn: str, name: str) -> str:
-    """A new, empty database on the test server; its DSN."""
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return dsn.rsplit("/", 1)[0] + "/" + name
+@pytest.fixture
+def dsn(pg_dsn: str) -> str:
+    """The run's PostgreSQL (conftest.pg_dsn); each test makes its own database."""
+    return pg_dsn
 
 
 def node_config(tmp_path: Path, key: Ed25519PrivateKey, **state: str) -> Path:
