@@ -339,9 +339,7 @@ class ClusterNode:
             connections=server.connections,
             serving=self._has_slot,
         )
-        self._has_slot = pg_nodes.beat(
-            conn, me, self._has_slot, ent.nodes if ent is not None else 1, now
-        )
+        self._has_slot = pg_nodes.beat(conn, me, ent.nodes if ent is not None else 1)
         server.service.clock_guard.mark = pg_nodes.clock_mark(conn, now)
         days = server.config.audit_retention_days
         if days > 0 and time.monotonic() - self._pruned >= AUDIT_PRUNE_INTERVAL:

@@ -45,8 +45,10 @@ class NodeRow:
         }
 
 
-def beat(conn: Conn, me: NodeRow, serving: bool, limit: int, now: float) -> bool:
-    """Write this node's row; whether it serves from now on."""
+def beat(conn: Conn, me: NodeRow, limit: int) -> bool:
+    """Write this node's row (``me``: dated ``heartbeat``, serving or not so
+    far); whether it serves from now on."""
+    serving, now = me.serving, me.heartbeat
     if not serving:
         row = conn.execute(
             "SELECT count(*) FROM floatd_nodes WHERE serving AND heartbeat > %s AND name <> %s",
