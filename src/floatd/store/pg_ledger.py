@@ -280,11 +280,10 @@ class PgLedger(LedgerReads):
             self._woken.append(waiter)
             return
         granted = waiter.lease.id if waiter.lease is not None else None
-        self._conn.execute(
-            "UPDATE floatd_waiters SET done = true, granted = %s WHERE seq = %s", (granted, seq)
-        )
-        self._conn.execute(
-            "SELECT pg_notify('floatd_waiters', node) FROM floatd_waiters WHERE seq = %s", (seq,)
+        self._conn.execute(  # marked done, and its node told (at commit), in one statement
+            "WITH done AS (UPDATE floatd_waiters SET done = true, granted = %s WHERE seq = %s"
+            " RETURNING node) SELECT pg_notify('floatd_waiters', node) FROM done",
+            (granted, seq),
         )
 
     def _collect_done(self) -> None:
