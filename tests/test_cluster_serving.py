@@ -695,3 +695,36 @@ def test_a_waiter_cleared_by_the_others_hears_at_once(three: Cluster) -> None:
     waiter.join(timeout=35)
     assert answer["error"]["code"] == "NO_FREE_SEATS"
     assert time.monotonic() - cleared < 10
+
+
+def test_a_nodes_stepped_clock_changes_nothing(
+    tmp_path: Path, vendor_key: Ed25519PrivateKey, pg_dsn: str
+) -> None:
+    """A node's wall clock set a day back, then a day ahead: leases run by the
+    database's clock, so they keep their time, and nothing is refused as a
+    clock turned back."""
+    nodes = Cluster(tmp_path, vendor_key, fresh_database(pg_dsn, "stepped"), 1)
+    node = nodes.nodes[0]
+    offset = tmp_path / "clock.offset"
+    offset.write_text("0")
+    try:
+        node.start(env={"FLOATD_TEST_CLOCK_OFFSET": str(offset)})
+        c = client(node)
+        held = c.request("acquire", product="app", fingerprint="machine-a")
+        assert held["ok"] and held["expires_in"] == pytest.approx(60, abs=1)
+        for steps, step in enumerate(("-86400", "86400"), start=1):
+            offset.write_text(step)
+            wait_for(
+                lambda steps=steps: (
+                    sum(e.get("event") == "clock_stepped" for e in node.events()) == steps
+                ),
+                "the step",
+            )
+            renewed = c.request("renew", lease=held["lease"], token=held["token"])
+            assert renewed["ok"] and renewed["expires_in"] == pytest.approx(60, abs=1), renewed
+            got = c.request("acquire", product="app", fingerprint=f"machine{step}")
+            assert got["ok"], got
+            assert c.request("info", product="app")["ok"]  # answered by the node itself
+            assert node.http("/healthz")[0] == 200
+    finally:
+        nodes.close()

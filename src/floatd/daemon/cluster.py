@@ -116,6 +116,8 @@ class ClusterNode:
         self._wake = trio.Event()
         self._lock = trio.Lock()  # one worker-thread job at a time touches the service
         self._stopping = False
+        #: The database's clock as last read, and the monotonic time of reading.
+        self._db_base: tuple[float, float] | None = None
         #: The cluster-wide view the status endpoint and metrics show, as of
         #: the last refresh (reading it must not wait for the database).
         self.overview: list[dict[str, Any]] = []
@@ -156,6 +158,15 @@ class ClusterNode:
     def cancel_wait(self, waiter: Waiter) -> None:
         self._cancel.append(waiter)
         self._wake.set()
+
+    def database_clock(self, fallback: float) -> float:
+        """The database's clock now, from its last reading and the monotonic
+        clock since (``fallback`` before the first reading)."""
+        base = self._db_base
+        if base is None:
+            return fallback
+        read, at = base
+        return read + (time.monotonic() - at)
 
     async def reset_clock(self) -> dict[str, Any]:
         """``floatd clock reset`` on a cluster: the database's mark goes back to
@@ -285,6 +296,7 @@ class ClusterNode:
             # was decided on it yet, so a new one may take this batch.
             self._reconnect(forget=False)
             now = ledger.database_time()
+        self._db_base = (now, time.monotonic())
         give_back, self._give_back = self._give_back, []
         cancel, self._cancel = self._cancel, []
         try:

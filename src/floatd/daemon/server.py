@@ -178,7 +178,11 @@ class Server(AdminOperations):
         stepped (by hand, or by NTP after a long drift), every lease keeps the
         time it had left rather than its date, so a step forward expires nobody
         and a step back stretches nobody (see :meth:`_clock_stepped`).  Outside
-        trio (start-up) there is nothing to compare with yet."""
+        trio (start-up) there is nothing to compare with yet.
+
+        A cluster node's clock is the database's (cluster.md: node clocks may
+        differ), as its decider last read it, carried on by the monotonic
+        clock: its status, info answers and clock guard agree with its leases."""
         wall = self._wall()
         try:
             mono = trio.current_time()
@@ -188,6 +192,8 @@ class Server(AdminOperations):
         self._skew = skew
         if last is not None and abs(skew - last) > CLOCK_STEP:
             self._clock_stepped(skew - last)
+        if self.node is not None:
+            return self.node.database_clock(wall)
         return wall
 
     def _clock_stepped(self, delta: float) -> None:

@@ -327,8 +327,8 @@ class PgLedger(LedgerReads):
             self._woken.append(waiter)
 
     def collect(self) -> None:
-        """Look for this node's waiters served elsewhere (on a notification, or
-        now and then in case one was missed)."""
+        """Look for this node's waiters served elsewhere, outside a batch (a
+        node's every transaction does this as it takes the lock)."""
         if self._mine:
             with self.transaction():
                 self._lock()
