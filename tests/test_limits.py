@@ -113,8 +113,8 @@ def test_lease_ids_never_start_with_a_dash_and_tokens_are_full_length() -> None:
     an option.  Without the redraw, about 78 of these 5,000 would start with one."""
     drawn = [new_lease_secrets() for _ in range(5000)]
     assert not [lease_id for lease_id, _ in drawn if lease_id.startswith("-")]
-    assert {len(lease_id) for lease_id, _ in drawn} == {22}  # 128 bits
-    assert {len(token) for _, token in drawn} == {43}  # 256 bits
+    assert {len(lease_id) for lease_id, _ in drawn} == {22}  # 132 bits
+    assert {len(token) for _, token in drawn} == {43}  # 258 bits
     assert len({lease_id for lease_id, _ in drawn}) == len(drawn)
 
 

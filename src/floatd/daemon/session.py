@@ -290,8 +290,10 @@ class _Connection:
                 drained = True
                 self._frame_progress()
                 break
-            if isinstance(event, Acquire) and self.server.service.needs_password_check(
-                event, self.server.clock(), self.peer
+            if (
+                isinstance(event, Acquire)
+                and event.password is not None  # most acquires: no clock read, no lookup
+                and self.server.service.needs_password_check(event, self.server.clock(), self.peer)
             ):
                 # Only this connection waits (its answers stay in order).
                 self._held = (event, started)

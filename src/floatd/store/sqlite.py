@@ -27,7 +27,6 @@ from typing import Any, NamedTuple, Protocol
 import msgpack
 
 from floatd.core.changes import (
-    Audit,
     Change,
     audit_fields,
     coalesce,
@@ -218,22 +217,19 @@ def _chunks(items: list[Any]) -> Iterator[list[Any]]:
         yield items[start : start + _CHUNK]
 
 
-def _audit_row(a: Audit) -> tuple[object, ...]:
-    row = audit_fields(a)
-    return (*row[:10], None if a.seat is None else pack(a.seat), *row[11:])
-
-
 def _row(lease: Lease) -> tuple[object, ...]:
+    """A lease as it crosses to the writer: the seat and the metadata still as
+    values; :func:`_encoded` packs them there, off the server's event loop."""
     return (
         lease.id,
         lease.token_hash,
         lease.product,
-        pack(lease.seat),
+        lease.seat,
         lease.fingerprint,
         lease.instance,
         lease.user,
         lease.hostname,
-        pack(dict(lease.meta)) if lease.meta else _EMPTY_MAP,
+        dict(lease.meta) if lease.meta else None,
         lease.peer,
         lease.granted_at,
         lease.expires_at,
@@ -242,12 +238,24 @@ def _row(lease: Lease) -> tuple[object, ...]:
     )
 
 
+def _encoded(row: Sequence[Any]) -> tuple[object, ...]:
+    """A lease row of :func:`_row` as the leases table holds it (the id first)."""
+    meta = row[8]
+    return (*row[:3], pack(row[3]), *row[4:8], pack(meta) if meta else _EMPTY_MAP, *row[9:])
+
+
+def _encoded_audit(row: Sequence[Any]) -> tuple[object, ...]:
+    """An audit row (:func:`floatd.core.changes.audit_fields`) as its table holds it."""
+    seat = row[10]
+    return (*row[:10], None if seat is None else pack(seat), *row[11:])
+
+
 class WriteSet(NamedTuple):
     """A batch reduced to plain rows: what a backend writes, and what crosses
     the pipe to the writer process (:mod:`floatd.store.writer`) as msgpack."""
 
     deletes: list[str]
-    puts: list[tuple[Any, ...]]  # lease rows, the id first
+    puts: list[tuple[Any, ...]]  # lease rows (_row), the id first
     expiries: list[tuple[str, float]]
     audit: list[tuple[object, ...]]
     meta: list[tuple[str, str]]
@@ -263,7 +271,7 @@ def prepare(changes: Iterable[Change]) -> WriteSet:
         deletes=list(net.deletes),
         puts=[_row(lease) for lease in net.puts.values()],
         expiries=list(net.expiries.items()),
-        audit=[_audit_row(record) for record in net.audit],
+        audit=[audit_fields(record) for record in net.audit],
         meta=list(net.meta.items()),
         prune=None if net.prune is None else (net.prune.before, net.prune.limit),
         log=[i for i, record in enumerate(net.audit) if record.log],
@@ -359,15 +367,19 @@ class SQLiteLeaseStore:
             if lease_id not in rows and lease_id not in fresh:
                 fresh[lease_id] = self._next_row + len(fresh)
         updates = [(rows[i], e) for i, e in ws.expiries if i in rows]
+        # Encoded before the transaction: a malformed row fails here, with
+        # nothing begun.
+        puts = [(rows.get(put[0]) or fresh[put[0]], *_encoded(put)) for put in ws.puts]
+        audit = [_encoded_audit(record) for record in ws.audit]
         try:
             db.execute("BEGIN")
             for chunk in _chunks(sorted(gone)):
                 db.execute(f"DELETE FROM leases WHERE row IN ({_marks(len(chunk))})", chunk)
             row = "(" + _marks(15) + ")"
-            for puts in _chunks(ws.puts):
+            for chunk in _chunks(puts):
                 db.execute(
-                    f"INSERT OR REPLACE INTO leases VALUES {','.join([row] * len(puts))}",
-                    [v for put in puts for v in (rows.get(put[0]) or fresh[put[0]], *put)],
+                    f"INSERT OR REPLACE INTO leases VALUES {','.join([row] * len(chunk))}",
+                    [v for put in chunk for v in put],
                 )
             for items in _chunks(updates):
                 whens = " ".join(["WHEN ? THEN ?"] * len(items))
@@ -377,7 +389,7 @@ class SQLiteLeaseStore:
                     [v for pair in items for v in pair] + [r for r, _ in items],
                 )
             arow = "(" + _marks(len(AUDIT_COLUMNS)) + ")"
-            for records in _chunks(ws.audit):
+            for records in _chunks(audit):
                 db.execute(
                     f"INSERT INTO audit ({','.join(AUDIT_COLUMNS)})"
                     f" VALUES {','.join([arow] * len(records))}",
