@@ -9,16 +9,19 @@ from pathlib import Path
 import pytest
 
 from floatd.core.changes import (
+    Audit,
     DeleteLease,
     PutLease,
     SetExpiry,
     SetMeta,
+    audit_fields,
     coalesce,
     extend_after_crash,
 )
+from floatd.core.codec import pack
 from floatd.core.seats import Lease, hash_token
 from floatd.errors import StoreError
-from floatd.store.sqlite import SQLiteLeaseStore
+from floatd.store.sqlite import SQLiteLeaseStore, _encoded_audit
 
 _n = itertools.count()
 
@@ -126,3 +129,14 @@ def test_extend_after_crash_bounds() -> None:
     assert extended == [alive]
     assert dead.expires_at == 99.0 and far.expires_at == 1000.0
     assert alive.expires_at == 100.0 + 5.0 + 60.0
+
+
+def test_an_audit_record_crosses_to_the_writer_in_its_own_order() -> None:
+    """The writer turns the record, sent as a plain tuple, into its table's
+    columns by position: a field added or moved in Audit must move there too."""
+    record = Audit(
+        1.5, "refused", "cad", "L1", "fp-0001", "i1", "ann", "host", "10.0.0.1:5",
+        "NO_FREE_SEATS", ("fp-0001", "i1"), 1.0, True, 7, "max",
+    )  # fmt: skip
+    fields = audit_fields(record)
+    assert _encoded_audit(tuple(record)) == (*fields[:10], pack(fields[10]), *fields[11:])

@@ -28,7 +28,6 @@ import msgpack
 
 from floatd.core.changes import (
     Change,
-    audit_fields,
     coalesce,
 )
 from floatd.core.codec import pack
@@ -244,10 +243,12 @@ def _encoded(row: Sequence[Any]) -> tuple[object, ...]:
     return (*row[:3], pack(row[3]), *row[4:8], pack(meta) if meta else _EMPTY_MAP, *row[9:])
 
 
-def _encoded_audit(row: Sequence[Any]) -> tuple[object, ...]:
-    """An audit row (:func:`floatd.core.changes.audit_fields`) as its table holds it."""
-    seat = row[10]
-    return (*row[:10], None if seat is None else pack(seat), *row[11:])
+def _encoded_audit(record: Sequence[Any]) -> tuple[object, ...]:
+    """An :class:`~floatd.core.changes.Audit` record, as it crossed to the writer
+    (a tuple in the record's own order, which msgpack keeps), made the row its
+    table holds: the columns of :func:`~floatd.core.changes.audit_fields`."""
+    seat = record[10]
+    return (*record[:10], None if seat is None else pack(seat), record[11], *record[13:15])
 
 
 class WriteSet(NamedTuple):
@@ -257,7 +258,7 @@ class WriteSet(NamedTuple):
     deletes: list[str]
     puts: list[tuple[Any, ...]]  # lease rows (_row), the id first
     expiries: list[tuple[str, float]]
-    audit: list[tuple[object, ...]]
+    audit: list[Any]  # Audit records (or, past the pipe, tuples in their order)
     meta: list[tuple[str, str]]
     prune: tuple[float, int] | None
     log: list[int]  # the audit rows whose lease event lines the writer renders
@@ -271,7 +272,7 @@ def prepare(changes: Iterable[Change]) -> WriteSet:
         deletes=list(net.deletes),
         puts=[_row(lease) for lease in net.puts.values()],
         expiries=list(net.expiries.items()),
-        audit=[audit_fields(record) for record in net.audit],
+        audit=net.audit,
         meta=list(net.meta.items()),
         prune=None if net.prune is None else (net.prune.before, net.prune.limit),
         log=[i for i, record in enumerate(net.audit) if record.log],
