@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import platform
 
 import pytest
 from hypothesis import settings
@@ -10,7 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from floatd.core.pool import SeatPool
-from floatd.core.seats import Claim, Lease, PoolProduct, Waiter, hash_token
+from floatd.core.seats import Claim, Lease, PoolProduct, Waiter, _sha256, hash_token
 from floatd.errors import BadRequest, LeaseNotFound, NoFreeSeats, UnknownProduct
 
 T0 = 1000.0
@@ -348,3 +350,12 @@ class PoolMachine(RuleBasedStateMachine):
 
 PoolMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
 TestPoolMachine = PoolMachine.TestCase
+
+
+def test_token_digests_are_sha256_from_cpythons_own_module() -> None:
+    """Digests stored by earlier versions (hashlib's SHA-256) must still open
+    their leases; the module is CPython's own, not OpenSSL's (see hash_token)."""
+    for token in ("", "N2acSdth40hF9Dw0MM_CBC9n8jJhz2RGWJjnRcdnJfQ", "jeton-ä" * 40):
+        assert hash_token(token) == hashlib.sha256(token.encode()).digest()
+    if platform.python_implementation() == "CPython":
+        assert _sha256 is not hashlib.sha256

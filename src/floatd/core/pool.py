@@ -451,20 +451,20 @@ class SeatPool:
         if claim.lease_id in self._leases:
             raise ValueError(f"duplicate lease id {claim.lease_id!r}")
         duration = state.terms.duration
-        lease = Lease(
-            id=claim.lease_id,
-            token_hash=claim.token_hash,
-            product=claim.product,
-            seat=key,
-            fingerprint=claim.fingerprint,
-            instance=claim.instance,
-            user=claim.user,
-            hostname=claim.hostname,
-            meta=claim.meta,
-            peer=claim.peer,
-            granted_at=now,
-            expires_at=now + duration,
-            duration=duration,
+        lease = Lease(  # positional: every grant builds one
+            claim.lease_id,
+            claim.token_hash,
+            claim.product,
+            key,
+            claim.fingerprint,
+            claim.instance,
+            claim.user,
+            claim.hostname,
+            claim.meta,
+            claim.peer,
+            now,
+            now + duration,
+            duration,
         )
         state.seats[key] = state.seats.get(key, 0) + 1
         if charge is not NO_CHARGE:

@@ -9,8 +9,11 @@ name a lease without pulling in the pool.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+import importlib
+from collections.abc import Callable, Mapping
+from contextlib import suppress
 from dataclasses import dataclass, field
+from typing import Any
 
 from floatd.core.records import no_meta, record
 from floatd.errors import BadRequest
@@ -21,9 +24,27 @@ PER_INSTANCE = "per-instance"
 SeatKey = tuple[str, ...]
 
 
+def _builtin_sha256() -> Callable[[bytes], Any]:
+    """CPython's own SHA-256 (``_sha2`` from 3.12, ``_sha256`` before), else
+    hashlib's.  The digests are the same; hashlib's goes through OpenSSL's
+    provider machinery, and under bench/throughput.py's load that made
+    renewals about a tenth slower (docs/performance.md) though it times
+    alike in a loop of its own."""
+    for name in ("_sha2", "_sha256"):
+        with suppress(ImportError):
+            found: Callable[[bytes], Any] = importlib.import_module(name).sha256
+            return found
+    return hashlib.sha256
+
+
+_sha256 = _builtin_sha256()
+
+
 def hash_token(token: str) -> bytes:
-    """Lease tokens are kept only as digests, so the state dir never holds one."""
-    return hashlib.sha256(token.encode()).digest()
+    """Lease tokens are kept only as digests (SHA-256), so the state dir never
+    holds one.  Every acquire, renewal and release hashes one."""
+    digest: bytes = _sha256(token.encode()).digest()
+    return digest
 
 
 @dataclass(frozen=True, slots=True)
