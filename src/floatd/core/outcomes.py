@@ -74,7 +74,9 @@ class Recorder:
     def lease_event(self, event: str, lease: Lease, ts: float) -> None:
         """Audit and log a lease event whose line holds the lease's fields alone."""
         by_store = self.store_logs_leases
-        self.record(event, lease, ts, by_store)
+        # record()'s two lines, inline: every grant and renewal passes here.
+        self.ledger.journal.append(audit_record(event, lease, ts, by_store))
+        self.events[event, lease.product] += 1
         if not by_store:
             self.log.lease(
                 f"lease_{event}",

@@ -294,13 +294,17 @@ class SeatPool:
     def authorize(self, now: float, lease_id: str, token_hash: bytes) -> Lease:
         """The live lease that ``token_hash`` opens, else LeaseNotFound."""
         self.advance(now)
-        return self._check(lease_id, token_hash)
+        lease = self._leases.get(lease_id)
+        if lease is None or not hmac.compare_digest(lease.token_hash, token_hash):
+            # One answer for unknown, expired, released and wrong token alike.
+            raise LeaseNotFound("no such lease")
+        return lease
 
     def extend(self, now: float, lease: Lease) -> Lease:
         """Renew an authorized lease: a full (current) duration from now."""
-        terms = self.terms(lease.product)
-        if terms is not None:
-            lease.duration = terms.duration
+        state = self._products.get(lease.product)
+        if state is not None and state.terms is not None:
+            lease.duration = state.terms.duration
         lease.expires_at = now + lease.duration
         return lease
 
@@ -308,8 +312,7 @@ class SeatPool:
         return self.extend(now, self.authorize(now, lease_id, token_hash))
 
     def release(self, now: float, lease_id: str, token_hash: bytes) -> Lease:
-        self.advance(now)
-        lease = self._check(lease_id, token_hash)
+        lease = self.authorize(now, lease_id, token_hash)
         self._drop(lease, now)
         return lease
 
@@ -431,13 +434,6 @@ class SeatPool:
         return expired
 
     # --- internals ---------------------------------------------------------
-
-    def _check(self, lease_id: str, token_hash: bytes) -> Lease:
-        lease = self._leases.get(lease_id)
-        if lease is None or not hmac.compare_digest(lease.token_hash, token_hash):
-            # One answer for unknown, expired, released and wrong token alike.
-            raise LeaseNotFound("no such lease")
-        return lease
 
     def _grant(
         self,
