@@ -246,7 +246,7 @@ class Answer:
 
 
 def answer(rid: int, **fields: Any) -> Answer:
-    return Answer(ok(rid, **fields))
+    return Answer({"id": rid, "ok": True, **fields})
 
 
 def refusal(rid: int | None, error: FloatdError) -> Answer:
