@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from floatd.core import messages
 from floatd.core.messages import (
     Acquire,
     Borrow,
@@ -161,3 +162,41 @@ def test_arbitrary_maps_never_raise_anything_but_protocol_errors(obj: dict[str, 
         parse_request(obj)
     except FloatdError as exc:
         assert exc.code in ("BAD_REQUEST", "UNKNOWN_OP")
+
+
+def _outcome(parse: Any, *args: Any) -> object:
+    """What a parser gives: its value, or the error it raises (by code, field and message)."""
+    try:
+        return parse(*args)
+    except BadRequest as exc:
+        return ("error", exc.code, exc.details.get("field"), str(exc))
+
+
+_EDGES: list[Any] = ["", "x", "x" * 7, "x" * 8, "x" * 127, "x" * 128, "x" * 129]
+_EDGES += ["x" * 256, "x" * 257, "x" * 1024, "x" * 1025, None, 0, 1.5, b"x", {"k": "v"}, {}]
+_FIELD = st.one_of(st.sampled_from(_EDGES), st.text(max_size=9), st.integers(-2, 2))
+_VALID = {"product": "app", "fingerprint": "abcdefgh", "lease": "l", "token": "t"}
+_NAMES = ["product", "fingerprint", "instance", "user", "password", "hostname"]
+_NAMES += ["meta", "wait", "lease", "token"]
+
+
+def _same_answers(obj: dict[str, Any]) -> None:
+    assert _outcome(messages._acquire, 7, obj) == _outcome(messages._acquire_checked, 7, obj)
+    assert _outcome(messages._lease_ref, obj) == _outcome(messages._lease_ref_checked, obj)
+
+
+def test_the_quick_parsers_answer_as_the_checked_ones_at_every_bound() -> None:
+    """The one-test paths for well-formed acquires and lease references must
+    accept and refuse exactly what the field-by-field checks do: each field
+    at each edge, on a request whose other fields pass, present or absent."""
+    for name in _NAMES:
+        for value in _EDGES:
+            _same_answers({**_VALID, name: value})
+            _same_answers({name: value, **{k: v for k, v in _VALID.items() if k != name}})
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(_NAMES), _FIELD, max_size=4))
+def test_the_quick_parsers_answer_as_the_checked_ones(changes: dict[str, Any]) -> None:
+    """The same, for several fields changed at once from a passing request."""
+    _same_answers({**_VALID, **changes})
