@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import re
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from floatd.core.policy import Policy
+from floatd.core.policy import Matcher, Policy, Requester
 from floatd.core.policy_file import load_policy, unknown_products
 from floatd.core.pool import SeatPool
 from floatd.core.seats import Claim, Lease, PoolProduct, Waiter, hash_token
@@ -618,3 +619,58 @@ def test_any_file_is_a_policy_or_one_policy_error(
         with contextlib.suppress(NoFreeSeats, PolicyDenied):
             pool.acquire(T0, claim(user=user, host="k-1", ip="10.0.0.5"))
     pool.check_invariants()
+
+
+def _by_regex(pattern: str, name: str) -> bool:
+    """What a wildcard pattern meant before any quick path: the whole name
+    against the glob, case-insensitively except for fingerprints."""
+    kind, _, glob = pattern.partition(":")
+    body = ".*".join(re.escape(part) for part in glob.split("*"))
+    flags = re.DOTALL | (0 if kind == "fingerprint" else re.IGNORECASE)
+    value = name if kind == "fingerprint" else name.lower()
+    return re.fullmatch(body, value, flags) is not None
+
+
+_LETTERS = "aKks\u212aS\u017f\u0130i-1\u00e9"  # Kelvin sign, long s, dotted I
+_GLOB_TEXT = st.text(alphabet=_LETTERS + "*", max_size=5)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.sampled_from(["user", "host", "fingerprint"]),
+    st.lists(_GLOB_TEXT.filter(lambda g: "*" in g), min_size=1, max_size=3),
+    st.text(alphabet=_LETTERS, max_size=6),
+)
+def test_wildcards_match_as_their_patterns_do(kind: str, globs: list[str], name: str) -> None:
+    """Prefix wildcards are a startswith test for ASCII names (Matcher): it
+    must match exactly what the case-insensitive pattern matches, Kelvin signs,
+    long s and dotted capitals included."""
+    patterns = [f"{kind}:{glob}" for glob in globs]
+    who = Requester.of(
+        name if kind == "user" else None,
+        name if kind == "host" else None,
+        name if kind == "fingerprint" else "fp-none-0000",
+        None,
+    )
+    expected = any(_by_regex(p, name) for p in patterns)
+    assert Matcher(patterns, tuple(patterns)).matches(who) is expected
+
+
+def test_wildcards_match_as_their_patterns_do_for_the_awkward_letters() -> None:
+    """The same, every pattern against every name of a small awkward set."""
+    globs = ["K*", "k*", "\u212a*", "S*", "\u017f*", "\u0130*", "i*", "a-*", "*a", "a*1", "*"]
+    globs += ["\u00e9*", "ks*"]
+    names = ["k", "K", "\u212a", "kx", "s", "S", "\u017f", "\u0130", "i", "i\u0307", "a-1"]
+    names += ["\u00e9", "\u00c9", "", "KS", "k\u017f"]
+    for kind in ("user", "host", "fingerprint"):
+        for glob in globs:
+            pattern = f"{kind}:{glob}"
+            matcher = Matcher([pattern], (pattern,))
+            for name in names:
+                who = Requester.of(
+                    name if kind == "user" else None,
+                    name if kind == "host" else None,
+                    name if kind == "fingerprint" else "fp-none-0000",
+                    None,
+                )
+                assert matcher.matches(who) is _by_regex(pattern, name), (pattern, name)

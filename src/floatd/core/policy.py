@@ -39,6 +39,9 @@ PER = ("user", "host", "ip")
 ANY_PRODUCT = "*"
 
 
+_tuple_new = tuple.__new__
+
+
 class Requester(NamedTuple):
     """Who asks, as the policy sees it.  ``user`` and ``host`` are lower-cased
     (names compare case-insensitively); the fingerprint is kept as sent; the
@@ -54,11 +57,16 @@ class Requester(NamedTuple):
         cls, user: str | None, host: str | None, fingerprint: str, peer: str | None
     ) -> Requester:
         """``peer``: the client's address as the shell gives it (a string)."""
-        return cls(
-            None if user is None else user.lower(),
-            None if host is None else host.lower(),
-            fingerprint,
-            _address(peer),
+        # tuple.__new__ directly: a NamedTuple's own __new__ is a Python
+        # function, and this runs on every acquire of a product with rules.
+        return _tuple_new(
+            cls,
+            (
+                None if user is None else user.lower(),
+                None if host is None else host.lower(),
+                fingerprint,
+                _address(peer),
+            ),
         )
 
     def per(self, kind: str | None) -> str:
@@ -93,6 +101,22 @@ def _address(peer: str | None) -> tuple[int, int] | None:
     return found
 
 
+#: (Requester field, exact names, the wildcards as one pattern, a bare "*"):
+#: see Matcher.
+_Check = tuple[int, frozenset[str], "re.Pattern[str] | None", bool]
+
+
+def _alternation(bodies: list[str], flags: int) -> re.Pattern[str] | None:
+    """The wildcards' regular expressions as one, or None for none."""
+    if not bodies:
+        return None
+    return re.compile("|".join(f"(?:{body})" for body in bodies), flags)
+
+
+#: The named identities, in the order of Requester's fields.
+_NAMED = ("user", "host", "fingerprint")
+
+
 class Matcher:
     """A set of identity patterns, with groups already expanded.
 
@@ -100,15 +124,15 @@ class Matcher:
     wildcards one compiled alternation; address blocks are integer ranges.
     """
 
-    __slots__ = ("_exact", "_globs", "_ranges", "patterns", "sources")
+    __slots__ = ("_checks", "_ranges", "patterns", "sources")
 
     def __init__(self, patterns: Iterable[str], sources: tuple[str, ...]) -> None:
         self.patterns = tuple(patterns)
         #: The patterns as written in the rule (``group:cad_team``), for status
         #: and explain: never the group's members, which the wire must not show.
         self.sources = sources
-        exact: dict[str, set[str]] = {"user": set(), "host": set(), "fingerprint": set()}
-        globs: dict[str, list[str]] = {"user": [], "host": [], "fingerprint": []}
+        exact: dict[str, set[str]] = {kind: set() for kind in _NAMED}
+        globs: dict[str, list[str]] = {kind: [] for kind in _NAMED}
         ranges: list[tuple[int, int, int]] = []
         for pattern in self.patterns:
             kind, _, name = pattern.partition(":")
@@ -120,16 +144,17 @@ class Matcher:
                 globs[kind].append(".*".join(re.escape(part) for part in name.split("*")))
             else:
                 exact[kind].add(name if kind == "fingerprint" else name.lower())
-        self._exact = {kind: frozenset(names) for kind, names in exact.items()}
-        self._globs = {
-            kind: re.compile(
-                "|".join(f"(?:{body})" for body in bodies),
-                re.DOTALL | (0 if kind == "fingerprint" else re.IGNORECASE),
-            )
-            if bodies
-            else None
-            for kind, bodies in globs.items()
-        }
+        #: One check per kind that has patterns, in the Requester's field order
+        #: (user, host, fingerprint): (field, exact names, the wildcards as one
+        #: pattern, whether a bare "*" takes anyone who has that identity).
+        #: Kinds without patterns cost nothing: most rules name one kind.
+        checks: list[_Check] = []
+        for index, kind in enumerate(_NAMED):
+            bodies, names = globs[kind], frozenset(exact[kind])
+            if bodies or names:
+                flags = re.DOTALL | (0 if kind == "fingerprint" else re.IGNORECASE)
+                checks.append((index, names, _alternation(bodies, flags), ".*" in bodies))
+        self._checks = tuple(checks)
         self._ranges = tuple(ranges)
 
     @classmethod
@@ -141,22 +166,12 @@ class Matcher:
         )
 
     def matches(self, who: Requester) -> bool:
-        user = who.user
-        if user is not None:
-            glob = self._globs["user"]
-            if user in self._exact["user"] or (glob is not None and glob.fullmatch(user)):
+        for index, exact, glob, anyone in self._checks:
+            name = who[index]
+            if isinstance(name, str) and (
+                anyone or name in exact or (glob is not None and glob.fullmatch(name) is not None)
+            ):
                 return True
-        host = who.host
-        if host is not None:
-            glob = self._globs["host"]
-            if host in self._exact["host"] or (glob is not None and glob.fullmatch(host)):
-                return True
-        fingerprint = who.fingerprint
-        glob = self._globs["fingerprint"]
-        if fingerprint in self._exact["fingerprint"] or (
-            glob is not None and glob.fullmatch(fingerprint)
-        ):
-            return True
         ip = who.ip
         if ip is not None and self._ranges:
             version, value = ip
@@ -323,15 +338,17 @@ class Book:
         the seat will be charged to.  ``free``: the product's free seats (None
         for an unlimited product, which nothing can reserve)."""
         buckets = []
+        max_used = self.max_used
         for index, limit in enumerate(self.rules.maxes):
             if limit.who.matches(who):
-                bucket = (index, who.per(limit.per))
-                if self.max_used.get(bucket, 0) >= limit.count:
+                per = limit.per
+                bucket = (index, (who.user or "") if per == "user" else who.per(per))
+                if max_used.get(bucket, 0) >= limit.count:
                     raise _denied("max", product, limit.number)
                 buckets.append(bucket)
         mine = -1
         if free is not None:
-            kept, mine = self.kept_for_others(who)
+            kept, mine = self.kept_for_others(who) if self.reserve_used else (0, -1)
             if free < 1:
                 raise NoFreeSeats(f"all seats of {product!r} are in use")
             if free - kept < 1:
