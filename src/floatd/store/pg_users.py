@@ -12,7 +12,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from floatd.errors import StoreError
 from floatd.store import cluster
-from floatd.store.users import LicenseUser, needs_place
+from floatd.store.users import UserReads, needs_place
 
 
 def users_pool(dsn: str) -> ConnectionPool:
@@ -29,11 +29,12 @@ def users_pool(dsn: str) -> ConnectionPool:
     )
 
 
-class PgUserStore:
+class PgUserStore(UserReads):
     """On its own connection (the CLI, a DSN) or one borrowed from a pool (a
     running node), given back on close."""
 
     def __init__(self, source: str | ConnectionPool) -> None:
+        super().__init__("floatd_license_users", "floatd_user_products", "%s")
         self._pool: ConnectionPool | None = None
         if isinstance(source, str):
             self.db: psycopg.Connection[Any] = cluster.connect(source)
@@ -57,26 +58,6 @@ class PgUserStore:
         except psycopg.Error as exc:
             raise StoreError(f"cannot read the license users: {exc}") from None
 
-    def local_users(self, product: str) -> set[str]:
-        rows = self._rows("SELECT email FROM floatd_user_products WHERE product = %s", product)
-        return {r[0] for r in rows}
-
-    def by_product(self) -> dict[str, list[str]]:
-        out: dict[str, list[str]] = {}
-        for email, product in self._rows(
-            "SELECT email, product FROM floatd_user_products ORDER BY product, email"
-        ):
-            out.setdefault(product, []).append(email)
-        return out
-
-    def products_of(self, email: str) -> set[str]:
-        rows = self._rows("SELECT product FROM floatd_user_products WHERE email = %s", email)
-        return {r[0] for r in rows}
-
-    def password_hash(self, email: str) -> str | None:
-        rows = self._rows("SELECT password_hash FROM floatd_license_users WHERE email = %s", email)
-        return rows[0][0] if rows else None
-
     def assign(
         self,
         email: str,
@@ -90,12 +71,7 @@ class PgUserStore:
         try:
             with self.db.transaction():
                 self.db.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (product,))
-                local = {
-                    r[0]
-                    for r in self.db.execute(
-                        "SELECT email FROM floatd_user_products WHERE product = %s", (product,)
-                    )
-                }
+                local = {r[0] for r in self.db.execute(self._local, (product,))}
                 if not needs_place(email, product, authority_users | local, max_users):
                     return False
                 self.db.execute(
@@ -129,11 +105,3 @@ class PgUserStore:
             )
         except psycopg.Error as exc:
             raise StoreError(f"cannot set the password: {exc}") from None
-
-    def all_users(self) -> dict[str, LicenseUser]:
-        out: dict[str, LicenseUser] = {}
-        for email, pw in self._rows("SELECT email, password_hash FROM floatd_license_users"):
-            out[email] = LicenseUser(email, password_set=pw is not None)
-        for email, product in self._rows("SELECT email, product FROM floatd_user_products"):
-            out.setdefault(email, LicenseUser(email)).local_products.add(product)
-        return out

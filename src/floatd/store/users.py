@@ -23,15 +23,15 @@ import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-from psycopg_pool import ConnectionPool
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from floatd.config import Config, read_dsn
 from floatd.errors import FloatdError, StoreError
 from floatd.store.sqlite import open_database
 
 if TYPE_CHECKING:
+    from psycopg_pool import ConnectionPool
+
     from floatd.store.pg_users import PgUserStore
 
 N, R, P = 2**15, 8, 1
@@ -90,10 +90,53 @@ def needs_place(email: str, product: str, users: frozenset[str], max_users: int)
     return True
 
 
-class UserStore:
+class UserReads:
+    """The reads of both stores of license users (this file's and
+    floatd.store.pg_users'): the queries once, each store naming its tables
+    and its parameter mark, and running them (``_rows``)."""
+
+    def __init__(self, users: str, products: str, mark: str) -> None:
+        self._local = f"SELECT email FROM {products} WHERE product = {mark}"
+        self._assigned = f"SELECT email, product FROM {products}"
+        self._by_product = f"{self._assigned} ORDER BY product, email"
+        self._products_of = f"SELECT product FROM {products} WHERE email = {mark}"
+        self._password = f"SELECT password_hash FROM {users} WHERE email = {mark}"
+        self._passwords = f"SELECT email, password_hash FROM {users}"
+
+    def _rows(self, sql: str, *args: object) -> list[tuple[Any, ...]]:
+        raise NotImplementedError
+
+    def local_users(self, product: str) -> set[str]:
+        return {r[0] for r in self._rows(self._local, product)}
+
+    def by_product(self) -> dict[str, list[str]]:
+        """Every local assignment: {product: [e-mail, ...]}, sorted."""
+        out: dict[str, list[str]] = {}
+        for email, product in self._rows(self._by_product):
+            out.setdefault(product, []).append(email)
+        return out
+
+    def products_of(self, email: str) -> set[str]:
+        return {r[0] for r in self._rows(self._products_of, email)}
+
+    def password_hash(self, email: str) -> str | None:
+        rows = self._rows(self._password, email)
+        return rows[0][0] if rows else None
+
+    def all_users(self) -> dict[str, LicenseUser]:
+        out: dict[str, LicenseUser] = {}
+        for email, pw in self._rows(self._passwords):
+            out[email] = LicenseUser(email, password_set=pw is not None)
+        for email, product in self._rows(self._assigned):
+            out.setdefault(email, LicenseUser(email)).local_products.add(product)
+        return out
+
+
+class UserStore(UserReads):
     """The users tables of the state database (blocking; CLI and worker threads)."""
 
     def __init__(self, database: Path, *, readonly: bool = False) -> None:
+        super().__init__("license_users", "user_products", "?")
         try:
             if readonly:
                 self.db = sqlite3.connect(
@@ -107,28 +150,8 @@ class UserStore:
     def close(self) -> None:
         self.db.close()
 
-    def local_users(self, product: str) -> set[str]:
-        rows = self.db.execute("SELECT email FROM user_products WHERE product = ?", (product,))
-        return {r[0] for r in rows}
-
-    def by_product(self) -> dict[str, list[str]]:
-        """Every local assignment: {product: [e-mail, ...]}, sorted."""
-        out: dict[str, list[str]] = {}
-        for email, product in self.db.execute(
-            "SELECT email, product FROM user_products ORDER BY product, email"
-        ):
-            out.setdefault(product, []).append(email)
-        return out
-
-    def products_of(self, email: str) -> set[str]:
-        rows = self.db.execute("SELECT product FROM user_products WHERE email = ?", (email,))
-        return {r[0] for r in rows}
-
-    def password_hash(self, email: str) -> str | None:
-        row = self.db.execute(
-            "SELECT password_hash FROM license_users WHERE email = ?", (email,)
-        ).fetchone()
-        return row[0] if row else None
+    def _rows(self, sql: str, *args: object) -> list[tuple[Any, ...]]:
+        return self.db.execute(sql, args).fetchall()
 
     def assign(
         self,
@@ -145,10 +168,7 @@ class UserStore:
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
-            local = {
-                r[0]
-                for r in db.execute("SELECT email FROM user_products WHERE product = ?", (product,))
-            }
+            local = {r[0] for r in db.execute(self._local, (product,))}
             if not needs_place(email, product, authority_users | local, max_users):
                 db.execute("COMMIT")
                 return False
@@ -178,18 +198,10 @@ class UserStore:
                 (email, encoded, time.time()),
             )
 
-    def all_users(self) -> dict[str, LicenseUser]:
-        out: dict[str, LicenseUser] = {}
-        for email, pw in self.db.execute("SELECT email, password_hash FROM license_users"):
-            out[email] = LicenseUser(email, password_set=pw is not None)
-        for email, product in self.db.execute("SELECT email, product FROM user_products"):
-            out.setdefault(email, LicenseUser(email)).local_products.add(product)
-        return out
-
 
 #: Where license users are kept: the state database (a single server), or a
 #: cluster's DSN or a running node's pool (floatd.store.pg_users).
-Source = Path | str | ConnectionPool
+Source: TypeAlias = "Path | str | ConnectionPool"
 
 
 def users_source(config: Config) -> Source:
