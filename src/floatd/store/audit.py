@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
-import psycopg
 
 from floatd.core.report import Interval
 from floatd.errors import StoreError
@@ -86,6 +85,9 @@ class Trail:
     leases: str = "leases"
     user: str = "user"
     seats_packed: bool = True
+    #: What the database's driver raises (psycopg's only imported for a
+    #: cluster's trail: every ``floatd`` command loads this module).
+    errors: tuple[type[Exception], ...] = (sqlite3.Error,)
 
     def sql(self, text: str) -> str:
         """``text`` written for SQLite, for this database."""
@@ -104,14 +106,13 @@ class Trail:
 
 def cluster_trail(conn: Any) -> Trail:
     """The audit trail of a cluster's database (its floatd_audit table)."""
-    return Trail(conn, "%s", "floatd_audit", "floatd_leases", "user_name", False)
+    import psycopg
+
+    return Trail(conn, "%s", "floatd_audit", "floatd_leases", "user_name", False, (psycopg.Error,))
 
 
 def _as_trail(db: Any) -> Trail:
     return db if isinstance(db, Trail) else Trail(db)
-
-
-_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, psycopg.Error)
 
 
 def open_readonly(database: Path) -> sqlite3.Connection:
@@ -196,7 +197,7 @@ def read_audit(
         rows = trail.db.execute(trail.sql(sql), args)
         for row in reversed(rows.fetchall()) if limit is not None else rows:
             yield AuditEntry(*row)
-    except _ERRORS as exc:
+    except trail.errors as exc:
         raise StoreError(f"cannot read the audit trail: {exc}") from None
 
 
@@ -228,7 +229,7 @@ def lease_intervals(
             ),
             (until,),
         ).fetchall()
-    except _ERRORS as exc:
+    except trail.errors as exc:
         raise StoreError(f"cannot read the audit trail: {exc}") from None
     for lease, product, seat, user, fingerprint, granted_at, ended in rows:
         interval = Interval(product, trail.seat(seat, lease), granted_at, ended, user, fingerprint)
@@ -257,7 +258,7 @@ def seat_refusals(
                 (since, until, NO_FREE_SEATS),
             )
         ]
-    except _ERRORS as exc:
+    except trail.errors as exc:
         raise StoreError(f"cannot read the audit trail: {exc}") from None
 
 
