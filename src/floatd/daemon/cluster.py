@@ -266,20 +266,16 @@ class ClusterNode:
             self._deliver(items, outcome)
 
     def _slot_news(self) -> None:
+        ent = self.server.service.entitlement
         if self._has_slot and not self.serving.is_set():
             log.info("node_serving", node=self.ledger.node)
             self.serving.set()
-        elif (
-            not self._has_slot
-            and not self._said_limit
-            and self.server.service.entitlement is not None  # else: the limit of none
-        ):
-            self._said_limit = True
-            ent = self.server.service.entitlement
+        elif not self._has_slot and not self._said_limit and ent is not None:
+            self._said_limit = True  # without an entitlement: the limit of none
             log.warning(
                 "node_limit",
                 node=self.ledger.node,
-                nodes=ent.nodes if ent is not None else 1,
+                nodes=ent.nodes,
                 hint="this node serves once a serving node stops (its slot frees)",
             )
 
