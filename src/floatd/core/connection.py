@@ -11,7 +11,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, final
 
 from floatd.core.codec import FrameDecoder
 from floatd.core.messages import Hello, Request, failure, parse_request, request_id
@@ -25,6 +25,7 @@ from floatd.errors import (
 PROTOCOL_VERSION = 1
 
 
+@final  # the shell tells it apart by type() alone
 @dataclass(frozen=True, slots=True)
 class Refusal:
     """A request answered with an error by the protocol layer itself."""
