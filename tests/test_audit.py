@@ -45,6 +45,35 @@ def test_records_commit_with_their_change_and_survive_a_reopen(tmp_path: Path) -
         db.execute("DELETE FROM audit")
 
 
+def test_a_lease_event_record_holds_each_field_in_its_place() -> None:
+    """audit_record builds its tuple positionally (every grant and renewal
+    makes one): each of the lease's fields must land in the field that names it."""
+    a = lease(
+        expires_at=200.0,
+        duration=60.0,
+        fingerprint="fp-1",
+        instance="inst-1",
+        user="alice",
+        hostname="host-1",
+        peer="10.0.0.9",
+        seat=("fp-1", "inst-1"),
+    )
+    assert audit_record("renewed", a, 150.0, log=True) == Audit(
+        ts=150.0,
+        event="renewed",
+        product=a.product,
+        lease=a.id,
+        fingerprint=a.fingerprint,
+        instance=a.instance,
+        user=a.user,
+        hostname=a.hostname,
+        peer=a.peer,
+        seat=a.seat,
+        granted_at=a.granted_at,
+        log=True,
+    )
+
+
 def test_a_failed_batch_writes_no_audit_record_either(tmp_path: Path) -> None:
     store = SQLiteLeaseStore(tmp_path / "db.sqlite3")
     a = lease()

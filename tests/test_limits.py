@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, OrderedDict
 from pathlib import Path
 
 import trio
 import trio.testing
 from conftest import MemoryStore, product, sign
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import given
+from hypothesis import strategies as st
 from test_server import serving
 
 from floatd.core.limits import RateLimiter, RefusalSampler, limit_key
@@ -29,6 +31,51 @@ def test_the_bucket_allows_its_burst_then_its_rate() -> None:
     for n in range(10):
         small.allow(f"k{n}", 0.0)
     assert len(small._buckets) == 3  # bounded, however many addresses come
+
+
+class _PlainBucket:
+    """The token bucket as the contract of RateLimiter says it, written plainly:
+    the model the limiter's written-out ``allow`` must agree with."""
+
+    def __init__(self, rate: float, burst: float, max_keys: int) -> None:
+        self.rate, self.burst, self.max_keys = rate, burst, max_keys
+        self.buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def allow(self, key: str, now: float, cost: float) -> bool:
+        if self.rate <= 0:
+            return True
+        tokens, at = self.buckets.get(key, (self.burst, now))
+        level = min(self.burst, tokens + max(0.0, now - at) * self.rate)
+        allowed = level >= cost
+        self.buckets[key] = (level - cost if allowed else level, now)
+        self.buckets.move_to_end(key)  # the least recently used goes first
+        if len(self.buckets) > self.max_keys:
+            self.buckets.popitem(last=False)
+        return allowed
+
+
+@given(
+    rate=st.sampled_from([0.0, 0.5, 2.0, 10.0]),
+    burst=st.sampled_from([1.0, 3.0, 5.5]),
+    calls=st.lists(
+        st.tuples(
+            st.sampled_from(["a", "b", "c", "d", "e"]),
+            st.floats(-2.0, 5.0),  # the time moves on, or is stepped back
+            st.sampled_from([1.0, 0.5, 2.0]),
+        ),
+        max_size=60,
+    ),
+)
+def test_the_bucket_agrees_with_its_plain_model(
+    rate: float, burst: float, calls: list[tuple[str, float, float]]
+) -> None:
+    limiter, model = RateLimiter(rate, burst, max_keys=3), _PlainBucket(rate, burst, 3)
+    now = 1000.0
+    for key, step, cost in calls:
+        now += step
+        assert limiter.allow(key, now, cost) == model.allow(key, now, cost)
+        assert list(limiter._buckets.items()) == list(model.buckets.items())
+        assert limiter.blocked(key, now) == (rate > 0 and model.buckets[key][0] < 1.0)
 
 
 def test_limit_keys_group_ipv6_by_64() -> None:

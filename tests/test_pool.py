@@ -54,6 +54,17 @@ def test_cap_and_refusal_details() -> None:
     assert err.value.details == {"seats": 2, "used": 2}
 
 
+def test_a_duplicate_lease_id_is_refused_and_changes_nothing() -> None:
+    pool = pool_with(APP)
+    held = grant(pool, claim(fp="m1"))
+    again = Claim("app", "m2", held.id, hash_token("other"))
+    with pytest.raises(ValueError, match="duplicate lease id"):
+        pool.acquire(T0, again)
+    assert pool.lease(held.id) is held
+    assert pool.used("app") == 1  # m2 took no seat
+    grant(pool, claim(fp="m2"))  # and the second seat is still free
+
+
 def test_per_machine_shares_one_seat_until_last_lease_goes() -> None:
     pool = pool_with(APP)
     a = grant(pool, claim(fp="m1"))

@@ -277,6 +277,12 @@ class Entitlement:
     def product(self, code: str) -> ProductTerms | None:
         return self._by_code.get(code)
 
+    @functools.cached_property
+    def dated(self) -> bool:
+        """Whether any product has a validity window of its own: if none has,
+        a renewal need not look its product up to check one."""
+        return any(p.not_before is not None or p.not_after is not None for p in self.products)
+
 
 def _product(obj: Any, index: int) -> ProductTerms:
     if not isinstance(obj, dict):
@@ -494,8 +500,14 @@ def check_license(ent: Entitlement | None, now: float, product: ProductTerms | N
 
 
 def check_product(product: ProductTerms, now: float) -> None:
-    """The product-level window alone (after :func:`check_license` passed)."""
-    _check_window(product.not_before, product.not_after, now, f"product {product.code!r}")
+    """The product-level window alone (after :func:`check_license` passed).
+    Every acquire and renewal passes here: the refusal's wording is only
+    built for a refusal."""
+    not_before, not_after = product.not_before, product.not_after
+    if (not_before is not None and now < not_before) or (
+        not_after is not None and now >= not_after
+    ):
+        _check_window(not_before, not_after, now, f"product {product.code!r}")
 
 
 def _check_window(not_before: int | None, not_after: int | None, now: float, what: str) -> None:

@@ -40,6 +40,7 @@ RenewCheck = Callable[[Lease], None]
 #: Decides a borrow of an authorized lease: raises the refusal, or returns
 #: when the borrow ends (unix seconds).
 BorrowCheck = Callable[[Lease], float]
+_tuple_new = tuple.__new__
 
 
 class Ledger(Protocol):
@@ -210,7 +211,8 @@ class LocalLedger:
         if check is not None:
             check(lease)
         self._pool.extend(now, lease)
-        self.journal.append(SetExpiry(lease.id, lease.expires_at))
+        # tuple.__new__: a NamedTuple's own __new__ is a Python function.
+        self.journal.append(_tuple_new(SetExpiry, (lease.id, lease.expires_at)))
         return lease
 
     def borrow(self, now: float, lease_id: str, token_hash: bytes, check: BorrowCheck) -> Lease:

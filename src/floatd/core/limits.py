@@ -29,26 +29,32 @@ class RateLimiter:
         return min(self.burst, tokens + max(0.0, now - at) * self.rate)
 
     def allow(self, key: str, now: float, cost: float = 1.0) -> bool:
-        """Take ``cost`` tokens if there are enough; False (and take none) if not."""
-        if not self.enabled:
+        """Take ``cost`` tokens if there are enough; False (and take none) if not.
+        Written out in one function: every acquire passes here."""
+        rate = self.rate
+        if rate <= 0:
             return True
-        level = self._level(key, now)
-        if level < cost:
-            self._store(key, level, now)
-            return False
-        self._store(key, level - cost, now)
-        return True
+        buckets, burst = self._buckets, self.burst
+        bucket = buckets.get(key)
+        if bucket is None:
+            level = burst
+        else:
+            tokens, at = bucket
+            level = tokens + (now - at) * rate if now > at else tokens
+            if level > burst:
+                level = burst
+        allowed = level >= cost
+        buckets[key] = (level - cost if allowed else level, now)
+        if bucket is None:
+            if len(buckets) > self.max_keys:
+                buckets.popitem(last=False)
+        else:
+            buckets.move_to_end(key)
+        return allowed
 
     def blocked(self, key: str, now: float) -> bool:
         """Whether the next ``allow`` would fail, without taking anything."""
         return self.enabled and key in self._buckets and self._level(key, now) < 1.0
-
-    def _store(self, key: str, tokens: float, now: float) -> None:
-        buckets = self._buckets
-        buckets[key] = (tokens, now)
-        buckets.move_to_end(key)
-        if len(buckets) > self.max_keys:
-            buckets.popitem(last=False)
 
 
 RefusalKey = tuple[str, str, str | None]  # (address, code, entitled product or None)

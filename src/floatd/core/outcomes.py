@@ -20,6 +20,8 @@ from floatd.core.limits import RefusalSampler, limit_key
 from floatd.core.messages import Acquire, Release, Renew, Request
 from floatd.core.seats import Claim, Lease
 
+_tuple_new = tuple.__new__
+
 #: The metrics label of requests for products the entitlement does not have.
 OTHER_PRODUCT = "(not entitled)"
 
@@ -212,21 +214,27 @@ def _count(counts: dict[tuple[str, str], int], key: tuple[str, str]) -> None:
 
 
 def audit_record(event: str, lease: Lease, ts: float, log: bool = False) -> Audit:
-    # Positional: this runs for every renewal.
-    return Audit(
-        ts,
-        event,
-        lease.product,
-        lease.id,
-        lease.fingerprint,
-        lease.instance,
-        lease.user,
-        lease.hostname,
-        lease.peer,
-        None,
-        lease.seat,
-        lease.granted_at,
-        log,
+    # Every field given, through tuple.__new__: a NamedTuple's own __new__ is a
+    # Python function, and this runs for every grant and renewal.
+    return _tuple_new(
+        Audit,
+        (
+            ts,
+            event,
+            lease.product,
+            lease.id,
+            lease.fingerprint,
+            lease.instance,
+            lease.user,
+            lease.hostname,
+            lease.peer,
+            None,  # code
+            lease.seat,
+            lease.granted_at,
+            log,
+            None,  # repeats
+            None,  # rule
+        ),
     )
 
 

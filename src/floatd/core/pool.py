@@ -392,6 +392,9 @@ class SeatPool:
     def advance(self, now: float) -> None:
         """Expire leases and time out waiters that are due, in time order, so a
         seat freed before a waiter's deadline still reaches that waiter."""
+        expiry, waits = self._expiry, self._waits
+        if (not expiry or expiry[0][0] > now) and (not waits or waits[0][0] > now):
+            return  # nothing due: what nearly every request finds
         while True:
             # No local aliases: _drop may rebuild the expiry heap.
             next_lease = self._expiry[0][0] if self._expiry else None
@@ -444,8 +447,6 @@ class SeatPool:
         charge: Charge = NO_CHARGE,
     ) -> Lease:
         assert state.terms is not None
-        if claim.lease_id in self._leases:
-            raise ValueError(f"duplicate lease id {claim.lease_id!r}")
         duration = state.terms.duration
         lease = Lease(  # positional: every grant builds one
             claim.lease_id,
@@ -462,12 +463,15 @@ class SeatPool:
             now + duration,
             duration,
         )
+        # One lookup both refuses a duplicate id and files the lease: in a
+        # large pool each lookup is a cache miss.
+        if self._leases.setdefault(lease.id, lease) is not lease:
+            raise ValueError(f"duplicate lease id {claim.lease_id!r}")
         state.seats[key] = state.seats.get(key, 0) + 1
         if charge is not NO_CHARGE:
             assert state.book is not None
             state.book.charge(charge)
             state.charges[key] = charge
-        self._leases[lease.id] = lease
         heapq.heappush(self._expiry, (lease.expires_at, lease.id))
         return lease
 

@@ -23,7 +23,7 @@ from floatd.core.changes import Change
 from floatd.core.clockguard import ClockGuard
 from floatd.core.connection import PROTOCOL_VERSION
 from floatd.core.entitlement import Entitlement, ProductTerms, check_license, check_product
-from floatd.core.ledger import Ledger, LocalLedger
+from floatd.core.ledger import Ledger, LocalLedger, RenewCheck
 from floatd.core.limits import RateLimiter, limit_key, peer_ip
 from floatd.core.messages import (
     Acquire,
@@ -335,16 +335,16 @@ class LeaseService:
                 # One answer for an unknown user and a wrong password alike.
                 raise AuthFailed("unknown user or wrong password")
         lease_id, token = new_lease_secrets()
-        claim = Claim(
-            product=req.product,
-            fingerprint=req.fingerprint,
-            lease_id=lease_id,
-            token_hash=hash_token(token),
-            instance=req.instance,
-            user=req.user,
-            hostname=req.hostname,
-            meta=req.meta,
-            peer=peer,
+        claim = Claim(  # positional, in the fields' order: every acquire builds one
+            req.product,
+            req.fingerprint,
+            lease_id,
+            hash_token(token),
+            req.instance,
+            req.user,
+            req.hostname,
+            req.meta,
+            peer,
         )
         result = self.ledger.claim(now, claim, now + req.wait if req.wait > 0 else None)
         if isinstance(result, Waiter):
@@ -354,8 +354,10 @@ class LeaseService:
         return self.grant_response(req.id, result, token, now)
 
     def grant_response(self, rid: int, lease: Lease, token: str, now: float) -> Answer:
-        expires_in = max(0.0, lease.expires_at - now)
-        product = self._product_info.get(lease.product, {"code": lease.product})
+        expires_in = lease.expires_at - now
+        if expires_in < 0.0:
+            expires_in = 0.0
+        product = self._product_info.get(lease.product) or {"code": lease.product}
         wire = {
             "id": rid,
             "ok": True,
@@ -366,7 +368,7 @@ class LeaseService:
             "lease_duration": int(lease.duration),
             "product": product,
         }
-        return Answer(wire, granted=lease.id)
+        return Answer(wire, None, lease.id)  # granted: positional, on every grant
 
     def waiter_response(self, waiter: Waiter, now: float) -> Answer:
         """The answer to a queued acquire once the pool has finished with it."""
@@ -408,14 +410,9 @@ class LeaseService:
         ent = self._check_server(now)
         # The token first: a refusal about the product would tell a stranger
         # that the lease exists.
-
-        def still_licensed(lease: Lease) -> None:
-            terms = ent.product(lease.product)
-            if terms is not None:
-                check_product(terms, now)
-
+        check = _still_licensed(ent, now) if ent.dated else None
         try:
-            lease = self.ledger.renew(now, req.lease, hash_token(req.token), still_licensed)
+            lease = self.ledger.renew(now, req.lease, hash_token(req.token), check)
         except LeaseNotFound:
             self._missed(peer, now)
             raise
@@ -577,3 +574,15 @@ def _earliest(a: int | None, b: int | None) -> int | None:
     if a is None:
         return b
     return a if b is None else min(a, b)
+
+
+def _still_licensed(ent: Entitlement, now: float) -> RenewCheck:
+    """A renewal's check, once its lease is known, that the lease's product is
+    within its own validity window."""
+
+    def check(lease: Lease) -> None:
+        terms = ent.product(lease.product)
+        if terms is not None:
+            check_product(terms, now)
+
+    return check
