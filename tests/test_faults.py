@@ -11,6 +11,7 @@ The real process under the same faults: tests/test_fault_integration.py.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -19,7 +20,8 @@ from conftest import BASE, MemoryStore, WireClient, product, sign
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from test_server import Gate, Harness, serving
 
-from floatd.daemon.committer import COMMIT_TIMEOUT
+from floatd.core.changes import Change, SetMeta
+from floatd.daemon.committer import COMMIT_TIMEOUT, GroupCommitter
 from floatd.daemon.recovery import RECOVERY_RETRY
 
 
@@ -241,3 +243,25 @@ async def test_an_unreadable_history_refuses_a_new_entitlement_and_the_server_li
         h.store.unreadable = False
         await trio.sleep(2)  # a refused file is looked at again at every poll
         assert (await c.request("info", product="app"))["seats"] == 7
+
+
+async def test_a_commit_under_way_is_finished_when_its_task_is_cancelled(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A server that stops mid-commit must not leave a batch half applied
+    (the store cannot roll a transaction back that it never finished): the
+    commit runs to its end, and only then does the committer stop."""
+    store = MemoryStore()
+
+    async def slow(apply: Callable[..., object], changes: list[Change]) -> None:
+        await trio.sleep(1)  # the writer, busy; cancelling here loses the batch
+        apply(changes)
+
+    committer = GroupCommitter(store, clock=lambda: BASE + trio.current_time(), run_sync=slow)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(committer.run)
+        batch = committer.submit([SetMeta("note", "kept")])
+        await trio.sleep(0.5)  # the commit is under way
+        nursery.cancel_scope.cancel()
+    assert store.meta["note"] == "kept"
+    assert batch.done.is_set() and batch.error is None

@@ -162,8 +162,7 @@ class GroupCommitter:
             # Checked right before committing: recover() may have just ended it.
             error = self.failure
             if error is None:
-                with trio.CancelScope(shield=True):  # a half-applied batch helps nobody
-                    error = await self._commit(batch.changes, cut)
+                error = await self._commit(batch.changes, cut)
             self._finish(batch, error)
             if closing:
                 return
@@ -176,8 +175,7 @@ class GroupCommitter:
         never runs beside another."""
         assert self.failure is not None, "recover() is for a failed committer"
         cut = self._clock()
-        with trio.CancelScope(shield=True):
-            error = await self._commit([*changes, SetMeta(META_LAST_CUT, repr(cut))], cut)
+        error = await self._commit([*changes, SetMeta(META_LAST_CUT, repr(cut))], cut)
         if error is not None:
             raise error
         self.failure = None
@@ -196,11 +194,16 @@ class GroupCommitter:
             self._wakeup = trio.Event()
 
     async def _commit(self, changes: Sequence[Change], cut: float) -> StoreError | None:
-        """Apply one batch within COMMIT_TIMEOUT; the error, if it failed."""
+        """Apply one batch within COMMIT_TIMEOUT; the error, if it failed.
+
+        Shielded, since a half-applied batch helps nobody: only the scope's
+        own deadline ends it.  One scope does both; opening and closing
+        scopes showed in profiles of the event loop under load."""
         started = time.perf_counter()
         error = None
         try:
-            with trio.move_on_after(COMMIT_TIMEOUT) as overdue:
+            deadline = trio.current_time() + COMMIT_TIMEOUT
+            with trio.CancelScope(deadline=deadline, shield=True) as overdue:
                 await self._apply(changes)
             if overdue.cancelled_caught:
                 if self._abort is not None:
