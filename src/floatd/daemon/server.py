@@ -32,13 +32,14 @@ import trio
 
 from floatd import logs
 from floatd.config import SCHEMA, Config, read_policy
-from floatd.core.changes import SetMeta
+from floatd.core.changes import Change, SetMeta
 from floatd.core.entitlement import format_public_key, trusted_keys
 from floatd.core.messages import (
     Acquire,
 )
 from floatd.core.policy import Policy
 from floatd.core.policy_file import unknown_products
+from floatd.core.seats import Waiter
 from floatd.core.service import LeaseService
 from floatd.daemon.admin import AdminServer, bind_admin_socket
 from floatd.daemon.cluster import ClusterNode
@@ -456,28 +457,37 @@ class Server(AdminOperations):
         service = self.service
         changes = service.take_changes()
         woken = service.take_woken()
-        if not changes and not woken:
-            return None  # the common read-only case: nothing to do
-        slots = []
         if woken:
-            now = self.clock()
-            for waiter in woken:
-                slot = waiter.handle
-                if isinstance(slot, _Slot) and slot.waiter is waiter:
-                    slot.answer = answer = service.waiter_response(waiter, now)
-                    slot.waiter = None
-                    slot.granted = answer.granted
-                    slots.append(slot)
-            changes += service.take_changes()  # a timed-out wait's audit record
-        batch = self.committer.submit(changes, urgent or bool(woken)) if changes else None
+            batch = self._serve_woken(changes, woken)
+        elif changes:
+            batch = self.committer.submit(changes, urgent)
+        else:
+            return None  # the common read-only case: nothing to do
+        if urgent:  # a grant may expire before the timer's next look; a renewal never does
+            self._check_deadline()
+        return batch
+
+    def _serve_woken(self, changes: list[Change], woken: list[Waiter]) -> Batch | None:
+        """Answer the waiters the last service call served or timed out, and
+        submit their changes with the call's own (someone waits for them)."""
+        service = self.service
+        slots = []
+        now = self.clock()
+        for waiter in woken:
+            slot = waiter.handle
+            if isinstance(slot, _Slot) and slot.waiter is waiter:
+                slot.answer = answer = service.waiter_response(waiter, now)
+                slot.waiter = None
+                slot.granted = answer.granted
+                slots.append(slot)
+        changes += service.take_changes()  # a timed-out wait's audit record
+        batch = self.committer.submit(changes, True) if changes else None
         for slot in slots:
             if slot.granted is not None:  # a refusal acknowledges nothing: no wait
                 slot.batch = batch
             owner, slot.owner = slot.owner, None  # told once; the batch calls back
             if owner is not None:
                 owner.advance()
-        if urgent:  # a grant may expire before the timer's next look; a renewal never does
-            self._check_deadline()
         return batch
 
     def _check_deadline(self) -> None:
