@@ -7,11 +7,17 @@ loopback, driven from this process.  Measured, in one run:
 
 - acquire/s and renew/s (64 connections, closed loop) with ~1k leases held,
   then again with 100k held; target: the 100k rates >= 0.9 x the 1k rates;
-- resident memory of the server and its writer process with 100k leases (target <= 256 MB);
-- a restart (SIGTERM, start) with 100k leases: seconds until a renewal of a
+- resident memory of the server and its writer process with 100k leases
+  held, measured before the 100k rate runs (target <= 256 MB);
+- a restart (SIGTERM, start) after those runs: seconds until a renewal of a
   lease granted before the restart is answered (target <= 3 s);
 - 10,000 connections held at once, each renewing its own lease in turn:
   renew latency p50 and p99 (target: p99 <= 10 x p50).
+
+The acquire runs leave their leases held, so the server holds well over 100k
+leases once the rate runs at 100k are done: the restart line prints how
+many.  Until 2026-12-02 the memory was read after those runs too (162,373
+leases held in a run of that day), though the line said 100k.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import os
 import resource
 import selectors
 import signal
+import sqlite3
 import statistics
 import sys
 import tempfile
@@ -55,6 +62,17 @@ def rss_mib(pid: int) -> float:
             if line.startswith("VmRSS:"):
                 total += int(line.split()[1])
     return total / 1024
+
+
+def leases_on_disk(tmp: Path) -> int:
+    """Leases the stopped server left, as its database has them: ``info``
+    counts seats, and the 100k acquire run reuses seats of the 1k one (its
+    instance names start again), so seats undercount leases by then."""
+    db = sqlite3.connect(f"file:{tmp / 'state' / 'floatd.sqlite3'}?mode=ro", uri=True)
+    try:
+        return int(db.execute("SELECT count(*) FROM leases").fetchone()[0])
+    finally:
+        db.close()
 
 
 def read_frames(c: tp.Conn, n: int) -> list[dict[str, Any]]:
@@ -199,11 +217,14 @@ def main() -> None:
             # --leases: renew the ones whose tokens are known, and fill up to it.
             held = small + fill(port, max(0, args.leases - leases_held(port)), "b")
             total = leases_held(port)
-            acq_100k, ren_100k = rates(port, held)
+            # Measured before the 100k rate runs: each acquire run leaves its
+            # leases held (a 3 s run adds tens of thousands).
             memory = rss_mib(proc.pid)
+            acq_100k, ren_100k = rates(port, held)
             conns = many_connections(port, held, args.connections)
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)
+            restart_leases = leases_on_disk(tmp)
             started = time.perf_counter()
             proc, port = tp.launch_floatd(tmp, "floatd-restart.log")
             (probe,) = tp.connect(port, 1)
@@ -231,8 +252,18 @@ def main() -> None:
             ">= 0.9 x",
             ren_100k >= 0.9 * ren_1k,
         ),
-        (f"resident memory, {total:,} leases (MiB)", f"{memory:,.0f}", "<= 256", memory <= 256),
-        (f"restart with {total:,} leases to a renewal (s)", f"{restart:.2f}", "<= 3", restart <= 3),
+        (
+            f"resident memory, {total:,} leases (MiB)",
+            f"{memory:,.0f}",
+            "<= 256",
+            memory <= 256,
+        ),
+        (
+            f"restart with {restart_leases:,} leases to a renewal (s)",
+            f"{restart:.2f}",
+            "<= 3",
+            restart <= 3,
+        ),
         (
             f"renew p50, {conns['connections']:,} conns, {conns['per_second']:,.0f}/s (ms)",
             f"{conns['p50_ms']:.2f}",
