@@ -134,7 +134,7 @@ class _Connection:
     def __init__(self, server: Server, stream: trio.abc.Stream, peer: str | None) -> None:
         self.server = server
         self.stream = stream
-        self._tcp = isinstance(stream, TcpStream)  # see _reader and _queue
+        self._tcp = isinstance(stream, TcpStream)  # decided once: see _queue
         self.peer = peer
         self.proto = ServerConnection(server.config.client_tokens)
         self.receiving = False  # blocked reading
@@ -347,7 +347,8 @@ class _Connection:
         self, event: Hello | Refusal | Any, started: float, authenticated: bool = False
     ) -> _Slot:
         # Slots are built positionally (answer, batch, waiter, owner, close,
-        # granted, op, started): keywords cost a renewal more than its slot.
+        # granted, op, started): every request builds one, and keywords are
+        # matched by name at each call.
         server = self.server
         if type(event) is Refusal:
             answer = Answer(event.response, event.code)
