@@ -134,7 +134,9 @@ class _Connection:
     def __init__(self, server: Server, stream: trio.abc.Stream, peer: str | None) -> None:
         self.server = server
         self.stream = stream
-        self._tcp = isinstance(stream, TcpStream)  # decided once: see _queue
+        # floatd's own TCP stream (its owed-answer read, its non-blocking
+        # write), or None for the others (TLS, the tests' memory streams).
+        self._tcp = stream if isinstance(stream, TcpStream) else None
         self.peer = peer
         self.proto = ServerConnection(server.config.client_tokens)
         self.receiving = False  # blocked reading
@@ -242,7 +244,7 @@ class _Connection:
     async def _reader(self) -> bool:
         """Read and apply requests; True when the client hung up."""
         stream = self.stream
-        tcp = stream if isinstance(stream, TcpStream) else None
+        tcp = self._tcp
         while True:
             step = self._apply_buffered()
             if self._own_answers:
@@ -459,7 +461,7 @@ class _Connection:
         self._out_granted += granted
         if not self._sending:
             self._sending = True
-            if self._tcp:
+            if self._tcp is not None:
                 self.server.port.queue_answers(self)  # written with the pass's others
             elif trio.lowlevel.current_task() is self._task:
                 self._own_answers = True  # the reader writes them (see _reader)
@@ -476,8 +478,8 @@ class _Connection:
         if self.done or self._nursery is None:
             self._lose()  # the connection ended with these still queued
             return
-        stream = self.stream
-        if isinstance(stream, TcpStream):
+        stream = self._tcp
+        if stream is not None:
             data = _joined(self._out)
             try:
                 sent = stream.send_nowait(data)
