@@ -134,8 +134,7 @@ class _Connection:
     def __init__(self, server: Server, stream: trio.abc.Stream, peer: str | None) -> None:
         self.server = server
         self.stream = stream
-        # floatd's own TCP stream (its owed-answer read, its non-blocking
-        # write), or None for the others (TLS, the tests' memory streams).
+        # floatd's own TCP stream, or None (TLS, the tests' memory streams).
         self._tcp = stream if isinstance(stream, TcpStream) else None
         self.peer = peer
         self.proto = ServerConnection(server.config.client_tokens)
